@@ -1,0 +1,70 @@
+"""What each actor class needs from a Ray cluster, declared beside the class.
+
+Every actor class carries a ``RESOURCES`` attribute of type :class:`Resources`. The Ray Data job and
+the Serve app size their pools from it (optionally overridden per stage by
+``pipeline.config.StageResources``), so the numbers live in one place.
+
+CPU-only defaults are fractional on purpose: on a 2-CPU machine a pool that takes every CPU starves
+Ray Data's read tasks and the job never finishes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Resources:
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    memory_gb: float = 1.0
+    min_actors: int = 1
+    max_actors: int = 1
+    batch_size: int = 64
+    gpu_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_cpus <= 0 or self.num_gpus < 0 or self.memory_gb <= 0:
+            raise ValueError(f"resources must be positive: {self}")
+        if not 1 <= self.min_actors <= self.max_actors:
+            raise ValueError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}..{self.max_actors}")
+
+    def with_overrides(self, override: Any | None) -> Resources:
+        """Apply a ``StageResources`` (or any object with the same optional fields)."""
+        if override is None:
+            return self
+        fields = ("num_cpus", "num_gpus", "memory_gb", "min_actors", "max_actors", "batch_size")
+        changes = {f: getattr(override, f) for f in fields if getattr(override, f, None) is not None}
+        merged = replace(self, **changes)
+        if merged.min_actors > merged.max_actors:
+            merged = replace(merged, max_actors=merged.min_actors)
+        return merged
+
+    def for_gpu(self, has_gpu: bool) -> Resources:
+        """Drop the GPU request on a CPU-only cluster (the actor then runs on CPU)."""
+        if has_gpu or self.num_gpus == 0:
+            return self
+        return replace(self, num_gpus=0.0)
+
+    def effective_batch_size(self) -> int:
+        return self.gpu_batch_size if (self.num_gpus > 0 and self.gpu_batch_size) else self.batch_size
+
+    def map_batches_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``Dataset.map_batches`` with a callable class."""
+        kwargs: dict[str, Any] = {
+            "num_cpus": self.num_cpus,
+            "concurrency": (self.min_actors, self.max_actors),
+            "batch_size": self.effective_batch_size(),
+            "memory": int(self.memory_gb * 1024**3),
+        }
+        if self.num_gpus:
+            kwargs["num_gpus"] = self.num_gpus
+        return kwargs
+
+    def serve_options(self) -> dict[str, Any]:
+        """``ray_actor_options`` for a Serve deployment."""
+        opts: dict[str, Any] = {"num_cpus": self.num_cpus, "memory": int(self.memory_gb * 1024**3)}
+        if self.num_gpus:
+            opts["num_gpus"] = self.num_gpus
+        return opts
