@@ -1,0 +1,353 @@
+"""Purification of the external knowledge base (RAG4DMC, Key Design 2).
+
+Two steps, applied per modality to embeddings of the external corpus:
+
+* cluster filtering: k-means on internal and external embeddings, drop external clusters whose
+  centroid is far from every internal centroid (``tau_cent``) and then instances far from the matched
+  internal centroid (``tau_inst``);
+* cross-domain alignment: CSLS mutual nearest neighbours (Conneau et al. 2018) feed orthogonal
+  Procrustes, iterated until the rotation stops moving; ``external @ W`` lies in the internal space.
+
+Every nearest-neighbour query goes through FAISS in blocks (``pipeline.knn``): no N x M matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+
+import faiss
+import numpy as np
+
+from pipeline.knn import (
+    DEFAULT_BLOCK,
+    EmbeddingError,
+    check_matrix,
+    flat_index,
+    normalize_rows,
+    same_dim,
+    search_blocks,
+)
+
+log = logging.getLogger(__name__)
+
+INTERNAL_CLUSTER_CAP = 1024
+EXTERNAL_CLUSTER_CAP = 4096
+SIMILARITY_INIT_ROWS = 4000  # VecMap's sample size for the rotation-invariant initial dictionary
+
+
+# --------------------------------------------------------------------------------------------------
+# Orthogonal Procrustes and CSLS
+# --------------------------------------------------------------------------------------------------
+
+
+def procrustes(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """W* = argmin_{W orthogonal} ||source W - target||_F = U V^T, with U S V^T = SVD(source^T target)."""
+    src = check_matrix(source, "source")
+    tgt = check_matrix(target, "target")
+    if src.shape != tgt.shape:
+        raise EmbeddingError(f"procrustes needs paired rows of equal shape, got {src.shape} and {tgt.shape}")
+    u, _, vt = np.linalg.svd(src.astype(np.float64).T @ tgt.astype(np.float64))
+    return (u @ vt).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class CslsPairs:
+    """Mutual CSLS nearest neighbours: a[i[p]] <-> b[j[p]], with their CSLS score and cosine."""
+
+    i: np.ndarray
+    j: np.ndarray
+    csls: np.ndarray
+    cosine: np.ndarray
+
+
+def _csls_argmax(
+    queries: np.ndarray,
+    top_sims: np.ndarray,
+    top_ids: np.ndarray,
+    r_other: np.ndarray,
+    other: np.ndarray,
+    block_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """argmax_j (2 cos(q, o_j) - r_other[j]) for every query: the CSLS nearest neighbour (Eq. 6).
+
+    The answer is read off the raw top-k list whenever that is provably exact: every j outside the list
+    has 2 cos <= 2 * (k-th best cos) and r_other[j] >= min(r_other). The remaining queries get an exact
+    augmented inner-product search over [o_j, -r_other[j] / 2].
+    """
+    cand = 2.0 * top_sims - r_other[top_ids]
+    pos = cand.argmax(axis=1)
+    rows = np.arange(len(queries))
+    best_id = top_ids[rows, pos]
+    best = cand[rows, pos]
+    if top_ids.shape[1] < other.shape[0]:
+        bound = 2.0 * top_sims[:, -1] - r_other.min()
+        unsure = np.flatnonzero(best < bound)
+    else:
+        unsure = np.empty(0, dtype=np.int64)
+    if unsure.size:
+        augmented = np.hstack([other, (-0.5 * r_other)[:, None]]).astype(np.float32)
+        q = np.hstack([queries[unsure], np.ones((unsure.size, 1), np.float32)])
+        score, ids = search_blocks(flat_index(augmented), q, 1, block_size)
+        best_id[unsure] = ids[:, 0]
+        best[unsure] = 2.0 * score[:, 0]
+    return best_id, best
+
+
+def csls_pairs(a: np.ndarray, b: np.ndarray, k: int = 10, block_size: int = DEFAULT_BLOCK) -> CslsPairs:
+    """Mutual CSLS nearest neighbours between the rows of a and b, with scores (Conneau et al. 2018, Eq. 6).
+
+    Rows are L2-normalised first. k is clamped to the size of the smaller set (documented result).
+    """
+    a = normalize_rows(a, "a")
+    b = normalize_rows(b, "b")
+    same_dim(a, b, ("a", "b"))
+    if k < 1:
+        raise EmbeddingError(f"k must be >= 1, got {k}")
+    k_ab, k_ba = min(k, len(b)), min(k, len(a))
+    sims_ab, ids_ab = search_blocks(flat_index(b), a, k_ab, block_size)
+    sims_ba, ids_ba = search_blocks(flat_index(a), b, k_ba, block_size)
+    r_a, r_b = sims_ab.mean(axis=1), sims_ba.mean(axis=1)
+    nn_ab, score_ab = _csls_argmax(a, sims_ab, ids_ab, r_b, b, block_size)
+    nn_ba, _ = _csls_argmax(b, sims_ba, ids_ba, r_a, a, block_size)
+    i = np.flatnonzero(nn_ba[nn_ab] == np.arange(len(a)))
+    j = nn_ab[i]
+    cosine = np.einsum("nd,nd->n", a[i], b[j])
+    return CslsPairs(i=i, j=j, csls=score_ab[i] - r_a[i], cosine=cosine)
+
+
+def csls_mutual_pairs(a: np.ndarray, b: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Index arrays (i, j) of mutual CSLS nearest neighbours: a[i[p]] and b[j[p]] choose each other."""
+    pairs = csls_pairs(a, b, k)
+    return pairs.i, pairs.j
+
+
+# --------------------------------------------------------------------------------------------------
+# Iterative alignment
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AlignRound:
+    round: int
+    criterion: float
+    n_pairs: int
+    delta_fro: float | None
+
+
+@dataclass
+class AlignReport:
+    """What align() did, per round; goes into the knowledge base's purification report."""
+
+    init: str
+    rows_internal: int
+    rows_external: int
+    rounds: list[AlignRound] = field(default_factory=list)
+    best_round: int = 0
+    best_criterion: float = float("nan")
+    converged: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class AlignResult:
+    W: np.ndarray
+    report: AlignReport
+
+
+def criterion(pairs: CslsPairs, top: int) -> float:
+    """MUSE's unsupervised model-selection criterion: mean cosine of the `top` best CSLS pairs."""
+    if pairs.i.size == 0:
+        return float("-inf")
+    order = np.argsort(-pairs.csls)[:top]
+    return float(pairs.cosine[order].mean())
+
+
+def similarity_signatures(x: np.ndarray) -> np.ndarray:
+    """Rotation-invariant row signatures: sorted rows of sqrt(X X^T), normalised (Artetxe et al. 2018)."""
+    u, s, _ = np.linalg.svd(x.astype(np.float64), full_matrices=False)
+    sim = (u * s) @ u.T
+    sim.sort(axis=1)
+    sim /= np.linalg.norm(sim, axis=1, keepdims=True) + 1e-12
+    sim -= sim.mean(axis=0, keepdims=True)
+    sim /= np.linalg.norm(sim, axis=1, keepdims=True) + 1e-12
+    return sim.astype(np.float32)
+
+
+def similarity_init(internal: np.ndarray, external: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """An initial rotation that needs no pairs: Procrustes on mutual CSLS pairs of similarity signatures."""
+    rng = np.random.default_rng(seed)
+    n = min(len(internal), len(external), SIMILARITY_INIT_ROWS)
+    si = np.sort(rng.choice(len(internal), n, replace=False))
+    se = np.sort(rng.choice(len(external), n, replace=False))
+    pairs = csls_pairs(similarity_signatures(external[se]), similarity_signatures(internal[si]), k)
+    if pairs.i.size < 2:
+        return np.eye(internal.shape[1], dtype=np.float32)
+    return procrustes(external[se][pairs.i], internal[si][pairs.j])
+
+
+def align_with_report(
+    internal: np.ndarray,
+    external: np.ndarray,
+    k: int = 10,
+    max_rounds: int = 10,
+    eps: float = 1e-4,
+    *,
+    init: str = "auto",
+    criterion_pairs: int = 10_000,
+    max_rows: int | None = None,
+    seed: int = 0,
+    block_size: int = DEFAULT_BLOCK,
+) -> AlignResult:
+    """Iterative CSLS + Procrustes refinement W_r = procrustes(ext[i], int[j]) over pairs found under W_(r-1).
+
+    ``init``: "identity" (same encoder on both sides), "similarity" (no shared space assumed) or "auto"
+    (whichever scores the higher criterion). ``max_rows`` caps the rows of each side used to induce the
+    pairs (as MUSE caps its dictionary); the rotation is then applied to every row. The best round by
+    the criterion is returned, not merely the last one.
+    """
+    internal = normalize_rows(internal, "internal")
+    external = normalize_rows(external, "external")
+    same_dim(internal, external, ("internal", "external"))
+    if init not in ("auto", "identity", "similarity"):
+        raise ValueError(f"init must be auto, identity or similarity, got {init!r}")
+    if max_rounds < 1 or eps <= 0:
+        raise ValueError(f"need max_rounds >= 1 and eps > 0, got {max_rounds}, {eps}")
+    rng = np.random.default_rng(seed)
+    if max_rows is not None and len(internal) > max_rows:
+        internal = internal[np.sort(rng.choice(len(internal), max_rows, replace=False))]
+    if max_rows is not None and len(external) > max_rows:
+        external = external[np.sort(rng.choice(len(external), max_rows, replace=False))]
+
+    def evaluate(w: np.ndarray) -> tuple[CslsPairs, float]:
+        pairs = csls_pairs(external @ w, internal, k, block_size)
+        return pairs, criterion(pairs, criterion_pairs)
+
+    d = internal.shape[1]
+    candidates = {"identity": np.eye(d, dtype=np.float32)}
+    if init in ("auto", "similarity"):
+        candidates["similarity"] = similarity_init(internal, external, k, seed)
+    if init == "similarity":
+        candidates.pop("identity")
+    scored = {name: evaluate(w) for name, w in candidates.items()}
+    chosen = max(scored, key=lambda name: scored[name][1])
+    w, (pairs, crit) = candidates[chosen], scored[chosen]
+
+    report = AlignReport(init=chosen, rows_internal=len(internal), rows_external=len(external))
+    best_w, delta = w, None
+    for r in range(max_rounds + 1):
+        report.rounds.append(AlignRound(round=r, criterion=crit, n_pairs=int(pairs.i.size), delta_fro=delta))
+        log.info("align round %d: criterion %.4f, %d mutual pairs, ||dW||_F %s", r, crit, pairs.i.size,
+                 "-" if delta is None else f"{delta:.2e}")
+        if crit > report.best_criterion or math.isnan(report.best_criterion):
+            report.best_round, report.best_criterion, best_w = r, crit, w
+        if (delta is not None and delta < eps) or r == max_rounds or pairs.i.size < 2:
+            report.converged = delta is not None and delta < eps
+            break
+        w_next = procrustes(external[pairs.i], internal[pairs.j])
+        delta = float(np.linalg.norm(w_next - w))
+        w = w_next
+        pairs, crit = evaluate(w)
+    return AlignResult(W=best_w, report=report)
+
+
+def align(
+    internal: np.ndarray, external: np.ndarray, k: int = 10, max_rounds: int = 10, eps: float = 1e-4, **kwargs
+) -> np.ndarray:
+    """The orthogonal W with ``external @ W`` in the internal space (iterative CSLS + Procrustes)."""
+    return align_with_report(internal, external, k, max_rounds, eps, **kwargs).W
+
+
+# --------------------------------------------------------------------------------------------------
+# Cluster filtering
+# --------------------------------------------------------------------------------------------------
+
+
+def default_clusters(n: int, cap: int) -> int:
+    """About sqrt(n) clusters, at least 1 and at most ``cap``."""
+    return int(max(1, min(cap, round(math.sqrt(n)))))
+
+
+def kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, nredo: int = 3) -> np.ndarray:
+    """Unit-norm centroids of spherical k-means (FAISS, best of ``nredo`` starts); k is clamped to the rows."""
+    k = min(k, len(x))
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=True, nredo=nredo, verbose=False)
+    km.train(np.ascontiguousarray(x, dtype=np.float32))
+    return normalize_rows(km.centroids, "centroids")
+
+
+@dataclass
+class FilterReport:
+    """Clusters and instances kept or dropped by cluster_filter()."""
+
+    n_internal_clusters: int
+    n_external_clusters: int
+    clusters_kept: int
+    clusters_dropped: int
+    instances_kept: int
+    instances_dropped_by_cluster: int
+    instances_dropped_by_instance: int
+    tau_cent: float
+    tau_inst: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FilterResult:
+    keep: np.ndarray  # bool [n_external]
+    report: FilterReport
+    cluster_of: np.ndarray  # external cluster of each row
+    centroid_similarity: np.ndarray  # cos(external centroid, matched internal centroid), per cluster
+    instance_similarity: np.ndarray  # cos(row, matched internal centroid of its cluster)
+
+
+def cluster_filter(
+    internal: np.ndarray,
+    external: np.ndarray,
+    *,
+    tau_cent: float = 0.5,
+    tau_inst: float = 0.3,
+    n_clusters_internal: int | None = None,
+    n_clusters_external: int | None = None,
+    niter: int = 20,
+    nredo: int = 3,
+    seed: int = 0,
+    block_size: int = DEFAULT_BLOCK,
+) -> FilterResult:
+    """Keep external rows whose cluster centroid and own embedding are near the matched internal centroid."""
+    internal = normalize_rows(internal, "internal")
+    external = normalize_rows(external, "external")
+    same_dim(internal, external, ("internal", "external"))
+    k_int = n_clusters_internal or default_clusters(len(internal), INTERNAL_CLUSTER_CAP)
+    k_ext = n_clusters_external or default_clusters(len(external), EXTERNAL_CLUSTER_CAP)
+    c_int = kmeans(internal, k_int, niter, seed, nredo)
+    c_ext = kmeans(external, k_ext, niter, seed, nredo)
+
+    _, cluster_of = search_blocks(flat_index(c_ext), external, 1, block_size)
+    cluster_of = cluster_of[:, 0]
+    cent_sim, matched = search_blocks(flat_index(c_int), c_ext, 1, block_size)
+    cent_sim, matched = cent_sim[:, 0], matched[:, 0]
+    inst_sim = np.einsum("nd,nd->n", external, c_int[matched[cluster_of]])
+
+    cluster_ok = cent_sim >= tau_cent
+    by_cluster = ~cluster_ok[cluster_of]
+    by_instance = ~by_cluster & (inst_sim < tau_inst)
+    keep = ~(by_cluster | by_instance)
+    report = FilterReport(
+        n_internal_clusters=len(c_int),
+        n_external_clusters=len(c_ext),
+        clusters_kept=int(cluster_ok.sum()),
+        clusters_dropped=int((~cluster_ok).sum()),
+        instances_kept=int(keep.sum()),
+        instances_dropped_by_cluster=int(by_cluster.sum()),
+        instances_dropped_by_instance=int(by_instance.sum()),
+        tau_cent=tau_cent,
+        tau_inst=tau_inst,
+    )
+    log.info("cluster filter: %s", report)
+    return FilterResult(keep, report, cluster_of, cent_sim, inst_sim)
