@@ -1,0 +1,102 @@
+"""Candidate selection (RAG4DMC, Key Design 3): score the n generated candidates, keep the best.
+
+    s_T(c) = l1 * cos(E_T(c), z_hat_T) + l2 * BLEU(c, retrieved example text)
+    s_I(c) = l1 * cos(E_I(c), z_hat_I) - l2 * NIQE(c)
+
+BLEU is sacrebleu's sentence BLEU scaled to [0, 1]; NIQE is pyiqa's, with its parameters read from a
+local file (pyiqa would otherwise download them), multiplied by ``niqe_scale`` so both terms share a range.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.knn import check_matrix
+
+
+def sentence_bleu(candidate: str, reference: str) -> float:
+    """sacrebleu sentence BLEU-4 (exp smoothing) of ``candidate`` against one reference, in [0, 1]."""
+    import sacrebleu
+
+    if not candidate.strip() or not reference.strip():
+        return 0.0
+    return sacrebleu.sentence_bleu(candidate, [reference]).score / 100.0
+
+
+def _cosines(cand_emb: np.ndarray, pseudo: np.ndarray) -> np.ndarray:
+    c = check_matrix(cand_emb, "candidate embeddings")
+    p = np.asarray(pseudo, dtype=np.float32).reshape(-1)
+    if c.shape[1] != p.shape[0]:
+        raise ValueError(f"candidate embeddings have {c.shape[1]} dims, the pseudo-embedding {p.shape[0]}")
+    c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+    return c @ (p / max(float(np.linalg.norm(p)), 1e-12))
+
+
+def text_scores(
+    cand_emb: np.ndarray, pseudo_text: np.ndarray, candidates: Sequence[str], example_text: str,
+    lambda_cos: float = 1.0, lambda_quality: float = 0.1,
+) -> np.ndarray:
+    """s_T = l1 * cos(E_T(c), z_hat_T) + l2 * BLEU(c, example) for each candidate c."""
+    bleu = np.array([sentence_bleu(c, example_text) for c in candidates], dtype=np.float32)
+    return (lambda_cos * _cosines(cand_emb, pseudo_text) + lambda_quality * bleu).astype(np.float32)
+
+
+def image_scores(
+    cand_emb: np.ndarray, pseudo_image: np.ndarray, niqe: np.ndarray,
+    lambda_cos: float = 1.0, lambda_quality: float = 0.1, niqe_scale: float = 0.1,
+) -> np.ndarray:
+    """s_I = l1 * cos(E_I(c), z_hat_I) - l2 * niqe_scale * NIQE(c) for each candidate c (lower NIQE is better)."""
+    niqe = np.asarray(niqe, dtype=np.float32)
+    return (lambda_cos * _cosines(cand_emb, pseudo_image) - lambda_quality * niqe_scale * niqe).astype(np.float32)
+
+
+class NiqeParamsMissing(FileNotFoundError):
+    """The NIQE parameter file is not where the configuration says."""
+
+
+@functools.lru_cache(maxsize=4)
+def _mat_file(params_path: str) -> str:
+    """pyiqa reads a .mat with mu_prisparam / cov_prisparam; convert an .npz (basicsr's layout) once."""
+    import scipy.io
+
+    if params_path.endswith(".mat"):
+        return params_path
+    p = np.load(params_path)
+    out = Path(tempfile.mkdtemp(prefix="rag4dmc-niqe-")) / "niqe_params.mat"
+    scipy.io.savemat(out, {"mu_prisparam": p["mu_pris_param"], "cov_prisparam": p["cov_pris_param"]})
+    return str(out)
+
+
+class NiqeScorer:
+    """NIQE of PIL images through pyiqa, with parameters read from a local file (no download)."""
+
+    def __init__(self, params_path: str | None, device: str = "cpu"):
+        if not params_path or not Path(params_path).is_file():
+            raise NiqeParamsMissing(
+                f"NIQE parameters not found at {params_path!r}; set selection.niqe_params (--niqe-params) to "
+                "niqe_pris_params.npz from the basicsr 1.4.2 sdist (README: 'Image quality'), or set "
+                "selection.lambda_quality to 0 to rank images by cosine only"
+            )
+        import pyiqa
+
+        self.metric = pyiqa.create_metric(
+            "niqe", device=device, as_loss=False, pretrained_model_path=_mat_file(str(params_path))
+        )
+
+    def __call__(self, images: Sequence) -> np.ndarray:
+        """NIQE per image (lower is more natural)."""
+        import torch
+
+        if not images:
+            return np.zeros(0, dtype=np.float32)
+        out = []
+        for img in images:  # NIQE is defined per image size; no batching across sizes
+            x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+            with torch.inference_mode():
+                out.append(float(self.metric(x).reshape(-1)[0]))
+        return np.asarray(out, dtype=np.float32)
