@@ -142,7 +142,7 @@ def train_mapping(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         model.eval()
         with torch.inference_mode():
             val_loss = float(mapping_loss(model, vi, vt))

@@ -274,7 +274,8 @@ def default_clusters(n: int, cap: int) -> int:
 def kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, nredo: int = 3) -> np.ndarray:
     """Unit-norm centroids of spherical k-means (FAISS, best of ``nredo`` starts); k is clamped to the rows."""
     k = min(k, len(x))
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=True, nredo=nredo, verbose=False)
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=True, nredo=nredo, verbose=False,
+                      min_points_per_centroid=1)  # small sets are legitimate; FAISS would warn
     km.train(np.ascontiguousarray(x, dtype=np.float32))
     return normalize_rows(km.centroids, "centroids")
 

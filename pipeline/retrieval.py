@@ -59,10 +59,11 @@ def rerank(
     """Stage 2: order each query's candidate rows by sim_fuse and keep the best ``n_results``."""
     intra = _gather_cos(query, same, candidates)
     cross = _gather_cos(pseudo, other, candidates)
-    return _ranked(candidates, fusion_scores(intra, cross, alpha), intra, cross, n_results)
+    return rank_by(candidates, fusion_scores(intra, cross, alpha), intra, cross, n_results)
 
 
-def _ranked(ids: np.ndarray, score: np.ndarray, intra: np.ndarray, cross: np.ndarray, n: int) -> Neighbours:
+def rank_by(ids: np.ndarray, score: np.ndarray, intra: np.ndarray, cross: np.ndarray, n: int) -> Neighbours:
+    """Order candidates by ``score`` (padding last) and keep the best n."""
     score = np.where(ids >= 0, score, -np.inf).astype(np.float32)
     order = np.argsort(-score, axis=1, kind="stable")[:, :n]
     return Neighbours(*(np.take_along_axis(a, order, 1) for a in (ids, score, intra, cross)))
@@ -118,4 +119,4 @@ def retrieve(
     score = {"intra": intra, "mapped": cross}.get(cfg.mode)
     if score is None:  # "cross": rank by the raw query against the other modality
         score = _gather_cos(query, other, cand)
-    return _ranked(cand, score, intra, cross, r)
+    return rank_by(cand, score, intra, cross, r)

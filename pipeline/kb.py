@@ -1,0 +1,325 @@
+"""The purified dual knowledge base: build it from embeddings, persist it, load it, query it.
+
+Layout of a knowledge base folder (local or object storage)::
+
+    manifest.json      version, encoder, counts, config, shard list
+    entries.parquet    one row per KB entry: id, source (internal/external), text, image bytes
+    mapping.pt         the bidirectional image<->text MLP
+    report.json        purification report: cluster filter and alignment per modality, mapping
+    shard-00000/       rows [start, stop): image.* and text.* VectorIndex folders
+
+A shard holds both modalities of the same row range, so a retrieval actor that holds one shard can
+compute both fusion terms (intra and cross) of its own candidates; shards merge by the intra score
+(stage 1), and the fused rerank (stage 2) runs on the merged candidates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import KBConfig, RetrievalConfig
+from pipeline.index import VectorIndex, choose_kind
+from pipeline.knn import EmbeddingError, normalize_rows
+from pipeline.mapping import CrossModalMapper, train_mapping
+from pipeline.purify import align_with_report, cluster_filter
+from pipeline.retrieval import Neighbours, rank_by, fusion_scores
+
+log = logging.getLogger(__name__)
+
+MODALITIES = ("image", "text")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Shard:
+    """Rows [start, stop) of the knowledge base with an index per modality."""
+
+    start: int
+    stop: int
+    image: VectorIndex
+    text: VectorIndex
+
+    def index(self, modality: str) -> VectorIndex:
+        return self.image if modality == "image" else self.text
+
+    def vectors(self, modality: str) -> np.ndarray:
+        return self.index(modality).vectors
+
+
+@dataclass
+class KnowledgeBase:
+    entries: pa.Table  # id, source, text, image
+    mapping: CrossModalMapper
+    shards: list[Shard]
+    report: dict
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    def __len__(self) -> int:
+        return self.entries.num_rows
+
+    def pseudo(self, query: np.ndarray, observed: str) -> np.ndarray:
+        """z_hat of the missing modality from the observed one (the mapping MLP)."""
+        return self.mapping.image_to_text(query) if observed == "image" else self.mapping.text_to_image(query)
+
+    def retrieve(self, query: np.ndarray, observed: str, cfg: RetrievalConfig = RetrievalConfig()) -> Neighbours:
+        """Two-stage fusion retrieval of each query row against every shard, merged."""
+        pseudo = self.pseudo(query, observed)
+        partial = [shard_candidates(s, query, pseudo, observed, cfg) for s in self.shards]
+        return finish_retrieval(merge_candidates(partial, cfg.top_k), cfg)
+
+
+# ------------------------------------------------------------------------------------------------
+# Retrieval across shards (each step is what one retrieval actor does)
+# ------------------------------------------------------------------------------------------------
+
+
+def shard_candidates(
+    shard: Shard, query: np.ndarray, pseudo: np.ndarray, observed: str, cfg: RetrievalConfig
+) -> Neighbours:
+    """Stage 1 within one shard: top_k by intra-modal cosine, with the cross term of each candidate."""
+    other = "text" if observed == "image" else "image"
+    query = normalize_rows(query, "queries")
+    pseudo = normalize_rows(pseudo, "pseudo-embeddings")
+    k = cfg.top_k if cfg.mode == "fusion" else cfg.n_results
+    if cfg.mode == "mapped":
+        intra_or_cross, ids = shard.index(other).search(pseudo, k)
+    else:
+        intra_or_cross, ids = shard.index(observed).search(query, k)
+    local = np.where(ids >= 0, ids - shard.start, 0)
+    intra = np.einsum("nd,nkd->nk", query, shard.vectors(observed)[local]).astype(np.float32)
+    cross = np.einsum("nd,nkd->nk", pseudo, shard.vectors(other)[local]).astype(np.float32)
+    intra[ids < 0] = -np.inf
+    cross[ids < 0] = -np.inf
+    stage1 = cross if cfg.mode == "mapped" else intra
+    return Neighbours(ids=ids, fused=stage1, intra=intra, cross=cross)
+
+
+def merge_candidates(parts: list[Neighbours], k: int) -> Neighbours:
+    """Keep each query's global top-k of the shards' stage-1 candidates (``fused`` holds the stage-1 score)."""
+    cat = [np.concatenate([getattr(p, f) for p in parts], axis=1) for f in ("ids", "fused", "intra", "cross")]
+    order = np.argsort(-cat[1], axis=1, kind="stable")[:, :k]
+    return Neighbours(*(np.take_along_axis(a, order, 1) for a in cat))
+
+
+def finish_retrieval(cand: Neighbours, cfg: RetrievalConfig) -> Neighbours:
+    """Stage 2: rank the merged candidates by the mode's score and keep n_results."""
+    if cfg.mode == "fusion":
+        score = fusion_scores(cand.intra, cand.cross, cfg.alpha)
+    elif cfg.mode == "cross":
+        raise EmbeddingError("mode 'cross' is an evaluation baseline over raw embeddings; use retrieval.retrieve")
+    else:
+        score = cand.fused
+    return rank_by(cand.ids, score, cand.intra, cand.cross, cfg.n_results)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building
+# ------------------------------------------------------------------------------------------------
+
+
+def purify_external(
+    internal: dict[str, np.ndarray], external: dict[str, np.ndarray], cfg: KBConfig
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
+    """Cluster-filter then align the external embeddings per modality; returns (kept mask, aligned, report)."""
+    report: dict = {"filter": {}, "align": {}}
+    masks = {}
+    for m in MODALITIES:
+        res = cluster_filter(
+            internal[m], external[m], tau_cent=cfg.filter.tau_cent, tau_inst=cfg.filter.tau_inst,
+            n_clusters_internal=cfg.filter.n_clusters_internal, n_clusters_external=cfg.filter.n_clusters_external,
+            niter=cfg.filter.niter, nredo=cfg.filter.nredo, seed=cfg.filter.seed,
+        )
+        masks[m] = res.keep
+        report["filter"][m] = res.report.to_dict()
+    if cfg.filter.modality == "both":
+        keep = masks["image"] & masks["text"]
+    else:
+        keep = masks[cfg.filter.modality]
+    report["filter"]["kept_pairs"] = int(keep.sum())
+    report["filter"]["dropped_pairs"] = int((~keep).sum())
+    aligned = {}
+    for m in MODALITIES:
+        if keep.sum() < 2:
+            aligned[m] = external[m][keep]
+            report["align"][m] = {"skipped": "fewer than 2 external rows left after filtering"}
+            continue
+        a = cfg.align
+        res = align_with_report(
+            internal[m], external[m][keep], k=a.csls_k, max_rounds=a.max_rounds, eps=a.eps, init=a.init,
+            criterion_pairs=a.criterion_pairs, max_rows=a.max_rows, seed=a.seed, block_size=a.block_size,
+        )
+        aligned[m] = normalize_rows(external[m][keep] @ res.W, f"aligned external {m}")
+        report["align"][m] = res.report.to_dict()
+    return keep, aligned, report
+
+
+def build_knowledge_base(
+    internal_entries: pa.Table,
+    internal: dict[str, np.ndarray],
+    external_entries: pa.Table | None = None,
+    external: dict[str, np.ndarray] | None = None,
+    cfg: KBConfig = KBConfig(),
+    encoder_info: dict | None = None,
+) -> KnowledgeBase:
+    """Train the mapping on internal pairs, purify the external part, and index everything.
+
+    ``*_entries`` hold id, text and image (bytes) per row; ``internal`` / ``external`` map "image" and
+    "text" to row-aligned embeddings of those rows.
+    """
+    t0 = time.perf_counter()
+    internal = {m: normalize_rows(internal[m], f"internal {m} embeddings") for m in MODALITIES}
+    if len(internal["image"]) != len(internal["text"]) or len(internal["image"]) != internal_entries.num_rows:
+        raise EmbeddingError("internal entries, image and text embeddings must have the same number of rows")
+    mapping, map_report = train_mapping(internal["image"], internal["text"], cfg.mapping)
+    report: dict = {"mapping": map_report.to_dict(), "internal_rows": internal_entries.num_rows}
+
+    tables = [_entries(internal_entries, "internal")]
+    vectors = {m: [internal[m]] for m in MODALITIES}
+    use_external = cfg.use_external and external_entries is not None and external_entries.num_rows > 0
+    if use_external:
+        external = {m: normalize_rows(external[m], f"external {m} embeddings") for m in MODALITIES}
+        report["external_rows"] = external_entries.num_rows
+        if cfg.purify:
+            keep, aligned, purification = purify_external(internal, external, cfg)
+            report.update(purification)
+        else:
+            keep, aligned = np.ones(external_entries.num_rows, bool), external
+            report["purification"] = "disabled"
+        tables.append(_entries(external_entries.filter(pa.array(keep)), "external"))
+        for m in MODALITIES:
+            vectors[m].append(aligned[m])
+    entries = pa.concat_tables(tables)
+    full = {m: np.ascontiguousarray(np.concatenate(vectors[m]), dtype=np.float32) for m in MODALITIES}
+    shards = build_shards(full, cfg)
+    report["kb_rows"] = entries.num_rows
+    report["index_kind"] = shards[0].image.kind
+    report["build_seconds"] = round(time.perf_counter() - t0, 3)
+    manifest = {
+        "format": FORMAT_VERSION,
+        "encoder": encoder_info or {},
+        "rows": entries.num_rows,
+        "image_dim": full["image"].shape[1],
+        "text_dim": full["text"].shape[1],
+        "shards": [{"start": s.start, "stop": s.stop, "path": _shard_dir(i)} for i, s in enumerate(shards)],
+        "config": cfg.model_dump(mode="json"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    manifest["version"] = _version(manifest, full)
+    log.info("knowledge base %s: %d rows (%s)", manifest["version"], entries.num_rows, report.get("filter", {}))
+    return KnowledgeBase(entries, mapping, shards, report, manifest)
+
+
+def build_shards(vectors: dict[str, np.ndarray], cfg: KBConfig) -> list[Shard]:
+    n = len(vectors["image"])
+    kind = choose_kind(n, cfg.index)
+    bounds = np.linspace(0, n, min(cfg.index.shards, n) + 1).astype(int)
+    return [
+        Shard(int(a), int(b), *(VectorIndex.build(vectors[m][a:b], cfg.index, offset=int(a), kind=kind)
+                                for m in MODALITIES))
+        for a, b in zip(bounds, bounds[1:])
+    ]
+
+
+def _entries(table: pa.Table, source: str) -> pa.Table:
+    cols = {
+        "id": table.column("id").cast(pa.string()),
+        "source": pa.array([source] * table.num_rows, pa.string()),
+        "text": table.column("text").cast(pa.string()),
+        "image": table.column("image").cast(pa.binary()) if "image" in table.column_names
+        else pa.nulls(table.num_rows, pa.binary()),
+    }
+    return pa.table(cols)
+
+
+def _version(manifest: dict, vectors: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256(json.dumps({k: v for k, v in manifest.items() if k != "created"}, sort_keys=True).encode())
+    for m in MODALITIES:
+        h.update(np.ascontiguousarray(vectors[m]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _shard_dir(i: int) -> str:
+    return f"shard-{i:05d}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Persistence (local folders; object storage through fsspec)
+# ------------------------------------------------------------------------------------------------
+
+
+def save(kb: KnowledgeBase, uri: str, storage_options: dict | None = None) -> str:
+    """Write the knowledge base to a local folder or an object-storage prefix; returns its version."""
+    import fsspec
+
+    with tempfile.TemporaryDirectory(prefix="rag4dmc-kb-") as tmp:
+        root = Path(tmp)
+        pq.write_table(kb.entries, root / "entries.parquet")
+        kb.mapping.save(root / "mapping.pt")
+        (root / "report.json").write_text(json.dumps(kb.report, indent=2, default=float))
+        for i, s in enumerate(kb.shards):
+            for m in MODALITIES:
+                s.index(m).save(root / _shard_dir(i) / m)
+        (root / "manifest.json").write_text(json.dumps(kb.manifest, indent=2))  # written last: marks completion
+        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        if fs.exists(f"{path}/manifest.json"):
+            fs.rm(path, recursive=True)
+        fs.makedirs(path, exist_ok=True)
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.json")
+        for p in files + [root / "manifest.json"]:
+            dest = f"{path}/{p.relative_to(root).as_posix()}"
+            fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+            fs.put_file(str(p), dest)
+    return kb.version
+
+
+def local_copy(uri: str, storage_options: dict | None = None, cache_dir: str | None = None) -> Path:
+    """A local folder holding the knowledge base at ``uri`` (downloaded once per version for remote URIs)."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    if not fs.exists(f"{path}/manifest.json"):
+        raise FileNotFoundError(f"no knowledge base at {uri} (manifest.json missing): run `rag4dmc kb build` first")
+    if isinstance(fs, LocalFileSystem):
+        return Path(path)
+    manifest = json.loads(fs.cat_file(f"{path}/manifest.json"))
+    cache = Path(cache_dir or Path(tempfile.gettempdir()) / "rag4dmc-kb-cache") / manifest["version"]
+    if not (cache / "manifest.json").exists():
+        tmp = cache.with_suffix(".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        fs.get(f"{path}/", str(tmp), recursive=True)
+        tmp.rename(cache) if not cache.exists() else shutil.rmtree(tmp)
+    return cache
+
+
+def load(uri: str, storage_options: dict | None = None, shards: list[int] | None = None,
+         with_entries: bool = True) -> KnowledgeBase:
+    """Load a knowledge base (optionally only some shards, e.g. the one a retrieval actor holds)."""
+    root = local_copy(uri, storage_options)
+    manifest = json.loads((root / "manifest.json").read_text())
+    if manifest.get("format") != FORMAT_VERSION:
+        raise ValueError(f"knowledge base at {uri} has format {manifest.get('format')}, expected {FORMAT_VERSION}")
+    wanted = range(len(manifest["shards"])) if shards is None else shards
+    loaded = []
+    for i in wanted:
+        s = manifest["shards"][i]
+        loaded.append(Shard(s["start"], s["stop"],
+                            *(VectorIndex.load(root / s["path"] / m) for m in MODALITIES)))
+    entries = pq.read_table(root / "entries.parquet") if with_entries else pa.table({})
+    report = json.loads((root / "report.json").read_text())
+    return KnowledgeBase(entries, CrossModalMapper.load(root / "mapping.pt"), loaded, report, manifest)

@@ -1,0 +1,114 @@
+"""The knowledge base: purification on planted data, sharded retrieval, persistence."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from scipy.linalg import expm
+
+from pipeline import kb as kbmod
+from pipeline.config import AlignConfig, FilterConfig, IndexConfig, KBConfig, MappingConfig, RetrievalConfig
+from pipeline.retrieval import retrieve
+from tests.planted import rotation, unit
+
+D_IMG, D_TXT = 24, 16
+FAST = KBConfig(
+    mapping=MappingConfig(hidden_dim=64, max_epochs=40, lr=3e-3),
+    filter=FilterConfig(tau_cent=0.5, tau_inst=0.2),
+    align=AlignConfig(max_rounds=5),
+)
+
+
+def _world(seed=0, n_int=800, n_ext=600, n_off=200):
+    rng = np.random.default_rng(seed)
+    ci, ct = rng.normal(size=(30, D_IMG)) * 2, rng.normal(size=(30, D_TXT)) * 2
+
+    def pairs(n, centers_i, centers_t):
+        lab = rng.integers(0, len(centers_i), n)
+        return unit(centers_i[lab] + 0.5 * rng.normal(size=(n, D_IMG))), unit(
+            centers_t[lab] + 0.5 * rng.normal(size=(n, D_TXT)))
+
+    ii, it = pairs(n_int, ci, ct)
+    ei, et = pairs(n_ext, ci, ct)
+    oi, ot = pairs(n_off, rng.normal(size=(5, D_IMG)) * 2, rng.normal(size=(5, D_TXT)) * 2)
+    ext = {"image": np.vstack([ei, oi]), "text": np.vstack([et, ot])}
+
+    def table(n, prefix):
+        return pa.table({"id": [f"{prefix}{i}" for i in range(n)], "text": [f"caption {prefix}{i}" for i in range(n)],
+                         "image": [b"img"] * n})
+
+    return table(n_int, "int"), {"image": ii, "text": it}, table(n_ext + n_off, "ext"), ext
+
+
+@pytest.fixture(scope="module")
+def built():
+    it, iemb, et, eemb = _world()
+    return kbmod.build_knowledge_base(it, iemb, et, eemb, FAST, encoder_info={"name": "planted"})
+
+
+def test_build_drops_planted_off_domain_rows_and_reports_every_step(built):
+    ids = built.entries.column("id").to_pylist()
+    external = [i for i in ids if i.startswith("ext")]
+    off_kept = sum(int(i[3:]) >= 600 for i in external)
+    assert off_kept <= 10 and len(external) >= 0.9 * 600
+    rep = built.report
+    assert rep["filter"]["kept_pairs"] + rep["filter"]["dropped_pairs"] == 800
+    for m in ("image", "text"):
+        assert rep["align"][m]["rounds"] and rep["filter"][m]["clusters_dropped"] > 0
+    assert rep["mapping"]["epochs"] > 0 and len(built) == 800 + len(external)
+    assert built.manifest["image_dim"] == D_IMG and built.manifest["text_dim"] == D_TXT
+
+
+def test_alignment_undoes_a_small_rotation_of_the_external_corpus():
+    it, iemb, et, eemb = _world(seed=1, n_off=0)
+    skew = np.random.default_rng(4).normal(size=(D_IMG, D_IMG)) * 0.05
+    R = expm(skew - skew.T).astype(np.float32)  # a domain shift that is a small rotation
+    rotated = dict(eemb, image=eemb["image"] @ R.T)
+    kb = kbmod.build_knowledge_base(it, iemb, et, rotated, FAST.model_copy(
+        update={"filter": FilterConfig(tau_cent=-1, tau_inst=-1)}))  # keep all: test alignment alone
+    ext = kb.shards[0].image.vectors[800:]
+    before = np.einsum("nd,nd->n", rotated["image"], eemb["image"]).mean()
+    after = np.einsum("nd,nd->n", ext, eemb["image"]).mean()
+    assert after > 0.97 and after > before + 0.5 * (1 - before)
+
+
+def test_sharded_retrieval_equals_single_index_fusion_retrieval(built):
+    vectors = {m: np.vstack([s.index(m).vectors for s in built.shards]) for m in ("image", "text")}
+    shards = kbmod.build_shards(vectors, FAST.model_copy(update={"index": IndexConfig(shards=3)}))
+    sharded = kbmod.KnowledgeBase(built.entries, built.mapping, shards, built.report, built.manifest)
+    assert [s.start for s in shards] == [0, len(built) // 3, 2 * len(built) // 3]
+    q = vectors["image"][:50] + 0.05
+    cfg = RetrievalConfig(top_k=10, n_results=4, alpha=0.6)
+    a = sharded.retrieve(q, "image", cfg)
+    b = built.retrieve(q, "image", cfg)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    c = retrieve(q, built.pseudo(q, "image"), vectors["image"], vectors["text"], cfg)
+    np.testing.assert_array_equal(b.ids, c.ids)
+    np.testing.assert_allclose(b.fused, c.fused, atol=1e-5)
+
+
+def test_text_queries_retrieve_symmetrically(built):
+    q = built.shards[0].text.vectors[:20]
+    res = built.retrieve(q, "text", RetrievalConfig(top_k=5, n_results=2, alpha=1.0))
+    np.testing.assert_array_equal(res.ids[:, 0], np.arange(20))
+
+
+def test_save_and_load_round_trip(built, tmp_path):
+    version = kbmod.save(built, str(tmp_path / "kb"))
+    loaded = kbmod.load(str(tmp_path / "kb"))
+    assert loaded.version == version == built.version
+    assert loaded.entries.equals(built.entries)
+    q = built.shards[0].image.vectors[:10]
+    np.testing.assert_array_equal(loaded.retrieve(q, "image").ids, built.retrieve(q, "image").ids)
+    only = kbmod.load(str(tmp_path / "kb"), shards=[0], with_entries=False)
+    assert len(only.shards) == 1
+
+
+def test_loading_a_missing_kb_says_how_to_make_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="rag4dmc kb build"):
+        kbmod.load(str(tmp_path / "nothing"))
+
+
+def test_kb_without_external_corpus_is_internal_only():
+    it, iemb, _, _ = _world()
+    kb = kbmod.build_knowledge_base(it, iemb, None, None, FAST)
+    assert len(kb) == 800 and "filter" not in kb.report
