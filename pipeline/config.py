@@ -68,7 +68,7 @@ class AlignConfig(_Strict):
     """CSLS mutual nearest neighbours + iterative orthogonal Procrustes."""
 
     csls_k: int = Field(10, ge=1)
-    max_rounds: int = Field(10, ge=1)
+    max_rounds: int = Field(5, ge=1, description="refinement rounds (MUSE's default n_refinement is 5)")
     eps: float = Field(1e-4, gt=0, description="stop when ||W_r - W_(r-1)||_F < eps")
     criterion_pairs: int = Field(10_000, ge=1, description="top CSLS pairs averaged for model selection")
     block_size: int = Field(65_536, ge=1, description="rows per FAISS search block")
@@ -76,7 +76,10 @@ class AlignConfig(_Strict):
         "auto", description="initial rotation: identity, similarity signatures (no shared space), or best"
     )
     max_rows: int | None = Field(
-        100_000, ge=2, description="rows per side used to induce CSLS pairs (MUSE caps its dictionary too)"
+        50_000, ge=2, description="rows per side used to induce CSLS pairs (MUSE caps its dictionary too)"
+    )
+    proximal: float = Field(
+        0.3, ge=0, description="pull of each Procrustes step towards the previous W (0: MUSE's plain step)"
     )
     seed: int = 0
 

@@ -33,7 +33,7 @@ from pipeline.index import VectorIndex, choose_kind
 from pipeline.knn import EmbeddingError, normalize_rows
 from pipeline.mapping import CrossModalMapper, train_mapping
 from pipeline.purify import align_with_report, cluster_filter
-from pipeline.retrieval import Neighbours, rank_by, fusion_scores
+from pipeline.retrieval import Neighbours, fusion_scores, rank_by
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def purify_external(
         a = cfg.align
         res = align_with_report(
             internal[m], external[m][keep], k=a.csls_k, max_rounds=a.max_rounds, eps=a.eps, init=a.init,
-            criterion_pairs=a.criterion_pairs, max_rows=a.max_rows, seed=a.seed, block_size=a.block_size,
+            criterion_pairs=a.criterion_pairs, max_rows=a.max_rows, proximal=a.proximal, seed=a.seed, block_size=a.block_size,
         )
         aligned[m] = normalize_rows(external[m][keep] @ res.W, f"aligned external {m}")
         report["align"][m] = res.report.to_dict()

@@ -35,11 +35,18 @@ log = logging.getLogger(__name__)
 INTERNAL_CLUSTER_CAP = 1024
 EXTERNAL_CLUSTER_CAP = 4096
 SIMILARITY_INIT_ROWS = 4000  # VecMap's sample size for the rotation-invariant initial dictionary
+CSLS_FETCH_FACTOR = 10  # raw neighbours fetched per query: k * this; lets most CSLS argmaxes be certified
 
 
 # --------------------------------------------------------------------------------------------------
 # Orthogonal Procrustes and CSLS
 # --------------------------------------------------------------------------------------------------
+
+
+def polar(m: np.ndarray) -> np.ndarray:
+    """The orthogonal factor U V^T of M = U S V^T (the nearest orthogonal matrix to M)."""
+    u, _, vt = np.linalg.svd(m.astype(np.float64))
+    return (u @ vt).astype(np.float32)
 
 
 def procrustes(source: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -48,8 +55,17 @@ def procrustes(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     tgt = check_matrix(target, "target")
     if src.shape != tgt.shape:
         raise EmbeddingError(f"procrustes needs paired rows of equal shape, got {src.shape} and {tgt.shape}")
-    u, _, vt = np.linalg.svd(src.astype(np.float64).T @ tgt.astype(np.float64))
-    return (u @ vt).astype(np.float32)
+    return polar(src.astype(np.float64).T @ tgt.astype(np.float64))
+
+
+def proximal_procrustes(source: np.ndarray, target: np.ndarray, w_prev: np.ndarray, weight: float) -> np.ndarray:
+    """polar(source^T target + weight * (n / d) * W_prev): Procrustes with a pull towards the previous W.
+
+    It has the same fixed points as plain Procrustes, but directions the pairs do not constrain (noise
+    subspaces, where source^T target is ~0) keep their previous rotation instead of turning at random.
+    """
+    n, d = source.shape
+    return polar(source.astype(np.float64).T @ target.astype(np.float64) + weight * (n / d) * w_prev)
 
 
 @dataclass(frozen=True)
@@ -106,9 +122,10 @@ def csls_pairs(a: np.ndarray, b: np.ndarray, k: int = 10, block_size: int = DEFA
     if k < 1:
         raise EmbeddingError(f"k must be >= 1, got {k}")
     k_ab, k_ba = min(k, len(b)), min(k, len(a))
-    sims_ab, ids_ab = search_blocks(flat_index(b), a, k_ab, block_size)
-    sims_ba, ids_ba = search_blocks(flat_index(a), b, k_ba, block_size)
-    r_a, r_b = sims_ab.mean(axis=1), sims_ba.mean(axis=1)
+    fetch_ab, fetch_ba = min(k * CSLS_FETCH_FACTOR, len(b)), min(k * CSLS_FETCH_FACTOR, len(a))
+    sims_ab, ids_ab = search_blocks(flat_index(b), a, fetch_ab, block_size)
+    sims_ba, ids_ba = search_blocks(flat_index(a), b, fetch_ba, block_size)
+    r_a, r_b = sims_ab[:, :k_ab].mean(axis=1), sims_ba[:, :k_ba].mean(axis=1)
     nn_ab, score_ab = _csls_argmax(a, sims_ab, ids_ab, r_b, b, block_size)
     nn_ba, _ = _csls_argmax(b, sims_ba, ids_ba, r_a, a, block_size)
     i = np.flatnonzero(nn_ba[nn_ab] == np.arange(len(a)))
@@ -193,12 +210,13 @@ def align_with_report(
     internal: np.ndarray,
     external: np.ndarray,
     k: int = 10,
-    max_rounds: int = 10,
+    max_rounds: int = 5,
     eps: float = 1e-4,
     *,
     init: str = "auto",
     criterion_pairs: int = 10_000,
     max_rows: int | None = None,
+    proximal: float = 0.3,
     seed: int = 0,
     block_size: int = DEFAULT_BLOCK,
 ) -> AlignResult:
@@ -206,7 +224,8 @@ def align_with_report(
 
     ``init``: "identity" (same encoder on both sides), "similarity" (no shared space assumed) or "auto"
     (whichever scores the higher criterion). ``max_rows`` caps the rows of each side used to induce the
-    pairs (as MUSE caps its dictionary); the rotation is then applied to every row. The best round by
+    pairs (as MUSE caps its dictionary); the rotation is then applied to every row. ``proximal`` > 0
+    refines with :func:`proximal_procrustes` (0 is MUSE's plain Procrustes step). The best round by
     the criterion is returned, not merely the last one.
     """
     internal = normalize_rows(internal, "internal")
@@ -247,7 +266,8 @@ def align_with_report(
         if (delta is not None and delta < eps) or r == max_rounds or pairs.i.size < 2:
             report.converged = delta is not None and delta < eps
             break
-        w_next = procrustes(external[pairs.i], internal[pairs.j])
+        src, tgt = external[pairs.i], internal[pairs.j]
+        w_next = proximal_procrustes(src, tgt, w, proximal) if proximal > 0 else procrustes(src, tgt)
         delta = float(np.linalg.norm(w_next - w))
         w = w_next
         pairs, crit = evaluate(w)
@@ -255,7 +275,7 @@ def align_with_report(
 
 
 def align(
-    internal: np.ndarray, external: np.ndarray, k: int = 10, max_rounds: int = 10, eps: float = 1e-4, **kwargs
+    internal: np.ndarray, external: np.ndarray, k: int = 10, max_rounds: int = 5, eps: float = 1e-4, **kwargs
 ) -> np.ndarray:
     """The orthogonal W with ``external @ W`` in the internal space (iterative CSLS + Procrustes)."""
     return align_with_report(internal, external, k, max_rounds, eps, **kwargs).W
