@@ -8,7 +8,7 @@ from scipy.linalg import expm
 from pipeline import kb as kbmod
 from pipeline.config import AlignConfig, FilterConfig, IndexConfig, KBConfig, MappingConfig, RetrievalConfig
 from pipeline.retrieval import retrieve
-from tests.planted import rotation, unit
+from tests.planted import unit
 
 D_IMG, D_TXT = 24, 16
 FAST = KBConfig(
