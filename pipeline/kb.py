@@ -262,10 +262,16 @@ def _shard_dir(i: int) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def save(kb: KnowledgeBase, uri: str, storage_options: dict | None = None) -> str:
-    """Write the knowledge base to a local folder or an object-storage prefix; returns its version."""
+def _url_to_fs(uri: str, storage_options: dict | None):
+    """fsspec filesystem and path; the storage options apply to object storage only."""
     import fsspec
 
+    remote = "://" in uri and not uri.startswith("file://")
+    return fsspec.core.url_to_fs(uri, **((storage_options or {}) if remote else {}))
+
+
+def save(kb: KnowledgeBase, uri: str, storage_options: dict | None = None) -> str:
+    """Write the knowledge base to a local folder or an object-storage prefix; returns its version."""
     with tempfile.TemporaryDirectory(prefix="rag4dmc-kb-") as tmp:
         root = Path(tmp)
         pq.write_table(kb.entries, root / "entries.parquet")
@@ -275,7 +281,7 @@ def save(kb: KnowledgeBase, uri: str, storage_options: dict | None = None) -> st
             for m in MODALITIES:
                 s.index(m).save(root / _shard_dir(i) / m)
         (root / "manifest.json").write_text(json.dumps(kb.manifest, indent=2))  # written last: marks completion
-        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        fs, path = _url_to_fs(uri, storage_options)
         if fs.exists(f"{path}/manifest.json"):
             fs.rm(path, recursive=True)
         fs.makedirs(path, exist_ok=True)
@@ -289,10 +295,9 @@ def save(kb: KnowledgeBase, uri: str, storage_options: dict | None = None) -> st
 
 def local_copy(uri: str, storage_options: dict | None = None, cache_dir: str | None = None) -> Path:
     """A local folder holding the knowledge base at ``uri`` (downloaded once per version for remote URIs)."""
-    import fsspec
     from fsspec.implementations.local import LocalFileSystem
 
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs, path = _url_to_fs(uri, storage_options)
     if not fs.exists(f"{path}/manifest.json"):
         raise FileNotFoundError(f"no knowledge base at {uri} (manifest.json missing): run `rag4dmc kb build` first")
     if isinstance(fs, LocalFileSystem):

@@ -28,6 +28,23 @@ def sentence_bleu(candidate: str, reference: str) -> float:
     return sacrebleu.sentence_bleu(candidate, [reference]).score / 100.0
 
 
+def text_score(cos: np.ndarray, bleu: np.ndarray, lambda_cos: float, lambda_quality: float) -> np.ndarray:
+    """s_T = l1 * cos(E_T(c), z_hat_T) + l2 * BLEU(c, example)."""
+    return (lambda_cos * np.asarray(cos, np.float32) + lambda_quality * np.asarray(bleu, np.float32)).astype(np.float32)
+
+
+def image_score(cos: np.ndarray, niqe: np.ndarray, lambda_cos: float, lambda_quality: float,
+                niqe_scale: float) -> np.ndarray:
+    """s_I = l1 * cos(E_I(c), z_hat_I) - l2 * niqe_scale * NIQE(c) (lower NIQE is better)."""
+    cos, niqe = np.asarray(cos, np.float32), np.asarray(niqe, np.float32)
+    return (lambda_cos * cos - lambda_quality * niqe_scale * niqe).astype(np.float32)
+
+
+def candidate_cosines(cand_emb: np.ndarray, pseudo: np.ndarray) -> np.ndarray:
+    """cos(E(c), z_hat) for each candidate embedding row."""
+    return _cosines(cand_emb, pseudo)
+
+
 def _cosines(cand_emb: np.ndarray, pseudo: np.ndarray) -> np.ndarray:
     c = check_matrix(cand_emb, "candidate embeddings")
     p = np.asarray(pseudo, dtype=np.float32).reshape(-1)
@@ -43,7 +60,7 @@ def text_scores(
 ) -> np.ndarray:
     """s_T = l1 * cos(E_T(c), z_hat_T) + l2 * BLEU(c, example) for each candidate c."""
     bleu = np.array([sentence_bleu(c, example_text) for c in candidates], dtype=np.float32)
-    return (lambda_cos * _cosines(cand_emb, pseudo_text) + lambda_quality * bleu).astype(np.float32)
+    return text_score(_cosines(cand_emb, pseudo_text), bleu, lambda_cos, lambda_quality)
 
 
 def image_scores(
@@ -51,8 +68,7 @@ def image_scores(
     lambda_cos: float = 1.0, lambda_quality: float = 0.1, niqe_scale: float = 0.1,
 ) -> np.ndarray:
     """s_I = l1 * cos(E_I(c), z_hat_I) - l2 * niqe_scale * NIQE(c) for each candidate c (lower NIQE is better)."""
-    niqe = np.asarray(niqe, dtype=np.float32)
-    return (lambda_cos * _cosines(cand_emb, pseudo_image) - lambda_quality * niqe_scale * niqe).astype(np.float32)
+    return image_score(_cosines(cand_emb, pseudo_image), niqe, lambda_cos, lambda_quality, niqe_scale)
 
 
 class NiqeParamsMissing(FileNotFoundError):
@@ -100,3 +116,15 @@ class NiqeScorer:
             with torch.inference_mode():
                 out.append(float(self.metric(x).reshape(-1)[0]))
         return np.asarray(out, dtype=np.float32)
+
+
+def consensus_bleu(candidates: Sequence[str]) -> np.ndarray:
+    """BLEU of each candidate against the other candidates as references: agreement among neighbours."""
+    import sacrebleu
+
+    out = np.zeros(len(candidates), dtype=np.float32)
+    for i, c in enumerate(candidates):
+        refs = [r for j, r in enumerate(candidates) if j != i and r.strip()]
+        if refs and c.strip():
+            out[i] = sacrebleu.sentence_bleu(c, refs).score / 100.0
+    return out
