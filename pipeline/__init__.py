@@ -1,0 +1,1 @@
+"""Driver-side job: configuration, data I/O, knowledge base, retrieval, evaluation, CLI."""

@@ -1,0 +1,90 @@
+"""Shared fixtures: an S3 server on loopback (moto), a fresh bucket per test, and a local Ray instance.
+
+Nothing here reaches the network: model hubs are forced offline and S3 is served by moto on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import StorageConfig
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"
+
+LOOPBACK = "127.0.0.1"
+S3_REGION = "us-east-1"
+S3_TEST_CREDENTIAL = "testing"
+RAY_NUM_CPUS = 2
+RAY_OBJECT_STORE_BYTES = 500 * 1024**2
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A moto S3 server: its endpoint, and the matching ``StorageConfig`` and fsspec options."""
+
+    endpoint_url: str
+    storage_config: StorageConfig
+    storage_options: dict
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto in server mode on loopback (a free port), for s3fs/botocore over real HTTP."""
+    from moto.server import ThreadedMotoServer
+
+    no_proxy = os.environ.get("NO_PROXY") or os.environ.get("no_proxy") or ""
+    os.environ["NO_PROXY"] = ",".join(filter(None, [no_proxy, LOOPBACK]))  # no proxy between us and moto
+    server = ThreadedMotoServer(ip_address=LOOPBACK, port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    config = StorageConfig(endpoint_url=f"http://{host}:{port}", key=S3_TEST_CREDENTIAL,
+                           secret=S3_TEST_CREDENTIAL, region=S3_REGION, retries=1)
+    try:
+        yield S3Server(config.endpoint_url, config, config.fsspec_options())
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> Iterator[str]:
+    """A fresh, empty bucket on the moto server; yields ``s3://<bucket>``, removed with its objects afterwards."""
+    import boto3
+    import s3fs
+
+    cfg = s3_server.storage_config
+    client = boto3.client("s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region,
+                          aws_access_key_id=cfg.key, aws_secret_access_key=cfg.secret)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket)
+    try:
+        yield f"s3://{bucket}"
+    finally:
+        s3fs.S3FileSystem(skip_instance_cache=True, **s3_server.storage_options).rm(bucket, recursive=True)
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """One local Ray instance for the session (2 CPUs, small object store, no dashboard); yields ``ray``."""
+    import ray
+
+    with pytest.MonkeyPatch.context() as patch:
+        # Workers inherit the driver's environment: make this checkout importable for them.
+        paths = [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        patch.setenv("PYTHONPATH", os.pathsep.join(dict.fromkeys(paths)))
+        ray.init(num_cpus=RAY_NUM_CPUS, object_store_memory=RAY_OBJECT_STORE_BYTES, include_dashboard=False,
+                 ignore_reinit_error=True, log_to_driver=False,
+                 _temp_dir=str(tmp_path_factory.mktemp("ray")))
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
