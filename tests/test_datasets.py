@@ -352,3 +352,14 @@ def test_with_retries_backs_off_and_gives_up_on_permanent_errors() -> None:
         with_retries(down, attempts=2, sleep=delays.append)
     assert len(down_calls) == 2
 
+
+
+def test_shards_read_in_ray_tasks_match_the_driver(ray_local, s3_server, s3_bucket: str) -> None:
+    uris = _write_shards(f"{s3_bucket}/corpus", "webdataset", [_pairs(3, "a"), _pairs(2, "b")],
+                         s3_server.storage_options)
+    remote_read = ray_local.remote(read_shard)
+    results = ray_local.get([remote_read.remote(u, storage_options=s3_server.storage_options) for u in uris])
+    assert [r.errors for r in results] == [[], []]
+    in_tasks = pa.concat_tables([r.table for r in results])
+    on_driver, _ = read_dataset(f"{s3_bucket}/corpus", storage_options=s3_server.storage_options)
+    assert in_tasks.equals(on_driver)
