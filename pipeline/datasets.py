@@ -44,7 +44,7 @@ LOCAL_PROTOCOLS = ("file", "local")
 DEFAULT_COLUMNS = ColumnsConfig()
 
 RETRY_ATTEMPTS = 4
-RETRY_BASE_DELAY_S = 0.5
+RETRY_BASE_DELAY_S = 0.5  # the readers look this up at call time, so a test (or a caller) can tune it
 RETRY_JITTER = 0.25  # each delay is base * 2**attempt * (1 + U(0, jitter)): growing, never colliding
 NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
@@ -167,8 +167,9 @@ def read_shard(uri: str, columns: ColumnsConfig = DEFAULT_COLUMNS, storage_optio
         fs, path = _filesystem(uri, storage_options)
         data = with_retries(lambda: fs.cat_file(path), attempts, RETRY_BASE_DELAY_S)
     except OSError as exc:
+        tries = "" if isinstance(exc, NOT_TRANSIENT) else f" after {attempts} attempts"
         return ShardResult(CANONICAL_SCHEMA.empty_table(),
-                           [f"could not read shard {uri} ({attempts} attempts): {type(exc).__name__}: {exc}"])
+                           [f"could not read shard {uri}{tries}: {type(exc).__name__}: {exc}"])
     errors: list[str] = []
     try:
         if fmt == "parquet":

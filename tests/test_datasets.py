@@ -316,7 +316,7 @@ def test_storage_that_keeps_failing_is_a_shard_error_not_an_exception(tmp_path: 
     result = read_shard(f"flaky://{tmp_path}/part-0.parquet", storage_options={"failures": 99, "opens": opens},
                         attempts=3)
     assert result.table.num_rows == 0 and len(opens) == 3
-    assert "could not read shard" in result.errors[0] and "ConnectionError" in result.errors[0]
+    assert "could not read shard" in result.errors[0] and "after 3 attempts: ConnectionError" in result.errors[0]
 
 
 def test_with_retries_backs_off_and_gives_up_on_permanent_errors() -> None:
