@@ -127,6 +127,9 @@ class SelectionConfig(_Strict):
         None, description="NIQE parameter file (.npz or .mat); required when images are scored with NIQE"
     )
     niqe_scale: float = Field(0.1, gt=0, description="NIQE is multiplied by this before weighting")
+    image_quality: Literal["niqe", "none"] = Field(
+        "niqe", description="none: rank image candidates by cosine only (no NIQE parameters needed)"
+    )
 
 
 class GeneratorConfig(_Strict):
@@ -218,12 +221,15 @@ class JobConfig(_Strict):
     generator: GeneratorConfig = GeneratorConfig()
     selection: SelectionConfig = SelectionConfig()
     resources: dict[str, StageResources] = Field(default_factory=dict)
-    images_inline: bool = Field(True, description="images as bytes in parquet; False: files beside it")
-    rows_per_shard: int = Field(1024, ge=1, description="rows per committed output shard")
+    accelerators: Literal["auto", "gpu", "cpu"] = Field(
+        "auto", description="auto: request GPUs if the cluster has any now; gpu: always (autoscaling GPU "
+        "workers that start at zero); cpu: never"
+    )
+    shards_per_actor: int = Field(1, ge=1, description="knowledge-base shards each retrieval actor holds")
 
     def config_hash(self) -> str:
         """Stable hash of what changes the output (resources and storage do not)."""
-        payload = self.model_dump(mode="json", exclude={"resources", "storage"})
+        payload = self.model_dump(mode="json", exclude={"resources", "storage", "accelerators"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -92,17 +92,22 @@ class NiqeScorer:
     """NIQE of PIL images through pyiqa, with parameters read from a local file (no download)."""
 
     def __init__(self, params_path: str | None, device: str = "cpu"):
-        if not params_path or not Path(params_path).is_file():
-            raise NiqeParamsMissing(
-                f"NIQE parameters not found at {params_path!r}; set selection.niqe_params (--niqe-params) to "
-                "niqe_pris_params.npz from the basicsr 1.4.2 sdist (README: 'Image quality'), or set "
-                "selection.lambda_quality to 0 to rank images by cosine only"
-            )
+        self.check_params(params_path)
         import pyiqa
 
         self.metric = pyiqa.create_metric(
             "niqe", device=device, as_loss=False, pretrained_model_path=_mat_file(str(params_path))
         )
+
+    @staticmethod
+    def check_params(params_path: str | None) -> None:
+        """Raise NiqeParamsMissing, saying what to do, unless the parameter file exists."""
+        if not params_path or not Path(params_path).is_file():
+            raise NiqeParamsMissing(
+                f"NIQE parameters not found at {params_path!r}; set selection.niqe_params (--niqe-params) to "
+                "niqe_pris_params.npz from the basicsr 1.4.2 sdist (README: 'Image quality'), or set "
+                "selection.image_quality to none (--image-quality none) to rank images by cosine only"
+            )
 
     def __call__(self, images: Sequence) -> np.ndarray:
         """NIQE per image (lower is more natural)."""

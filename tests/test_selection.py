@@ -62,5 +62,5 @@ def test_niqe_reads_npz_and_mat_alike(niqe, tmp_path):
 def test_missing_niqe_parameters_say_what_to_do(tmp_path):
     with pytest.raises(NiqeParamsMissing, match="selection.niqe_params"):
         NiqeScorer(str(tmp_path / "nope.npz"))
-    with pytest.raises(NiqeParamsMissing, match="lambda_quality to 0"):
+    with pytest.raises(NiqeParamsMissing, match="image_quality to none"):
         NiqeScorer(None)

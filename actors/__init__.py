@@ -1,0 +1,1 @@
+"""Callable classes that Ray runs: encoders, retrievers, generators, scorers, CPU preprocessing."""

@@ -1,0 +1,201 @@
+"""The ``rag4dmc`` command line: ``kb build``, ``complete``, ``evaluate``, ``demo``, ``serve``.
+
+Every tunable flag names a configuration key (``--alpha`` is ``retrieval.alpha``); ``--config FILE``
+reads a YAML file with the same keys, and flags given on the command line override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from pipeline.config import ConfigError, JobConfig, KBConfig, validate
+
+log = logging.getLogger("rag4dmc")
+
+# flag -> (config key, type, help). One table per config model; the YAML file uses the same keys.
+STORAGE_FLAGS = {
+    "--endpoint-url": ("storage.endpoint_url", str, "S3-compatible endpoint (default: AWS settings)"),
+    "--aws-key": ("storage.key", str, "access key (default: AWS environment/config)"),
+    "--aws-secret": ("storage.secret", str, "secret key (default: AWS environment/config)"),
+    "--region": ("storage.region", str, "object-storage region"),
+}
+COLUMN_FLAGS = {
+    "--id-column": ("columns.id", str, "column with the sample id"),
+    "--image-column": ("columns.image", str, "column with image bytes or a path/URI"),
+    "--text-column": ("columns.text", str, "column with the text"),
+}
+KB_FLAGS = {
+    "--encoder": ("encoder.backend", str, "lite (offline default) or open_clip"),
+    "--model-name": ("encoder.model_name", str, "open_clip architecture, e.g. ViT-L-14"),
+    "--pretrained": ("encoder.pretrained", str, "open_clip tag, local checkpoint or s3:// checkpoint"),
+    "--model-dir": ("encoder.model_dir", str, "folder with downloaded encoder weights"),
+    "--device": ("encoder.device", str, "auto, cpu or cuda"),
+    "--tau-cent": ("filter.tau_cent", float, "drop external clusters below this centroid cosine"),
+    "--tau-inst": ("filter.tau_inst", float, "drop external rows below this cosine to their matched centroid"),
+    "--csls-k": ("align.csls_k", int, "neighbours in the CSLS hubness correction"),
+    "--align-rounds": ("align.max_rounds", int, "Procrustes refinement rounds"),
+    "--index-kind": ("index.kind", str, "auto, flat, ivf, ivfpq or hnsw"),
+    "--shards": ("index.shards", int, "index shards (one per retrieval actor)"),
+    "--mapping-epochs": ("mapping.max_epochs", int, "maximum epochs of the mapping MLP"),
+}
+JOB_FLAGS = {
+    "--alpha": ("retrieval.alpha", float, "fusion weight of the intra-modal cosine"),
+    "--top-k": ("retrieval.top_k", int, "stage-1 candidates"),
+    "--n-results": ("retrieval.n_results", int, "neighbours handed to generation"),
+    "--retrieval-mode": ("retrieval.mode", str, "fusion, intra or mapped"),
+    "--text-generator": ("generator.text_backend", str, "nn (offline default) or blip2"),
+    "--image-generator": ("generator.image_backend", str, "nn (offline default) or sdxl"),
+    "--n-candidates": ("generator.n_candidates", int, "candidates generated per row"),
+    "--blip2-model": ("generator.blip2_model", str, "BLIP2 checkpoint: hub name, local path or s3://"),
+    "--sdxl-model": ("generator.sdxl_model", str, "SDXL checkpoint: hub name, local path or s3://"),
+    "--generator-model-dir": ("generator.model_dir", str, "folder with downloaded generator weights"),
+    "--strength": ("generator.strength", float, "SDXL img2img strength"),
+    "--image-format": ("generator.image_format", str, "png, jpeg or webp"),
+    "--niqe-params": ("selection.niqe_params", str, "NIQE parameter file (.npz or .mat)"),
+    "--image-quality": ("selection.image_quality", str, "niqe, or none to rank images by cosine only"),
+    "--lambda-cos": ("selection.lambda_cos", float, "weight of the cosine term in selection"),
+    "--lambda-quality": ("selection.lambda_quality", float, "weight of BLEU / NIQE in selection"),
+    "--accelerators": ("accelerators", str, "auto, gpu or cpu"),
+}
+
+
+def _add_flags(parser: argparse.ArgumentParser, table: dict) -> None:
+    for flag, (key, typ, text) in table.items():
+        parser.add_argument(flag, type=typ, default=None, dest=key, help=f"{text} [{key}]")
+
+
+def _set(tree: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+    tree[leaf] = value
+
+
+def build_config(args: argparse.Namespace, model, tables: list[dict]):
+    """The config from ``--config`` YAML overlaid with the flags that were given."""
+    import yaml
+
+    data: dict = {}
+    if getattr(args, "config", None):
+        with open(args.config) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{args.config}: the top level must be a mapping of keys")
+    for table in tables:
+        for key, *_ in table.values():
+            value = getattr(args, key, None)
+            if value is not None:
+                _set(data, key, value)
+    return validate(data, model, source=getattr(args, "config", None) or "flags")
+
+
+def _storage_only(cfg: JobConfig | None, args) -> dict:
+    data: dict = {}
+    for key, *_ in STORAGE_FLAGS.values():
+        value = getattr(args, key, None)
+        if value is not None:
+            _set(data, key, value)
+    return data.get("storage", {})
+
+
+def cmd_kb_build(args) -> int:
+    from pipeline.config import ColumnsConfig, StorageConfig
+    from pipeline.kb_job import KBBuildSpec, run_kb_build
+
+    cfg = build_config(args, KBConfig, [KB_FLAGS])
+    spec = KBBuildSpec(
+        internal=args.internal, external=args.external, out=args.out, cfg=cfg,
+        columns=ColumnsConfig(**{k.split(".")[1]: getattr(args, k) for k, *_ in COLUMN_FLAGS.values()
+                                 if getattr(args, k) is not None}),
+        storage=StorageConfig(**_storage_only(None, args)), data_format=args.format,
+    )
+    result = run_kb_build(spec)
+    rep = result["report"]
+    print(f"knowledge base {result['version']}: {result['rows']} entries at {result['out']}")
+    if "filter" in rep:
+        print(f"  purification: kept {rep['filter']['kept_pairs']} external pairs, dropped "
+              f"{rep['filter']['dropped_pairs']}")
+    return 0
+
+
+def cmd_complete(args) -> int:
+    from pipeline.job import JobSpec, run_job
+
+    cfg = build_config(args, JobConfig, [JOB_FLAGS, STORAGE_FLAGS, COLUMN_FLAGS])
+    spec = JobSpec(data=args.data, kb=args.kb, out=args.out, cfg=cfg, data_format=args.format,
+                   retry_failed=args.retry_failed)
+    summary = run_job(spec)
+    print(json.dumps(summary, indent=2))
+    return 0 if summary["rows_out"] == summary["unique_row_keys"] else 1
+
+
+def cmd_demo(args) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(args.out, n_internal=args.n_internal, n_external=args.n_external,
+                    n_incomplete=args.n_incomplete, niqe_params=args.niqe_params, seed=args.seed)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rag4dmc", description="Complete missing modalities in image-text corpora.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    kb = sub.add_parser("kb", help="knowledge-base commands").add_subparsers(dest="kb_command", required=True)
+    build = kb.add_parser("build", help="build the purified dual knowledge base",
+                          description="Embed internal and external pairs, train the mapping, purify and index.")
+    build.add_argument("--internal", required=True, help="target dataset (its complete pairs form the internal KB)")
+    build.add_argument("--external", help="external corpus (CC3M, LAION, ...)")
+    build.add_argument("--out", required=True, help="KB folder or s3:// prefix")
+    build.add_argument("--config", help="YAML file with knowledge-base keys")
+    build.add_argument("--format", default="auto", choices=["auto", "parquet", "jsonl", "webdataset"])
+    _add_flags(build, KB_FLAGS)
+    _add_flags(build, COLUMN_FLAGS)
+    _add_flags(build, STORAGE_FLAGS)
+    build.set_defaults(func=cmd_kb_build)
+
+    comp = sub.add_parser("complete", help="complete every incomplete sample of a dataset",
+                          description="Stream DATA through embed -> fusion retrieval -> generation -> selection.")
+    comp.add_argument("--data", required=True, help="dataset folder/file or s3:// prefix")
+    comp.add_argument("--kb", required=True, help="knowledge base built by `rag4dmc kb build`")
+    comp.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    comp.add_argument("--config", help="YAML file with job keys")
+    comp.add_argument("--format", default="auto", choices=["auto", "parquet", "jsonl", "webdataset"])
+    comp.add_argument("--retry-failed", action="store_true", help="recompute only rows marked failed")
+    _add_flags(comp, JOB_FLAGS)
+    _add_flags(comp, COLUMN_FLAGS)
+    _add_flags(comp, STORAGE_FLAGS)
+    comp.set_defaults(func=cmd_complete)
+
+    demo = sub.add_parser("demo", help="offline end-to-end demo on generated data",
+                          description="Generate a corpus, build the KB, complete, evaluate; prints the report.")
+    demo.add_argument("--out", default="demo_out")
+    demo.add_argument("--n-internal", type=int, default=600)
+    demo.add_argument("--n-external", type=int, default=1200)
+    demo.add_argument("--n-incomplete", type=int, default=400)
+    demo.add_argument("--niqe-params", help="NIQE parameter file; without it images are ranked by cosine only")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"rag4dmc: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"rag4dmc: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""The completion job on Ray Data: the plan, the run folder, resume, retry and the summary.
+
+Plan (one ``map_batches`` per stage; actor pools sized from each actor class's ``RESOURCES``)::
+
+    read shards -> route rows -+-> observed / failed ------------------------------------------+
+                               +-> i2t: decode+resize (task) -> embed image -> retrieve -> caption -+-> finalize -> parquet
+                               +-> t2i: check text (task)    -> embed text  -> retrieve -> paint  --+
+
+Image->text and text->image rows run in separate branches with their own GPU pools. Resume uses Ray
+Data's checkpointing (id column ``row_key``, two-phase commit of output files): rerunning the same
+command skips rows already written. A run folder records the config hash and KB version, and a
+different config or KB is refused instead of mixing with old output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from actors.complete import CompleteImages, CompleteTexts
+from actors.embed import EmbedQueries
+from actors.preprocess import CPU_TASK, check_texts, decode_for_model, route
+from actors.resources import Resources
+from actors.retrieve import RetrieveNeighbours
+from pipeline import kb as kbmod
+from pipeline.config import EncoderConfig, JobConfig, StageResources
+from pipeline.datasource import ROW_KEY, ShardDatasource
+from pipeline.output import finalize
+from pipeline.schema import STAGES, TASK_FAILED, TASK_I2T, TASK_OBSERVED, TASK_T2I
+from pipeline.storage import Storage
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+SUMMARY_FILE = "summary.json"
+DATA_DIR = "data"
+CHECKPOINT_DIR = "_checkpoint"
+
+
+class RunMismatch(RuntimeError):
+    """The output folder holds a run made with another config or knowledge base."""
+
+
+def select_tasks(batch: dict[str, np.ndarray], *, tasks: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Keep the rows whose ``task`` is one of ``tasks`` (the branch split)."""
+    keep = np.isin(np.asarray(batch["task"], dtype=object), tasks)
+    return {k: np.asarray(v)[keep] for k, v in batch.items()}
+
+
+@dataclass
+class JobSpec:
+    data: str
+    kb: str
+    out: str
+    cfg: JobConfig = field(default_factory=JobConfig)
+    data_format: str = "auto"
+    retry_failed: bool = False
+
+
+def _kwargs(res: Resources, override: StageResources | None, has_gpu: bool) -> dict:
+    return res.with_overrides(override).for_gpu(has_gpu).map_batches_kwargs()
+
+
+def _has_gpu(cfg: JobConfig) -> bool:
+    import ray
+
+    if cfg.accelerators == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return cfg.accelerators == "gpu"
+
+
+def shard_groups(n_shards: int, max_per_actor: int) -> list[list[int]]:
+    """Consecutive shard ids per retrieval stage; a small KB is one stage holding every shard."""
+    ids = list(range(n_shards))
+    return [ids[i : i + max_per_actor] for i in range(0, n_shards, max_per_actor)] or [[]]
+
+
+def build_plan(spec: JobSpec, kb_manifest: dict, entries_ref, storage: Storage, shards: list[str] | None = None,
+               keys: set[str] | None = None):
+    """The Ray Data dataset that completes ``spec.data`` (only ``shards`` / ``keys`` if given)."""
+    import ray
+
+    cfg = spec.cfg
+    res = cfg.resources
+    has_gpu = _has_gpu(cfg)
+    encoder = EncoderConfig.model_validate(kb_manifest["config"]["encoder"])
+    source = ShardDatasource(spec.data, cfg.columns, storage.options, spec.data_format, shards=shards, keys=keys)
+    cpu = {"num_cpus": CPU_TASK.num_cpus, "batch_size": CPU_TASK.batch_size, "batch_format": "numpy"}
+    ds = ray.data.read_datasource(source, ray_remote_args={"num_cpus": CPU_TASK.num_cpus})
+    ds = ds.map_batches(route, fn_kwargs={"storage_options": storage.options}, **cpu)
+
+    from actors.encoders import encoder_class, encoder_image_size
+
+    enc_cls = encoder_class(encoder)
+    image_size = encoder_image_size(encoder)
+    groups = shard_groups(len(kb_manifest["shards"]), cfg.shards_per_actor)
+
+    fin = {"fn_kwargs": {"kb_version": kb_manifest["version"], "config_hash": cfg.config_hash()}, **cpu}
+
+    def branch(task: str, observed: str, prepare, prepare_kwargs, complete_cls):
+        b = ds.map_batches(select_tasks, fn_kwargs={"tasks": (task,)}, **cpu)
+        b = b.map_batches(prepare, fn_kwargs=prepare_kwargs, **cpu)
+        b = b.map_batches(EmbedQueries, fn_constructor_kwargs={"encoder": encoder, "modality": observed},
+                          batch_format="numpy", **_kwargs(enc_cls.RESOURCES, res.get("embed"), has_gpu))
+        for g, group in enumerate(groups):
+            b = b.map_batches(
+                RetrieveNeighbours,
+                fn_constructor_kwargs={"kb_uri": spec.kb, "storage_options": storage.options, "shards": group,
+                                       "observed": observed, "retrieval": cfg.retrieval,
+                                       "last": g == len(groups) - 1},
+                batch_format="numpy", **_kwargs(RetrieveNeighbours.RESOURCES, res.get("retrieve"), has_gpu))
+        return b.map_batches(
+            complete_cls,
+            fn_constructor_kwargs={"generator": cfg.generator, "selection": cfg.selection, "encoder": encoder,
+                                   "entries": entries_ref},
+            batch_format="numpy",
+            **_kwargs(complete_cls.resources(cfg.generator), res.get("generate"), has_gpu),
+        ).map_batches(finalize, **fin)
+
+    i2t = branch(TASK_I2T, "image", decode_for_model,
+                 {"size": image_size, "max_pixels": encoder.max_image_pixels}, CompleteTexts)
+    t2i = branch(TASK_T2I, "text", check_texts, {}, CompleteImages)
+    passthrough = ds.map_batches(select_tasks, fn_kwargs={"tasks": (TASK_OBSERVED, TASK_FAILED)}, **cpu)
+    # Each branch ends in the output schema, so the union is homogeneous.
+    return passthrough.map_batches(finalize, **fin).union(i2t, t2i)
+
+
+def _check_run(storage: Storage, spec: JobSpec, kb_version: str) -> dict:
+    """Record or verify the run's identity: a different config or KB never mixes with old output."""
+    run = {"config_hash": spec.cfg.config_hash(), "kb_version": kb_version, "data": spec.data,
+           "config": spec.cfg.model_dump(mode="json", exclude={"resources", "storage"})}
+    path = f"{spec.out}/{RUN_FILE}"
+    if storage.exists(path):
+        old = json.loads(storage.read_bytes(path))
+        for key in ("config_hash", "kb_version", "data"):
+            if old.get(key) != run[key]:
+                raise RunMismatch(
+                    f"{spec.out} holds a run with {key}={old.get(key)!r}, this run has {run[key]!r}; "
+                    "write to a new --out folder (old and new output must not mix)")
+        return old
+    storage.write_bytes(path, json.dumps(run, indent=2).encode())
+    return run
+
+
+def preflight(cfg: JobConfig) -> None:
+    """Fail on the driver, before any actor starts, on settings that cannot work."""
+    from pipeline.selection import NiqeScorer
+
+    if cfg.selection.image_quality == "niqe" and cfg.selection.lambda_quality > 0:
+        NiqeScorer.check_params(cfg.selection.niqe_params)
+
+
+def run_job(spec: JobSpec) -> dict:
+    """Complete every row of ``spec.data`` into ``spec.out``; returns (and writes) the summary."""
+    import ray
+    from ray.data.checkpoint import CheckpointConfig
+
+    preflight(spec.cfg)
+    storage = Storage(spec.cfg.storage)
+    kb = kbmod.load(spec.kb, storage.options, shards=[], with_entries=True)
+    _check_run(storage, spec, kb.version)
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)
+    entries_ref = ray.put(kb.entries)  # broadcast once through the object store
+
+    t0 = time.perf_counter()
+    ctx = ray.data.DataContext.get_current()
+    if spec.retry_failed:
+        written = _retry_failed(spec, storage, kb.manifest, entries_ref)
+    else:
+        ctx.checkpoint_config = CheckpointConfig(
+            id_column=ROW_KEY, checkpoint_path=storage.arrow_path(f"{spec.out}/{CHECKPOINT_DIR}"),
+            delete_checkpoint_on_success=False, override_filesystem=storage.arrow_fs(spec.out))
+        try:
+            plan = build_plan(spec, kb.manifest, entries_ref, storage)
+            plan.write_parquet(storage.arrow_path(f"{spec.out}/{DATA_DIR}"), filesystem=storage.arrow_fs(spec.out))
+        finally:
+            ctx.checkpoint_config = None
+        written = None
+    elapsed = time.perf_counter() - t0
+    summary = summarize(storage, spec.out, elapsed, written)
+    storage.write_bytes(f"{spec.out}/{SUMMARY_FILE}", json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def read_output(storage: Storage, out: str, columns: list[str] | None = None) -> pa.Table:
+    """Every committed output row of the run in ``out``."""
+    files = storage.glob(f"{out}/{DATA_DIR}/*.parquet")
+    if not files:
+        return pa.table({c: [] for c in (columns or ["row_key"])})
+    return pa.concat_tables([pq.read_table(storage.open(f), columns=columns) for f in files],
+                            promote_options="default")
+
+
+def summarize(storage: Storage, out: str, elapsed: float, rows_this_run: int | None) -> dict:
+    """Counts, throughput and actor-seconds per completed row per stage, over the whole output."""
+    cols = ["row_key", "status", "generated", *[f"seconds_{s}" for s in STAGES]]
+    table = read_output(storage, out, cols)
+    status = np.asarray(table.column("status").to_pylist(), dtype=object) if table.num_rows else np.array([])
+    completed = int((status == "completed").sum())
+    summary = {
+        "rows_out": table.num_rows,
+        "unique_row_keys": len(set(table.column("row_key").to_pylist())) if table.num_rows else 0,
+        "observed": int((status == "observed").sum()),
+        "completed": completed,
+        "failed": int((status == "failed").sum()),
+        "completed_text": int(sum(g == "text" for g in table.column("generated").to_pylist())) if completed else 0,
+        "completed_image": int(sum(g == "image" for g in table.column("generated").to_pylist())) if completed else 0,
+        "seconds": round(elapsed, 3),
+        "rows_this_run": rows_this_run,
+    }
+    done = rows_this_run if rows_this_run is not None else table.num_rows
+    summary["rows_per_second"] = round(done / elapsed, 2) if elapsed > 0 else None
+    summary["actor_seconds_per_completed_row"] = {
+        s: round(float(np.sum(table.column(f"seconds_{s}").to_numpy(zero_copy_only=False))) / max(completed, 1), 5)
+        for s in STAGES
+    } if table.num_rows else {}
+    return summary
+
+
+def _retry_failed(spec: JobSpec, storage: Storage, manifest: dict, entries_ref) -> int:
+    """Recompute the rows marked failed and swap them into the output, each exactly once."""
+    table = read_output(storage, spec.out, ["row_key", "status", "source_shard"])
+    failed = [k for k, s in zip(table.column("row_key").to_pylist(), table.column("status").to_pylist())
+              if s == "failed" and ":error:" not in k]  # unreadable-input rows have nothing to retry
+    if not failed:
+        log.info("no failed rows to retry")
+        return 0
+    shard_names = sorted({k.rsplit(":", 1)[0] for k in failed})
+    root = spec.data.rstrip("/")
+    shards = [f"{root}/{s}" if not s.startswith(root) else s for s in shard_names]
+    staging = f"{spec.out}/_retry"
+    storage.remove(staging)
+    plan = build_plan(spec, manifest, entries_ref, storage, shards=shards, keys=set(failed))
+    plan.write_parquet(storage.arrow_path(staging), filesystem=storage.arrow_fs(staging))
+    new_files = storage.glob(f"{staging}/*.parquet")
+    new_keys = set()
+    for f in new_files:
+        new_keys.update(pq.read_table(storage.open(f), columns=["row_key"]).column("row_key").to_pylist())
+    for f in storage.glob(f"{spec.out}/{DATA_DIR}/*.parquet"):
+        old = pq.read_table(storage.open(f))
+        mask = pa.array([k not in new_keys for k in old.column("row_key").to_pylist()])
+        if not all(mask.to_pylist()):
+            storage.write_table(old.filter(mask), f)
+    for f in new_files:
+        storage.move(f, f"{spec.out}/{DATA_DIR}/retry-{int(time.time())}-{Path(f).name}")
+    storage.remove(staging)
+    return len(new_keys)

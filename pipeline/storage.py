@@ -1,0 +1,78 @@
+"""Local folders and object storage behind one small interface (fsspec/s3fs, and pyarrow for Ray Data)."""
+
+from __future__ import annotations
+
+import io
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+from pipeline.config import StorageConfig
+
+
+class Storage:
+    """Reads and writes paths that are local or ``s3://``, with the job's storage options."""
+
+    def __init__(self, cfg: StorageConfig = StorageConfig()):
+        self.cfg = cfg
+        self.options = cfg.fsspec_options()
+        self._fs: dict[str, fsspec.AbstractFileSystem] = {}
+
+    def fs(self, path: str) -> fsspec.AbstractFileSystem:
+        proto = path.split("://", 1)[0] if "://" in path else "file"
+        if proto not in self._fs:
+            self._fs[proto] = fsspec.filesystem(proto, **(self.options if proto == "s3" else {}))
+        return self._fs[proto]
+
+    def _strip(self, path: str) -> str:
+        return path.split("://", 1)[1] if "://" in path else path
+
+    def exists(self, path: str) -> bool:
+        return self.fs(path).exists(self._strip(path))
+
+    def read_bytes(self, path: str) -> bytes:
+        return self.fs(path).cat_file(self._strip(path))
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        fs, p = self.fs(path), self._strip(path)
+        if isinstance(fs, LocalFileSystem):
+            fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(p, data)
+
+    def open(self, path: str, mode: str = "rb"):
+        return self.fs(path).open(self._strip(path), mode)
+
+    def glob(self, pattern: str) -> list[str]:
+        proto = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
+        return sorted(proto + p for p in self.fs(pattern).glob(self._strip(pattern)))
+
+    def write_table(self, table: pa.Table, path: str) -> None:
+        """Write a parquet file in one piece (object stores replace objects atomically; locally via rename)."""
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        fs, p = self.fs(path), self._strip(path)
+        if isinstance(fs, LocalFileSystem):
+            fs.pipe_file(p + ".tmp", buf.getvalue())
+            fs.mv(p + ".tmp", p)
+        else:
+            fs.pipe_file(p, buf.getvalue())
+
+    def move(self, src: str, dst: str) -> None:
+        self.fs(src).mv(self._strip(src), self._strip(dst))
+
+    def remove(self, path: str) -> None:
+        fs, p = self.fs(path), self._strip(path)
+        if fs.exists(p):
+            fs.rm(p, recursive=True)
+
+    def arrow_fs(self, path: str) -> PyFileSystem | None:
+        """A pyarrow filesystem for Ray Data over the same fsspec settings (None: Ray's local default)."""
+        fs = self.fs(path)
+        return None if isinstance(fs, LocalFileSystem) else PyFileSystem(FSSpecHandler(fs))
+
+    def arrow_path(self, path: str) -> str:
+        """``path`` as Ray Data wants it beside :meth:`arrow_fs`: bucket/key for object storage."""
+        return self._strip(path) if "://" in path and not path.startswith("file://") else path
