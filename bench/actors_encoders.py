@@ -1,0 +1,95 @@
+"""Lite encoder throughput on this machine: CPU preprocessing, the image tower, the text tower.
+
+Three separately timed steps, as the pipeline runs them: decoding + ``resize_for_model`` of JPEG photos
+(Ray's CPU tasks), ``encode_pixels`` on the preprocessed 224px arrays and ``encode_texts`` on captions (the
+embedding actors). One warm-up batch of each runs first, untimed.
+
+    python bench/actors_encoders.py                         # 256 images, 1000 captions
+    python bench/actors_encoders.py --images 64 --texts 200 --batch-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from actors.encoders import LiteEncoder  # noqa: E402
+from actors.images import encode_image, load_image, resize_for_model  # noqa: E402
+from bench.common import measure, table, write_results  # noqa: E402
+
+PHOTO_SIZE = (640, 480)  # source photos before preprocessing, as JPEG
+PHOTOS = ("chelsea", "coffee", "rocket", "astronaut", "hubble_deep_field", "immunohistochemistry")
+SUBJECTS = ("a tabby cat", "two dogs", "a red bus", "an old man", "a small boat", "a bowl of fruit", "a rocket")
+ACTIONS = ("sitting", "running", "parked", "waiting", "drifting", "resting", "standing")
+PLACES = ("on a wooden table", "in a sunny park", "by the river at dusk", "in front of a brick wall",
+          "under heavy snow", "next to a crowded market street full of people")
+
+
+def jpeg_photos(n: int, seed: int = 0) -> list[bytes]:
+    """``n`` JPEGs of PHOTO_SIZE: random crops of scikit-image's sample photos."""
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    sources = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in PHOTOS]
+    out = []
+    for i in range(n):
+        src = sources[i % len(sources)]
+        w, h = src.size
+        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+        x, y = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+        out.append(encode_image(src.crop((x, y, x + cw, y + ch)).resize(PHOTO_SIZE), "jpeg"))
+    return out
+
+
+def captions(n: int, seed: int = 0) -> list[str]:
+    """``n`` template captions of varied length."""
+    rng = np.random.default_rng(seed)
+    return [f"{rng.choice(SUBJECTS)} {rng.choice(ACTIONS)} {rng.choice(PLACES)}" for _ in range(n)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--texts", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=LiteEncoder.RESOURCES.batch_size)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = ap.parse_args()
+
+    with measure() as m_load:
+        enc = LiteEncoder(device=args.device, batch_size=args.batch_size)
+    jpegs, texts = jpeg_photos(args.images), captions(args.texts)
+
+    def preprocess(data: list[bytes]) -> np.ndarray:
+        return np.stack([resize_for_model(load_image(b), enc.image_size) for b in data])
+
+    enc.encode_pixels(preprocess(jpegs[: args.batch_size]))  # warm-up
+    enc.encode_texts(texts[: args.batch_size])
+    with measure() as m_pre:
+        pixels = preprocess(jpegs)
+    with measure() as m_img:
+        enc.encode_pixels(pixels)
+    with measure() as m_txt:
+        enc.encode_texts(texts)
+
+    steps = [("preprocess (decode + resize, 1 process)", args.images, m_pre),
+             (f"encode_pixels ({enc.image_size}px)", args.images, m_img),
+             ("encode_texts", args.texts, m_txt)]
+    rows = [{"step": name, "items": n, "seconds": m.seconds, "items_per_s": n / m.seconds,
+             "peak_rss_gib": m.peak_rss_gib} for name, n, m in steps]
+    payload = {"encoder": enc.name, "device": str(enc.device), "torch_threads": torch.get_num_threads(),
+               "batch_size": args.batch_size, "photo_size": PHOTO_SIZE, "load_seconds": m_load.seconds,
+               "rows": rows}
+    print(f"{enc.name} on {enc.device} ({torch.get_num_threads()} torch threads), batch {args.batch_size}, "
+          f"loaded in {m_load.seconds:.1f} s")
+    print(table(rows, ["step", "items", "seconds", "items_per_s", "peak_rss_gib"]))
+    print("written", write_results("actors_encoders", payload))
+
+
+if __name__ == "__main__":
+    main()
