@@ -166,6 +166,10 @@ def run_job(spec: JobSpec) -> dict:
     storage = Storage(spec.cfg.storage)
     kb = kbmod.load(spec.kb, storage.options, shards=[], with_entries=True)
     _check_run(storage, spec, kb.version)
+    summary_path = f"{spec.out}/{SUMMARY_FILE}"
+    if storage.exists(summary_path) and not spec.retry_failed:
+        log.info("%s already holds a finished run; nothing to do (use --retry-failed to redo failed rows)", spec.out)
+        return json.loads(storage.read_bytes(summary_path))
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
     entries_ref = ray.put(kb.entries)  # broadcast once through the object store
@@ -186,7 +190,7 @@ def run_job(spec: JobSpec) -> dict:
         written = None
     elapsed = time.perf_counter() - t0
     summary = summarize(storage, spec.out, elapsed, written)
-    storage.write_bytes(f"{spec.out}/{SUMMARY_FILE}", json.dumps(summary, indent=2).encode())
+    storage.write_bytes(summary_path, json.dumps(summary, indent=2).encode())  # marks the run finished
     return summary
 
 

@@ -1,0 +1,209 @@
+"""The completion job on a real local Ray (2 CPUs): every input row comes out exactly once.
+
+Knowledge base and data are generated; encoders are the real lite towers and generation is the
+offline nearest-neighbour generator, so these tests run the same classes as production on CPU.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.config import JobConfig, KBConfig, MappingConfig, StorageConfig
+from pipeline.datasets import write_parquet
+from pipeline.demo_data import make_external, make_incomplete, make_internal
+from pipeline.job import JobSpec, RunMismatch, read_output, run_job
+from pipeline.kb_job import KBBuildSpec, run_kb_build
+from pipeline.storage import Storage
+
+REPO = Path(__file__).resolve().parents[1]
+NIQE = str(REPO.parent / "shared" / "niqe" / "niqe_pris_params.npz")
+JOB = JobConfig.model_validate({"selection": {"niqe_params": NIQE}})
+FAST_KB = KBConfig(mapping=MappingConfig(max_epochs=30, hidden_dim=256))
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def kb(ray_local, tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("kb")
+    write_parquet(make_internal(150, seed=0).select(["id", "image", "text"]), f"{root}/internal/part-0.parquet")
+    write_parquet(make_external(150, seed=0).select(["id", "image", "text"]), f"{root}/external/part-0.parquet")
+    run_kb_build(KBBuildSpec(internal=f"{root}/internal", external=f"{root}/external", out=f"{root}/kb", cfg=FAST_KB))
+    return f"{root}/kb"
+
+
+def _incomplete(n: int, seed: int = 1) -> pa.Table:
+    return make_incomplete(n, seed=seed, missing_rate=0.8).select(["id", "image", "text"])
+
+
+def _write_shards(table: pa.Table, folder: Path | str, shards: int, storage_options: dict | None = None) -> None:
+    bounds = np.linspace(0, table.num_rows, shards + 1).astype(int)
+    for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        write_parquet(table.slice(a, b - a), f"{folder}/part-{j:03d}.parquet", storage_options)
+
+
+def _bad_rows(tmp: Path) -> pa.Table:
+    """One row per kind of bad input the job must survive."""
+    bomb = _png(Image.new("1", (20000, 20000)))  # 400 Mpx declared, a few kB on disk
+    rows = [
+        ("bad-undecodable", b"this is not an image", None),
+        ("bad-zero-bytes", b"", "a caption whose image is empty bytes"),  # -> t2i: text only
+        ("bad-bomb", bomb, None),
+        ("bad-neither", None, "   "),
+        ("bad-empty-both", None, None),
+        ("dup-id", None, "one red circle on the left"),
+        ("dup-id", None, "two blue squares at the top"),
+    ]
+    table = pa.table({"id": [r[0] for r in rows], "image": pa.array([r[1] for r in rows], pa.binary()),
+                      "text": [r[2] for r in rows]})
+    uri_rows = pa.table({"id": ["bad-missing-uri"], "image": [str(tmp / "nowhere.png")], "text": [None]})
+    return table, uri_rows
+
+
+@pytest.mark.timeout(600)
+def test_every_row_comes_out_exactly_once_with_bad_input_accounted_for(kb, tmp_path):
+    data = tmp_path / "data"
+    good = _incomplete(60)
+    _write_shards(good, data, 3)
+    bad, uri_rows = _bad_rows(tmp_path)
+    write_parquet(bad, f"{data}/bad-0.parquet")
+    write_parquet(uri_rows, f"{data}/bad-uri.parquet")
+    (data / "corrupt.parquet").write_bytes(b"PAR1 definitely not parquet")
+
+    summary = run_job(JobSpec(data=str(data), kb=kb, out=str(tmp_path / "out"), cfg=JOB))
+    out = read_output(Storage(), str(tmp_path / "out")).to_pandas()
+
+    n_in = good.num_rows + bad.num_rows + uri_rows.num_rows + 1  # + one row reporting the corrupt shard
+    assert len(out) == n_in == summary["rows_out"]
+    assert out.row_key.is_unique
+    assert summary["observed"] + summary["completed"] + summary["failed"] == n_in
+    by_id = out.groupby("id")
+    assert len(by_id.get_group("dup-id")) == 2  # duplicate user ids stay distinct rows
+
+    def status(i):
+        return out.loc[out.id == i, "status"].item()
+
+    def error(i):
+        return out.loc[out.id == i, "error"].item()
+
+    assert status("bad-undecodable") == "failed" and "could not be decoded" in error("bad-undecodable")
+    assert status("bad-bomb") == "failed" and "decompression" in error("bad-bomb")
+    assert status("bad-neither") == "failed" and "neither" in error("bad-neither")
+    assert status("bad-empty-both") == "failed"
+    assert status("bad-missing-uri") == "failed" and "not found" in error("bad-missing-uri")
+    assert status("bad-zero-bytes") == "completed"
+    corrupt = out[out.row_key.str.startswith("corrupt.parquet")]
+    assert len(corrupt) == 1 and corrupt.status.item() == "failed" and "corrupt" in corrupt.error.item()
+
+    done = out[out.status == "completed"]
+    assert len(done) >= 45 and set(done.generated) == {"text", "image"}
+    assert (done.generator == "nn-consensus-retrieval").all()
+    assert done.retrieved_ids.map(len).min() >= 1 and done.candidate_scores.map(len).min() >= 1
+    assert done.kb_version.nunique() == 1 and done.config_hash.nunique() == 1
+    texts = done[done.generated == "text"]
+    assert texts.text.str.len().min() > 0
+    images = done[done.generated == "image"]
+    assert all(Image.open(io.BytesIO(b)).size[0] > 0 for b in images.image)
+    observed = out[out.status == "observed"]
+    original = good.to_pandas().set_index("id")
+    for _, row in observed.iterrows():  # complete pairs pass through unchanged
+        assert row.text == original.loc[row.id, "text"] and row.image == original.loc[row.id, "image"]
+    summary_file = tmp_path / "out" / "summary.json"
+    assert summary_file.exists() and summary["actor_seconds_per_completed_row"]["embed"] > 0
+
+
+@pytest.mark.timeout(600)
+def test_rerun_is_a_no_op_and_a_changed_config_is_refused(kb, tmp_path):
+    data = tmp_path / "data"
+    _write_shards(_incomplete(30, seed=2), data, 2)
+    spec = JobSpec(data=str(data), kb=kb, out=str(tmp_path / "out"), cfg=JOB)
+    first = run_job(spec)
+    again = run_job(spec)  # checkpointed rows are skipped: nothing doubles
+    assert again["rows_out"] == first["rows_out"] == again["unique_row_keys"] == 30
+    changed = JOB.model_copy(update={"retrieval": JOB.retrieval.model_copy(update={"alpha": 0.9})})
+    with pytest.raises(RunMismatch, match="config_hash"):
+        run_job(JobSpec(data=str(data), kb=kb, out=str(tmp_path / "out"), cfg=changed))
+
+
+@pytest.mark.timeout(600)
+def test_retry_failed_recomputes_only_failed_rows_exactly_once(kb, tmp_path):
+    data = tmp_path / "data"
+    later = tmp_path / "arrives-later.png"
+    photo = make_internal(1, seed=9).column("image")[0].as_py()
+    _write_shards(_incomplete(20, seed=3), data, 1)
+    write_parquet(pa.table({"id": ["late"], "image": [str(later)], "text": [None]}), f"{data}/late.parquet")
+    spec = JobSpec(data=str(data), kb=kb, out=str(tmp_path / "out"), cfg=JOB)
+    first = run_job(spec)
+    assert first["failed"] == 1
+    later.write_bytes(photo)  # the missing object shows up
+    retried = run_job(JobSpec(**{**spec.__dict__, "retry_failed": True}))
+    out = read_output(Storage(), spec.out).to_pandas()
+    assert len(out) == 21 and out.row_key.is_unique
+    assert out.loc[out.id == "late", "status"].item() == "completed"
+    assert retried["failed"] == 0 and retried["rows_out"] == 21
+
+
+@pytest.mark.timeout(600)
+def test_reads_from_and_writes_to_object_storage(kb, s3_bucket, s3_server, tmp_path):
+    opts = s3_server.storage_options
+    data = f"{s3_bucket}/incomplete"
+    _write_shards(_incomplete(24, seed=4), data, 2, opts)
+    storage_cfg = StorageConfig(endpoint_url=s3_server.endpoint_url, key="testing", secret="testing")
+    kb_uri = f"{s3_bucket}/kb"
+    Storage(storage_cfg).fs(kb_uri).put(kb.rstrip("/") + "/", kb_uri.split("://")[1], recursive=True)
+    cfg = JOB.model_copy(update={"storage": storage_cfg})
+    summary = run_job(JobSpec(data=data, kb=kb_uri, out=f"{s3_bucket}/out", cfg=cfg))
+    assert summary["rows_out"] == summary["unique_row_keys"] == 24
+    storage = Storage(storage_cfg)
+    assert storage.exists(f"{s3_bucket}/out/summary.json")
+    assert read_output(storage, f"{s3_bucket}/out").num_rows == 24
+
+
+@pytest.mark.timeout(900)
+def test_killed_job_resumes_without_duplicates_or_gaps(kb, tmp_path):
+    data = tmp_path / "data"
+    n = 320
+    _write_shards(_incomplete(n, seed=5), data, 16)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipeline.cli", "complete", "--data", str(data), "--kb", kb, "--out", str(out),
+           "--niqe-params", NIQE]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if len(list((out / "data").glob("*.parquet"))) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the job finished before it could be interrupted; make it longer"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    partial = read_output(Storage(), str(out)).num_rows
+    assert 0 < partial < n
+    resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    table = read_output(Storage(), str(out))
+    keys = table.column("row_key").to_pylist()
+    assert len(keys) == len(set(keys)) == n
+    assert set(pq.read_table(next((data).glob("*.parquet"))).column("id").to_pylist()) <= set(
+        table.column("id").to_pylist())
