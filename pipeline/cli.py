@@ -174,9 +174,9 @@ def parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="offline end-to-end demo on generated data",
                           description="Generate a corpus, build the KB, complete, evaluate; prints the report.")
     demo.add_argument("--out", default="demo_out")
-    demo.add_argument("--n-internal", type=int, default=600)
-    demo.add_argument("--n-external", type=int, default=1200)
-    demo.add_argument("--n-incomplete", type=int, default=400)
+    demo.add_argument("--n-internal", type=int, default=300)
+    demo.add_argument("--n-external", type=int, default=400)
+    demo.add_argument("--n-incomplete", type=int, default=150)
     demo.add_argument("--niqe-params", help="NIQE parameter file; without it images are ranked by cosine only")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
