@@ -1,0 +1,1 @@
+"""The online completion service: a Ray Serve application (``deploy/app.py``, ``deploy/serve_config.yaml``)."""

@@ -1,0 +1,403 @@
+"""The completion service on Ray Serve: one sample in, the completed pair out, with the job's provenance.
+
+Endpoints
+---------
+``POST /v1/complete``
+    A sample with one modality; the service generates the other.
+
+    * ``application/json``: ``{"text": "two red circles on the left"}`` or ``{"image": "<base64>"}``
+      (standard base64 of a PNG/JPEG/WebP file, or a ``data:image/png;base64,...`` URL);
+    * ``multipart/form-data``: an ``image`` file part or a ``text`` field
+      (``curl -F image=@photo.png http://127.0.0.1:8000/v1/complete``).
+
+    Either may carry an ``id`` (echoed back; a UUID otherwise). With an API key configured, every request
+    sends it in the ``x-api-key`` header. The answer (200) is the batch job's output row
+    (README "Output") as JSON::
+
+        {"id": "...", "status": "completed", "error": null, "generated": "text" | "image",
+         "text": "<the caption: generated, or the input>",
+         "image": "<the generated image, base64>" | null,  "image_format": "png" | null,
+         "generator": "nn-consensus-retrieval", "retrieved_ids": [...], "fusion_scores": [...],
+         "candidates": [...] | null, "candidate_scores": [...], "chosen": 0,
+         "kb_version": "...", "config_hash": "...",
+         "seconds": {"embed": s, "retrieve": s, "generate": s},
+         "batch_sizes": {"embed": n, "retrieve": n, "generate": n}}
+
+    The input image is not echoed back. ``config_hash`` is the one ``rag4dmc complete`` writes for the same
+    retrieval / generator / selection settings; ``seconds`` are the actor-seconds each stage spent on the
+    request (its share of its batch, the job's ``seconds_*``); ``batch_sizes`` says how many requests each
+    stage batched this one with. Errors are JSON ``{"error": what was wrong, "hint": what to do}``: 400 (no body, both
+    modalities, neither, bad JSON / base64 / multipart, undecodable image, text too long), 401 (API key
+    missing or wrong), 413 (body over ``max_upload_bytes``), 415 (not JSON or multipart), 422 (completion
+    failed: the row's error and provenance), 500 (a deployment failed), 504 (over ``request_timeout_s``).
+
+``GET /healthz``
+    ``{"status": "ok", "kb_version": ..., "config_hash": ...}``; needs no API key.
+
+Graph
+-----
+::
+
+    HTTP -> Completion (ingress: key, limits, parse, decode + resize)
+              -> Encoder (@serve.batch: create_encoder's towers)
+              -> Retriever (@serve.batch: every KB shard, two-stage fusion retrieval)
+              -> TextGenerator | ImageGenerator (@serve.batch: the job's CompleteTexts / CompleteImages,
+                                                  then pipeline.output.finalize)
+
+Each deployment runs the batch job's code on a batch of requests and maps results back by position, so
+an answer depends only on its own request (BLIP2 / SDXL sampling excepted: as in the job, the seed is
+drawn from the ids of the requests batched together). Replicas are sized from the actor classes'
+``RESOURCES`` (``actors/resources.py``; ``resources.<stage>`` overrides them, stages ingress / embed /
+retrieve / generate): CPUs, GPUs and memory, replica counts (``min_actors`` .. ``max_actors``) and the
+largest batch; a batch waits ``batch_wait_timeout_s`` to fill. The Retriever holds every shard of the
+knowledge base. The autoscaling in ``deploy/serve_config.yaml`` overrides the replica counts.
+
+Configuration
+-------------
+``build_app(args)`` is the application builder: ``args`` are ``pipeline.config.ServeConfig`` keys (the
+job's ``retrieval`` / ``generator`` / ``selection`` / ``storage`` keys, plus ``kb``, ``api_key``,
+``max_upload_bytes``, ``max_text_chars``, ``batch_wait_timeout_s``, ``request_timeout_s``, ...).
+``deploy/serve_config.yaml`` holds them with the HTTP options and each deployment's autoscaling::
+
+    serve run deploy/serve_config.yaml       # or: serve deploy deploy/serve_config.yaml (a running cluster)
+    rag4dmc serve --kb KB [--host 127.0.0.1 --port 8000 --api-key KEY --config FILE.yaml]
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request) at run time.
+import asyncio
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from actors.complete import CompleteImages, CompleteTexts
+from actors.encoders import create_encoder, encoder_class, encoder_image_size
+from actors.resources import Resources
+from actors.retrieve import RetrieveNeighbours
+from deploy.protocol import (
+    API_KEY_HEADER,
+    CompletionRequest,
+    Query,
+    RequestError,
+    answer,
+    check_api_key,
+    check_declared_length,
+    parse_request,
+    prepare_query,
+    read_body,
+)
+from pipeline import kb as kbmod
+from pipeline.config import (
+    EncoderConfig,
+    GeneratorConfig,
+    RetrievalConfig,
+    SelectionConfig,
+    ServeConfig,
+    StageResources,
+    validate,
+)
+from pipeline.output import finalize
+from pipeline.schema import TASK_I2T, TASK_T2I
+from pipeline.storage import Storage
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "rag4dmc"
+COMPLETE_PATH, HEALTH_PATH = "/v1/complete", "/healthz"
+INGRESS, ENCODER, RETRIEVER = "Completion", "Encoder", "Retriever"
+TEXT_GENERATOR, IMAGE_GENERATOR = "TextGenerator", "ImageGenerator"  # image -> text, text -> image
+DEPLOYMENTS = (INGRESS, ENCODER, RETRIEVER, TEXT_GENERATOR, IMAGE_GENERATOR)
+# A batching replica holds one batch running and the next one filling; autoscaling aims at half that.
+ONGOING_PER_BATCH = 2
+# The ingress parses requests and decodes images (no model): a quarter CPU, like the job's CPU tasks.
+INGRESS_RESOURCES = Resources(num_cpus=0.25, memory_gb=1.0)
+
+api = FastAPI(title="rag4dmc", summary="Complete the missing modality of an image-text sample (RAG4DMC).")
+
+
+@api.exception_handler(RequestError)
+async def _refuse(request: Request, exc: RequestError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+# ------------------------------------------------------------------------------- messages between deployments
+
+
+@dataclass(frozen=True)
+class Batched:
+    """What one batched call spent on a request: the size of the batch it ran in and its share of the time."""
+
+    size: int
+    seconds: float
+
+    @staticmethod
+    def since(start: float, size: int) -> "Batched":
+        return Batched(size, (time.perf_counter() - start) / max(size, 1))
+
+
+@dataclass(frozen=True)
+class Embedded:
+    vector: np.ndarray  # float32, unit norm
+    batch: Batched
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    """The ``ret_*`` columns of the job's retrieval stage for one request, and the pseudo-embedding."""
+
+    ids: np.ndarray  # int64 [n_results], KB rows (-1: none)
+    fused: np.ndarray
+    cross: np.ndarray
+    pseudo: np.ndarray
+    batch: Batched
+
+
+@dataclass(frozen=True)
+class Completed:
+    row: dict[str, Any]  # one row of pipeline.schema.OUTPUT_SCHEMA
+    batch: Batched
+
+
+def configure_batching(method, max_batch_size: int, wait_timeout_s: float) -> None:
+    """Set a ``@serve.batch`` method's batch size and wait from the config (the decorator's are defaults)."""
+    method.set_max_batch_size(max_batch_size)
+    method.set_batch_wait_timeout_s(wait_timeout_s)
+
+
+# ----------------------------------------------------------------------------------------------- deployments
+
+
+@serve.deployment(name=ENCODER)
+class Encoder:
+    """The knowledge base's frozen encoders (``create_encoder``): one batch of image and text queries at a time."""
+
+    def __init__(self, encoder: EncoderConfig, max_batch_size: int, wait_timeout_s: float):
+        self.encoder = create_encoder(encoder)
+        configure_batching(self.embed, max_batch_size, wait_timeout_s)
+
+    @serve.batch
+    async def embed(self, queries: list[Query]) -> list[Embedded]:
+        start = time.perf_counter()
+        vectors: list[np.ndarray | None] = [None] * len(queries)
+        images = [i for i, q in enumerate(queries) if q.modality == "image"]
+        texts = [i for i, q in enumerate(queries) if q.modality == "text"]
+        if images:
+            for i, v in zip(images, self.encoder.encode_pixels(np.stack([queries[i].pixels for i in images]))):
+                vectors[i] = v.copy()  # its own row, not a view of the batch's array
+        if texts:
+            for i, v in zip(texts, self.encoder.encode_texts([queries[i].text for i in texts])):
+                vectors[i] = v.copy()
+        batch = Batched.since(start, len(queries))
+        return [Embedded(v, batch) for v in vectors]
+
+
+@serve.deployment(name=RETRIEVER)
+class Retriever:
+    """Two-stage fusion retrieval over every shard of the knowledge base (``pipeline.kb``), as the job's
+    retrieval stage does: each shard's stage-1 candidates, merged, then the fused rerank."""
+
+    def __init__(self, kb: str, storage_options: dict, retrieval: RetrievalConfig, max_batch_size: int,
+                 wait_timeout_s: float):
+        self.kb = kbmod.load(kb, storage_options, with_entries=False)
+        self.cfg = retrieval
+        configure_batching(self.search, max_batch_size, wait_timeout_s)
+
+    @serve.batch
+    async def search(self, observed: list[str], vectors: list[np.ndarray]) -> list[Retrieved]:
+        start = time.perf_counter()
+        out: list[tuple[np.ndarray, ...] | None] = [None] * len(vectors)
+        for modality in sorted(set(observed)):
+            rows = [i for i, m in enumerate(observed) if m == modality]
+            query = np.stack([vectors[i] for i in rows])
+            pseudo = self.kb.pseudo(query, modality)
+            parts = [kbmod.shard_candidates(s, query, pseudo, modality, self.cfg) for s in self.kb.shards]
+            done = kbmod.finish_retrieval(kbmod.merge_candidates(parts, self.cfg.top_k), self.cfg)
+            for j, i in enumerate(rows):
+                out[i] = (done.ids[j].copy(), done.fused[j].copy(), done.cross[j].copy(), pseudo[j].copy())
+        batch = Batched.since(start, len(vectors))
+        return [Retrieved(*r, batch=batch) for r in out]
+
+
+@serve.deployment
+class Generator:
+    """Generation and selection of one direction: the job's ``CompleteTexts`` (``task`` i2t) or
+    ``CompleteImages`` (t2i) on a batch of requests, finalized to the job's output rows."""
+
+    def __init__(self, kb: str, storage_options: dict, task: str, generator: GeneratorConfig,
+                 selection: SelectionConfig, encoder: EncoderConfig, config_hash: str, max_batch_size: int,
+                 wait_timeout_s: float):
+        loaded = kbmod.load(kb, storage_options, shards=[], with_entries=True)
+        stage = CompleteTexts if task == TASK_I2T else CompleteImages
+        self.complete = stage(generator, selection, encoder, loaded.entries)
+        self.task, self.kb_version, self.config_hash = task, loaded.version, config_hash
+        configure_batching(self.generate, max_batch_size, wait_timeout_s)
+
+    @serve.batch
+    async def generate(self, requests: list[CompletionRequest], retrieved: list[Retrieved],
+                       seconds_embed: list[float]) -> list[Completed]:
+        start = time.perf_counter()
+        out = self.complete(generation_batch(self.task, requests, retrieved, seconds_embed))
+        rows = finalize(out, kb_version=self.kb_version, config_hash=self.config_hash).to_pylist()
+        batch = Batched.since(start, len(requests))
+        return [Completed(row, batch) for row in rows]
+
+
+def generation_batch(task: str, requests: list[CompletionRequest], retrieved: list[Retrieved],
+                     seconds_embed: list[float]) -> dict[str, np.ndarray]:
+    """The numpy batch the job's completion stage takes, one row per request (``row_key`` is the request id)."""
+    n = len(requests)
+
+    def column(values: list) -> np.ndarray:
+        out = np.empty(n, dtype=object)  # filled item by item: numpy must not split bytes or lists
+        out[:] = values
+        return out
+
+    ids = column([r.id for r in requests])
+    return {
+        "row_key": ids, "id": ids,
+        "task": column([task] * n), "error": column([None] * n),
+        "text": column([r.text for r in requests]), "image": column([r.image for r in requests]),
+        "ret_ids": np.stack([r.ids for r in retrieved]), "ret_fused": np.stack([r.fused for r in retrieved]),
+        "ret_cross": np.stack([r.cross for r in retrieved]), "pseudo": np.stack([r.pseudo for r in retrieved]),
+        "seconds_embed": np.asarray(seconds_embed, np.float32),
+        "seconds_retrieve": np.asarray([r.batch.seconds for r in retrieved], np.float32),
+    }
+
+
+@serve.deployment(name=INGRESS)
+@serve.ingress(api)
+class Completion:
+    """HTTP ingress: checks the key and the limits, parses and decodes, then calls encoder -> retriever ->
+    the generator of the missing modality. CPU only: it decodes images, no model runs here."""
+
+    def __init__(self, encoder: DeploymentHandle, retriever: DeploymentHandle, text_generator: DeploymentHandle,
+                 image_generator: DeploymentHandle, cfg: ServeConfig, image_size: int, max_pixels: int,
+                 kb_version: str):
+        self.encoder, self.retriever = encoder, retriever
+        self.generators = {TASK_I2T: text_generator, TASK_T2I: image_generator}
+        self.cfg, self.image_size, self.max_pixels = cfg, image_size, max_pixels
+        self.health = {"status": "ok", "kb_version": kb_version, "config_hash": cfg.job_config().config_hash()}
+
+    @api.get(HEALTH_PATH)
+    async def healthz(self) -> dict[str, str]:
+        return self.health
+
+    @api.post(COMPLETE_PATH)
+    async def complete(self, request: Request) -> JSONResponse:
+        check_api_key(request.headers.get(API_KEY_HEADER), self.cfg.api_key)
+        check_declared_length(request.headers.get("content-length"), self.cfg.max_upload_bytes)
+        body = await read_body(request.stream(), self.cfg.max_upload_bytes)
+        sample = parse_request(request.headers.get("content-type"), body, max_text_chars=self.cfg.max_text_chars)
+        query = await asyncio.to_thread(prepare_query, sample, image_size=self.image_size,
+                                        max_pixels=self.max_pixels)
+        try:
+            done, batch_sizes = await asyncio.wait_for(self._run(sample, query), self.cfg.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(504, f"no answer within request_timeout_s={self.cfg.request_timeout_s:g} s",
+                               "retry later (the service is busy or still starting), or raise request_timeout_s"
+                               ) from None
+        except Exception as exc:  # a deployment failed: say so, keep serving
+            log.exception("request %s failed", sample.id)
+            raise RequestError(500, f"the service failed on this request ({type(exc).__name__})",
+                               "retry; if it persists, the replica logs say why (serve status; Ray's logs)"
+                               ) from None
+        status, answer_body = answer(done.row, image_format=self.cfg.generator.image_format,
+                                     batch_sizes=batch_sizes)
+        return JSONResponse(answer_body, status_code=status)
+
+    async def _run(self, sample: CompletionRequest, query: Query) -> tuple[Completed, dict[str, int]]:
+        embedded: Embedded = await self.encoder.embed.remote(query)
+        retrieved: Retrieved = await self.retriever.search.remote(query.modality, embedded.vector)
+        done: Completed = await self.generators[sample.task].generate.remote(sample, retrieved,
+                                                                             embedded.batch.seconds)
+        return done, {"embed": embedded.batch.size, "retrieve": retrieved.batch.size, "generate": done.batch.size}
+
+
+# ------------------------------------------------------------------------------------------------ the graph
+
+
+def _use_gpus(accelerators: str) -> bool:
+    if accelerators == "auto":
+        import ray
+
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return accelerators == "gpu"
+
+
+def deployment_options(declared: Resources, override: StageResources | None, use_gpus: bool,
+                        max_ongoing_requests: int | None = None) -> tuple[dict[str, Any], int]:
+    """Serve options from an actor class's declaration (with the config's override) and its batch size."""
+    res = declared.with_overrides(override).for_gpu(use_gpus)
+    batch_size = res.effective_batch_size()
+    ongoing = max_ongoing_requests or ONGOING_PER_BATCH * batch_size
+    autoscaling = {"min_replicas": res.min_actors, "max_replicas": res.max_actors,
+                   "target_ongoing_requests": max(1, ongoing // ONGOING_PER_BATCH)}
+    return ({"ray_actor_options": res.serve_options(), "autoscaling_config": autoscaling,
+             "max_ongoing_requests": ongoing}, batch_size)
+
+
+def generator_resources(generator: GeneratorConfig, task: str) -> Resources:
+    stage = CompleteTexts if task == TASK_I2T else CompleteImages
+    return stage.resources(generator)
+
+
+def compose(cfg: ServeConfig) -> Application:
+    """The deployment graph serving ``cfg``; fails here, before any replica starts, on a missing knowledge
+    base or NIQE parameter file."""
+    from pipeline.job import preflight
+
+    preflight(cfg.job_config())
+    storage_options = Storage(cfg.storage).options
+    manifest = kbmod.load(cfg.kb, storage_options, shards=[], with_entries=False).manifest
+    encoder = EncoderConfig.model_validate(manifest["config"]["encoder"])
+    gpus, wait = _use_gpus(cfg.accelerators), cfg.batch_wait_timeout_s
+
+    def options(stage: str, declared: Resources, max_ongoing_requests: int | None = None):
+        return deployment_options(declared, cfg.resources.get(stage), gpus, max_ongoing_requests)
+
+    enc_opts, enc_batch = options("embed", encoder_class(encoder).RESOURCES)
+    ret_opts, ret_batch = options("retrieve", RetrieveNeighbours.RESOURCES)
+    generators = []
+    for name, task in ((TEXT_GENERATOR, TASK_I2T), (IMAGE_GENERATOR, TASK_T2I)):
+        gen_opts, gen_batch = options("generate", generator_resources(cfg.generator, task))
+        generators.append(Generator.options(name=name, **gen_opts).bind(
+            cfg.kb, storage_options, task, cfg.generator, cfg.selection, encoder, cfg.job_config().config_hash(),
+            gen_batch, wait))
+    ingress_opts, _ = options("ingress", INGRESS_RESOURCES, cfg.max_ongoing_requests)
+    return Completion.options(**ingress_opts).bind(
+        Encoder.options(**enc_opts).bind(encoder, enc_batch, wait),
+        Retriever.options(**ret_opts).bind(cfg.kb, storage_options, cfg.retrieval, ret_batch, wait),
+        *generators, cfg, encoder_image_size(encoder), encoder.max_image_pixels, manifest["version"])
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve's application builder (``import_path: deploy.app:build_app``); ``args`` are ServeConfig keys."""
+    return compose(validate(args, ServeConfig, source="application args"))
+
+
+def run_local(cfg: ServeConfig, host: str, port: int) -> None:
+    """Serve ``cfg`` at http://host:port until interrupted (``rag4dmc serve``); Serve is shut down after."""
+    import ray
+
+    if "://" not in cfg.kb:  # a replica resolves a relative path in its own working directory
+        cfg = cfg.model_copy(update={"kb": os.path.abspath(cfg.kb)})
+    if not ray.is_initialized():
+        ray.init()
+    serve.start(http_options={"host": host, "port": port})
+    try:
+        serve.run(compose(cfg), name=APP_NAME, route_prefix="/")  # returns once every replica is up
+        print(f"rag4dmc: serving {cfg.kb} at http://{host}:{port}{COMPLETE_PATH} (Ctrl-C stops)", flush=True)
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
