@@ -6,31 +6,50 @@
 * ``Blip2TextGenerator``: transformers BLIP2, prompted with the retrieved example as in the paper,
   n sampled captions per image in one batched ``generate`` call.
 * ``SdxlImageGenerator``: diffusers SDXL, img2img from the retrieved example image (or text2img),
-  n images per prompt, batched and seeded.
+  n images per prompt, batched, one seeded generator per candidate.
 
-Weights come from a local folder, an ``s3://`` prefix, or a hub name already in the local cache
-(``local_files_only``): a missing model is a fast, clear error, never a download.
+Every generator takes a batch of queries with their retrieved examples (best first) and returns one list
+of candidates per query. A query it cannot serve (no example, no usable example image) gets an empty list;
+it never takes the batch down. Weights come from a local folder, an ``s3://`` prefix, or a hub name already
+in the local cache: a missing model is a fast :class:`GeneratorNotFoundError`, never a download.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
+import os
+import re
+import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from PIL import Image
 
-from actors.encoders import pick_device
+from actors.encoders import WEIGHTS_CACHE, pick_device
 from actors.images import InputError, load_image
 from actors.resources import Resources
 from pipeline.config import GeneratorConfig
 
+log = logging.getLogger(__name__)
+
 NN_NAME = "nn-consensus-retrieval"
 BLIP2_PROMPT = "Please write two captions of the image. Caption 1: {example} Caption 2:"
+CAPTION_MARKER = re.compile(r"\bCaption\s*\d+\s*:", re.IGNORECASE)  # where the model starts another caption
+TEXT_FLAG, IMAGE_FLAG = "--text-generator", "--image-generator"
+MODEL_DIR_FLAG = "--generator-model-dir"
+TRANSFORMERS_MARKER = "config.json"  # a folder without it holds no transformers checkpoint
+DIFFUSERS_MARKER = "model_index.json"  # ... and without this no diffusers pipeline
+HF_CACHE = "the Hugging Face cache"
+SDXL_MODES = ("img2img", "text2img")
+SDXL_SIZE_MULTIPLE = 8  # SDXL wants height and width divisible by 8
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -39,86 +58,68 @@ class Example:
 
     id: str
     text: str
-    image: bytes | None
-    score: float
+    image: bytes | None  # encoded image bytes; None when only the text is used
+    score: float  # fusion score
 
 
 class GeneratorNotFoundError(FileNotFoundError):
+    """Generator weights are not where the configuration says (nothing is downloaded at run time)."""
+
     def __init__(self, model: str, where: str, flag: str):
         super().__init__(f"model {model} not found at {where}; pass {flag} nn for the offline default "
-                         "or point --generator-model-dir at downloaded weights")
+                         f"or point {MODEL_DIR_FLAG} at downloaded weights")
 
 
 class TextGenerator(Protocol):
+    """Image -> text: n caption candidates per query image."""
+
     name: str
 
-    def generate(self, images: list, examples: list[list[Example]], n: int, seed: int) -> list[list[str]]: ...
+    def generate(self, images: list[Image.Image], examples: list[list[Example]], n: int,
+                 seed: int) -> list[list[str]]: ...
 
 
 class ImageGenerator(Protocol):
+    """Text -> image: n image candidates per prompt."""
+
     name: str
 
     def generate(self, texts: list[str], examples: list[list[Example]], n: int,
                  seed: int) -> list[list[Image.Image]]: ...
 
 
-class NearestNeighbourTextGenerator:
-    """Candidates are the retrieved examples' texts, best first (at most n; none when nothing was found)."""
-
-    RESOURCES = Resources(num_cpus=0.125, num_gpus=0.0, memory_gb=1.0, batch_size=64)
-    name = NN_NAME
-
-    def generate(self, images: list, examples: list[list[Example]], n: int, seed: int) -> list[list[str]]:
-        return [[e.text for e in ex[:n] if e.text] for ex in examples]
+# ---------------------------------------------------------------------------------------------- pure helpers
 
 
-class NearestNeighbourImageGenerator:
-    """Candidates are the retrieved examples' images, decoded, best first."""
-
-    RESOURCES = Resources(num_cpus=0.125, num_gpus=0.0, memory_gb=1.0, batch_size=64)
-    name = NN_NAME
-
-    def generate(self, texts: list[str], examples: list[list[Example]], n: int,
-                 seed: int) -> list[list[Image.Image]]:
-        out = []
-        for ex in examples:
-            cands = []
-            for e in ex[:n]:
-                if e.image:
-                    with contextlib.suppress(InputError):
-                        cands.append(load_image(e.image))
-            out.append(cands)
-        return out
+def check_batch(queries: Sequence, examples: Sequence, n: int) -> None:
+    """ValueError unless there is one example list per query and n >= 1 (a caller's bug, not a row's)."""
+    if len(queries) != len(examples):
+        raise ValueError(f"got {len(queries)} queries but {len(examples)} example lists; need one per query")
+    if n < 1:
+        raise ValueError(f"n (candidates per query) must be at least 1, got {n}")
 
 
-def resolve_model(model: str, model_dir: str | None, flag: str, storage_options: dict | None = None) -> str:
-    """A local folder for ``model``: a path, an s3:// prefix (downloaded once), or a cached hub name."""
-    if model.startswith("s3://"):
-        import fsspec
-
-        cache = Path(tempfile.gettempdir()) / "rag4dmc-weights" / hashlib.sha256(model.encode()).hexdigest()[:16]
-        if not (cache / "model_index.json").exists() and not (cache / "config.json").exists():
-            fs, path = fsspec.core.url_to_fs(model, **(storage_options or {}))
-            if not fs.exists(path):
-                raise GeneratorNotFoundError(model, model, flag)
-            fs.get(path.rstrip("/") + "/", str(cache), recursive=True)
-        return str(cache)
-    for candidate in (Path(model), Path(model_dir or "") / model):
-        if candidate.is_dir():
-            return str(candidate)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return snapshot_download(model, cache_dir=model_dir, local_files_only=True)
-    except (LocalEntryNotFoundError, OSError, ValueError):
-        raise GeneratorNotFoundError(model, model_dir or "the local Hugging Face cache", flag) from None
+def derive_seed(*keys: int) -> int:
+    """A 31-bit seed that depends on every key (base seed, query index, candidate index, ...)."""
+    return int(np.random.SeedSequence([int(k) % 2**64 for k in keys]).generate_state(1)[0] >> 1)
 
 
-def _dtype(device: torch.device, precision: str) -> torch.dtype:
-    if device.type != "cuda" or precision == "fp32":
-        return torch.float32
-    return torch.bfloat16 if precision == "bf16" else torch.float16
+def grounding_text(examples: Sequence[Example]) -> str | None:
+    """The best-ranked example text that is not blank, whitespace collapsed; None if there is none."""
+    for example in examples:
+        text = " ".join((example.text or "").split())
+        if text:
+            return text
+    return None
+
+
+def grounding_image(examples: Sequence[Example], size: int) -> Image.Image | None:
+    """The best-ranked example image that decodes, resized to size x size; None if there is none."""
+    for example in examples:
+        if example.image:
+            with contextlib.suppress(InputError):
+                return load_image(example.image).resize((size, size), Image.Resampling.BICUBIC)
+    return None
 
 
 def blip2_prompt(example_text: str) -> str:
@@ -126,123 +127,276 @@ def blip2_prompt(example_text: str) -> str:
     return BLIP2_PROMPT.format(example=" ".join(example_text.split()))
 
 
-class Blip2TextGenerator:
-    """BLIP2 (any checkpoint) prompted with the retrieved example; n sampled captions per image."""
+def clean_caption(text: str, prompt: str) -> str:
+    """A generated caption without the echoed prompt, anything from a following "Caption N:", or extra spaces."""
+    text, prompt = " ".join(text.split()), " ".join(prompt.split())
+    if text.startswith(prompt):
+        text = text[len(prompt):]
+    return CAPTION_MARKER.split(text, maxsplit=1)[0].strip()
 
-    RESOURCES = Resources(num_cpus=1.0, num_gpus=1.0, memory_gb=16.0, batch_size=8, gpu_batch_size=16)
+
+def torch_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """The requested half precision on cuda; fp32 on cpu, where half precision is slow or unsupported."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    return PRECISIONS[precision] if device.type == "cuda" else torch.float32
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Within the block torch's global RNG (and the device's) starts from ``seed``; restored afterwards."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+# ------------------------------------------------------------------------------------------------- loading
+
+
+def resolve_model(model: str, model_dir: str | None, marker: str, flag: str,
+                  storage_options: dict | None = None) -> str:
+    """A local folder holding ``model`` (with its ``marker`` file): the path itself, ``model_dir/model``, an
+    ``s3://`` prefix downloaded once, or a hub name already in the cache (``cache_dir=model_dir``)."""
+    if "://" in model and not model.startswith("file://"):
+        return fetch_prefix(model, model_dir, marker, flag, storage_options)
+    local = model.removeprefix("file://")
+    candidates = [Path(local).expanduser()] + ([Path(model_dir) / local] if model_dir else [])
+    folder = next((str(c) for c in candidates if c.is_dir()), None)
+    if folder is None:
+        folder = _cached_snapshot(model, model_dir)
+    if folder is None:
+        places = [str(c) for c in candidates] + [model_dir or HF_CACHE]
+        raise GeneratorNotFoundError(model, ", ".join(places), flag)
+    if not os.path.isfile(os.path.join(folder, marker)):
+        raise GeneratorNotFoundError(model, f"{folder} (the folder has no {marker})", flag)
+    return folder
+
+
+def _cached_snapshot(repo_id: str, cache_dir: str | None) -> str | None:
+    """The hub cache's snapshot folder of ``repo_id``, or None; never a network call."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True)
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError), or not a repo id at all
+        return None
+
+
+def fetch_prefix(uri: str, model_dir: str | None, marker: str, flag: str,
+                 storage_options: dict | None = None) -> str:
+    """Download an object-storage folder once into ``model_dir`` (or a temp cache), atomically; its path."""
+    import fsspec
+
+    cache = Path(model_dir or WEIGHTS_CACHE) / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if (cache / marker).is_file():
+        return str(cache)
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    path = path.rstrip("/")
+    if not fs.isfile(f"{path}/{marker}"):
+        raise GeneratorNotFoundError(uri, f"{uri} (no {marker} under that prefix)", flag)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = tempfile.mkdtemp(dir=cache.parent, prefix=f"{cache.name}.partial-")  # concurrent actors fetch too
+    try:
+        fs.get(f"{path}/", partial, recursive=True)
+        os.rename(partial, cache)  # atomic; fails when another actor finished first, whose copy is used
+    except OSError:
+        if not (cache / marker).is_file():
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return str(cache)
+
+
+# --------------------------------------------------------------------------------------- nearest neighbour
+
+
+class NearestNeighbourTextGenerator:
+    """Candidates are the texts of the top-n retrieved examples in rank order (fewer if fewer exist)."""
+
+    RESOURCES = Resources(num_cpus=0.25, num_gpus=0.0, batch_size=64)
+    name = NN_NAME
+
+    def generate(self, images: list[Image.Image], examples: list[list[Example]], n: int,
+                 seed: int) -> list[list[str]]:
+        """The examples' non-blank texts; ``images`` and ``seed`` are unused (images may be None)."""
+        check_batch(images, examples, n)
+        return [[e.text for e in ex[:n] if e.text and e.text.strip()] for ex in examples]
+
+
+class NearestNeighbourImageGenerator:
+    """Candidates are the decoded images of the top-n retrieved examples in rank order."""
+
+    RESOURCES = Resources(num_cpus=0.25, num_gpus=0.0, batch_size=64)
+    name = NN_NAME
+
+    def generate(self, texts: list[str], examples: list[list[Example]], n: int,
+                 seed: int) -> list[list[Image.Image]]:
+        """The examples' images that decode (an undecodable one is skipped); ``seed`` is unused."""
+        check_batch(texts, examples, n)
+        out = []
+        for ex in examples:
+            images = []
+            for e in ex[:n]:
+                if e.image:
+                    with contextlib.suppress(InputError):
+                        images.append(load_image(e.image))
+            out.append(images)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------- BLIP2
+
+
+class Blip2TextGenerator:
+    """BLIP2 (any checkpoint) prompted with the best retrieved caption; n sampled captions per image."""
+
+    RESOURCES = Resources(num_cpus=1.0, num_gpus=1.0, memory_gb=16.0, gpu_batch_size=16)
 
     def __init__(self, model: str, model_dir: str | None = None, device: str = "auto", precision: str = "fp16",
-                 max_new_tokens: int = 30, temperature: float = 1.0, top_p: float = 0.9, batch_size: int = 8):
-        from transformers import AutoProcessor, Blip2ForConditionalGeneration
+                 max_new_tokens: int = 30, temperature: float = 1.0, top_p: float = 0.9, batch_size: int = 8,
+                 storage_options: dict | None = None):
+        path = resolve_model(model, model_dir, TRANSFORMERS_MARKER, TEXT_FLAG, storage_options)
+        from transformers import AutoProcessor, Blip2ForConditionalGeneration  # after the fast failure
 
-        path = resolve_model(model, model_dir, "--text-generator")
         self.device = pick_device(device)
-        self.dtype = _dtype(self.device, precision)
+        self.dtype = torch_dtype(self.device, precision)
         self.processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        self.model = Blip2ForConditionalGeneration.from_pretrained(path, local_files_only=True,
-                                                                   torch_dtype=self.dtype).to(self.device).eval()
-        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.processor.tokenizer.padding_side = "left"  # prompts of a batch end together, where generation starts
+        self.model = Blip2ForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=self.dtype)
+        self.model.to(self.device).eval()
+        self.sampling = {"do_sample": True, "max_new_tokens": max_new_tokens, "temperature": temperature,
+                         "top_p": top_p}
         self.batch_size = batch_size
         self.name = f"blip2:{model}"
 
-    @torch.inference_mode()
-    def generate(self, images: list, examples: list[list[Example]], n: int, seed: int) -> list[list[str]]:
-        out: list[list[str]] = []
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        for s in range(0, len(images), self.batch_size):
-            imgs, exs = images[s : s + self.batch_size], examples[s : s + self.batch_size]
-            prompts = [blip2_prompt(ex[0].text if ex else "") for ex in exs]
-            inputs = self.processor(images=imgs, text=prompts, return_tensors="pt", padding=True).to(self.device)
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            ids = self.model.generate(**inputs, do_sample=True, num_return_sequences=n, top_p=self.top_p,
-                                      temperature=self.temperature, max_new_tokens=self.max_new_tokens)
-            texts = self.processor.batch_decode(ids, skip_special_tokens=True)
-            for i, prompt in enumerate(prompts):
-                cands = [_strip_prompt(t, prompt) for t in texts[i * n : (i + 1) * n]]
-                out.append([c for c in cands if c])
+    def generate(self, images: list[Image.Image], examples: list[list[Example]], n: int,
+                 seed: int) -> list[list[str]]:
+        """Up to n non-empty captions per image; none for an image without a retrieved caption."""
+        check_batch(images, examples, n)
+        out: list[list[str]] = [[] for _ in images]
+        todo = [(i, text) for i, ex in enumerate(examples) if (text := grounding_text(ex)) is not None]
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start : start + self.batch_size]
+            prompts = [blip2_prompt(text) for _, text in chunk]
+            with seeded(derive_seed(seed, start), self.device):
+                texts = self._sample([images[i] for i, _ in chunk], prompts, n)
+            for k, (i, _) in enumerate(chunk):
+                captions = (clean_caption(t, prompts[k]) for t in texts[k * n : (k + 1) * n])
+                out[i] = [c for c in captions if c]
         return out
 
+    @torch.inference_mode()
+    def _sample(self, images: list[Image.Image], prompts: list[str], n: int) -> list[str]:
+        """n decoded samples per prompt, grouped by prompt, in one ``generate`` call."""
+        inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True).to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        ids = self.model.generate(**inputs, num_return_sequences=n, **self.sampling)
+        if not self.model.config.is_encoder_decoder:  # a decoder-only LM returns the prompt before the answer
+            ids = ids[:, inputs["input_ids"].shape[1]:]
+        return self.processor.batch_decode(ids, skip_special_tokens=True)
 
-def _strip_prompt(text: str, prompt: str) -> str:
-    text = " ".join(text.split())
-    prompt = " ".join(prompt.split())
-    if text.startswith(prompt):
-        text = text[len(prompt):]
-    return text.split("Caption")[0].strip(" :")
+
+# -------------------------------------------------------------------------------------------------- SDXL
 
 
 class SdxlImageGenerator:
-    """SDXL (any checkpoint): img2img from the retrieved example image, or text2img; n images per prompt."""
+    """SDXL (any checkpoint): img2img from the best retrieved image, or text2img; n images per prompt."""
 
-    RESOURCES = Resources(num_cpus=1.0, num_gpus=1.0, memory_gb=24.0, batch_size=2, gpu_batch_size=4)
+    RESOURCES = Resources(num_cpus=1.0, num_gpus=1.0, memory_gb=24.0, gpu_batch_size=4)
 
     def __init__(self, model: str, model_dir: str | None = None, device: str = "auto", precision: str = "fp16",
                  mode: str = "img2img", strength: float = 0.6, steps: int = 30, guidance_scale: float = 5.0,
-                 image_size: int = 512, batch_size: int = 4):
-        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+                 image_size: int = 512, batch_size: int = 4, storage_options: dict | None = None):
+        if mode not in SDXL_MODES:
+            raise ValueError(f"SDXL mode must be one of {SDXL_MODES}, got {mode!r}")
+        if image_size % SDXL_SIZE_MULTIPLE:
+            raise ValueError(f"SDXL image_size must be a multiple of {SDXL_SIZE_MULTIPLE}, got {image_size}")
+        if not 0 < strength <= 1:
+            raise ValueError(f"SDXL img2img strength must be in (0, 1], got {strength}")
+        path = resolve_model(model, model_dir, DIFFUSERS_MARKER, IMAGE_FLAG, storage_options)
+        from diffusers import (  # after the fast failure
+            StableDiffusionXLImg2ImgPipeline,
+            StableDiffusionXLPipeline,
+        )
 
-        path = resolve_model(model, model_dir, "--image-generator")
         self.device = pick_device(device)
-        dtype = _dtype(self.device, precision)
-        base = StableDiffusionXLPipeline.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
-        base.set_progress_bar_config(disable=True)
-        self.pipe = base if mode == "text2img" else StableDiffusionXLImg2ImgPipeline(**base.components)
-        self.pipe.to(self.device)
+        text2img = StableDiffusionXLPipeline.from_pretrained(
+            path, local_files_only=True, dtype=torch_dtype(self.device, precision))
+        text2img.to(self.device)
+        # img2img shares the loaded components (no second copy of the weights)
+        self.pipe = text2img if mode == "text2img" else StableDiffusionXLImg2ImgPipeline(**text2img.components)
         self.pipe.set_progress_bar_config(disable=True)
         self.mode, self.strength, self.steps = mode, strength, steps
         self.guidance_scale, self.image_size, self.batch_size = guidance_scale, image_size, batch_size
-        self.name = f"sdxl:{model}:{mode}"
+        self.name = f"sdxl:{model}"
 
-    @torch.inference_mode()
     def generate(self, texts: list[str], examples: list[list[Example]], n: int,
                  seed: int) -> list[list[Image.Image]]:
-        out: list[list[Image.Image]] = []
-        for s in range(0, len(texts), self.batch_size):
-            prompts, exs = texts[s : s + self.batch_size], examples[s : s + self.batch_size]
-            gens = [torch.Generator(device="cpu").manual_seed(seed + s + i * 7919 + j)
-                    for i in range(len(prompts)) for j in range(n)]
-            kwargs = {"prompt": prompts, "num_images_per_prompt": n, "num_inference_steps": self.steps,
-                      "guidance_scale": self.guidance_scale, "generator": gens}
-            if self.mode == "img2img":
-                kwargs["image"] = [self._init_image(ex) for ex in exs]
-                kwargs["strength"] = self.strength
-            else:
-                kwargs["height"] = kwargs["width"] = self.image_size
-            images = self.pipe(**kwargs).images
-            for i in range(len(prompts)):
-                out.append([im.resize((self.image_size, self.image_size)) if im.size != (self.image_size,) * 2
-                            else im for im in images[i * n : (i + 1) * n]])
+        """n images of image_size x image_size per prompt; none for a blank prompt, or in img2img mode for a
+        query with no example image that decodes. Candidate j of query q is seeded by (seed, q, j) alone."""
+        check_batch(texts, examples, n)
+        out: list[list[Image.Image]] = [[] for _ in texts]
+        todo = []
+        for q, (text, ex) in enumerate(zip(texts, examples)):
+            if not isinstance(text, str) or not text.strip():
+                log.warning("%s: query %d has no prompt text; no candidates", self.name, q)
+                continue
+            init = grounding_image(ex, self.image_size) if self.mode == "img2img" else None
+            if self.mode == "img2img" and init is None:
+                log.warning("%s: query %d has no retrieved image that decodes; no img2img candidates", self.name, q)
+                continue
+            todo.append((q, text, init))
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start : start + self.batch_size]
+            images = self._sample(chunk, n, seed)
+            for k, (q, _, _) in enumerate(chunk):
+                out[q] = images[k * n : (k + 1) * n]
         return out
 
-    def _init_image(self, examples: list[Example]) -> Image.Image:
-        for e in examples:
-            if e.image:
-                with contextlib.suppress(InputError):
-                    return load_image(e.image).resize((self.image_size, self.image_size), Image.BICUBIC)
-        return Image.new("RGB", (self.image_size, self.image_size), (127, 127, 127))
+    @torch.inference_mode()
+    def _sample(self, chunk: list[tuple[int, str, Image.Image | None]], n: int, seed: int) -> list[Image.Image]:
+        """n images per (query, prompt, init image), grouped by query, in one pipeline call."""
+        # cpu generators: the same draws on any device (diffusers moves the noise to the pipeline's device)
+        generators = [torch.Generator(device="cpu").manual_seed(derive_seed(seed, q, j))
+                      for q, _, _ in chunk for j in range(n)]
+        kwargs = {"prompt": [text for _, text, _ in chunk], "num_images_per_prompt": n, "generator": generators,
+                  "num_inference_steps": self.steps, "guidance_scale": self.guidance_scale}
+        if self.mode == "img2img":
+            kwargs.update(image=[init for _, _, init in chunk], strength=self.strength)
+        else:
+            kwargs.update(height=self.image_size, width=self.image_size)
+        return self.pipe(**kwargs).images
 
 
-def text_generator_class(cfg: GeneratorConfig) -> type:
+# ------------------------------------------------------------------------------------------------- factory
+
+
+def text_generator_class(cfg: GeneratorConfig) -> type[NearestNeighbourTextGenerator] | type[Blip2TextGenerator]:
+    """The image->text generator class a config selects (its ``RESOURCES`` size the actor pool)."""
     return {"nn": NearestNeighbourTextGenerator, "blip2": Blip2TextGenerator}[cfg.text_backend]
 
 
-def image_generator_class(cfg: GeneratorConfig) -> type:
+def image_generator_class(cfg: GeneratorConfig) -> type[NearestNeighbourImageGenerator] | type[SdxlImageGenerator]:
+    """The text->image generator class a config selects (its ``RESOURCES`` size the actor pool)."""
     return {"nn": NearestNeighbourImageGenerator, "sdxl": SdxlImageGenerator}[cfg.image_backend]
 
 
-def create_text_generator(cfg: GeneratorConfig) -> TextGenerator:
-    """The configured image->text generator."""
+def create_text_generator(cfg: GeneratorConfig, storage_options: dict | None = None) -> TextGenerator:
+    """The configured image->text generator, loaded."""
     if cfg.text_backend == "nn":
         return NearestNeighbourTextGenerator()
-    return Blip2TextGenerator(cfg.blip2_model, cfg.model_dir, cfg.device, cfg.precision, cfg.max_new_tokens,
-                              cfg.temperature, cfg.top_p, cfg.batch_size)
+    return Blip2TextGenerator(cfg.blip2_model, cfg.model_dir, device=cfg.device, precision=cfg.precision,
+                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                              batch_size=cfg.batch_size, storage_options=storage_options)
 
 
-def create_image_generator(cfg: GeneratorConfig) -> ImageGenerator:
-    """The configured text->image generator."""
+def create_image_generator(cfg: GeneratorConfig, storage_options: dict | None = None) -> ImageGenerator:
+    """The configured text->image generator, loaded."""
     if cfg.image_backend == "nn":
         return NearestNeighbourImageGenerator()
-    return SdxlImageGenerator(cfg.sdxl_model, cfg.model_dir, cfg.device, cfg.precision, cfg.sdxl_mode,
-                              cfg.strength, cfg.steps, cfg.guidance_scale, cfg.image_size, cfg.batch_size)
-
+    return SdxlImageGenerator(cfg.sdxl_model, cfg.model_dir, device=cfg.device, precision=cfg.precision,
+                              mode=cfg.sdxl_mode, strength=cfg.strength, steps=cfg.steps,
+                              guidance_scale=cfg.guidance_scale, image_size=cfg.image_size,
+                              batch_size=cfg.batch_size, storage_options=storage_options)
