@@ -70,12 +70,11 @@ class _Complete:
         task = np.array(batch["task"], dtype=object)
         error = np.array(batch["error"], dtype=object)
         rows = [i for i in range(n) if task[i] == self.task]
-        cols = {
-            "generated": np.full(n, None, object), "status": np.full(n, None, object),
-            "generator": np.full(n, None, object), "retrieved_ids": np.full(n, None, object),
-            "fusion_scores": np.full(n, None, object), "candidates": np.full(n, None, object),
-            "candidate_scores": np.full(n, None, object), "chosen": np.full(n, -1, np.int32),
-        }
+        # Rows of the other task pass through: keep what an earlier stage wrote for them.
+        cols = {c: np.array(batch[c], dtype=object) if c in batch else np.full(n, None, object)
+                for c in ("generated", "status", "generator", "retrieved_ids", "fusion_scores", "candidates",
+                          "candidate_scores")}
+        cols["chosen"] = np.array(batch["chosen"], dtype=np.int32) if "chosen" in batch else np.full(n, -1, np.int32)
         text = np.array(batch["text"], dtype=object)
         image = np.array(batch["image"], dtype=object)
         work = []
@@ -97,8 +96,8 @@ class _Complete:
             cols["status"][i] = STATUS_FAILED if task[i] == TASK_FAILED else STATUS_COMPLETED
             cols["generated"][i] = None if task[i] == TASK_FAILED else self.generated
         spent = (time.perf_counter() - t0) / max(len(rows), 1)
-        seconds = np.zeros(n, np.float32)
-        seconds[rows] = spent
+        seconds = np.array(batch.get("seconds_generate", np.zeros(n)), dtype=np.float32)
+        seconds[rows] += spent
         out = {k: v for k, v in batch.items() if not k.startswith(("ret_", "query", "pseudo"))}
         out.update(cols, task=task, error=error, text=text, image=image, seconds_generate=seconds)
         return out

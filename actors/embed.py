@@ -39,8 +39,9 @@ class EmbedQueries:
                 query[rows] = self.encoder.encode_texts([batch["text"][i] for i in rows])
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out["query"] = query
-        out["seconds_embed"] = np.full(n, (time.perf_counter() - t0) / max(rows.size, 1), np.float32)
-        out["seconds_embed"][np.setdiff1d(np.arange(n), rows)] = 0.0
+        seconds = np.array(batch.get("seconds_embed", np.zeros(n)), dtype=np.float32)
+        seconds[rows] += (time.perf_counter() - t0) / max(rows.size, 1)
+        out["seconds_embed"] = seconds
         return out
 
 

@@ -10,6 +10,7 @@ Ray Data's read tasks and the job never finishes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -68,3 +69,20 @@ class Resources:
         if self.num_gpus:
             opts["num_gpus"] = self.num_gpus
         return opts
+
+
+def fit_to_cpus(pools: Sequence[Resources], budget: float) -> list[Resources]:
+    """The pools with their CPU requests scaled down (never up) so that every pool's minimum size fits.
+
+    Ray starts each pool's ``min_actors`` before any work flows; if their CPUs add up to more than the
+    cluster has left after the tasks' share, the job waits forever. Requests are logical, so a smaller
+    share costs no correctness: the actors still run, they just stop reserving CPUs nobody else can use.
+    """
+    if budget <= 0:
+        raise ValueError(f"no CPUs left for the actor pools (budget {budget:.3f}); give the cluster more CPUs "
+                         "or lower the task reservation")
+    need = sum(p.num_cpus * p.min_actors for p in pools)
+    if need <= budget:
+        return list(pools)
+    scale = budget / need
+    return [replace(p, num_cpus=p.num_cpus * scale) for p in pools]

@@ -2,11 +2,11 @@
 
 Plan (one ``map_batches`` per stage; actor pools sized from each actor class's ``RESOURCES``)::
 
-    read shards -> route rows -+-> observed / failed ------------------------------------------+
-                               +-> i2t: decode+resize (task) -> embed image -> retrieve -> caption -+-> finalize -> parquet
-                               +-> t2i: check text (task)    -> embed text  -> retrieve -> paint  --+
+    read shards -> route rows -> i2t: decode+resize (task) -> embed image -> retrieve -> caption
+                              -> t2i: check text (task)    -> embed text  -> retrieve -> paint  -> finalize -> parquet
 
-Image->text and text->image rows run in separate branches with their own GPU pools. Resume uses Ray
+Image->text and text->image rows have their own GPU pools; each stage processes only its rows and passes
+the others (observed, failed, the other direction) through unchanged. Resume uses Ray
 Data's checkpointing (id column ``row_key``, two-phase commit of output files): rerunning the same
 command skips rows already written. A run folder records the config hash and KB version, and a
 different config or KB is refused instead of mixing with old output.
@@ -27,13 +27,13 @@ import pyarrow.parquet as pq
 from actors.complete import CompleteImages, CompleteTexts
 from actors.embed import EmbedQueries
 from actors.preprocess import CPU_TASK, check_texts, decode_for_model, route
-from actors.resources import Resources
+from actors.resources import Resources, fit_to_cpus
 from actors.retrieve import RetrieveNeighbours
 from pipeline import kb as kbmod
-from pipeline.config import EncoderConfig, JobConfig, StageResources
+from pipeline.config import EncoderConfig, JobConfig
 from pipeline.datasource import ROW_KEY, ShardDatasource
 from pipeline.output import finalize
-from pipeline.schema import STAGES, TASK_FAILED, TASK_I2T, TASK_OBSERVED, TASK_T2I
+from pipeline.schema import STAGES, TASK_I2T, TASK_T2I
 from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,10 @@ RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
 DATA_DIR = "data"
 CHECKPOINT_DIR = "_checkpoint"
+# Ray Data runs its checkpoint filter (on resume) as an actor pool whose actors take one CPU each.
+CHECKPOINT_FILTER_CPUS = 1.0
+# CPU tasks (a read and a map) that must be able to run beside the actor pools.
+TASK_CPU_HEADROOM = 2
 
 
 class RunMismatch(RuntimeError):
@@ -64,10 +68,6 @@ class JobSpec:
     retry_failed: bool = False
 
 
-def _kwargs(res: Resources, override: StageResources | None, has_gpu: bool) -> dict:
-    return res.with_overrides(override).for_gpu(has_gpu).map_batches_kwargs()
-
-
 def _has_gpu(cfg: JobConfig) -> bool:
     import ray
 
@@ -82,54 +82,76 @@ def shard_groups(n_shards: int, max_per_actor: int) -> list[list[int]]:
     return [ids[i : i + max_per_actor] for i in range(0, n_shards, max_per_actor)] or [[]]
 
 
+def plan_resources(cfg: JobConfig, encoder: EncoderConfig, n_groups: int, has_gpu: bool, cluster_cpus: float,
+                   resuming: bool) -> dict[str, Resources]:
+    """Each actor pool's resources: the class declaration, the config's override, then fitted to the cluster.
+
+    Pools are keyed ``<stage>:<direction>[:<shard group>]``. The CPUs left for them are the cluster's less
+    the tasks' share (a read and a map task at a time) and, when resuming, the CPU Ray Data's checkpoint
+    filter actor takes; without that room a small machine waits forever.
+    """
+    from actors.encoders import encoder_class
+
+    res = cfg.resources
+    declared = {"embed": encoder_class(encoder).RESOURCES, "retrieve": RetrieveNeighbours.RESOURCES}
+    gen = {TASK_I2T: CompleteTexts.resources(cfg.generator), TASK_T2I: CompleteImages.resources(cfg.generator)}
+    pools: dict[str, Resources] = {}
+    for task in (TASK_I2T, TASK_T2I):
+        pools[f"embed:{task}"] = declared["embed"].with_overrides(res.get("embed"))
+        for g in range(n_groups):
+            pools[f"retrieve:{task}:{g}"] = declared["retrieve"].with_overrides(res.get("retrieve"))
+        pools[f"generate:{task}"] = gen[task].with_overrides(res.get("generate"))
+    pools = {k: r.for_gpu(has_gpu) for k, r in pools.items()}
+    budget = cluster_cpus - TASK_CPU_HEADROOM * CPU_TASK.num_cpus - (CHECKPOINT_FILTER_CPUS if resuming else 0.0)
+    return dict(zip(pools, fit_to_cpus(list(pools.values()), budget)))
+
+
 def build_plan(spec: JobSpec, kb_manifest: dict, entries_ref, storage: Storage, shards: list[str] | None = None,
-               keys: set[str] | None = None):
+               keys: set[str] | None = None, resuming: bool = False):
     """The Ray Data dataset that completes ``spec.data`` (only ``shards`` / ``keys`` if given)."""
     import ray
 
+    from actors.encoders import encoder_image_size
+
     cfg = spec.cfg
-    res = cfg.resources
     has_gpu = _has_gpu(cfg)
     encoder = EncoderConfig.model_validate(kb_manifest["config"]["encoder"])
+    groups = shard_groups(len(kb_manifest["shards"]), cfg.shards_per_actor)
+    pools = plan_resources(cfg, encoder, len(groups), has_gpu, ray.cluster_resources().get("CPU", 0.0), resuming)
+    for name, r in pools.items():
+        log.debug("pool %s: %s", name, r)
+
     source = ShardDatasource(spec.data, cfg.columns, storage.options, spec.data_format, shards=shards, keys=keys)
     cpu = {"num_cpus": CPU_TASK.num_cpus, "batch_size": CPU_TASK.batch_size, "batch_format": "numpy"}
     ds = ray.data.read_datasource(source, ray_remote_args={"num_cpus": CPU_TASK.num_cpus})
     ds = ds.map_batches(route, fn_kwargs={"storage_options": storage.options}, **cpu)
 
-    from actors.encoders import encoder_class, encoder_image_size
-
-    enc_cls = encoder_class(encoder)
-    image_size = encoder_image_size(encoder)
-    groups = shard_groups(len(kb_manifest["shards"]), cfg.shards_per_actor)
-
-    fin = {"fn_kwargs": {"kb_version": kb_manifest["version"], "config_hash": cfg.config_hash()}, **cpu}
-
-    def branch(task: str, observed: str, prepare, prepare_kwargs, complete_cls):
-        b = ds.map_batches(select_tasks, fn_kwargs={"tasks": (task,)}, **cpu)
+    def stages(b, task: str, observed: str, prepare, prepare_kwargs, complete_cls):
+        """The stages of one direction; each touches only rows of ``task`` and passes the others through."""
         b = b.map_batches(prepare, fn_kwargs=prepare_kwargs, **cpu)
         b = b.map_batches(EmbedQueries, fn_constructor_kwargs={"encoder": encoder, "modality": observed},
-                          batch_format="numpy", **_kwargs(enc_cls.RESOURCES, res.get("embed"), has_gpu))
+                          batch_format="numpy", **pools[f"embed:{task}"].map_batches_kwargs())
         for g, group in enumerate(groups):
             b = b.map_batches(
                 RetrieveNeighbours,
                 fn_constructor_kwargs={"kb_uri": spec.kb, "storage_options": storage.options, "shards": group,
                                        "observed": observed, "retrieval": cfg.retrieval,
                                        "last": g == len(groups) - 1},
-                batch_format="numpy", **_kwargs(RetrieveNeighbours.RESOURCES, res.get("retrieve"), has_gpu))
+                batch_format="numpy", **pools[f"retrieve:{task}:{g}"].map_batches_kwargs())
         return b.map_batches(
             complete_cls,
             fn_constructor_kwargs={"generator": cfg.generator, "selection": cfg.selection, "encoder": encoder,
                                    "entries": entries_ref},
-            batch_format="numpy",
-            **_kwargs(complete_cls.resources(cfg.generator), res.get("generate"), has_gpu),
-        ).map_batches(finalize, **fin)
+            batch_format="numpy", **pools[f"generate:{task}"].map_batches_kwargs())
 
-    i2t = branch(TASK_I2T, "image", decode_for_model,
-                 {"size": image_size, "max_pixels": encoder.max_image_pixels}, CompleteTexts)
-    t2i = branch(TASK_T2I, "text", check_texts, {}, CompleteImages)
-    passthrough = ds.map_batches(select_tasks, fn_kwargs={"tasks": (TASK_OBSERVED, TASK_FAILED)}, **cpu)
-    # Each branch ends in the output schema, so the union is homogeneous.
-    return passthrough.map_batches(finalize, **fin).union(i2t, t2i)
+    # One chain over one read: Ray Data's checkpoint filter adds an actor pool per read, so separate
+    # branches (one read each) would triple it and starve a small machine. Each direction still has
+    # its own embed / retrieve / generate pools, sized from its own actors' declarations.
+    ds = stages(ds, TASK_I2T, "image", decode_for_model,
+                {"size": encoder_image_size(encoder), "max_pixels": encoder.max_image_pixels}, CompleteTexts)
+    ds = stages(ds, TASK_T2I, "text", check_texts, {}, CompleteImages)
+    fin = {"fn_kwargs": {"kb_version": kb_manifest["version"], "config_hash": cfg.config_hash()}, **cpu}
+    return ds.map_batches(finalize, **fin)
 
 
 def _check_run(storage: Storage, spec: JobSpec, kb_version: str) -> dict:
@@ -182,16 +204,29 @@ def run_job(spec: JobSpec) -> dict:
         ctx.checkpoint_config = CheckpointConfig(
             id_column=ROW_KEY, checkpoint_path=storage.arrow_path(f"{spec.out}/{CHECKPOINT_DIR}"),
             delete_checkpoint_on_success=False, override_filesystem=storage.arrow_fs(spec.out))
+        resuming = bool(storage.glob(f"{spec.out}/{CHECKPOINT_DIR}/*"))
+        before = count_output_rows(storage, spec.out)
+        if resuming:
+            log.info("resuming: rows already committed under %s are skipped", spec.out)
         try:
-            plan = build_plan(spec, kb.manifest, entries_ref, storage)
+            plan = build_plan(spec, kb.manifest, entries_ref, storage, resuming=resuming)
             plan.write_parquet(storage.arrow_path(f"{spec.out}/{DATA_DIR}"), filesystem=storage.arrow_fs(spec.out))
         finally:
             ctx.checkpoint_config = None
-        written = None
+        written = count_output_rows(storage, spec.out) - before
     elapsed = time.perf_counter() - t0
     summary = summarize(storage, spec.out, elapsed, written)
     storage.write_bytes(summary_path, json.dumps(summary, indent=2).encode())  # marks the run finished
     return summary
+
+
+def count_output_rows(storage: Storage, out: str) -> int:
+    """Committed output rows, from the parquet footers (no data read)."""
+    rows = 0
+    for f in storage.glob(f"{out}/{DATA_DIR}/*.parquet"):
+        with storage.open(f) as fh:
+            rows += pq.read_metadata(fh).num_rows
+    return rows
 
 
 def read_output(storage: Storage, out: str, columns: list[str] | None = None) -> pa.Table:
