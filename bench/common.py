@@ -1,19 +1,24 @@
-"""Shared helpers for the benchmark scripts: timing, peak memory, machine description, result files."""
+"""Shared helpers for the benchmark scripts: timing, peak memory, machine description, generated vectors,
+size flags, target checks and result files."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import subprocess
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import psutil
 
+REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
+GENERATE_CHUNK_ROWS = 100_000  # generated vectors are drawn this many rows at a time (bounded temporaries)
 
 
 def machine() -> dict:
@@ -71,10 +76,144 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(out)
 
 
+def provenance() -> dict:
+    """The commit measured, the tracked files that differ from it, and how busy the machine was."""
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(REPO), *cmd], capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    modified = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    return {"commit": git("rev-parse", "HEAD").strip(), "modified_tracked_files": modified,
+            "load_avg_1_5_15_min": [round(v, 2) for v in os.getloadavg()]}
+
+
 def write_results(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     payload = {"benchmark": name, "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               **payload}
+               "provenance": provenance(), **payload}
     path.write_text(json.dumps(payload, indent=2, default=float))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Sizes, generated data, targets
+# --------------------------------------------------------------------------------------------------
+
+_SUFFIXES = {"k": 1_000, "m": 1_000_000}
+
+
+def count(text: str) -> int:
+    """A row count from a flag: ``20000``, ``20k``, ``1M``, ``1_000_000``."""
+    t = text.strip().lower().replace("_", "")
+    scale = _SUFFIXES.get(t[-1:], 1)
+    value = float(t[:-1]) if scale > 1 else float(t)
+    if value <= 0 or value * scale != int(value * scale):
+        raise ValueError(f"not a positive row count: {text!r}")
+    return int(value * scale)
+
+
+def counts(text: str) -> list[int]:
+    """A comma-separated list of row counts (``1k,5k,20k``), as an argparse ``type``."""
+    return [count(t) for t in text.split(",") if t.strip()]
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """float32 rows scaled to unit L2 norm, in place when ``x`` is already float32."""
+    x = np.asarray(x, dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def clustered_unit_vectors(n: int, centers: np.ndarray, noise: float, rng: np.random.Generator,
+                           out: np.ndarray | None = None) -> np.ndarray:
+    """``n`` unit rows, each a uniformly chosen centre plus isotropic Gaussian noise of std ``noise`` per
+    dimension; drawn GENERATE_CHUNK_ROWS at a time so the temporaries stay small (``out`` may be a view)."""
+    d = centers.shape[1]
+    out = np.empty((n, d), np.float32) if out is None else out
+    for s in range(0, n, GENERATE_CHUNK_ROWS):
+        m = min(GENERATE_CHUNK_ROWS, n - s)
+        x = centers[rng.integers(0, len(centers), m)] + noise * rng.standard_normal((m, d), dtype=np.float32)
+        out[s : s + m] = unit_rows(x)
+    return out
+
+
+@dataclass(frozen=True)
+class LatentMixture:
+    """Paired image/text-like unit vectors with low intrinsic dimension, as encoder embeddings have.
+
+    A latent z in R^latent_dim is drawn from a mixture of ``components`` Gaussians (unit-variance centres,
+    ``spread`` around them); each modality sees z through its own random orthonormal projection into
+    R^dim plus isotropic noise of std ``noise`` per dimension. Neighbours are decided in the latent space,
+    so an index has real list boundaries to get wrong (an isotropic Gaussian mixture in 512-d is
+    trivially easy for IVF: every neighbour sits in the query's own cluster).
+    """
+
+    dim: int = 512
+    latent_dim: int = 64
+    components: int = 100
+    spread: float = 0.5
+    noise: float = 0.05
+    seed: int = 0
+
+    def _parts(self):
+        rng = np.random.default_rng(self.seed)
+        centres = rng.standard_normal((self.components, self.latent_dim), dtype=np.float32)
+        proj = [np.linalg.qr(rng.standard_normal((self.dim, self.latent_dim)))[0].T.astype(np.float32)
+                for _ in range(2)]
+        return centres, proj
+
+    def sample(self, n: int, rng: np.random.Generator, other_noise: float | None = None,
+               modalities: int = 2) -> list[np.ndarray]:
+        """``modalities`` row-aligned [n, dim] unit matrices (first: "image", second: "text") of the same
+        latents; the second gets ``other_noise`` instead of ``noise`` when given (e.g. a pseudo-embedding)."""
+        centres, proj = self._parts()
+        outs = [np.empty((n, self.dim), np.float32) for _ in range(modalities)]
+        for s in range(0, n, GENERATE_CHUNK_ROWS):
+            m = min(GENERATE_CHUNK_ROWS, n - s)
+            z = centres[rng.integers(0, len(centres), m)] + self.spread * rng.standard_normal(
+                (m, self.latent_dim), dtype=np.float32)
+            for j, out in enumerate(outs):
+                noise = other_noise if (j == 1 and other_noise is not None) else self.noise
+                out[s : s + m] = unit_rows(z @ proj[j] + noise * rng.standard_normal((m, self.dim), dtype=np.float32))
+        return outs
+
+
+@dataclass
+class Target:
+    """A stated goal: ``value`` against ``threshold`` (at least, or at most)."""
+
+    name: str
+    value: float
+    threshold: float
+    at_least: bool = True
+    unit: str = ""
+
+    @property
+    def met(self) -> bool:
+        return self.value >= self.threshold if self.at_least else self.value <= self.threshold
+
+    def to_dict(self) -> dict:
+        return {"target": self.name, "value": self.value, "threshold": self.threshold,
+                "comparison": ">=" if self.at_least else "<=", "unit": self.unit, "met": self.met}
+
+    def __str__(self) -> str:
+        op = ">=" if self.at_least else "<="
+        return (f"[{'MET' if self.met else 'NOT MET'}] {self.name}: {self.value:.4g}{self.unit} "
+                f"(target {op} {self.threshold:g}{self.unit})")
+
+
+def report(name: str, tables: dict[str, tuple[list[dict], list[str]]], payload: dict,
+           targets: list[Target] = ()) -> Path:
+    """Print each titled table and the targets, and write everything to ``bench/results/<name>.json``."""
+    for title, (rows, columns) in tables.items():
+        print(f"\n{title}\n{table(rows, columns)}")
+    if targets:
+        print("\n" + "\n".join(str(t) for t in targets))
+    payload = {**payload, "tables": {title: rows for title, (rows, _) in tables.items()},
+               "targets": [t.to_dict() for t in targets]}
+    path = write_results(name, payload)
+    print("written", path)
     return path

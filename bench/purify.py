@@ -3,6 +3,8 @@
 Times both steps at full size (default 1,000,000 external x 100,000 internal) with peak memory, and
 compares align() with a straightforward dense reference (MUSE's procedure: full similarity blocks in
 torch, four passes per round) at a size where the reference fits, checking both give the same W.
+Targets: the full-size run (filter + align) within FULL_RUN_MAX_S and FULL_RUN_MAX_GIB, the same W as
+the reference (Frobenius difference below W_TOLERANCE) and at least MIN_SPEEDUP times faster.
 
     python bench/purify.py                      # full size
     python bench/purify.py --external 100000 --internal 20000 --ref-external 20000 --ref-internal 10000
@@ -19,38 +21,56 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import measure, table, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    GENERATE_CHUNK_ROWS,
+    Target,
+    clustered_unit_vectors,
+    count,
+    measure,
+    report,
+)
 from pipeline.config import AlignConfig, FilterConfig  # noqa: E402
 from pipeline.purify import align_with_report, cluster_filter, procrustes  # noqa: E402
 
+MIN_CENTERS = 16  # at least this many shared centres (about sqrt(n_internal) otherwise)
+OFF_DOMAIN_FRACTION = 0.1  # of the external rows, drawn around centres the internal corpus lacks
+OFF_DOMAIN_CENTERS_FRACTION = 0.1  # off-domain centres per shared centre (at least MIN_OFF_CENTERS)
+MIN_OFF_CENTERS = 4
+CLUSTER_NOISE = 0.6  # per-dimension std around a centre (centres are standard normal)
+ROTATION_SCALE = 0.002  # std of the skew-symmetric generator of the external corpus's rotation
+FULL_FILTER_NREDO = 1  # k-means starts in the full-size filter (FilterConfig.nredo multiplies its time)
+REF_ROUNDS = 3  # refinement rounds of both sides of the reference comparison
+REF_EPS = 1e-6  # small enough that both sides run every round
+REF_BLOCK = 4096  # rows per dense similarity block in the reference
+REF_SEED = 1
+FULL_RUN_MAX_S = 600.0
+FULL_RUN_MAX_GIB = 12.0
+W_TOLERANCE = 1e-3
+MIN_SPEEDUP = 3.0
+
 
 def clustered_corpus(n_internal: int, n_external: int, d: int, seed: int = 0):
-    """Internal and external embeddings around shared centres; 10% of external in off-domain clusters,
-    and the external corpus slightly rotated (a domain shift)."""
+    """Internal and external embeddings around shared centres; OFF_DOMAIN_FRACTION of external in
+    off-domain clusters, and the external corpus slightly rotated (a domain shift)."""
     rng = np.random.default_rng(seed)
-    n_centers = max(16, int(np.sqrt(n_internal)))
+    n_centers = max(MIN_CENTERS, int(np.sqrt(n_internal)))
     centers = rng.standard_normal((n_centers, d), dtype=np.float32)
-    off = rng.standard_normal((max(4, n_centers // 10), d), dtype=np.float32)
-
-    def draw(n, cents):
-        out = np.empty((n, d), np.float32)
-        for s in range(0, n, 100_000):
-            m = min(100_000, n - s)
-            x = cents[rng.integers(0, len(cents), m)] + 0.6 * rng.standard_normal((m, d), dtype=np.float32)
-            out[s : s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
-        return out
-
-    internal = draw(n_internal, centers)
-    n_off = n_external // 10
-    external = np.vstack([draw(n_external - n_off, centers), draw(n_off, off)])
-    skew = rng.standard_normal((d, d)).astype(np.float32) * 0.002
+    off = rng.standard_normal((max(MIN_OFF_CENTERS, int(n_centers * OFF_DOMAIN_CENTERS_FRACTION)), d),
+                              dtype=np.float32)
+    internal = clustered_unit_vectors(n_internal, centers, CLUSTER_NOISE, rng)
+    n_off = int(n_external * OFF_DOMAIN_FRACTION)
+    external = np.empty((n_external, d), np.float32)
+    clustered_unit_vectors(n_external - n_off, centers, CLUSTER_NOISE, rng, out=external[: n_external - n_off])
+    clustered_unit_vectors(n_off, off, CLUSTER_NOISE, rng, out=external[n_external - n_off :])
+    skew = rng.standard_normal((d, d)).astype(np.float32) * ROTATION_SCALE
     rot = torch.linalg.matrix_exp(torch.from_numpy(skew - skew.T)).numpy()
-    for s in range(0, len(external), 100_000):
-        external[s : s + 100_000] = external[s : s + 100_000] @ rot
-    return internal, external
+    for s in range(0, len(external), GENERATE_CHUNK_ROWS):
+        external[s : s + GENERATE_CHUNK_ROWS] = external[s : s + GENERATE_CHUNK_ROWS] @ rot
+    return internal, external, n_off
 
 
-def dense_reference(internal: np.ndarray, external: np.ndarray, k: int, rounds: int, eps: float, block: int = 4096):
+def dense_reference(internal: np.ndarray, external: np.ndarray, k: int, rounds: int, eps: float,
+                    block: int = REF_BLOCK):
     """MUSE-style refinement: CSLS from dense similarity blocks (torch), identity start, mutual pairs."""
     src, tgt = torch.from_numpy(external), torch.from_numpy(internal)
 
@@ -76,53 +96,61 @@ def dense_reference(internal: np.ndarray, external: np.ndarray, k: int, rounds: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--internal", type=int, default=100_000)
-    ap.add_argument("--external", type=int, default=1_000_000)
+    ap.add_argument("--internal", type=count, default=100_000)
+    ap.add_argument("--external", type=count, default=1_000_000)
     ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--ref-internal", type=int, default=20_000)
-    ap.add_argument("--ref-external", type=int, default=50_000)
+    ap.add_argument("--ref-internal", type=count, default=20_000)
+    ap.add_argument("--ref-external", type=count, default=50_000)
     ap.add_argument("--skip-reference", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    rows, payload = [], {"args": vars(args)}
+    rows, payload, targets = [], {"args": vars(args)}, []
     acfg, fcfg = AlignConfig(), FilterConfig()
 
-    internal, external = clustered_corpus(args.internal, args.external, args.dim)
-    with measure() as m:
-        res = cluster_filter(internal, external, tau_cent=fcfg.tau_cent, tau_inst=fcfg.tau_inst, nredo=1)
-    off_kept = int(res.keep[len(external) - len(external) // 10 :].sum())
+    internal, external, n_off = clustered_corpus(args.internal, args.external, args.dim)
+    with measure() as m_filter:
+        res = cluster_filter(internal, external, tau_cent=fcfg.tau_cent, tau_inst=fcfg.tau_inst, niter=fcfg.niter,
+                             nredo=FULL_FILTER_NREDO)
+    off_kept = int(res.keep[len(external) - n_off :].sum())
     rows.append({"step": "cluster_filter", "internal": args.internal, "external": args.external,
-                 "seconds": m.seconds, "peak_rss_gib": m.peak_rss_gib,
-                 "note": f"kept {res.report.instances_kept}, off-domain kept {off_kept}"})
+                 "seconds": m_filter.seconds, "peak_rss_gib": m_filter.peak_rss_gib,
+                 "note": f"kept {res.report.instances_kept}, off-domain kept {off_kept} of {n_off}, "
+                         f"{FULL_FILTER_NREDO} k-means start(s)"})
     kept = external[res.keep]
-    with measure() as m:
+    with measure() as m_align:
         ar = align_with_report(internal, kept, k=acfg.csls_k, max_rounds=acfg.max_rounds, eps=acfg.eps,
                                max_rows=acfg.max_rows, proximal=acfg.proximal, init="identity")
-    rows.append({"step": "align", "internal": args.internal, "external": len(kept), "seconds": m.seconds,
-                 "peak_rss_gib": m.peak_rss_gib,
+    rows.append({"step": "align", "internal": args.internal, "external": len(kept), "seconds": m_align.seconds,
+                 "peak_rss_gib": m_align.peak_rss_gib,
                  "note": f"{len(ar.report.rounds)} rounds, criterion {ar.report.best_criterion:.4f}, "
                          f"pairs induced on {acfg.max_rows} rows/side"})
     payload["full"] = {"filter": res.report.to_dict(), "align": ar.report.to_dict()}
+    full = f"{args.internal:,} internal x {args.external:,} external"
+    targets += [Target(f"filter + align time, {full}", m_filter.seconds + m_align.seconds, FULL_RUN_MAX_S,
+                       at_least=False, unit=" s"),
+                Target(f"filter + align peak RSS, {full}", max(m_filter.peak_rss_gib, m_align.peak_rss_gib),
+                       FULL_RUN_MAX_GIB, at_least=False, unit=" GiB")]
     del internal, external, kept
 
     if not args.skip_reference:
-        internal, external = clustered_corpus(args.ref_internal, args.ref_external, args.dim, seed=1)
-        rounds = 3
+        internal, external, _ = clustered_corpus(args.ref_internal, args.ref_external, args.dim, seed=REF_SEED)
         with measure() as m_ours:
-            ours = align_with_report(internal, external, k=10, max_rounds=rounds, eps=1e-6, init="identity",
-                                     max_rows=None, proximal=0.0)  # MUSE's plain step, as the reference
+            ours = align_with_report(internal, external, k=acfg.csls_k, max_rounds=REF_ROUNDS, eps=REF_EPS,
+                                     init="identity", max_rows=None, proximal=0.0)  # MUSE's plain step
         with measure() as m_ref:
-            ref = dense_reference(internal, external, k=10, rounds=rounds, eps=1e-6)
+            ref = dense_reference(internal, external, k=acfg.csls_k, rounds=REF_ROUNDS, eps=REF_EPS)
         diff = float(np.linalg.norm(ours.W - ref))
         for name, m in (("align (FAISS blocks)", m_ours), ("dense reference (torch)", m_ref)):
             rows.append({"step": name, "internal": args.ref_internal, "external": args.ref_external,
                          "seconds": m.seconds, "peak_rss_gib": m.peak_rss_gib,
-                         "note": f"{rounds} rounds, all rows"})
+                         "note": f"{REF_ROUNDS} rounds, all rows"})
         payload["reference"] = {"frobenius_diff": diff, "speedup": m_ref.seconds / m_ours.seconds}
-        print(f"\n||W_ours - W_reference||_F = {diff:.2e}, speed-up {m_ref.seconds / m_ours.seconds:.2f}x")
-    payload["rows"] = rows
-    print(table(rows, ["step", "internal", "external", "seconds", "peak_rss_gib", "note"]))
-    print("written", write_results("purify", payload))
+        size = f"{args.ref_internal:,} x {args.ref_external:,}"
+        targets += [Target(f"||W_ours - W_reference||_F at {size}", diff, W_TOLERANCE, at_least=False),
+                    Target(f"align speed-up over the dense reference at {size}", m_ref.seconds / m_ours.seconds,
+                           MIN_SPEEDUP, unit="x")]
+    report("purify", {"purification": (rows, ["step", "internal", "external", "seconds", "peak_rss_gib", "note"])},
+           payload, targets)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,327 @@
+"""The full ``complete`` job on Ray Data against the same stages in a plain single-process loop.
+
+Both sides run the same code on the same generated data (``pipeline.demo_data``) and knowledge base
+(built once by ``pipeline.kb_job``): lite encoders, fusion retrieval, the nearest-neighbour generators
+and candidate selection. The job is ``pipeline.job.run_job``; the loop reads each input shard with the
+job's datasource code and pushes batches of the job's batch size through the job's stage functions and
+actor classes (route, then per direction decode or check -> embed -> retrieve -> caption or paint, then
+finalize), then writes one parquet file per shard. Torch and FAISS in the loop get the thread count that
+ran the baseline fastest (``--loop-threads``); Ray gives each fractional-CPU actor one thread.
+
+Start-up (Ray's actors and model loads, the KB load) is not throughput: each size N runs after a small
+baseline run of ``--baseline-rows`` rows, and the steady-state time per row is
+``(T(N) - T(baseline)) / (N - baseline)``, for the job and the loop alike. Time to first output (the
+first parquet file written) and the baseline run's wall time are reported beside it. Job and loop run
+back to back for every size, ``--repeats`` times, and the median is kept.
+
+    python bench/pipeline.py                                  # N = 1,000 / 5,000 / 20,000
+    python bench/pipeline.py --sizes 500,2000 --baseline-rows 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import REPO, Target, count, counts, measure, report  # noqa: E402
+from pipeline.config import JobConfig, KBConfig, MappingConfig  # noqa: E402
+
+RAY_OBJECT_STORE_BYTES = 1024**3  # the object store holds a few batches of 128px PNGs; 1 GiB is plenty
+ROWS_PER_SHARD = 1000  # input parquet shard size (one Ray read task per shard)
+MISSING_RATE = 1.0  # every generated row lacks one modality: N rows to complete
+KB_MAPPING_EPOCHS = 30  # the mapping MLP's quality does not change throughput; keep the KB build short
+FIRST_OUTPUT_POLL_S = 0.1
+TARGET_N = 5_000
+TARGET_RATIO = 1.25  # job seconds per row / loop seconds per row, at TARGET_N, at most
+# Where `make demo` and the shared test assets keep NIQE's parameters (t2i candidates are scored with NIQE).
+NIQE_CANDIDATES = (Path.home() / ".cache/rag4dmc/venv/share/niqe_pris_params.npz",
+                   REPO.parent / "shared/niqe/niqe_pris_params.npz")
+
+
+def job_config(niqe_params: str | None) -> JobConfig:
+    """The job's defaults; NIQE scoring of image candidates when its parameters are at hand."""
+    selection = {"niqe_params": niqe_params} if niqe_params else {"image_quality": "none"}
+    return JobConfig.model_validate({"selection": selection})
+
+
+def start_ray(num_cpus: int, temp_dir: str) -> float:
+    """A local Ray instance like the tests' (this checkout importable by workers); returns its start time."""
+    import ray
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([str(REPO), *filter(None, os.environ.get(
+        "PYTHONPATH", "").split(os.pathsep))]))
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    t0 = time.perf_counter()
+    ray.init(num_cpus=num_cpus, object_store_memory=RAY_OBJECT_STORE_BYTES, include_dashboard=False,
+             log_to_driver=False, _temp_dir=temp_dir)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return time.perf_counter() - t0
+
+
+def build_kb(root: Path, n_internal: int, n_external: int) -> tuple[str, float, int]:
+    """Generate internal and external pairs and build the KB with the KB job; (uri, seconds, rows)."""
+    from pipeline.datasets import write_parquet
+    from pipeline.demo_data import make_external, make_internal
+    from pipeline.kb_job import KBBuildSpec, run_kb_build
+
+    write_parquet(make_internal(n_internal).select(["id", "image", "text"]), f"{root}/internal/part-0.parquet")
+    write_parquet(make_external(n_external).select(["id", "image", "text"]), f"{root}/external/part-0.parquet")
+    cfg = KBConfig(mapping=MappingConfig(max_epochs=KB_MAPPING_EPOCHS))
+    t0 = time.perf_counter()
+    built = run_kb_build(KBBuildSpec(internal=f"{root}/internal", external=f"{root}/external", out=f"{root}/kb",
+                                     cfg=cfg))
+    return f"{root}/kb", time.perf_counter() - t0, built["rows"]
+
+
+def write_data(folder: Path, n: int, seed: int) -> None:
+    """``n`` incomplete rows (half lack the image, half the text) in ROWS_PER_SHARD-row parquet shards."""
+    from pipeline.datasets import write_parquet
+    from pipeline.demo_data import make_incomplete
+
+    table = make_incomplete(n, seed=seed, missing_rate=MISSING_RATE).select(["id", "image", "text"])
+    for j, s in enumerate(range(0, n, ROWS_PER_SHARD)):
+        write_parquet(table.slice(s, ROWS_PER_SHARD), f"{folder}/part-{j:05d}.parquet")
+
+
+class FirstFile:
+    """Watches a folder from a thread and records when the first parquet file appears in it."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.t0, self.seconds = folder, time.perf_counter(), None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set() and self.seconds is None:
+            if self.folder.is_dir() and any(self.folder.glob("*.parquet")):
+                self.seconds = time.perf_counter() - self.t0
+            self._stop.wait(FIRST_OUTPUT_POLL_S)
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        self._thread.join()
+        return self.seconds
+
+
+def run_ray_job(data: Path, kb: str, out: Path, cfg: JobConfig) -> dict:
+    """``pipeline.job.run_job`` end to end: wall seconds, time to first output file, rows out."""
+    from pipeline.job import DATA_DIR, JobSpec, run_job
+
+    shutil.rmtree(out, ignore_errors=True)
+    watch = FirstFile(out / DATA_DIR)
+    with measure() as m:
+        summary = run_job(JobSpec(data=str(data), kb=kb, out=str(out), cfg=cfg))
+    return {"seconds": m.seconds, "first_output_s": watch.stop(), "rows": summary["rows_out"],
+            "completed": summary["completed"], "failed": summary["failed"],
+            "actor_seconds_per_row": summary["actor_seconds_per_completed_row"]}
+
+
+class PlainLoop:
+    """The job's stage functions and actor classes called in this process, one batch at a time.
+
+    Each batch is routed, split by task (``pipeline.job.select_tasks``) and each direction's rows go
+    through its stages (decode/check -> embed -> retrieve -> complete) before ``finalize``: the work of
+    ``pipeline.job.build_plan`` without Ray."""
+
+    def __init__(self, kb: str, cfg: JobConfig):
+        import ray
+
+        from actors.complete import CompleteImages, CompleteTexts
+        from actors.embed import EmbedQueries
+        from actors.encoders import encoder_image_size
+        from actors.preprocess import CPU_TASK
+        from actors.retrieve import RetrieveNeighbours
+        from pipeline import kb as kbmod
+        from pipeline.config import EncoderConfig
+
+        self.cfg = cfg
+        kb_obj = kbmod.load(kb, shards=[], with_entries=True)
+        self.manifest = kb_obj.manifest
+        self.encoder = EncoderConfig.model_validate(self.manifest["config"]["encoder"])
+        self.image_size = encoder_image_size(self.encoder)
+        self.batch_size = CPU_TASK.batch_size
+        shards = list(range(len(self.manifest["shards"])))
+        entries = ray.put(kb_obj.entries)  # the job's actors get the entries the same way
+        g, s = cfg.generator, cfg.selection
+        self.embed = {m: EmbedQueries(self.encoder, m) for m in ("image", "text")}
+        self.retrieve = {m: RetrieveNeighbours(kb, None, shards, m, cfg.retrieval, last=True)
+                         for m in ("image", "text")}
+        self.captions = CompleteTexts(g, s, self.encoder, entries)
+        self.paint = CompleteImages(g, s, self.encoder, entries)
+
+    @staticmethod
+    def set_threads(n: int) -> None:
+        """Threads for torch and FAISS in this process (Ray gives each fractional-CPU actor one)."""
+        import faiss
+        import torch
+
+        torch.set_num_threads(n)
+        faiss.omp_set_num_threads(n)
+
+    def batch(self, b: dict[str, np.ndarray]) -> pa.Table:
+        """Route the batch, run each direction's stages on its own rows, pass the rest through."""
+        from actors.preprocess import check_texts, decode_for_model, route
+        from pipeline.job import select_tasks
+        from pipeline.output import finalize
+        from pipeline.schema import TASK_FAILED, TASK_I2T, TASK_OBSERVED, TASK_T2I
+
+        b = route(b, storage_options=None)
+        i2t = decode_for_model(select_tasks(b, tasks=(TASK_I2T,)), size=self.image_size,
+                               max_pixels=self.encoder.max_image_pixels)
+        t2i = check_texts(select_tasks(b, tasks=(TASK_T2I,)))
+        parts = [select_tasks(b, tasks=(TASK_OBSERVED, TASK_FAILED))]
+        if len(i2t["row_key"]):
+            parts.append(self.captions(self.retrieve["image"](self.embed["image"](i2t))))
+        if len(t2i["row_key"]):
+            parts.append(self.paint(self.retrieve["text"](self.embed["text"](t2i))))
+        fin = {"kb_version": self.manifest["version"], "config_hash": self.cfg.config_hash()}
+        return pa.concat_tables([finalize(p, **fin) for p in parts if len(p["row_key"])])
+
+    def run(self, data: Path, out: Path) -> dict:
+        from pipeline import datasets
+        from pipeline.datasource import keyed_rows
+
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        root = str(data).rstrip("/")
+        first, rows, completed = None, 0, 0
+        t0 = time.perf_counter()
+        with measure() as m:
+            for j, shard in enumerate(datasets.list_shards(str(data))):
+                table = keyed_rows(shard, datasets.read_shard(shard), root)
+                parts = []
+                for s in range(0, table.num_rows, self.batch_size):
+                    chunk = table.slice(s, self.batch_size)
+                    parts.append(self.batch({c: chunk.column(c).to_numpy(zero_copy_only=False)
+                                             for c in chunk.column_names}))
+                done = pa.concat_tables(parts)
+                pq.write_table(done, out / f"part-{j:05d}.parquet")
+                first = first if first is not None else time.perf_counter() - t0
+                rows += done.num_rows
+                completed += sum(s == "completed" for s in done.column("status").to_pylist())
+        return {"seconds": m.seconds, "first_output_s": first, "rows": rows, "completed": completed,
+                "failed": rows - completed}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=counts, default=counts("1000,5000,20000"), help="rows per run (N sweep)")
+    ap.add_argument("--baseline-rows", type=count, default=250, help="small run subtracted to remove start-up")
+    ap.add_argument("--kb-internal", type=count, default=1000, help="internal pairs in the knowledge base")
+    ap.add_argument("--kb-external", type=count, default=1000, help="external pairs (before purification)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each size per side; the median is kept")
+    ap.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs given to Ray")
+    ap.add_argument("--niqe-params", default=next((str(p) for p in NIQE_CANDIDATES if p.is_file()), None),
+                    help="NIQE parameter file; without one, image candidates are ranked by cosine only")
+    ap.add_argument("--loop-threads", type=lambda t: [int(x) for x in t.split(",")], default=[1, os.cpu_count()],
+                    help="thread counts tried for the plain loop on the baseline run; the fastest is used")
+    ap.add_argument("--kb", default=None, help="an existing knowledge base to use instead of building one")
+    ap.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-run execution chatter
+    import ray
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="rag4dmc-bench-pipeline-"))
+    cfg = job_config(args.niqe_params)
+    try:
+        ray_start_s = start_ray(args.num_cpus, str(work / "ray"))
+        if args.kb:
+            kb, kb_seconds, kb_rows = args.kb, None, None
+        else:
+            kb, kb_seconds, kb_rows = build_kb(work / "kbdata", args.kb_internal, args.kb_external)
+        with measure() as m_loop_init:
+            loop = PlainLoop(kb, cfg)
+        sizes = sorted({args.baseline_rows, *args.sizes})
+        for i, n in enumerate(sizes):
+            write_data(work / f"data-{n}", n, seed=1 + i)
+
+        # The plain loop's best thread count on this machine (on a busy machine, two threads per process
+        # can be much slower than one for small torch ops such as NIQE's): run the baseline with each.
+        calibration = []
+        for threads in args.loop_threads:
+            loop.set_threads(threads)
+            r = loop.run(work / f"data-{args.baseline_rows}", work / "out-loop")
+            calibration.append({"threads": threads, "N": args.baseline_rows, "seconds": r["seconds"],
+                                "rows_per_s": args.baseline_rows / r["seconds"]})
+            print(f"plain loop with {threads} thread(s), N={args.baseline_rows}: {r['seconds']:.1f} s", flush=True)
+        loop_threads = min(calibration, key=lambda c: c["seconds"])["threads"]
+        loop.set_threads(loop_threads)
+
+        runs: dict[tuple[str, int], list[dict]] = {}
+        for rep in range(args.repeats):
+            for n in sizes:  # job and loop back to back on the same data
+                for side, fn in (("ray job", lambda n=n: run_ray_job(work / f"data-{n}", kb, work / "out-job", cfg)),
+                                 ("plain loop", lambda n=n: loop.run(work / f"data-{n}", work / "out-loop"))):
+                    r = fn()
+                    r["load_avg_1min"] = os.getloadavg()[0]
+                    runs.setdefault((side, n), []).append(r)
+                    print(f"repeat {rep} {side:10s} N={n:6d}: {r['seconds']:.1f} s, {r['rows']} rows "
+                          f"({r['completed']} completed, {r['failed']} failed), load {r['load_avg_1min']:.1f}",
+                          flush=True)
+    finally:
+        ray.shutdown()
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def med(side: str, n: int, key: str) -> float | None:
+        vals = [r[key] for r in runs[(side, n)] if r[key] is not None]
+        return statistics.median(vals) if vals else None
+
+    rows, per_row = [], {}
+    base = args.baseline_rows
+    for n in sorted(args.sizes):
+        for side in ("ray job", "plain loop"):
+            t, t0 = med(side, n, "seconds"), med(side, base, "seconds")
+            steady = (t - t0) / (n - base) if n > base else None
+            per_row[(side, n)] = steady
+            rows.append({"side": side, "N": n, "seconds": t, "rows_per_s_end_to_end": n / t,
+                         "steady_rows_per_s": 1 / steady if steady else None,
+                         "first_output_s": med(side, n, "first_output_s"), "baseline_run_s": t0,
+                         "completed": runs[(side, n)][0]["completed"], "failed": runs[(side, n)][0]["failed"]})
+    ratios = [{"N": n, "job_s_per_row": per_row[("ray job", n)], "loop_s_per_row": per_row[("plain loop", n)],
+               "ratio_steady": per_row[("ray job", n)] / per_row[("plain loop", n)],
+               "ratio_end_to_end": med("ray job", n, "seconds") / med("plain loop", n, "seconds")}
+              for n in sorted(args.sizes) if per_row[("ray job", n)] and per_row[("plain loop", n)]]
+    targets = [Target(f"ray job / plain loop, steady-state time per row at N={TARGET_N}", r["ratio_steady"],
+                      TARGET_RATIO, at_least=False, unit="x") for r in ratios if r["N"] == TARGET_N]
+    startup = {"ray_init_s": ray_start_s, "kb_build_s": kb_seconds, "kb_rows": kb_rows,
+               "plain_loop_init_s": m_loop_init.seconds}
+    n_max = max(args.sizes)
+    stages = [{"stage": stage, "N": n_max, "actor_seconds_per_completed_row": secs}
+              for stage, secs in runs[("ray job", n_max)][0]["actor_seconds_per_row"].items()]
+    tables = {"plain loop thread calibration (baseline run)": (calibration, ["threads", "N", "seconds", "rows_per_s"]),
+              "ray job: actor-seconds per completed row by stage (summary.json)":
+                  (stages, ["stage", "N", "actor_seconds_per_completed_row"])}
+    kb_note = f"{kb_seconds:.1f} s ({kb_rows} rows)" if kb_seconds is not None else f"reused {kb}"
+    print(f"\nstart-up: Ray init {ray_start_s:.1f} s, KB build {kb_note}, "
+          f"plain loop model + KB load {m_loop_init.seconds:.1f} s; NIQE: {args.niqe_params or 'off'}; "
+          f"plain loop threads: {loop_threads}")
+    report("pipeline", {
+        **tables,
+        "throughput (steady state = (T(N) - T(baseline)) / (N - baseline))":
+            (rows, ["side", "N", "seconds", "rows_per_s_end_to_end", "steady_rows_per_s", "first_output_s",
+                    "baseline_run_s", "completed", "failed"]),
+        "ray job against the plain loop": (ratios, ["N", "job_s_per_row", "loop_s_per_row", "ratio_steady",
+                                                    "ratio_end_to_end"]),
+    }, {"args": vars(args), "startup": startup, "num_cpus": args.num_cpus, "rows_per_shard": ROWS_PER_SHARD,
+        "plain_loop_threads": loop_threads, "niqe": bool(args.niqe_params),
+        "runs": {f"{side}:{n}": r for (side, n), r in runs.items()}}, targets)
+
+
+if __name__ == "__main__":
+    main()

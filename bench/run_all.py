@@ -1,0 +1,82 @@
+"""Run every benchmark, one after another (they would disturb each other's timings side by side).
+
+Each script prints its tables and writes ``bench/results/<name>.json``; this runner adds
+``bench/results/run_all.json`` with each script's command, exit status and wall time.
+
+    python bench/run_all.py            # full sizes (hours on a 2-core machine)
+    python bench/run_all.py --quick    # small sizes, minutes: checks that every script runs
+    python bench/run_all.py --only retrieval,kmeans
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import REPO, report  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+# Sizes per script: the full run answers the questions of the benchmarks' issue; quick runs the same code
+# on small inputs.
+SIZES: dict[str, dict[str, list[str]]] = {
+    "purify": {
+        "full": ["--internal", "100k", "--external", "1M", "--ref-internal", "20k", "--ref-external", "50k"],
+        "quick": ["--internal", "10k", "--external", "50k", "--ref-internal", "5k", "--ref-external", "10k"],
+    },
+    "kmeans": {
+        "full": ["--sizes", "100k,1M"],
+        "quick": ["--sizes", "20k"],
+    },
+    "retrieval": {
+        "full": ["--sizes", "100k,1M", "--queries", "2000", "--kinds", "auto,ivf,ivfpq,hnsw",
+                 "--nprobe-sweep", "8,16,32,64"],
+        "quick": ["--sizes", "20k", "--queries", "500", "--kinds", "auto,ivf,hnsw", "--repeats", "1",
+                  "--nprobe-sweep", "8,32"],
+    },
+    "actors_encoders": {
+        "full": ["--images", "256", "--texts", "1000"],
+        "quick": ["--images", "32", "--texts", "128"],
+    },
+    "pipeline": {
+        "full": ["--sizes", "1000,5000,20000", "--baseline-rows", "250"],
+        "quick": ["--sizes", "300", "--baseline-rows", "100", "--kb-internal", "150", "--kb-external", "150",
+                  "--loop-threads", "1"],
+    },
+}
+# What the Makefile exports for every entry point: no model hub, no tokenizer threads, no uv runtime env.
+CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+             "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes (minutes) instead of the full ones (hours)")
+    ap.add_argument("--only", type=lambda s: s.split(","), default=list(SIZES), help="comma-separated scripts")
+    args = ap.parse_args()
+    unknown = set(args.only) - set(SIZES)
+    if unknown:
+        ap.error(f"unknown benchmarks {sorted(unknown)}; choose from {list(SIZES)}")
+    mode = "quick" if args.quick else "full"
+    env = {**os.environ, **{k: os.environ.get(k, v) for k, v in CHILD_ENV.items()}}
+    rows = []
+    for name in [n for n in SIZES if n in args.only]:
+        cmd = [sys.executable, str(BENCH / f"{name}.py"), *SIZES[name][mode]]
+        shown = " ".join(["python", f"bench/{name}.py", *SIZES[name][mode]])
+        print(f"\n=== {shown}", flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.run(cmd, cwd=REPO, env=env).returncode
+        rows.append({"benchmark": name, "command": shown, "exit_status": rc, "seconds": time.perf_counter() - t0})
+    report("run_all", {f"run_all ({mode})": (rows, ["benchmark", "exit_status", "seconds", "command"])},
+           {"mode": mode})
+    failed = [r["benchmark"] for r in rows if r["exit_status"] != 0]
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
