@@ -18,6 +18,9 @@ import numpy as np
 
 from pipeline.knn import check_matrix
 
+# NIQE's natural-scene statistics are fitted on 96 x 96 patches (pyiqa/basicsr); smaller images have none.
+NIQE_MIN_SIDE = 96
+
 
 def sentence_bleu(candidate: str, reference: str) -> float:
     """sacrebleu sentence BLEU-4 (exp smoothing) of ``candidate`` against one reference, in [0, 1]."""
@@ -35,8 +38,10 @@ def text_score(cos: np.ndarray, bleu: np.ndarray, lambda_cos: float, lambda_qual
 
 def image_score(cos: np.ndarray, niqe: np.ndarray, lambda_cos: float, lambda_quality: float,
                 niqe_scale: float) -> np.ndarray:
-    """s_I = l1 * cos(E_I(c), z_hat_I) - l2 * niqe_scale * NIQE(c) (lower NIQE is better)."""
-    cos, niqe = np.asarray(cos, np.float32), np.asarray(niqe, np.float32)
+    """s_I = l1 * cos(E_I(c), z_hat_I) - l2 * niqe_scale * NIQE(c) (lower NIQE is better).
+
+    A NaN NIQE (undefined: the image is smaller than NIQE's patches) adds no quality term."""
+    cos, niqe = np.asarray(cos, np.float32), np.nan_to_num(np.asarray(niqe, np.float32), nan=0.0)
     return (lambda_cos * cos - lambda_quality * niqe_scale * niqe).astype(np.float32)
 
 
@@ -110,13 +115,16 @@ class NiqeScorer:
             )
 
     def __call__(self, images: Sequence) -> np.ndarray:
-        """NIQE per image (lower is more natural)."""
+        """NIQE per image (lower is more natural); NaN for an image smaller than NIQE_MIN_SIDE."""
         import torch
 
         if not images:
             return np.zeros(0, dtype=np.float32)
         out = []
         for img in images:  # NIQE is defined per image size; no batching across sizes
+            if min(img.size) < NIQE_MIN_SIDE:
+                out.append(float("nan"))  # undefined, not "perfect": image_score leaves it out
+                continue
             x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
             with torch.inference_mode():
                 out.append(float(self.metric(x).reshape(-1)[0]))

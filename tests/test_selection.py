@@ -64,3 +64,15 @@ def test_missing_niqe_parameters_say_what_to_do(tmp_path):
         NiqeScorer(str(tmp_path / "nope.npz"))
     with pytest.raises(NiqeParamsMissing, match="image_quality to none"):
         NiqeScorer(None)
+
+
+def test_niqe_is_undefined_below_its_patch_size_and_then_leaves_the_ranking_to_cosine(niqe):
+    from PIL import Image
+
+    from pipeline.selection import NIQE_MIN_SIDE, image_score
+
+    tiny = Image.new("RGB", (NIQE_MIN_SIDE - 1, NIQE_MIN_SIDE + 10), (120, 30, 200))
+    scores = niqe([tiny, tiny])
+    assert np.isnan(scores).all()
+    ranked = image_score(np.array([0.2, 0.7]), scores, lambda_cos=1.0, lambda_quality=1.0, niqe_scale=0.1)
+    assert np.allclose(ranked, [0.2, 0.7])
