@@ -41,7 +41,7 @@ from pipeline.config import JobConfig, KBConfig, MappingConfig  # noqa: E402
 
 RAY_OBJECT_STORE_BYTES = 1024**3  # the object store holds a few batches of 128px PNGs; 1 GiB is plenty
 ROWS_PER_SHARD = 1000  # input parquet shard size (one Ray read task per shard)
-MISSING_RATE = 1.0  # every generated row lacks one modality: N rows to complete
+MISSING_RATE = 1.0  # fraction of generated rows lacking a modality (the rest are complete pairs passing through)
 KB_MAPPING_EPOCHS = 30  # the mapping MLP's quality does not change throughput; keep the KB build short
 FIRST_OUTPUT_POLL_S = 0.1
 TARGET_N = 5_000
@@ -86,12 +86,13 @@ def build_kb(root: Path, n_internal: int, n_external: int) -> tuple[str, float, 
     return f"{root}/kb", time.perf_counter() - t0, built["rows"]
 
 
-def write_data(folder: Path, n: int, seed: int) -> None:
-    """``n`` incomplete rows (half lack the image, half the text) in ROWS_PER_SHARD-row parquet shards."""
+def write_data(folder: Path, n: int, seed: int, missing_rate: float) -> None:
+    """``n`` rows, ``missing_rate`` of them incomplete (half of those lack the image, half the text), in
+    ROWS_PER_SHARD-row parquet shards."""
     from pipeline.datasets import write_parquet
     from pipeline.demo_data import make_incomplete
 
-    table = make_incomplete(n, seed=seed, missing_rate=MISSING_RATE).select(["id", "image", "text"])
+    table = make_incomplete(n, seed=seed, missing_rate=missing_rate).select(["id", "image", "text"])
     for j, s in enumerate(range(0, n, ROWS_PER_SHARD)):
         write_parquet(table.slice(s, ROWS_PER_SHARD), f"{folder}/part-{j:05d}.parquet")
 
@@ -126,7 +127,7 @@ def run_ray_job(data: Path, kb: str, out: Path, cfg: JobConfig) -> dict:
     with measure() as m:
         summary = run_job(JobSpec(data=str(data), kb=kb, out=str(out), cfg=cfg))
     return {"seconds": m.seconds, "first_output_s": watch.stop(), "rows": summary["rows_out"],
-            "completed": summary["completed"], "failed": summary["failed"],
+            "completed": summary["completed"], "failed": summary["failed"], "observed": summary["observed"],
             "actor_seconds_per_row": summary["actor_seconds_per_completed_row"]}
 
 
@@ -198,7 +199,7 @@ class PlainLoop:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         root = str(data).rstrip("/")
-        first, rows, completed = None, 0, 0
+        first, status = None, []
         t0 = time.perf_counter()
         with measure() as m:
             for j, shard in enumerate(datasets.list_shards(str(data))):
@@ -211,10 +212,9 @@ class PlainLoop:
                 done = pa.concat_tables(parts)
                 pq.write_table(done, out / f"part-{j:05d}.parquet")
                 first = first if first is not None else time.perf_counter() - t0
-                rows += done.num_rows
-                completed += sum(s == "completed" for s in done.column("status").to_pylist())
-        return {"seconds": m.seconds, "first_output_s": first, "rows": rows, "completed": completed,
-                "failed": rows - completed}
+                status += done.column("status").to_pylist()
+        return {"seconds": m.seconds, "first_output_s": first, "rows": len(status),
+                **{s: status.count(s) for s in ("completed", "failed", "observed")}}
 
 
 def main() -> None:
@@ -223,6 +223,7 @@ def main() -> None:
     ap.add_argument("--baseline-rows", type=count, default=250, help="small run subtracted to remove start-up")
     ap.add_argument("--kb-internal", type=count, default=1000, help="internal pairs in the knowledge base")
     ap.add_argument("--kb-external", type=count, default=1000, help="external pairs (before purification)")
+    ap.add_argument("--missing-rate", type=float, default=MISSING_RATE, help="fraction of rows to complete")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each size per side; the median is kept")
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs given to Ray")
     ap.add_argument("--niqe-params", default=next((str(p) for p in NIQE_CANDIDATES if p.is_file()), None),
@@ -248,7 +249,7 @@ def main() -> None:
             loop = PlainLoop(kb, cfg)
         sizes = sorted({args.baseline_rows, *args.sizes})
         for i, n in enumerate(sizes):
-            write_data(work / f"data-{n}", n, seed=1 + i)
+            write_data(work / f"data-{n}", n, seed=1 + i, missing_rate=args.missing_rate)
 
         # The plain loop's best thread count on this machine (on a busy machine, two threads per process
         # can be much slower than one for small torch ops such as NIQE's): run the baseline with each.
@@ -271,7 +272,8 @@ def main() -> None:
                     r["load_avg_1min"] = os.getloadavg()[0]
                     runs.setdefault((side, n), []).append(r)
                     print(f"repeat {rep} {side:10s} N={n:6d}: {r['seconds']:.1f} s, {r['rows']} rows "
-                          f"({r['completed']} completed, {r['failed']} failed), load {r['load_avg_1min']:.1f}",
+                          f"({r['completed']} completed, {r['observed']} observed, {r['failed']} failed), "
+                          f"load {r['load_avg_1min']:.1f}",
                           flush=True)
     finally:
         ray.shutdown()
@@ -292,7 +294,7 @@ def main() -> None:
             rows.append({"side": side, "N": n, "seconds": t, "rows_per_s_end_to_end": n / t,
                          "steady_rows_per_s": 1 / steady if steady else None,
                          "first_output_s": med(side, n, "first_output_s"), "baseline_run_s": t0,
-                         "completed": runs[(side, n)][0]["completed"], "failed": runs[(side, n)][0]["failed"]})
+                         **{k: runs[(side, n)][0][k] for k in ("completed", "observed", "failed")}})
     ratios = [{"N": n, "job_s_per_row": per_row[("ray job", n)], "loop_s_per_row": per_row[("plain loop", n)],
                "ratio_steady": per_row[("ray job", n)] / per_row[("plain loop", n)],
                "ratio_end_to_end": med("ray job", n, "seconds") / med("plain loop", n, "seconds")}
@@ -315,7 +317,7 @@ def main() -> None:
         **tables,
         "throughput (steady state = (T(N) - T(baseline)) / (N - baseline))":
             (rows, ["side", "N", "seconds", "rows_per_s_end_to_end", "steady_rows_per_s", "first_output_s",
-                    "baseline_run_s", "completed", "failed"]),
+                    "baseline_run_s", "completed", "observed", "failed"]),
         "ray job against the plain loop": (ratios, ["N", "job_s_per_row", "loop_s_per_row", "ratio_steady",
                                                     "ratio_end_to_end"]),
     }, {"args": vars(args), "startup": startup, "num_cpus": args.num_cpus, "rows_per_shard": ROWS_PER_SHARD,
