@@ -212,8 +212,24 @@ def report(name: str, tables: dict[str, tuple[list[dict], list[str]]], payload: 
         print(f"\n{title}\n{table(rows, columns)}")
     if targets:
         print("\n" + "\n".join(str(t) for t in targets))
-    payload = {**payload, "tables": {title: rows for title, (rows, _) in tables.items()},
+    payload = {**payload, "tables": {title: {"columns": cols, "rows": rows} for title, (rows, cols) in tables.items()},
                "targets": [t.to_dict() for t in targets]}
     path = write_results(name, payload)
     print("written", path)
     return path
+
+
+def render_markdown(path: Path) -> str:
+    """A result file's tables and targets as markdown (what the script printed), for docs/benchmarks.md."""
+    data = json.loads(Path(path).read_text())
+    out = [f"### {data['benchmark']}", "", f"Measured {data['when']}; load average (1/5/15 min) at the end: "
+           f"{data.get('provenance', {}).get('load_avg_1_5_15_min')}.", ""]
+    for title, tab in data.get("tables", {}).items():
+        rows = tab["rows"] if isinstance(tab, dict) else tab
+        cols = tab["columns"] if isinstance(tab, dict) else list(dict.fromkeys(k for r in rows for k in r))
+        out += [f"**{title}**", "", table(rows, cols), ""]
+    for t in data.get("targets", []):
+        verdict = "met" if t["met"] else "NOT met"
+        out.append(f"- {verdict}: {t['target']}: {t['value']:.4g}{t['unit']} (target {t['comparison']} "
+                   f"{t['threshold']:g}{t['unit']})")
+    return "\n".join(out).rstrip() + "\n"

@@ -1,11 +1,13 @@
 """Run every benchmark, one after another (they would disturb each other's timings side by side).
 
 Each script prints its tables and writes ``bench/results/<name>.json``; this runner adds
-``bench/results/run_all.json`` with each script's command, exit status and wall time.
+``bench/results/run_all.json`` with each script's command, exit status and wall time, and
+``bench/results/latest.md``: every result file's tables and targets in markdown (for docs/benchmarks.md).
 
     python bench/run_all.py            # full sizes (hours on a 2-core machine)
     python bench/run_all.py --quick    # small sizes, minutes: checks that every script runs
     python bench/run_all.py --only retrieval,kmeans
+    python bench/run_all.py --render        # only rewrite latest.md from the result files there
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import REPO, report  # noqa: E402
+from bench.common import REPO, RESULTS, render_markdown, report  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 # Sizes per script: the full run answers the questions of the benchmarks' issue; quick runs the same code
@@ -53,11 +55,23 @@ CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PAR
              "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
 
 
+def render_all() -> Path:
+    """bench/results/latest.md from every result file, in the order of SIZES."""
+    files = [RESULTS / f"{name}.json" for name in (*SIZES, "run_all")]
+    path = RESULTS / "latest.md"
+    path.write_text("\n".join(render_markdown(f) for f in files if f.exists()))
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes (minutes) instead of the full ones (hours)")
     ap.add_argument("--only", type=lambda s: s.split(","), default=list(SIZES), help="comma-separated scripts")
+    ap.add_argument("--render", action="store_true", help="run nothing; rewrite latest.md from the result files")
     args = ap.parse_args()
+    if args.render:
+        print("written", render_all())
+        return
     unknown = set(args.only) - set(SIZES)
     if unknown:
         ap.error(f"unknown benchmarks {sorted(unknown)}; choose from {list(SIZES)}")
@@ -73,6 +87,7 @@ def main() -> None:
         rows.append({"benchmark": name, "command": shown, "exit_status": rc, "seconds": time.perf_counter() - t0})
     report("run_all", {f"run_all ({mode})": (rows, ["benchmark", "exit_status", "seconds", "command"])},
            {"mode": mode})
+    print("written", render_all())
     failed = [r["benchmark"] for r in rows if r["exit_status"] != 0]
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")
