@@ -83,7 +83,7 @@ def shard_groups(n_shards: int, max_per_actor: int) -> list[list[int]]:
 
 
 def plan_resources(cfg: JobConfig, encoder: EncoderConfig, n_groups: int, has_gpu: bool, cluster_cpus: float,
-                   resuming: bool) -> dict[str, Resources]:
+                   resuming: bool, cluster_memory_gb: float | None = None) -> dict[str, Resources]:
     """Each actor pool's resources: the class declaration, the config's override, then fitted to the cluster.
 
     Pools are keyed ``<stage>:<direction>[:<shard group>]``. The CPUs left for them are the cluster's less
@@ -102,6 +102,11 @@ def plan_resources(cfg: JobConfig, encoder: EncoderConfig, n_groups: int, has_gp
             pools[f"retrieve:{task}:{g}"] = declared["retrieve"].with_overrides(res.get("retrieve"))
         pools[f"generate:{task}"] = gen[task].with_overrides(res.get("generate"))
     pools = {k: r.for_gpu(has_gpu) for k, r in pools.items()}
+    for name, r in pools.items():
+        if cluster_memory_gb and r.memory_gb > cluster_memory_gb:
+            log.warning("pool %s asks for %.1f GiB per actor but the cluster has %.1f GiB now; it starts only once "
+                        "a larger node joins (set resources.%s.memory_gb to what the model needs)",
+                        name, r.memory_gb, cluster_memory_gb, name.split(":")[0])
     budget = cluster_cpus - TASK_CPU_HEADROOM * CPU_TASK.num_cpus - (CHECKPOINT_FILTER_CPUS if resuming else 0.0)
     return dict(zip(pools, fit_to_cpus(list(pools.values()), budget)))
 
@@ -117,7 +122,9 @@ def build_plan(spec: JobSpec, kb_manifest: dict, entries_ref, storage: Storage, 
     has_gpu = _has_gpu(cfg)
     encoder = EncoderConfig.model_validate(kb_manifest["config"]["encoder"])
     groups = shard_groups(len(kb_manifest["shards"]), cfg.shards_per_actor)
-    pools = plan_resources(cfg, encoder, len(groups), has_gpu, ray.cluster_resources().get("CPU", 0.0), resuming)
+    cluster = ray.cluster_resources()
+    pools = plan_resources(cfg, encoder, len(groups), has_gpu, cluster.get("CPU", 0.0), resuming,
+                           cluster.get("memory", 0.0) / 1024**3)
     for name, r in pools.items():
         log.debug("pool %s: %s", name, r)
 

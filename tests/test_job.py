@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.config import JobConfig, KBConfig, MappingConfig, StorageConfig
+from pipeline.config import JobConfig, KBConfig, MappingConfig, StageResources, StorageConfig
 from pipeline.datasets import write_parquet
 from pipeline.demo_data import make_external, make_incomplete, make_internal
 from pipeline.job import JobSpec, RunMismatch, read_output, run_job
@@ -207,3 +207,55 @@ def test_killed_job_resumes_without_duplicates_or_gaps(kb, tmp_path):
     assert len(keys) == len(set(keys)) == n
     assert set(pq.read_table(next((data).glob("*.parquet"))).column("id").to_pylist()) <= set(
         table.column("id").to_pylist())
+
+
+def test_actor_pools_leave_room_for_tasks_and_the_resume_filter_on_two_cpus():
+    from actors.preprocess import CPU_TASK
+    from pipeline.config import EncoderConfig
+    from pipeline.job import CHECKPOINT_FILTER_CPUS, TASK_CPU_HEADROOM, plan_resources
+
+    for resuming in (False, True):
+        pools = plan_resources(JOB, EncoderConfig(), n_groups=2, has_gpu=False, cluster_cpus=2.0, resuming=resuming)
+        assert len(pools) == 2 * (1 + 2 + 1)  # embed, two retrieval shard groups, generate; per direction
+        held = sum(p.num_cpus * p.min_actors for p in pools.values())
+        reserved = TASK_CPU_HEADROOM * CPU_TASK.num_cpus + (CHECKPOINT_FILTER_CPUS if resuming else 0.0)
+        assert 0 < held <= 2.0 - reserved + 1e-9
+    roomy = plan_resources(JOB, EncoderConfig(), n_groups=1, has_gpu=False, cluster_cpus=64.0, resuming=True)
+    from actors.encoders import encoder_class
+
+    assert roomy["embed:i2t"].num_cpus == encoder_class(EncoderConfig()).RESOURCES.num_cpus  # never scaled up
+
+
+def test_a_cluster_with_no_cpu_left_for_the_pools_is_a_clear_error():
+    from pipeline.config import EncoderConfig
+    from pipeline.job import plan_resources
+
+    with pytest.raises(ValueError, match="no CPUs left"):
+        plan_resources(JOB, EncoderConfig(), n_groups=1, has_gpu=False, cluster_cpus=1.0, resuming=True)
+
+
+@pytest.mark.timeout(900)
+def test_model_generators_complete_every_row_through_the_same_plan(kb, tmp_path):
+    """The BLIP2 and SDXL classes (tiny random checkpoints) in the job: n candidates scored in the actor."""
+    from tests.tiny_models import TINY_IMAGE, save_tiny_blip2, save_tiny_sdxl
+
+    weights = tmp_path / "weights"
+    blip2, sdxl = save_tiny_blip2(weights), save_tiny_sdxl(weights)
+    data = tmp_path / "data"
+    _write_shards(_incomplete(12, seed=6), data, 1)
+    cfg = JOB.model_copy(update={"accelerators": "cpu", "generator": JOB.generator.model_copy(update={
+        "text_backend": "blip2", "blip2_model": str(blip2), "image_backend": "sdxl", "sdxl_model": str(sdxl),
+        "n_candidates": 2, "steps": 2, "image_size": TINY_IMAGE, "max_new_tokens": 8, "device": "cpu"}),
+        # the declarations ask for what the real models need (16-24 GiB); the tiny ones need little
+        "resources": {"generate": StageResources(memory_gb=1.0)}})
+    summary = run_job(JobSpec(data=str(data), kb=kb, out=str(tmp_path / "out"), cfg=cfg))
+    out = read_output(Storage(), str(tmp_path / "out")).to_pandas()
+    assert len(out) == summary["rows_out"] == 12 and out.row_key.is_unique
+    done = out[out.status == "completed"]
+    assert set(done.generated) == {"text", "image"} and summary["failed"] == 0
+    assert set(done.generator) == {f"blip2:{blip2}", f"sdxl:{sdxl}"}
+    for _, row in done.iterrows():
+        assert len(row.candidate_scores) == 2 and 0 <= row.chosen < 2
+    for img in done[done.generated == "image"].image:
+        assert Image.open(io.BytesIO(img)).size == (TINY_IMAGE, TINY_IMAGE)
+    assert done[done.generated == "text"].text.str.len().min() > 0
