@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline.config import JobConfig, KBConfig, RetrievalConfig, SelectionConfig
+from pipeline.config import JobConfig, KBConfig
 
 log = logging.getLogger(__name__)
+
+DEMO_MISSING_RATE = 0.8  # of the generated incomplete split that the completion job fills in
+EVAL_MISSING_RATE = 0.7  # of the internal corpus's training split in the evaluation
 
 
 def run_demo(out: str, n_internal: int = 600, n_external: int = 1200, n_incomplete: int = 400,
@@ -19,16 +22,16 @@ def run_demo(out: str, n_internal: int = 600, n_external: int = 1200, n_incomple
     """Generate a corpus, build the KB, complete the incomplete split, evaluate the variants, report."""
     import ray
 
-    from actors.encoders import create_encoder
-    from pipeline.config import EncoderConfig
-    from pipeline.demo_data import make_external, make_internal, write_demo_corpus
-    from pipeline.evaluate import markdown_table, prepare, run_evaluation, write_report
+    from pipeline.config import EvalConfig
+    from pipeline.demo_data import write_demo_corpus
+    from pipeline.evaluate import evaluate_datasets, markdown_table
     from pipeline.job import JobSpec, run_job
     from pipeline.kb_job import KBBuildSpec, run_kb_build
 
     t0 = time.perf_counter()
     root = Path(out).resolve()
-    paths = write_demo_corpus(str(root / "data"), n_internal, n_external, n_incomplete, seed=seed, missing_rate=0.8)
+    paths = write_demo_corpus(str(root / "data"), n_internal, n_external, n_incomplete, seed=seed,
+                              missing_rate=DEMO_MISSING_RATE)
     print(f"[1/4] demo corpus written to {root / 'data'}")
     ray.init(num_cpus=None, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     kb_cfg = KBConfig()
@@ -37,6 +40,9 @@ def run_demo(out: str, n_internal: int = 600, n_external: int = 1200, n_incomple
     f = kb["report"].get("filter", {})
     print(f"[2/4] knowledge base {kb['version']}: {kb['rows']} entries; purification kept {f.get('kept_pairs')} "
           f"and dropped {f.get('dropped_pairs')} external pairs")
+    noise_dropped = _noise_dropped(paths, kb)
+    if noise_dropped:
+        print(f"      planted noise: {noise_dropped}")
     selection = {"niqe_params": niqe_params} if niqe_params else {"image_quality": "none"}
     job_cfg = JobConfig.model_validate({"selection": selection})
     summary = run_job(JobSpec(data=paths["incomplete"], kb=str(root / "kb"), out=str(root / "completed"),
@@ -45,24 +51,15 @@ def run_demo(out: str, n_internal: int = 600, n_external: int = 1200, n_incomple
           f"{summary['completed']} completed, {summary['failed']} failed) at {summary['rows_per_second']} rows/s")
     ray.shutdown()
 
-    encoder = create_encoder(EncoderConfig(device="cpu"))
-    complete = make_internal(n_incomplete + n_internal, seed + 100)
-    external = make_external(n_external, seed)
-    data = prepare(complete.select(["id", "image", "text"]), external.select(["id", "image", "text"]), 0.7,
-                   encoder, seed=seed)
-    niqe = None
-    if niqe_params:
-        from pipeline.selection import NiqeScorer
-
-        niqe = NiqeScorer(niqe_params)
-    result = run_evaluation(data, kb_cfg, RetrievalConfig(), SelectionConfig(), encoder,
-                            ["drop", "direct", "vanilla", "combined", "kfa", "rag4dmc", "complete"], niqe=niqe)
-    files = write_report(result, root / "report", {"missing_rate": 0.7, "seed": seed})
-    noise_dropped = _noise_dropped(paths, kb)
-    print("[4/4] evaluation (missing rate 0.7):\n")
-    print(markdown_table(result["variants"]))
-    if noise_dropped:
-        print(f"\npurification: {noise_dropped}")
+    # The evaluation is `rag4dmc evaluate --data <internal> --external <external>`: the same reader, report and files.
+    eval_cfg = EvalConfig.model_validate({"encoder": {"device": "cpu"}, "selection": selection,
+                                          "evaluation": {"missing_rates": [EVAL_MISSING_RATE], "seed": seed}})
+    payload, files = evaluate_datasets(paths["internal"], paths["external"], str(root / "report"), eval_cfg)
+    rates = ", ".join(f"{r:g}" for r in payload["missing_rates"])
+    rows = payload["rows"]
+    print(f"[4/4] evaluation on the internal corpus ({rows['train']} training / {rows['test']} test pairs, missing "
+          f"rate {rates}) with the external corpus ({rows['external']} pairs):\n")
+    print(markdown_table(payload["variants"]))
     print(f"\nreport: {files['html']}\nmetrics: {files['metrics']}\ncompleted data: {root / 'completed'}\n"
           f"total {time.perf_counter() - t0:.0f} s")
     (root / "demo_summary.json").write_text(json.dumps({"kb": {k: v for k, v in kb.items() if k != "report"},
