@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -60,6 +61,37 @@ JOB_FLAGS = {
     "--lambda-cos": ("selection.lambda_cos", float, "weight of the cosine term in selection"),
     "--lambda-quality": ("selection.lambda_quality", float, "weight of BLEU / NIQE in selection"),
     "--accelerators": ("accelerators", str, "auto, gpu or cpu"),
+}
+# `rag4dmc evaluate`: its own keys (EVAL_NARGS: flags that take several values), and the job's retrieval and
+# selection flags, which every retrieval variant shares.
+EVAL_FLAGS = {
+    "--missing-rate": ("evaluation.missing_rates", float,
+                       "fractions of training rows that lose a modality, in (0, 1); several give a plot"),
+    "--variants": ("evaluation.variants", str, "variants to run: drop direct vanilla combined kfa rag4dmc complete"),
+    "--image-loss-ratio": ("evaluation.image_loss_ratio", float, "share of the masked rows that lose the image"),
+    "--test-fraction": ("evaluation.test_fraction", float, "complete pairs held out for downstream recall"),
+    "--sweep": ("evaluation.sweeps", str, "NAME=V1,V2,...: the sweep variant at each value of alpha "
+                "(retrieval.alpha), k (retrieval.top_k), n (retrieval.n_results) or lambda "
+                "(selection.lambda_quality); repeat for several sweeps"),
+    "--sweep-variant": ("evaluation.sweep_variant", str, "the variant the sweeps evaluate"),
+    "--examples": ("evaluation.examples", int, "example completions shown in the report"),
+    "--seed": ("evaluation.seed", int, "seed of the test split and the masking"),
+}
+EVAL_NARGS = {"--missing-rate": {"nargs": "+", "action": "extend"}, "--variants": {"nargs": "+", "action": "extend"},
+              "--sweep": {"action": "append"}}
+EVAL_JOB_FLAGS = {flag: JOB_FLAGS[flag] for flag in ("--alpha", "--top-k", "--n-results", "--lambda-cos",
+                                                     "--lambda-quality", "--niqe-params")}
+# `rag4dmc serve`: the service's own keys (ServeConfig); the job's flags set retrieval, generation and selection.
+API_KEY_ENV = "RAG4DMC_API_KEY"  # keeps the key off the command line (and out of process listings)
+SERVE_HOST, SERVE_PORT = "127.0.0.1", 8000
+SERVE_FLAGS = {
+    "--kb": ("kb", str, "knowledge base built by `rag4dmc kb build` (required, here or in --config)"),
+    "--api-key": ("api_key", str, f"clients must send it in the x-api-key header (default: ${API_KEY_ENV}; "
+                  "neither: no key needed)"),
+    "--max-upload-bytes": ("max_upload_bytes", int, "largest request body accepted (413 above)"),
+    "--max-text-chars": ("max_text_chars", int, "longest text accepted"),
+    "--batch-wait": ("batch_wait_timeout_s", float, "seconds a batch waits for more requests"),
+    "--request-timeout": ("request_timeout_s", float, "seconds before an unanswered request gets 504"),
 }
 
 
@@ -133,6 +165,46 @@ def cmd_complete(args) -> int:
     return 0 if summary["rows_out"] == summary["unique_row_keys"] else 1
 
 
+def _parse_sweeps(specs: list[str]) -> dict[str, list[str]]:
+    """``["alpha=0,0.5", "k=10"]`` as ``{"alpha": ["0", "0.5"], "k": ["10"]}`` (values are validated later)."""
+    sweeps: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        if not sep or not name.strip() or not values.strip():
+            raise ConfigError(f"evaluation.sweeps (--sweep): expected NAME=V1,V2,... such as alpha=0,0.5,1, "
+                              f"got {spec!r}")
+        sweeps.setdefault(name.strip(), []).extend(v.strip() for v in values.split(",") if v.strip())
+    return sweeps
+
+
+def cmd_evaluate(args) -> int:
+    from pipeline.config import EvalConfig
+    from pipeline.evaluate import EvaluationError, evaluate_datasets, markdown_table
+
+    specs = getattr(args, "evaluation.sweeps")
+    if specs is not None:
+        setattr(args, "evaluation.sweeps", _parse_sweeps(specs))
+    cfg = build_config(args, EvalConfig, [KB_FLAGS, EVAL_JOB_FLAGS, EVAL_FLAGS, STORAGE_FLAGS, COLUMN_FLAGS])
+    try:
+        payload, files = evaluate_datasets(args.data, args.external, args.out, cfg, data_format=args.format)
+    except EvaluationError as exc:
+        print(f"rag4dmc: {exc}", file=sys.stderr)
+        return 2
+    print(markdown_table(payload["variants"]))
+    print(f"\nreport: {files['html']}\nmetrics: {files['metrics']}\ntable: {files['table']}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from deploy.app import run_local
+    from pipeline.config import ServeConfig
+
+    if args.api_key is None:
+        args.api_key = os.environ.get(API_KEY_ENV) or None
+    run_local(build_config(args, ServeConfig, [SERVE_FLAGS, JOB_FLAGS, STORAGE_FLAGS]), args.host, args.port)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from pipeline.demo import run_demo
 
@@ -170,6 +242,33 @@ def parser() -> argparse.ArgumentParser:
     _add_flags(comp, COLUMN_FLAGS)
     _add_flags(comp, STORAGE_FLAGS)
     comp.set_defaults(func=cmd_complete)
+
+    ev = sub.add_parser("evaluate", help="the table of variants on your own complete data, with an HTML report",
+                        description="Hold out a test split, mask the rest at each missing rate, complete it with "
+                        "each variant; write REPORT/metrics.json, metrics.md and report.html.")
+    ev.add_argument("--data", required=True, help="complete image-text pairs: folder/file or s3:// prefix")
+    ev.add_argument("--external", required=True, help="external corpus (CC3M, LAION, ...)")
+    ev.add_argument("--out", required=True, help="report folder or s3:// prefix")
+    ev.add_argument("--config", help="YAML file with knowledge-base, retrieval, selection and evaluation keys")
+    ev.add_argument("--format", default="auto", choices=["auto", "parquet", "jsonl", "webdataset"])
+    for flag, (key, typ, text) in EVAL_FLAGS.items():
+        ev.add_argument(flag, type=typ, default=None, dest=key, help=f"{text} [{key}]", **EVAL_NARGS.get(flag, {}))
+    _add_flags(ev, EVAL_JOB_FLAGS)
+    _add_flags(ev, KB_FLAGS)
+    _add_flags(ev, COLUMN_FLAGS)
+    _add_flags(ev, STORAGE_FLAGS)
+    ev.set_defaults(func=cmd_evaluate)
+
+    srv = sub.add_parser("serve", help="serve completions over HTTP (Ray Serve), one sample per request",
+                         description="Run the Ray Serve application of deploy/app.py here: POST /v1/complete, "
+                         "GET /healthz. On a cluster: serve deploy deploy/serve_config.yaml.")
+    srv.add_argument("--host", default=SERVE_HOST, help="address to listen on (default: loopback only)")
+    srv.add_argument("--port", type=int, default=SERVE_PORT, help="HTTP port")
+    srv.add_argument("--config", help="YAML file with serve keys (pipeline/config.py ServeConfig)")
+    _add_flags(srv, SERVE_FLAGS)
+    _add_flags(srv, JOB_FLAGS)
+    _add_flags(srv, STORAGE_FLAGS)
+    srv.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="offline end-to-end demo on generated data",
                           description="Generate a corpus, build the KB, complete, evaluate; prints the report.")

@@ -9,9 +9,17 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class _Strict(BaseModel):
@@ -231,6 +239,151 @@ class JobConfig(_Strict):
         """Stable hash of what changes the output (resources and storage do not)."""
         payload = self.model_dump(mode="json", exclude={"resources", "storage", "accelerators"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+ServeStage = Literal["ingress", "embed", "retrieve", "generate"]
+
+
+class ServeConfig(_Strict):
+    """The ``rag4dmc serve`` application (``deploy/app.py``); also the ``args`` of ``deploy/serve_config.yaml``.
+
+    Retrieval, generation and selection take the job's keys (and flags), so an answer and a batch-job row
+    made with the same settings carry the same ``config_hash``. Replica resources and ``@serve.batch`` sizes
+    come from the actor classes' ``RESOURCES``, overridable per stage as in the job.
+    """
+
+    kb: str = Field(description="knowledge base folder or s3:// prefix built by `rag4dmc kb build`")
+    storage: StorageConfig = StorageConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    selection: SelectionConfig = SelectionConfig()
+    resources: dict[ServeStage, StageResources] = Field(
+        default_factory=dict, description="per deployment: replica resources, replica counts (min/max_actors) "
+        "and batch_size (the largest @serve.batch)"
+    )
+    accelerators: Literal["auto", "gpu", "cpu"] = Field(
+        "auto", description="auto: request GPUs if the cluster has any now; gpu: always; cpu: never"
+    )
+    api_key: SecretStr | None = Field(
+        None, description="clients must send it in the x-api-key header (401 otherwise); None: no key needed"
+    )
+    max_upload_bytes: int = Field(
+        16 * 1024**2, ge=1, description="largest request body (413 above); a base64 image takes 4/3 of its size"
+    )
+    max_text_chars: int = Field(2_000, ge=1, description="longest text accepted (400 above)")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, le=10, description="how long a @serve.batch call waits for more requests to fill the batch"
+    )
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="requests an ingress replica holds at once (each up to max_upload_bytes)"
+    )
+    request_timeout_s: float = Field(60.0, gt=0, description="a request not answered within this gets 504")
+
+    @model_validator(mode="after")
+    def _servable_retrieval(self) -> ServeConfig:
+        if self.retrieval.mode == "cross":
+            raise ValueError("retrieval.mode 'cross' is an evaluation baseline over raw embeddings and cannot be "
+                             "served; use fusion, intra or mapped")
+        return self
+
+    def job_config(self) -> JobConfig:
+        """The batch job's config with the same output-deciding settings (its hash is the answers' config_hash)."""
+        return JobConfig(storage=self.storage, retrieval=self.retrieval, generator=self.generator,
+                         selection=self.selection, accelerators=self.accelerators)
+
+
+VariantName = Literal["drop", "direct", "vanilla", "combined", "kfa", "rag4dmc", "complete"]
+VARIANT_NAMES: tuple[str, ...] = get_args(VariantName)
+SweepName = Literal["alpha", "k", "n", "lambda"]
+# What each sweep name varies. n: the neighbours handed to generation, which the nearest-neighbour
+# generator of the evaluation turns into the n candidates; lambda: the weight of BLEU / NIQE in selection.
+SWEEP_KEYS: dict[str, str] = {"alpha": "retrieval.alpha", "k": "retrieval.top_k", "n": "retrieval.n_results",
+                              "lambda": "selection.lambda_quality"}
+WHOLE_NUMBER_SWEEPS = frozenset({"k", "n"})
+
+
+class EvaluationConfig(_Strict):
+    """How ``rag4dmc evaluate`` splits and masks the complete data, which variants run, what is swept."""
+
+    missing_rates: list[float] = Field(
+        [0.7], min_length=1, description="fractions of training rows that lose a modality; several give a plot"
+    )
+    image_loss_ratio: float = Field(0.5, ge=0, le=1, description="share of the masked rows that lose the image")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out complete pairs for downstream recall")
+    variants: list[VariantName] = Field(default_factory=lambda: list(VARIANT_NAMES), min_length=1)
+    sweeps: dict[SweepName, list[float]] = Field(
+        default_factory=dict, description="values of alpha / k / n / lambda to evaluate one at a time"
+    )
+    sweep_variant: VariantName = Field("rag4dmc", description="the variant evaluated at each swept value")
+    examples: int = Field(4, ge=0, description="example completions per variant shown in the report")
+    thumbnail_px: int = Field(128, ge=16, description="longest side of the report's example images")
+    niqe_sample: int = Field(64, ge=1, description="completed images per variant scored with NIQE")
+    seed: int = 0
+
+    @field_validator("missing_rates")
+    @classmethod
+    def _rates_open_interval(cls, rates: list[float]) -> list[float]:
+        bad = [r for r in rates if not 0 < r < 1]
+        if bad:
+            raise ValueError(f"missing rates must be strictly between 0 and 1, got {bad}: a rate is the fraction "
+                             "of training rows that lose a modality (0 leaves nothing to complete, 1 leaves no "
+                             "complete pair to build the knowledge base from)")
+        return list(dict.fromkeys(rates))
+
+    @field_validator("variants")
+    @classmethod
+    def _variants_once(cls, variants: list[str]) -> list[str]:
+        return list(dict.fromkeys(variants))
+
+    @field_validator("sweeps")
+    @classmethod
+    def _sweep_values(cls, sweeps: dict[str, list[float]]) -> dict[str, list[float]]:
+        for name, values in sweeps.items():
+            if not values:
+                raise ValueError(f"sweep {name} has no values: give them as {name}=V1,V2,...")
+            if name in WHOLE_NUMBER_SWEEPS and any(v != int(v) for v in values):
+                raise ValueError(f"sweep {name} ({SWEEP_KEYS[name]}) takes whole numbers, got {values}")
+        return {name: list(dict.fromkeys(values)) for name, values in sweeps.items()}
+
+    @field_validator("sweep_variant")
+    @classmethod
+    def _sweep_variant_retrieves(cls, name: str) -> str:
+        if name in ("drop", "complete"):
+            raise ValueError(f"{name} completes nothing, so sweeps cannot vary it: choose a retrieval variant")
+        return name
+
+
+class EvalConfig(KBConfig):
+    """The ``rag4dmc evaluate`` command: the knowledge-base keys, retrieval and selection, and the evaluation."""
+
+    columns: ColumnsConfig = ColumnsConfig()
+    storage: StorageConfig = StorageConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
+    selection: SelectionConfig = SelectionConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+
+    def kb_config(self) -> KBConfig:
+        """The knowledge-base part (what ``rag4dmc kb build`` would take)."""
+        return KBConfig(**{name: getattr(self, name) for name in KBConfig.model_fields})
+
+    def swept(self, name: str, value: float) -> EvalConfig:
+        """This config with the key behind sweep ``name`` set to ``value``."""
+        section, key = SWEEP_KEYS[name].split(".")
+        value = int(value) if name in WHOLE_NUMBER_SWEEPS else float(value)
+        return self.model_copy(update={section: getattr(self, section).model_validate(
+            getattr(self, section).model_dump() | {key: value})})
+
+    @model_validator(mode="after")
+    def _sweeps_give_valid_configs(self) -> EvalConfig:
+        for name, values in self.evaluation.sweeps.items():
+            for value in values:
+                try:
+                    self.swept(name, value)
+                except ValidationError as exc:
+                    why = "; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in exc.errors())
+                    raise ValueError(f"evaluation.sweeps.{name}={value:g} is not a valid {SWEEP_KEYS[name]} "
+                                     f"with the other settings: {why}") from None
+        return self
 
 
 def load_yaml(path: str | Path, model: type[BaseModel]) -> BaseModel:
