@@ -44,6 +44,10 @@ SIZES: dict[str, dict[str, list[str]]] = {
         "full": ["--images", "256", "--texts", "1000"],
         "quick": ["--images", "32", "--texts", "128"],
     },
+    "actors_generators": {
+        "full": ["--queries", "32", "--n", "4"],
+        "quick": ["--queries", "8", "--n", "2"],
+    },
     "pipeline": {
         "full": ["--sizes", "1000,5000,20000", "--baseline-rows", "250"],
         "quick": ["--sizes", "300", "--baseline-rows", "100", "--kb-internal", "150", "--kb-external", "150",
