@@ -6,6 +6,9 @@ VENV ?= $(HOME)/.cache/rag4dmc/venv
 PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-$(shell sha256sum pyproject.toml | cut -c1-16)
 DEMO_OUT ?= demo_out
+# NIQE's parameters (basicsr 1.4.2 sdist, Apache-2.0), fetched from PyPI at setup time for the demo. Defined
+# before the rules: make expands a prerequisite list when it reads it.
+NIQE_PARAMS := $(VENV)/share/niqe_pris_params.npz
 PYTEST_ARGS ?=
 
 export HF_HUB_OFFLINE := 1
@@ -48,8 +51,6 @@ lint: env
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache build *.egg-info
 
-# NIQE's parameters (basicsr 1.4.2 sdist, Apache-2.0), fetched from PyPI at setup time for the demo.
-NIQE_PARAMS := $(VENV)/share/niqe_pris_params.npz
 $(NIQE_PARAMS): $(DEPS_STAMP)
 	@mkdir -p $(VENV)/share/basicsr
 	$(PY) -m pip download -q --no-deps --no-binary :all: basicsr==1.4.2 -d $(VENV)/share/basicsr
