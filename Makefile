@@ -53,6 +53,8 @@ clean:
 
 $(NIQE_PARAMS): $(DEPS_STAMP)
 	@mkdir -p $(VENV)/share/basicsr
-	$(PY) -m pip download -q --no-deps --no-binary :all: basicsr==1.4.2 -d $(VENV)/share/basicsr
+	# --no-build-isolation: pip reads the sdist's metadata with the venv's torch instead of fetching one
+	PIP_CONFIG_FILE=/dev/null $(PY) -m pip download -q --no-deps --no-binary :all: --no-build-isolation \
+		basicsr==1.4.2 -d $(VENV)/share/basicsr
 	tar -xzf $(VENV)/share/basicsr/basicsr-1.4.2.tar.gz -C $(VENV)/share/basicsr --wildcards '*/niqe_pris_params.npz'
 	cp $$(find $(VENV)/share/basicsr -name niqe_pris_params.npz | head -1) $@
