@@ -35,12 +35,15 @@ def route(batch: dict[str, np.ndarray], *, storage_options: dict | None = None) 
     error = np.array(batch["error"], dtype=object)
     image = np.array(batch["image"], dtype=object)
     text = np.array(batch["text"], dtype=object)
+    # A string column of nulls may reach a numpy batch as float NaN; keep it strings-or-None so that every
+    # block carries the same Arrow type (float vs string blocks fail to unify downstream).
+    uri = np.array([u if isinstance(u, str) and u else None for u in batch["image_uri"]], dtype=object)
     for i in range(n):
         if task[i] == TASK_FAILED:
             continue
-        if (image[i] is None or len(image[i]) == 0) and batch["image_uri"][i]:
+        if (image[i] is None or len(image[i]) == 0) and uri[i]:
             try:
-                image[i] = read_uri(batch["image_uri"][i], storage_options)
+                image[i] = read_uri(uri[i], storage_options)
             except InputError as exc:
                 task[i], error[i] = TASK_FAILED, str(exc)
                 continue
@@ -58,7 +61,7 @@ def route(batch: dict[str, np.ndarray], *, storage_options: dict | None = None) 
             task[i], error[i] = TASK_FAILED, "sample has neither an image nor a text: nothing to complete from"
         if image[i] is not None and len(image[i]) == 0:
             image[i] = None
-    return {**batch, "task": task, "error": error, "image": image, "text": text}
+    return {**batch, "task": task, "error": error, "image": image, "text": text, "image_uri": uri}
 
 
 def decode_for_model(batch: dict[str, np.ndarray], *, size: int, max_pixels: int,
