@@ -9,7 +9,7 @@ import numpy as np
 from actors.encoders import create_encoder, encoder_class
 from actors.resources import Resources
 from pipeline.config import EncoderConfig
-from pipeline.schema import TASK_I2T, TASK_OBSERVED, TASK_T2I
+from pipeline.schema import TASK_I2T, TASK_OBSERVED, TASK_T2I, numpy_stage
 
 
 class EmbedQueries:
@@ -26,6 +26,7 @@ class EmbedQueries:
     def resources(encoder: EncoderConfig) -> Resources:
         return encoder_class(encoder).RESOURCES
 
+    @numpy_stage
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
         n = len(batch["row_key"])
@@ -51,6 +52,7 @@ class EmbedPairs:
     def __init__(self, encoder: EncoderConfig):
         self.encoder = create_encoder(encoder)
 
+    @numpy_stage
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["row_key"])
         ok = np.flatnonzero(np.asarray(batch["task"], dtype=object) == TASK_OBSERVED)

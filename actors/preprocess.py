@@ -10,7 +10,7 @@ import numpy as np
 
 from actors.images import InputError, load_image, read_uri, resize_for_model, validate_text
 from actors.resources import Resources
-from pipeline.schema import TASK_FAILED, TASK_I2T, TASK_OBSERVED, TASK_T2I
+from pipeline.schema import TASK_FAILED, TASK_I2T, TASK_OBSERVED, TASK_T2I, numpy_stage
 
 # CPU tasks take a quarter CPU: Ray Data's reads and the actor pools must fit beside them on 2 CPUs.
 CPU_TASK = Resources(num_cpus=0.125, memory_gb=0.5, batch_size=64)
@@ -28,6 +28,7 @@ def _present_text(value) -> tuple[str | None, str | None]:
         return None, None  # empty or whitespace: the modality is missing
 
 
+@numpy_stage
 def route(batch: dict[str, np.ndarray], *, storage_options: dict | None = None) -> dict[str, np.ndarray]:
     """Decide per row which modality is missing; fetch image URIs into bytes so later stages need no I/O."""
     n = len(batch["row_key"])
@@ -64,6 +65,7 @@ def route(batch: dict[str, np.ndarray], *, storage_options: dict | None = None) 
     return {**batch, "task": task, "error": error, "image": image, "text": text, "image_uri": uri}
 
 
+@numpy_stage
 def decode_for_model(batch: dict[str, np.ndarray], *, size: int, max_pixels: int,
                      tasks: tuple[str, ...] = (TASK_I2T,)) -> dict[str, np.ndarray]:
     """Decode and resize the image of every row of ``tasks`` to ``size`` x ``size`` RGB (zeros elsewhere)."""
@@ -81,6 +83,7 @@ def decode_for_model(batch: dict[str, np.ndarray], *, size: int, max_pixels: int
     return {**batch, "task": task, "error": error, "pixels": pixels}
 
 
+@numpy_stage
 def check_texts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Validate the text of every t2i row (a failed row says why)."""
     task = np.array(batch["task"], dtype=object)
