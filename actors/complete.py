@@ -18,8 +18,9 @@ import pyarrow as pa
 from actors.generators import Example, create_image_generator, create_text_generator
 from actors.images import InputError, encode_image, load_image
 from actors.resources import Resources
+from pipeline import kb as kbmod
 from pipeline.config import EncoderConfig, GeneratorConfig, SelectionConfig
-from pipeline.schema import STATUS_COMPLETED, STATUS_FAILED, TASK_FAILED, TASK_I2T, TASK_T2I
+from pipeline.schema import STATUS_COMPLETED, STATUS_FAILED, TASK_FAILED, TASK_I2T, TASK_T2I, numpy_stage
 from pipeline.selection import (
     NiqeScorer,
     candidate_cosines,
@@ -44,7 +45,7 @@ class _Complete:
     generated: str
 
     def __init__(self, generator: GeneratorConfig, selection: SelectionConfig, encoder: EncoderConfig,
-                 entries: pa.Table, nn: bool):
+                 entries: pa.Table | str, nn: bool, storage_options: dict | None = None):
         self.gcfg, self.scfg, self.nn = generator, selection, nn
         self.max_pixels = encoder.max_image_pixels
         self.encoder = None
@@ -52,18 +53,24 @@ class _Complete:
             from actors.encoders import create_encoder
 
             self.encoder = create_encoder(encoder)
-        if not isinstance(entries, pa.Table):  # an ObjectRef: the table broadcast once through the object store
-            import ray
+        # A KB URI (the job's actors): its entries file memory-mapped, so an actor reads only the rows its
+        # queries retrieve, however large the KB. A table: entries already in this process (tests, evaluation).
+        self.entries = entries if isinstance(entries, pa.Table) else kbmod.load_entries(entries, storage_options)
 
-            entries = ray.get(entries)
-        self.kb_ids = entries.column("id").to_pylist()
-        self.kb_texts = entries.column("text").to_pylist()
-        self.kb_images = entries.column("image").to_pylist()
+    def examples(self, ids: list[np.ndarray], scores: list[np.ndarray]) -> list[list[Example]]:
+        """The retrieved KB entries of each row (ids < 0 are padding), gathered in one take for the batch."""
+        keep = [np.asarray(r) >= 0 for r in ids]
+        flat = np.concatenate([np.asarray(r, dtype=np.int64)[k] for r, k in zip(ids, keep)]) if ids else []
+        rows = kbmod.take_entries(self.entries, flat)
+        out, at = [], 0
+        for s, k in zip(scores, keep):
+            sc = np.asarray(s)[k]
+            out.append([Example(id=rows["id"][at + j], text=rows["text"][at + j] or "", image=rows["image"][at + j],
+                                score=float(sc[j])) for j in range(len(sc))])
+            at += len(sc)
+        return out
 
-    def examples(self, ids: np.ndarray, scores: np.ndarray) -> list[Example]:
-        return [Example(id=self.kb_ids[r], text=self.kb_texts[r] or "", image=self.kb_images[r], score=float(s))
-                for r, s in zip(ids, scores) if r >= 0]
-
+    @numpy_stage
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
         n = len(batch["row_key"])
@@ -78,8 +85,8 @@ class _Complete:
         text = np.array(batch["text"], dtype=object)
         image = np.array(batch["image"], dtype=object)
         work = []
-        for i in rows:
-            ex = self.examples(batch["ret_ids"][i], batch["ret_fused"][i])
+        found = self.examples([batch["ret_ids"][i] for i in rows], [batch["ret_fused"][i] for i in rows])
+        for i, ex in zip(rows, found):
             cols["retrieved_ids"][i] = [e.id for e in ex]
             cols["fusion_scores"][i] = [e.score for e in ex]
             if not ex:
@@ -112,8 +119,9 @@ class CompleteTexts(_Complete):
     task, generated = TASK_I2T, "text"
 
     def __init__(self, generator: GeneratorConfig, selection: SelectionConfig, encoder: EncoderConfig,
-                 entries: pa.Table):
-        super().__init__(generator, selection, encoder, entries, nn=generator.text_backend == "nn")
+                 entries: pa.Table | str, storage_options: dict | None = None):
+        super().__init__(generator, selection, encoder, entries, nn=generator.text_backend == "nn",
+                         storage_options=storage_options)
         self.generator = create_text_generator(generator)
 
     @staticmethod
@@ -161,8 +169,9 @@ class CompleteImages(_Complete):
     task, generated = TASK_T2I, "image"
 
     def __init__(self, generator: GeneratorConfig, selection: SelectionConfig, encoder: EncoderConfig,
-                 entries: pa.Table):
-        super().__init__(generator, selection, encoder, entries, nn=generator.image_backend == "nn")
+                 entries: pa.Table | str, storage_options: dict | None = None):
+        super().__init__(generator, selection, encoder, entries, nn=generator.image_backend == "nn",
+                         storage_options=storage_options)
         self.generator = create_image_generator(generator)
         wants_niqe = selection.image_quality == "niqe" and selection.lambda_quality > 0
         self.niqe = NiqeScorer(selection.niqe_params) if wants_niqe else None

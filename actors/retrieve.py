@@ -15,7 +15,7 @@ from actors.resources import Resources
 from pipeline import kb as kbmod
 from pipeline.config import RetrievalConfig
 from pipeline.retrieval import Neighbours
-from pipeline.schema import TASK_I2T, TASK_T2I
+from pipeline.schema import TASK_I2T, TASK_T2I, numpy_stage
 
 CANDIDATE_FIELDS = ("ids", "fused", "intra", "cross")
 
@@ -27,11 +27,13 @@ class RetrieveNeighbours:
 
     def __init__(self, kb_uri: str, storage_options: dict | None, shards: list[int], observed: str,
                  retrieval: RetrievalConfig, last: bool):
-        self.kb = kbmod.load(kb_uri, storage_options, shards=shards, with_entries=False)
+        self.kb = kbmod.load(kb_uri, storage_options, shards=shards, with_entries=False,
+                             searched=kbmod.searched_modality(observed, retrieval))
         self.observed, self.cfg, self.last = observed, retrieval, last
         self.task = TASK_I2T if observed == "image" else TASK_T2I
         self.other_dim = self.kb.manifest["text_dim" if observed == "image" else "image_dim"]
 
+    @numpy_stage
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
         n = len(batch["row_key"])

@@ -139,8 +139,6 @@ class PlainLoop:
     ``pipeline.job.build_plan`` without Ray."""
 
     def __init__(self, kb: str, cfg: JobConfig):
-        import ray
-
         from actors.complete import CompleteImages, CompleteTexts
         from actors.embed import EmbedQueries
         from actors.encoders import encoder_image_size
@@ -150,19 +148,18 @@ class PlainLoop:
         from pipeline.config import EncoderConfig
 
         self.cfg = cfg
-        kb_obj = kbmod.load(kb, shards=[], with_entries=True)
+        kb_obj = kbmod.load(kb, shards=[], with_entries=False)
         self.manifest = kb_obj.manifest
         self.encoder = EncoderConfig.model_validate(self.manifest["config"]["encoder"])
         self.image_size = encoder_image_size(self.encoder)
         self.batch_size = CPU_TASK.batch_size
         shards = list(range(len(self.manifest["shards"])))
-        entries = ray.put(kb_obj.entries)  # the job's actors get the entries the same way
         g, s = cfg.generator, cfg.selection
         self.embed = {m: EmbedQueries(self.encoder, m) for m in ("image", "text")}
         self.retrieve = {m: RetrieveNeighbours(kb, None, shards, m, cfg.retrieval, last=True)
                          for m in ("image", "text")}
-        self.captions = CompleteTexts(g, s, self.encoder, entries)
-        self.paint = CompleteImages(g, s, self.encoder, entries)
+        self.captions = CompleteTexts(g, s, self.encoder, kb)  # memory-mapped entries, as in the job's actors
+        self.paint = CompleteImages(g, s, self.encoder, kb)
 
     @staticmethod
     def set_threads(n: int) -> None:

@@ -235,9 +235,9 @@ class Generator:
     def __init__(self, kb: str, storage_options: dict, task: str, generator: GeneratorConfig,
                  selection: SelectionConfig, encoder: EncoderConfig, config_hash: str, max_batch_size: int,
                  wait_timeout_s: float):
-        loaded = kbmod.load(kb, storage_options, shards=[], with_entries=True)
+        loaded = kbmod.load(kb, storage_options, shards=[], with_entries=False)
         stage = CompleteTexts if task == TASK_I2T else CompleteImages
-        self.complete = stage(generator, selection, encoder, loaded.entries)
+        self.complete = stage(generator, selection, encoder, kb, storage_options)
         self.task, self.kb_version, self.config_hash = task, loaded.version, config_hash
         configure_batching(self.generate, max_batch_size, wait_timeout_s)
 

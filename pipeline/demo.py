@@ -69,10 +69,10 @@ def run_demo(out: str, n_internal: int = 600, n_external: int = 1200, n_incomple
 
 def _noise_dropped(paths: dict, kb: dict) -> str:
     """How many planted-noise external rows the purification removed (the truth is known here)."""
-    from pipeline.kb import local_copy
+    from pipeline.kb import load_entries
 
     try:
-        entries = pq.read_table(local_copy(kb["out"]) / "entries.parquet", columns=["id", "source"]).to_pandas()
+        entries = load_entries(kb["out"]).select(["id", "source"]).to_pandas()
         truth_ext = pq.read_table(Path(paths["truth"]) / "external.parquet").to_pandas()
     except (OSError, FileNotFoundError):
         return ""

@@ -90,6 +90,9 @@ class VectorIndex:
 
     def search(self, queries: np.ndarray, k: int, block_size: int = DEFAULT_BLOCK) -> tuple[np.ndarray, np.ndarray]:
         """Exact cosine top-k (scores, global row ids); rows missing when k > len are padded with -inf / -1."""
+        if self.index is None:
+            raise RuntimeError("this VectorIndex was loaded with with_index=False (vectors only); load it with its "
+                               "index to search it")
         q = normalize_rows(queries, "queries")
         if q.shape[1] != self.dim:
             raise EmbeddingError(f"queries have {q.shape[1]} dims, the index {self.dim}")
@@ -122,11 +125,12 @@ class VectorIndex:
         (folder / "meta.json").write_text(json.dumps(meta))
 
     @classmethod
-    def load(cls, folder: str | Path, mmap: bool = True) -> VectorIndex:
+    def load(cls, folder: str | Path, mmap: bool = True, with_index: bool = True) -> VectorIndex:
+        """Vectors memory-mapped (``mmap``); ``with_index=False`` skips the FAISS index (vectors only, no search)."""
         folder = Path(folder)
         meta = json.loads((folder / "meta.json").read_text())
         vectors = np.load(folder / "vectors.npy", mmap_mode="r" if mmap else None)
-        index = faiss.read_index(str(folder / "index.faiss"))
+        index = faiss.read_index(str(folder / "index.faiss")) if with_index else None
         return cls(vectors, index, meta["kind"], meta["rerank_factor"], meta["offset"])
 
 

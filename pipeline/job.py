@@ -111,7 +111,7 @@ def plan_resources(cfg: JobConfig, encoder: EncoderConfig, n_groups: int, has_gp
     return dict(zip(pools, fit_to_cpus(list(pools.values()), budget)))
 
 
-def build_plan(spec: JobSpec, kb_manifest: dict, entries_ref, storage: Storage, shards: list[str] | None = None,
+def build_plan(spec: JobSpec, kb_manifest: dict, storage: Storage, shards: list[str] | None = None,
                keys: set[str] | None = None, resuming: bool = False):
     """The Ray Data dataset that completes ``spec.data`` (only ``shards`` / ``keys`` if given)."""
     import ray
@@ -148,7 +148,7 @@ def build_plan(spec: JobSpec, kb_manifest: dict, entries_ref, storage: Storage, 
         return b.map_batches(
             complete_cls,
             fn_constructor_kwargs={"generator": cfg.generator, "selection": cfg.selection, "encoder": encoder,
-                                   "entries": entries_ref},
+                                   "entries": spec.kb, "storage_options": storage.options},
             batch_format="numpy", **pools[f"generate:{task}"].map_batches_kwargs())
 
     # One chain over one read: Ray Data's checkpoint filter adds an actor pool per read, so separate
@@ -193,7 +193,7 @@ def run_job(spec: JobSpec) -> dict:
 
     preflight(spec.cfg)
     storage = Storage(spec.cfg.storage)
-    kb = kbmod.load(spec.kb, storage.options, shards=[], with_entries=True)
+    kb = kbmod.load(spec.kb, storage.options, shards=[], with_entries=False)
     _check_run(storage, spec, kb.version)
     summary_path = f"{spec.out}/{SUMMARY_FILE}"
     if storage.exists(summary_path) and not spec.retry_failed:
@@ -201,12 +201,11 @@ def run_job(spec: JobSpec) -> dict:
         return json.loads(storage.read_bytes(summary_path))
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
-    entries_ref = ray.put(kb.entries)  # broadcast once through the object store
 
     t0 = time.perf_counter()
     ctx = ray.data.DataContext.get_current()
     if spec.retry_failed:
-        written = _retry_failed(spec, storage, kb.manifest, entries_ref)
+        written = _retry_failed(spec, storage, kb.manifest)
     else:
         ctx.checkpoint_config = CheckpointConfig(
             id_column=ROW_KEY, checkpoint_path=storage.arrow_path(f"{spec.out}/{CHECKPOINT_DIR}"),
@@ -216,7 +215,7 @@ def run_job(spec: JobSpec) -> dict:
         if resuming:
             log.info("resuming: rows already committed under %s are skipped", spec.out)
         try:
-            plan = build_plan(spec, kb.manifest, entries_ref, storage, resuming=resuming)
+            plan = build_plan(spec, kb.manifest, storage, resuming=resuming)
             plan.write_parquet(storage.arrow_path(f"{spec.out}/{DATA_DIR}"), filesystem=storage.arrow_fs(spec.out))
         finally:
             ctx.checkpoint_config = None
@@ -271,7 +270,7 @@ def summarize(storage: Storage, out: str, elapsed: float, rows_this_run: int | N
     return summary
 
 
-def _retry_failed(spec: JobSpec, storage: Storage, manifest: dict, entries_ref) -> int:
+def _retry_failed(spec: JobSpec, storage: Storage, manifest: dict) -> int:
     """Recompute the rows marked failed and swap them into the output, each exactly once."""
     table = read_output(storage, spec.out, ["row_key", "status", "source_shard"])
     failed = [k for k, s in zip(table.column("row_key").to_pylist(), table.column("status").to_pylist())
@@ -284,7 +283,7 @@ def _retry_failed(spec: JobSpec, storage: Storage, manifest: dict, entries_ref) 
     shards = [f"{root}/{s}" if not s.startswith(root) else s for s in shard_names]
     staging = f"{spec.out}/_retry"
     storage.remove(staging)
-    plan = build_plan(spec, manifest, entries_ref, storage, shards=shards, keys=set(failed))
+    plan = build_plan(spec, manifest, storage, shards=shards, keys=set(failed))
     plan.write_parquet(storage.arrow_path(staging), filesystem=storage.arrow_fs(staging))
     new_files = storage.glob(f"{staging}/*.parquet")
     new_keys = set()

@@ -3,7 +3,9 @@
 Layout of a knowledge base folder (local or object storage)::
 
     manifest.json      version, encoder, counts, config, shard list
-    entries.parquet    one row per KB entry: id, source (internal/external), text, image bytes
+    entries.arrow      one row per KB entry: id, source (internal/external), text, image bytes, as an
+                       uncompressed Arrow IPC file, memory-mapped by its readers: a completion actor
+                       touches only the pages of the rows its queries retrieved
     mapping.pt         the bidirectional image<->text MLP
     report.json        purification report: cluster filter and alignment per modality, mapping
     shard-00000/       rows [start, stop): image.* and text.* VectorIndex folders
@@ -26,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.config import KBConfig, RetrievalConfig
 from pipeline.index import VectorIndex, choose_kind
@@ -38,7 +39,9 @@ from pipeline.retrieval import Neighbours, fusion_scores, rank_by
 log = logging.getLogger(__name__)
 
 MODALITIES = ("image", "text")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: entries.arrow (memory-mapped) replaced entries.parquet
+ENTRIES_FILE = "entries.arrow"
+ENTRIES_BATCH_ROWS = 4096  # rows per IPC record batch of entries.arrow
 
 
 @dataclass
@@ -274,7 +277,7 @@ def save(kb: KnowledgeBase, uri: str, storage_options: dict | None = None) -> st
     """Write the knowledge base to a local folder or an object-storage prefix; returns its version."""
     with tempfile.TemporaryDirectory(prefix="rag4dmc-kb-") as tmp:
         root = Path(tmp)
-        pq.write_table(kb.entries, root / "entries.parquet")
+        write_entries(kb.entries, root / ENTRIES_FILE)
         kb.mapping.save(root / "mapping.pt")
         (root / "report.json").write_text(json.dumps(kb.report, indent=2, default=float))
         for i, s in enumerate(kb.shards):
@@ -312,19 +315,59 @@ def local_copy(uri: str, storage_options: dict | None = None, cache_dir: str | N
     return cache
 
 
+def write_entries(entries: pa.Table, path: str | Path) -> None:
+    """The entries as an uncompressed Arrow IPC file (memory-mappable; the image bytes are already compressed)."""
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, entries.schema) as writer:
+        writer.write_table(entries, max_chunksize=ENTRIES_BATCH_ROWS)
+
+
+def open_entries(path: str | Path) -> pa.Table:
+    """The entries file memory-mapped: no row is read until it is used, and actors on one node share pages."""
+    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+
+
+def load_entries(uri: str, storage_options: dict | None = None) -> pa.Table:
+    """The knowledge base's entries (id, source, text, image), memory-mapped from its local copy."""
+    root = local_copy(uri, storage_options)
+    _check_format(json.loads((root / "manifest.json").read_text()), uri)
+    return open_entries(root / ENTRIES_FILE)
+
+
+def take_entries(entries: pa.Table, ids: np.ndarray) -> dict[str, list]:
+    """Columns id, text and image of the given KB rows, in order (one gather for a whole batch)."""
+    rows = entries.take(pa.array(np.asarray(ids, dtype=np.int64)))
+    return {c: rows.column(c).to_pylist() for c in ("id", "text", "image")}
+
+
+def searched_modality(observed: str, cfg: RetrievalConfig) -> str:
+    """The modality whose index stage 1 searches: the query's own, or the other one in ``mapped`` mode."""
+    return ("text" if observed == "image" else "image") if cfg.mode == "mapped" else observed
+
+
+def _check_format(manifest: dict, uri: str) -> None:
+    if manifest.get("format") != FORMAT_VERSION:
+        raise ValueError(f"knowledge base at {uri} has format {manifest.get('format')}, this version of rag4dmc "
+                         f"reads format {FORMAT_VERSION}: rebuild it with `rag4dmc kb build`")
+
+
 def load(uri: str, storage_options: dict | None = None, shards: list[int] | None = None,
-         with_entries: bool = True) -> KnowledgeBase:
-    """Load a knowledge base (optionally only some shards, e.g. the one a retrieval actor holds)."""
+         with_entries: bool = True, searched: str | None = None) -> KnowledgeBase:
+    """Load a knowledge base (optionally only some shards, e.g. the one a retrieval actor holds).
+
+    ``searched``: load only this modality's FAISS index (the other modality's vectors are still mapped for
+    the fusion cross term); a retrieval actor searches one index. Entries are memory-mapped.
+    """
     root = local_copy(uri, storage_options)
     manifest = json.loads((root / "manifest.json").read_text())
-    if manifest.get("format") != FORMAT_VERSION:
-        raise ValueError(f"knowledge base at {uri} has format {manifest.get('format')}, expected {FORMAT_VERSION}")
+    _check_format(manifest, uri)
+    if searched not in (None, *MODALITIES):
+        raise ValueError(f"searched must be one of {MODALITIES} or None, got {searched!r}")
     wanted = range(len(manifest["shards"])) if shards is None else shards
     loaded = []
     for i in wanted:
         s = manifest["shards"][i]
-        loaded.append(Shard(s["start"], s["stop"],
-                            *(VectorIndex.load(root / s["path"] / m) for m in MODALITIES)))
-    entries = pq.read_table(root / "entries.parquet") if with_entries else pa.table({})
+        loaded.append(Shard(s["start"], s["stop"], *(
+            VectorIndex.load(root / s["path"] / m, with_index=searched in (None, m)) for m in MODALITIES)))
+    entries = open_entries(root / ENTRIES_FILE) if with_entries else pa.table({})
     report = json.loads((root / "report.json").read_text())
     return KnowledgeBase(entries, CrossModalMapper.load(root / "mapping.pt"), loaded, report, manifest)

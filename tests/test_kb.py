@@ -112,3 +112,46 @@ def test_kb_without_external_corpus_is_internal_only():
     it, iemb, _, _ = _world()
     kb = kbmod.build_knowledge_base(it, iemb, None, None, FAST)
     assert len(kb) == 800 and "filter" not in kb.report
+
+
+def test_entries_are_memory_mapped_not_copied(tmp_path):
+    """A KB's entries (images included) can be far larger than an actor's memory: opening them reads nothing."""
+    rng = np.random.default_rng(0)
+    n, size = 2000, 50_000
+    images = [rng.bytes(size) for _ in range(n)]
+    table = pa.table({"id": [f"e{i}" for i in range(n)], "source": ["internal"] * n,
+                      "text": [f"t{i}" for i in range(n)], "image": pa.array(images, pa.binary())})
+    kbmod.write_entries(table, tmp_path / kbmod.ENTRIES_FILE)
+    del table
+    before = pa.total_allocated_bytes()
+    entries = kbmod.open_entries(tmp_path / kbmod.ENTRIES_FILE)
+    assert entries.num_rows == n
+    assert pa.total_allocated_bytes() - before < size * 10  # not the 100 MB of image bytes
+    picked = kbmod.take_entries(entries, np.array([1999, 0, 7, 7]))
+    assert picked["id"] == ["e1999", "e0", "e7", "e7"]
+    assert picked["image"][0] == images[1999] and picked["image"][2] == images[7]
+
+
+def test_a_retrieval_actor_loads_only_the_index_it_searches(built, tmp_path):
+    kbmod.save(built, str(tmp_path / "kb"))
+    full = kbmod.load(str(tmp_path / "kb"), with_entries=False)
+    only_image = kbmod.load(str(tmp_path / "kb"), with_entries=False, searched="image")
+    assert all(s.text.index is None and s.image.index is not None for s in only_image.shards)
+    q = built.shards[0].image.vectors[:10]
+    want, got = full.retrieve(q, "image"), only_image.retrieve(q, "image")  # the text vectors still fuse
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_allclose(got.fused, want.fused, atol=1e-6)
+    with pytest.raises(RuntimeError, match="with_index=False"):
+        only_image.retrieve(built.shards[0].text.vectors[:2], "text")
+    assert kbmod.searched_modality("image", RetrievalConfig(mode="mapped")) == "text"
+    assert kbmod.searched_modality("image", RetrievalConfig()) == "image"
+
+
+def test_a_kb_of_another_format_asks_for_a_rebuild(built, tmp_path):
+    import json
+
+    kbmod.save(built, str(tmp_path / "kb"))
+    manifest = json.loads((tmp_path / "kb" / "manifest.json").read_text())
+    (tmp_path / "kb" / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    with pytest.raises(ValueError, match="rebuild it with `rag4dmc kb build`"):
+        kbmod.load(str(tmp_path / "kb"))
