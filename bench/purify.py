@@ -28,6 +28,7 @@ from bench.common import (  # noqa: E402
     count,
     measure,
     report,
+    unit_rows,
 )
 from pipeline.config import AlignConfig, FilterConfig  # noqa: E402
 from pipeline.purify import align_with_report, cluster_filter, procrustes  # noqa: E402
@@ -37,7 +38,9 @@ OFF_DOMAIN_FRACTION = 0.1  # of the external rows, drawn around centres the inte
 OFF_DOMAIN_CENTERS_FRACTION = 0.1  # off-domain centres per shared centre (at least MIN_OFF_CENTERS)
 MIN_OFF_CENTERS = 4
 CLUSTER_NOISE = 0.6  # per-dimension std around a centre (centres are standard normal)
-ROTATION_SCALE = 0.002  # std of the skew-symmetric generator of the external corpus's rotation
+ROTATION_SCALE = 0.01  # std of the skew-symmetric generator of the external corpus's rotation (||R - I||_F ~ 7 at 512-d)
+OVERLAP_FRACTION = 1.0  # internal rows with a noisy copy among the external rows
+COPY_NOISE = 0.05  # norm of a copy's noise relative to the unit row (cosine to the original ~0.999)
 FULL_FILTER_NREDO = 1  # k-means starts in the full-size filter (FilterConfig.nredo multiplies its time)
 REF_ROUNDS = 3  # refinement rounds of both sides of the reference comparison
 REF_EPS = 1e-6  # small enough that both sides run every round
@@ -50,8 +53,13 @@ MIN_SPEEDUP = 3.0
 
 
 def clustered_corpus(n_internal: int, n_external: int, d: int, seed: int = 0):
-    """Internal and external embeddings around shared centres; OFF_DOMAIN_FRACTION of external in
-    off-domain clusters, and the external corpus slightly rotated (a domain shift)."""
+    """Internal and external embeddings around shared centres, the external corpus rotated by R (a
+    domain shift); returns (internal, external, off-domain rows at the end of external, R).
+
+    OFF_DOMAIN_FRACTION of the external rows lie around centres the internal corpus lacks. Of the rest,
+    up to OVERLAP_FRACTION x n_internal are noisy copies of internal rows (the planted overlap that
+    determines R: without it only the centres' span is constrained and any W fits the other directions),
+    and the others fresh draws around the shared centres."""
     rng = np.random.default_rng(seed)
     n_centers = max(MIN_CENTERS, int(np.sqrt(n_internal)))
     centers = rng.standard_normal((n_centers, d), dtype=np.float32)
@@ -59,14 +67,21 @@ def clustered_corpus(n_internal: int, n_external: int, d: int, seed: int = 0):
                               dtype=np.float32)
     internal = clustered_unit_vectors(n_internal, centers, CLUSTER_NOISE, rng)
     n_off = int(n_external * OFF_DOMAIN_FRACTION)
+    n_copies = min(int(OVERLAP_FRACTION * n_internal), n_external - n_off)
     external = np.empty((n_external, d), np.float32)
-    clustered_unit_vectors(n_external - n_off, centers, CLUSTER_NOISE, rng, out=external[: n_external - n_off])
+    copied = rng.permutation(n_internal)[:n_copies]
+    for s in range(0, n_copies, GENERATE_CHUNK_ROWS):
+        src = internal[copied[s : s + GENERATE_CHUNK_ROWS]]
+        external[s : s + len(src)] = unit_rows(src + COPY_NOISE / np.sqrt(d) * rng.standard_normal(src.shape,
+                                                                                                    dtype=np.float32))
+    clustered_unit_vectors(n_external - n_off - n_copies, centers, CLUSTER_NOISE, rng,
+                           out=external[n_copies : n_external - n_off])
     clustered_unit_vectors(n_off, off, CLUSTER_NOISE, rng, out=external[n_external - n_off :])
     skew = rng.standard_normal((d, d)).astype(np.float32) * ROTATION_SCALE
     rot = torch.linalg.matrix_exp(torch.from_numpy(skew - skew.T)).numpy()
     for s in range(0, len(external), GENERATE_CHUNK_ROWS):
         external[s : s + GENERATE_CHUNK_ROWS] = external[s : s + GENERATE_CHUNK_ROWS] @ rot
-    return internal, external, n_off
+    return internal, external, n_off, rot
 
 
 def dense_reference(internal: np.ndarray, external: np.ndarray, k: int, rounds: int, eps: float,
@@ -107,7 +122,7 @@ def main() -> None:
     rows, payload, targets = [], {"args": vars(args)}, []
     acfg, fcfg = AlignConfig(), FilterConfig()
 
-    internal, external, n_off = clustered_corpus(args.internal, args.external, args.dim)
+    internal, external, n_off, rot = clustered_corpus(args.internal, args.external, args.dim)
     with measure() as m_filter:
         res = cluster_filter(internal, external, tau_cent=fcfg.tau_cent, tau_inst=fcfg.tau_inst, niter=fcfg.niter,
                              nredo=FULL_FILTER_NREDO)
@@ -123,7 +138,8 @@ def main() -> None:
     rows.append({"step": "align", "internal": args.internal, "external": len(kept), "seconds": m_align.seconds,
                  "peak_rss_gib": m_align.peak_rss_gib,
                  "note": f"{len(ar.report.rounds)} rounds, criterion {ar.report.best_criterion:.4f}, "
-                         f"pairs induced on {acfg.max_rows} rows/side"})
+                         f"pairs induced on {acfg.max_rows} rows/side, ||W - R^T||_F "
+                         f"{np.linalg.norm(ar.W - rot.T):.3g} (identity: {np.linalg.norm(np.eye(args.dim) - rot.T):.3g})"})
     payload["full"] = {"filter": res.report.to_dict(), "align": ar.report.to_dict()}
     full = f"{args.internal:,} internal x {args.external:,} external"
     targets += [Target(f"filter + align time, {full}", m_filter.seconds + m_align.seconds, FULL_RUN_MAX_S,
@@ -133,7 +149,7 @@ def main() -> None:
     del internal, external, kept
 
     if not args.skip_reference:
-        internal, external, _ = clustered_corpus(args.ref_internal, args.ref_external, args.dim, seed=REF_SEED)
+        internal, external, _, rot = clustered_corpus(args.ref_internal, args.ref_external, args.dim, seed=REF_SEED)
         with measure() as m_ours:
             ours = align_with_report(internal, external, k=acfg.csls_k, max_rounds=REF_ROUNDS, eps=REF_EPS,
                                      init="identity", max_rows=None, proximal=0.0)  # MUSE's plain step
@@ -143,8 +159,11 @@ def main() -> None:
         for name, m in (("align (FAISS blocks)", m_ours), ("dense reference (torch)", m_ref)):
             rows.append({"step": name, "internal": args.ref_internal, "external": args.ref_external,
                          "seconds": m.seconds, "peak_rss_gib": m.peak_rss_gib,
-                         "note": f"{REF_ROUNDS} rounds, all rows"})
-        payload["reference"] = {"frobenius_diff": diff, "speedup": m_ref.seconds / m_ours.seconds}
+                         "note": f"{REF_ROUNDS} rounds, all rows, ||W - R^T||_F "
+                                 f"{np.linalg.norm((ours.W if m is m_ours else ref) - rot.T):.3g}"})
+        payload["reference"] = {"frobenius_diff": diff, "speedup": m_ref.seconds / m_ours.seconds,
+                                "ours_minus_planted": float(np.linalg.norm(ours.W - rot.T)),
+                                "reference_minus_planted": float(np.linalg.norm(ref - rot.T))}
         size = f"{args.ref_internal:,} x {args.ref_external:,}"
         targets += [Target(f"||W_ours - W_reference||_F at {size}", diff, W_TOLERANCE, at_least=False),
                     Target(f"align speed-up over the dense reference at {size}", m_ref.seconds / m_ours.seconds,

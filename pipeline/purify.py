@@ -36,6 +36,7 @@ INTERNAL_CLUSTER_CAP = 1024
 EXTERNAL_CLUSTER_CAP = 4096
 SIMILARITY_INIT_ROWS = 4000  # VecMap's sample size for the rotation-invariant initial dictionary
 CSLS_FETCH_FACTOR = 10  # raw neighbours fetched per query: k * this; lets most CSLS argmaxes be certified
+CSLS_LOW_R_QUANTILES = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)  # splits tried by _csls_argmax's certificate
 
 
 # --------------------------------------------------------------------------------------------------
@@ -88,8 +89,11 @@ def _csls_argmax(
 ) -> tuple[np.ndarray, np.ndarray]:
     """argmax_j (2 cos(q, o_j) - r_other[j]) for every query: the CSLS nearest neighbour (Eq. 6).
 
-    The answer is read off the raw top-k list whenever that is provably exact: every j outside the list
-    has 2 cos <= 2 * (k-th best cos) and r_other[j] >= min(r_other). The remaining queries get an exact
+    Exact, without scoring every pair. The fetched top-k list of each query gives a candidate; every j
+    outside the list has 2 cos <= 2 * (k-th best cos), so with r_other[j] >= rho the candidate is certified
+    when it beats 2 * (k-th best cos) - rho. The few rows with r_other < rho (off-domain rows and other
+    anti-hubs, which would loosen the bound for everyone) are searched exactly for all queries, and rho is
+    the quantile that minimises that search plus the queries left uncertified, which get an exact
     augmented inner-product search over [o_j, -r_other[j] / 2].
     """
     cand = 2.0 * top_sims - r_other[top_ids]
@@ -97,18 +101,33 @@ def _csls_argmax(
     rows = np.arange(len(queries))
     best_id = top_ids[rows, pos]
     best = cand[rows, pos]
-    if top_ids.shape[1] < other.shape[0]:
-        bound = 2.0 * top_sims[:, -1] - r_other.min()
-        unsure = np.flatnonzero(best < bound)
-    else:
-        unsure = np.empty(0, dtype=np.int64)
+    if top_ids.shape[1] >= other.shape[0]:
+        return best_id, best
+    kth = 2.0 * top_sims[:, -1]
+    # Cost of each split, in rows scanned per query: |low-r rows| + |other| * (uncertified fraction).
+    quantiles = np.quantile(r_other, CSLS_LOW_R_QUANTILES)
+    costs = [(r_other < rho).sum() + len(other) * (best < kth - rho).mean() for rho in quantiles]
+    rho = quantiles[int(np.argmin(costs))]
+    low = np.flatnonzero(r_other < rho)
+    if low.size:
+        low_id, low_score = _augmented_argmax(queries, other[low], r_other[low], block_size)
+        better = low_score > best
+        best_id[better], best[better] = low[low_id[better]], low_score[better]
+    unsure = np.flatnonzero(best < kth - rho)
+    log.debug("CSLS certificate: %d low-r rows searched exactly, %d of %d queries uncertified",
+              low.size, unsure.size, len(queries))
     if unsure.size:
-        augmented = np.hstack([other, (-0.5 * r_other)[:, None]]).astype(np.float32)
-        q = np.hstack([queries[unsure], np.ones((unsure.size, 1), np.float32)])
-        score, ids = search_blocks(flat_index(augmented), q, 1, block_size)
-        best_id[unsure] = ids[:, 0]
-        best[unsure] = 2.0 * score[:, 0]
+        best_id[unsure], best[unsure] = _augmented_argmax(queries[unsure], other, r_other, block_size)
     return best_id, best
+
+
+def _augmented_argmax(queries: np.ndarray, other: np.ndarray, r_other: np.ndarray,
+                      block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact argmax_j 2 q.o_j - r_other[j], as one inner-product search over rows [o_j, -r_other[j] / 2]."""
+    augmented = np.hstack([other, (-0.5 * r_other)[:, None]]).astype(np.float32)
+    q = np.hstack([queries, np.ones((len(queries), 1), np.float32)])
+    score, ids = search_blocks(flat_index(augmented), q, 1, block_size)
+    return ids[:, 0], 2.0 * score[:, 0]
 
 
 def csls_pairs(a: np.ndarray, b: np.ndarray, k: int = 10, block_size: int = DEFAULT_BLOCK) -> CslsPairs:

@@ -59,6 +59,37 @@ def test_csls_avoids_a_hub_that_plain_nearest_neighbour_picks():
     assert len(i) > 250 and (i == j).mean() > 0.99  # each a_i pairs with its own b_i, not the hub
 
 
+def _dense_csls_pairs(a, b, k):
+    """CSLS mutual nearest neighbours from the full similarity matrix: the definition, for small sets."""
+    s = a @ b.T
+    r_a = np.sort(s, axis=1)[:, -k:].mean(axis=1)
+    r_b = np.sort(s, axis=0)[-k:].mean(axis=0)
+    csls = 2 * s - r_a[:, None] - r_b[None, :]
+    nn_ab, nn_ba = csls.argmax(axis=1), csls.argmax(axis=0)
+    i = np.flatnonzero(nn_ba[nn_ab] == np.arange(len(a)))
+    return i, nn_ab[i]
+
+
+@pytest.mark.parametrize("fetch_factor", [1, 2, 10])
+def test_csls_pairs_equal_the_dense_definition_with_anti_hubs_and_short_lists(monkeypatch, fetch_factor):
+    """The certified shortcut must give exactly the dense answer, also when few neighbours are fetched
+    (many queries uncertified) and off-domain rows with low r would loosen a global bound."""
+    import pipeline.purify as purify
+
+    rng = np.random.default_rng(3)
+    centers = rng.normal(size=(12, D)) * 2
+    a, _ = clustered(rng, centers, 700, 0.8)
+    b, _ = clustered(rng, centers, 500, 0.8)
+    off, _ = clustered(rng, rng.normal(size=(3, D)) * 2, 80, 0.8)  # anti-hubs: low r on either side
+    a, b = np.vstack([a, off[:40]]), np.vstack([b, off[40:]])
+    monkeypatch.setattr(purify, "CSLS_FETCH_FACTOR", fetch_factor)
+    got_i, got_j = csls_mutual_pairs(a, b, k=10)
+    want_i, want_j = _dense_csls_pairs(a.astype(np.float64), b.astype(np.float64), 10)
+    assert len(want_i) > 100
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_array_equal(got_j, want_j)
+
+
 def test_csls_k_larger_than_the_sets_is_clamped():
     rng = np.random.default_rng(1)
     a = unit(rng.normal(size=(5, 8)))
