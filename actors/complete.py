@@ -174,7 +174,9 @@ class CompleteImages(_Complete):
                          storage_options=storage_options)
         self.generator = create_image_generator(generator)
         wants_niqe = selection.image_quality == "niqe" and selection.lambda_quality > 0
-        self.niqe = NiqeScorer(selection.niqe_params) if wants_niqe else None
+        # NIQE runs where the generator does: on the GPU beside SDXL, not on the CPU while the GPU waits.
+        device = str(getattr(self.generator, "device", "cpu"))
+        self.niqe = NiqeScorer(selection.niqe_params, device=device) if wants_niqe else None
 
     @staticmethod
     def resources(generator: GeneratorConfig) -> Resources:
