@@ -124,6 +124,11 @@ class VectorIndex:
         meta = {"kind": self.kind, "rerank_factor": self.rerank_factor, "offset": self.offset}
         (folder / "meta.json").write_text(json.dumps(meta))
 
+    @staticmethod
+    def files(with_index: bool = True) -> list[str]:
+        """The files of a saved index folder that :meth:`load` reads."""
+        return ["meta.json", "vectors.npy", *(["index.faiss"] if with_index else [])]
+
     @classmethod
     def load(cls, folder: str | Path, mmap: bool = True, with_index: bool = True) -> VectorIndex:
         """Vectors memory-mapped (``mmap``); ``with_index=False`` skips the FAISS index (vectors only, no search)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -296,8 +297,15 @@ def save(kb: KnowledgeBase, uri: str, storage_options: dict | None = None) -> st
     return kb.version
 
 
-def local_copy(uri: str, storage_options: dict | None = None, cache_dir: str | None = None) -> Path:
-    """A local folder holding the knowledge base at ``uri`` (downloaded once per version for remote URIs)."""
+def local_copy(uri: str, storage_options: dict | None = None, cache_dir: str | None = None,
+               parts: list[str] | None = None) -> Path:
+    """A local folder holding the knowledge base at ``uri``.
+
+    Remote URIs are downloaded into a per-version cache, and only ``parts`` (paths of files or folders
+    relative to the KB root; None: everything): a retrieval actor fetches its own shard group, not the
+    whole index. Each part is downloaded once per node and moved into place atomically, so actors that
+    start together on a node share the copy.
+    """
     from fsspec.implementations.local import LocalFileSystem
 
     fs, path = _url_to_fs(uri, storage_options)
@@ -305,13 +313,29 @@ def local_copy(uri: str, storage_options: dict | None = None, cache_dir: str | N
         raise FileNotFoundError(f"no knowledge base at {uri} (manifest.json missing): run `rag4dmc kb build` first")
     if isinstance(fs, LocalFileSystem):
         return Path(path)
-    manifest = json.loads(fs.cat_file(f"{path}/manifest.json"))
-    cache = Path(cache_dir or Path(tempfile.gettempdir()) / "rag4dmc-kb-cache") / manifest["version"]
+    manifest = fs.cat_file(f"{path}/manifest.json")
+    cache = Path(cache_dir or Path(tempfile.gettempdir()) / "rag4dmc-kb-cache") / json.loads(manifest)["version"]
+    cache.mkdir(parents=True, exist_ok=True)
+    if parts is None:
+        parts = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    for part in dict.fromkeys([p for p in parts if p != "manifest.json"]):
+        dest = cache / part
+        if dest.exists():
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+        if fs.isdir(f"{path}/{part}"):
+            fs.get(f"{path}/{part}/", str(tmp), recursive=True)
+        else:
+            fs.get_file(f"{path}/{part}", str(tmp))
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process on this node moved its copy into place first
+            shutil.rmtree(tmp, ignore_errors=True)
     if not (cache / "manifest.json").exists():
-        tmp = cache.with_suffix(".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        fs.get(f"{path}/", str(tmp), recursive=True)
-        tmp.rename(cache) if not cache.exists() else shutil.rmtree(tmp)
+        tmp = cache / f".manifest.json.partial-{os.getpid()}"
+        tmp.write_bytes(manifest)
+        tmp.rename(cache / "manifest.json")
     return cache
 
 
@@ -328,7 +352,7 @@ def open_entries(path: str | Path) -> pa.Table:
 
 def load_entries(uri: str, storage_options: dict | None = None) -> pa.Table:
     """The knowledge base's entries (id, source, text, image), memory-mapped from its local copy."""
-    root = local_copy(uri, storage_options)
+    root = local_copy(uri, storage_options, parts=[ENTRIES_FILE])
     _check_format(json.loads((root / "manifest.json").read_text()), uri)
     return open_entries(root / ENTRIES_FILE)
 
@@ -357,12 +381,17 @@ def load(uri: str, storage_options: dict | None = None, shards: list[int] | None
     ``searched``: load only this modality's FAISS index (the other modality's vectors are still mapped for
     the fusion cross term); a retrieval actor searches one index. Entries are memory-mapped.
     """
-    root = local_copy(uri, storage_options)
-    manifest = json.loads((root / "manifest.json").read_text())
-    _check_format(manifest, uri)
     if searched not in (None, *MODALITIES):
         raise ValueError(f"searched must be one of {MODALITIES} or None, got {searched!r}")
+    root = local_copy(uri, storage_options, parts=["manifest.json"])
+    manifest = json.loads((root / "manifest.json").read_text())
+    _check_format(manifest, uri)
     wanted = range(len(manifest["shards"])) if shards is None else shards
+    parts = ["mapping.pt", "report.json", *([ENTRIES_FILE] if with_entries else [])]
+    for i in wanted:
+        for m in MODALITIES:
+            parts += [f"{manifest['shards'][i]['path']}/{m}/{f}" for f in VectorIndex.files(with_index=searched in (None, m))]
+    root = local_copy(uri, storage_options, parts=parts)
     loaded = []
     for i in wanted:
         s = manifest["shards"][i]

@@ -155,3 +155,31 @@ def test_a_kb_of_another_format_asks_for_a_rebuild(built, tmp_path):
     (tmp_path / "kb" / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
     with pytest.raises(ValueError, match="rebuild it with `rag4dmc kb build`"):
         kbmod.load(str(tmp_path / "kb"))
+
+
+def test_an_actor_downloads_only_its_part_of_a_remote_kb(built, s3_server, s3_bucket, tmp_path, monkeypatch):
+    """At LAION scale no node holds the whole KB: a retrieval actor fetches its shard group's files and
+    the index it searches, a completion actor the entries file."""
+    vectors = {m: np.vstack([s.index(m).vectors for s in built.shards]) for m in ("image", "text")}
+    shards = kbmod.build_shards(vectors, FAST.model_copy(update={"index": IndexConfig(shards=3)}))
+    manifest = {**built.manifest, "shards": [{"start": s.start, "stop": s.stop, "path": f"shard-{i:05d}"}
+                                             for i, s in enumerate(shards)]}
+    kb = kbmod.KnowledgeBase(built.entries, built.mapping, shards, built.report, manifest)
+    uri, opts = f"{s3_bucket}/kb", s3_server.storage_options
+    kbmod.save(kb, uri, opts)
+    monkeypatch.setattr(kbmod.tempfile, "gettempdir", lambda: str(tmp_path))
+    cache = tmp_path / "rag4dmc-kb-cache" / kb.version
+
+    part = kbmod.load(uri, opts, shards=[1], with_entries=False, searched="text")
+    files = {p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file()}
+    assert files == {"manifest.json", "mapping.pt", "report.json", "shard-00001/image/meta.json",
+                     "shard-00001/image/vectors.npy", "shard-00001/text/meta.json",
+                     "shard-00001/text/vectors.npy", "shard-00001/text/index.faiss"}
+    q = shards[1].text.vectors[:5]
+    got = kbmod.shard_candidates(part.shards[0], q, part.pseudo(q, "text"), "text", RetrievalConfig())
+    want = kbmod.shard_candidates(shards[1], q, kb.pseudo(q, "text"), "text", RetrievalConfig())
+    np.testing.assert_array_equal(got.ids, want.ids)
+
+    entries = kbmod.load_entries(uri, opts)
+    assert (cache / kbmod.ENTRIES_FILE).is_file() and not (cache / "shard-00000").exists()
+    assert entries.equals(built.entries)
