@@ -33,7 +33,7 @@ from pipeline import kb as kbmod
 from pipeline.config import EncoderConfig, JobConfig
 from pipeline.datasource import ROW_KEY, ShardDatasource
 from pipeline.output import finalize
-from pipeline.schema import STAGES, TASK_I2T, TASK_T2I
+from pipeline.schema import STAGES, TASK_I2T, TASK_T2I, ray_stage
 from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -131,22 +131,22 @@ def build_plan(spec: JobSpec, kb_manifest: dict, storage: Storage, shards: list[
     source = ShardDatasource(spec.data, cfg.columns, storage.options, spec.data_format, shards=shards, keys=keys)
     cpu = {"num_cpus": CPU_TASK.num_cpus, "batch_size": CPU_TASK.batch_size, "batch_format": "numpy"}
     ds = ray.data.read_datasource(source, ray_remote_args={"num_cpus": CPU_TASK.num_cpus})
-    ds = ds.map_batches(route, fn_kwargs={"storage_options": storage.options}, **cpu)
+    ds = ds.map_batches(ray_stage(route), fn_kwargs={"storage_options": storage.options}, **cpu)
 
     def stages(b, task: str, observed: str, prepare, prepare_kwargs, complete_cls):
         """The stages of one direction; each touches only rows of ``task`` and passes the others through."""
-        b = b.map_batches(prepare, fn_kwargs=prepare_kwargs, **cpu)
-        b = b.map_batches(EmbedQueries, fn_constructor_kwargs={"encoder": encoder, "modality": observed},
+        b = b.map_batches(ray_stage(prepare), fn_kwargs=prepare_kwargs, **cpu)
+        b = b.map_batches(ray_stage(EmbedQueries), fn_constructor_kwargs={"encoder": encoder, "modality": observed},
                           batch_format="numpy", **pools[f"embed:{task}"].map_batches_kwargs())
         for g, group in enumerate(groups):
             b = b.map_batches(
-                RetrieveNeighbours,
+                ray_stage(RetrieveNeighbours),
                 fn_constructor_kwargs={"kb_uri": spec.kb, "storage_options": storage.options, "shards": group,
                                        "observed": observed, "retrieval": cfg.retrieval,
                                        "last": g == len(groups) - 1},
                 batch_format="numpy", **pools[f"retrieve:{task}:{g}"].map_batches_kwargs())
         return b.map_batches(
-            complete_cls,
+            ray_stage(complete_cls),
             fn_constructor_kwargs={"generator": cfg.generator, "selection": cfg.selection, "encoder": encoder,
                                    "entries": spec.kb, "storage_options": storage.options},
             batch_format="numpy", **pools[f"generate:{task}"].map_batches_kwargs())

@@ -14,7 +14,7 @@ from pipeline import kb as kbmod
 from pipeline.config import ColumnsConfig, KBConfig, StageResources, StorageConfig
 from pipeline.datasource import ShardDatasource
 from pipeline.job import select_tasks
-from pipeline.schema import TASK_FAILED, TASK_OBSERVED
+from pipeline.schema import TASK_FAILED, TASK_OBSERVED, ray_stage
 from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,12 @@ def embed_pairs(path: str, spec: KBBuildSpec, storage: Storage) -> tuple[pa.Tabl
         res = res.for_gpu(False)
     ds = ray.data.read_datasource(ShardDatasource(path, spec.columns, storage.options, spec.data_format),
                                   ray_remote_args={"num_cpus": CPU_TASK.num_cpus})
-    ds = ds.map_batches(route, fn_kwargs={"storage_options": storage.options}, **cpu)
-    ds = ds.map_batches(decode_for_model, fn_kwargs={"size": encoder_image_size(enc), "tasks": (TASK_OBSERVED,),
+    ds = ds.map_batches(ray_stage(route), fn_kwargs={"storage_options": storage.options}, **cpu)
+    ds = ds.map_batches(ray_stage(decode_for_model), fn_kwargs={"size": encoder_image_size(enc), "tasks": (TASK_OBSERVED,),
                                                      "max_pixels": enc.max_image_pixels}, **cpu)
-    ds = ds.map_batches(EmbedPairs, fn_constructor_kwargs={"encoder": enc}, batch_format="numpy",
+    ds = ds.map_batches(ray_stage(EmbedPairs), fn_constructor_kwargs={"encoder": enc}, batch_format="numpy",
                         **res.map_batches_kwargs())
-    ds = ds.map_batches(select_tasks, fn_kwargs={"tasks": (TASK_OBSERVED, TASK_FAILED)}, **cpu)
+    ds = ds.map_batches(ray_stage(select_tasks), fn_kwargs={"tasks": (TASK_OBSERVED, TASK_FAILED)}, **cpu)
     entries, images, texts, skipped = [], [], [], 0
     for batch in ds.iter_batches(batch_format="numpy", batch_size=4096):
         ok = np.asarray(batch["task"], dtype=object) == TASK_OBSERVED

@@ -49,27 +49,49 @@ OUTPUT_SCHEMA = pa.schema([
 ])
 
 
-def _string_like(schema: pa.Schema) -> set[str]:
-    return {f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_binary(f.type)}
+def _fixed(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_binary(t) or pa.types.is_list(t)
 
 
-# Columns that hold strings or bytes (or null) at every stage of the job.
-NULLABLE_OBJECT_COLUMNS = frozenset(_string_like(INPUT_SCHEMA) | _string_like(OUTPUT_SCHEMA))
+# Columns whose Arrow type the schemas fix (strings, bytes, lists). Left to inference, a numpy batch's
+# column changes type with its content: all None becomes type null (handed to the next stage as float
+# NaN), equal-length lists become a tensor; blocks of one column with two types then fail to combine.
+TYPED_COLUMNS: dict[str, pa.DataType] = {f.name: f.type for f in (*INPUT_SCHEMA, *OUTPUT_SCHEMA) if _fixed(f.type)}
+
+
+def _value(v):
+    if v is None or (isinstance(v, (float, np.floating)) and v != v):
+        return None
+    return v.tolist() if isinstance(v, np.ndarray) else v
 
 
 def restore_nulls(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """String/bytes columns as object arrays with None for null.
-
-    A stage that returns an all-None object column gives Ray Data an Arrow column of type null, which the
-    next stage receives as a float NaN array; passed on as is, float and string blocks of that column
-    then fail to unify. Every stage calls this on its input (see :func:`numpy_stage`).
-    """
+    """The schema's string, bytes and list columns as object arrays of Python values, None for null
+    (an all-null column reaches a stage as float NaN, a column of equal-length lists as a 2-D array)."""
     out = dict(batch)
-    for name in NULLABLE_OBJECT_COLUMNS.intersection(batch):
+    for name in TYPED_COLUMNS.keys() & batch.keys():
         col = batch[name]
-        if isinstance(col, np.ndarray) and col.dtype.kind == "f":
-            out[name] = np.array([None if v != v else v for v in col.tolist()], dtype=object)
+        if isinstance(col, np.ndarray) and (col.dtype.kind == "f" or col.ndim > 1):
+            values = [_value(v) for v in col]
+            out[name] = np.empty(len(values), dtype=object)
+            out[name][:] = values
     return out
+
+
+def typed_block(batch: dict[str, np.ndarray]) -> pa.Table:
+    """A stage's output as an Arrow table: the schema's string, bytes and list columns with their declared
+    types, every other column (numbers, embeddings) as Ray Data converts numpy batches."""
+    from ray.data.block import BlockAccessor
+
+    rest = {k: v for k, v in batch.items() if k not in TYPED_COLUMNS}
+    inferred = BlockAccessor.batch_to_block(rest) if rest else None
+    columns = {}
+    for name, col in batch.items():
+        if name in TYPED_COLUMNS:
+            columns[name] = pa.array([_value(v) for v in col], type=TYPED_COLUMNS[name])
+        else:
+            columns[name] = inferred.column(name)
+    return pa.table(columns)
 
 
 def numpy_stage(fn):
@@ -81,3 +103,19 @@ def numpy_stage(fn):
         return fn(*args[:-1], restore_nulls(args[-1]), **kwargs)
 
     return wrapper
+
+
+def ray_stage(stage):
+    """A stage (batch function or callable class) as the job hands it to ``map_batches``: the same stage,
+    its output made a :func:`typed_block` (called directly, stages return numpy batches)."""
+    if isinstance(stage, type):
+        typed = type(stage.__name__, (stage,), {
+            "__call__": lambda self, batch: typed_block(stage.__call__(self, batch)),
+            "__module__": stage.__module__, "__qualname__": stage.__qualname__, "__doc__": stage.__doc__})
+        return typed
+
+    @functools.wraps(stage)
+    def fn(batch, **kwargs):
+        return typed_block(stage(batch, **kwargs))
+
+    return fn

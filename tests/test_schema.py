@@ -1,26 +1,66 @@
-"""Column types between the job's stages."""
+"""Column types between the job's stages: a column keeps one Arrow type whatever a batch holds."""
 
 import numpy as np
 import pyarrow as pa
 from ray.data.block import BlockAccessor
 
-from pipeline.schema import numpy_stage, restore_nulls
+from pipeline.schema import OUTPUT_SCHEMA, numpy_stage, ray_stage, restore_nulls
 
 
-def test_an_all_null_string_column_survives_a_pass_through_stage():
-    """Ray hands a stage an all-null column as float NaN; passed on as is, its block would not unify with
-    the string blocks of the same column. Stages restore it to None first."""
-    block = BlockAccessor.batch_to_block({"row_key": np.array(["a", "b"], object),
-                                          "image_uri": np.array([None, None], object)})
+@numpy_stage
+def pass_through(batch):
+    return batch
+
+
+def _objects(values):
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def test_ray_turns_all_null_and_passed_through_list_columns_into_other_types():
+    """What Ray Data does with untyped numpy batches: the reason stages restore and type their columns."""
+    block = BlockAccessor.batch_to_block({"image_uri": _objects([None, None]),
+                                          "fusion_scores": _objects([[0.5, 0.4], [0.3, 0.2]])})
+    assert pa.types.is_null(block.schema.field("image_uri").type)
+    assert pa.types.is_list(block.schema.field("fusion_scores").type)
     batch = BlockAccessor.for_block(block).to_batch_format("numpy")
-    assert batch["image_uri"].dtype.kind == "f"  # what Ray does (the reason for restore_nulls)
+    assert batch["image_uri"].dtype.kind == "f"  # the next stage gets NaN
+    passed_on = BlockAccessor.batch_to_block(batch)  # the lists come back as numpy arrays: now a tensor
+    assert not pa.types.is_list(passed_on.schema.field("fusion_scores").type)
+    restored = restore_nulls(batch)
+    assert list(restored["image_uri"]) == [None, None]
+    assert [list(v) for v in restored["fusion_scores"]] == [[0.5, 0.4], [0.3, 0.2]]
 
-    @numpy_stage
-    def pass_through(b):
-        return b
 
-    out = BlockAccessor.batch_to_block(pass_through(batch))
-    strings = pa.table({"row_key": ["c"], "image_uri": ["s3://bucket/c.jpg"]})
-    merged = pa.concat_tables([out, strings], promote_options="default")
-    assert merged.column("image_uri").to_pylist() == [None, None, "s3://bucket/c.jpg"]
-    assert restore_nulls({"seconds_embed": np.array([np.nan])})["seconds_embed"].dtype.kind == "f"  # numbers stay
+def test_blocks_of_a_ray_stage_combine_whatever_their_batches_hold():
+    """Batches with all-null strings, equal-length lists, ragged lists and nulls: every output block has
+    the schema's types, so Ray Data can combine them (the job failed here on 1,000 generated rows)."""
+    stage = ray_stage(pass_through)
+    rectangular = {"row_key": _objects(["a", "b"]), "image_uri": _objects([None, None]),
+                   "fusion_scores": _objects([[0.5, 0.4], [0.3, 0.2]]), "query": np.ones((2, 3), np.float32)}
+    ragged = {"row_key": _objects(["c", "d"]), "image_uri": _objects(["s3://b/c.jpg", None]),
+              "fusion_scores": _objects([[0.9], None]), "query": np.zeros((2, 3), np.float32)}
+    blocks = [stage(b) for b in (rectangular, ragged)]
+    merged = pa.concat_tables(blocks)
+    assert merged.schema.field("fusion_scores").type == OUTPUT_SCHEMA.field("fusion_scores").type
+    assert merged.column("image_uri").to_pylist() == [None, None, "s3://b/c.jpg", None]
+    assert merged.column("fusion_scores").to_pylist()[3] is None
+    np.testing.assert_allclose(merged.column("fusion_scores").to_pylist()[0], [0.5, 0.4])
+    assert np.asarray(merged.column("query").to_pylist()).shape == (4, 3)  # other columns as Ray makes them
+
+
+def test_a_ray_stage_class_keeps_its_name_and_constructor():
+    class Scale:
+        def __init__(self, factor):
+            self.factor = factor
+
+        @numpy_stage
+        def __call__(self, batch):
+            return {**batch, "x": batch["x"] * self.factor}
+
+    typed = ray_stage(Scale)
+    assert typed.__name__ == "Scale"
+    out = typed(3)({"x": np.array([1.0, 2.0]), "error": np.array([np.nan, np.nan])})
+    assert isinstance(out, pa.Table)
+    assert out.column("x").to_pylist() == [3.0, 6.0] and out.column("error").type == pa.string()
