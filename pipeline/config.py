@@ -95,7 +95,7 @@ class AlignConfig(_Strict):
 class IndexConfig(_Strict):
     """FAISS indexes of the knowledge base."""
 
-    kind: Literal["auto", "flat", "ivf", "ivfsq", "ivfpq", "hnsw"] = "auto"
+    kind: Literal["auto", "flat", "ivf", "ivfpq", "hnsw"] = "auto"
     flat_max_rows: int = Field(200_000, ge=1, description="auto: exact search up to this many rows")
     pq_min_rows: int = Field(20_000_000, ge=1, description="auto: IVF-PQ from this many rows, IVF-Flat below")
     nlist: int | None = Field(None, ge=1, description="IVF lists; None: 4*sqrt(n)")

@@ -1,4 +1,4 @@
-"""Knowledge-base vector indexes: exact for small KBs, IVF / IVF-SQ8 / IVF-PQ / HNSW for large ones, sharded.
+"""Knowledge-base vector indexes: exact for small KBs, IVF / IVF-PQ / HNSW for large ones, sharded.
 
 A :class:`VectorIndex` keeps the full-precision vectors beside its FAISS index and reranks the
 approximate candidates exactly, so quantisation costs speed, not ranking quality. Shards cover
@@ -46,14 +46,11 @@ def build_faiss(vectors: np.ndarray, kind: str, cfg: IndexConfig, seed: int = 0)
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efSearch = cfg.hnsw_ef_search
-    elif kind in ("ivf", "ivfsq", "ivfpq"):
+    elif kind in ("ivf", "ivfpq"):
         nlist = _nlist(n, cfg)
         quantizer = faiss.IndexFlatIP(d)
         if kind == "ivf":
             index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        elif kind == "ivfsq":  # 8-bit scalar codes: a quarter of IVF-Flat's bytes scanned per query
-            index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit,
-                                                  faiss.METRIC_INNER_PRODUCT)
         else:
             if d % cfg.pq_m:
                 raise EmbeddingError(f"index.pq_m={cfg.pq_m} must divide the dimension {d}")
@@ -64,7 +61,7 @@ def build_faiss(vectors: np.ndarray, kind: str, cfg: IndexConfig, seed: int = 0)
         index.train(sample)
         index.nprobe = min(cfg.nprobe, nlist)
     else:
-        raise ValueError(f"unknown index kind {kind!r}: use flat, ivf, ivfsq, ivfpq or hnsw")
+        raise ValueError(f"unknown index kind {kind!r}: use flat, ivf, ivfpq or hnsw")
     index.add(vectors)
     return index
 

@@ -28,7 +28,7 @@ def test_auto_kind_is_exact_for_small_and_approximate_for_large_sets():
     assert choose_kind(10, IndexConfig(kind="hnsw")) == "hnsw"
 
 
-@pytest.mark.parametrize("kind", ["ivf", "ivfsq", "ivfpq", "hnsw"])
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq", "hnsw"])
 def test_approximate_kinds_keep_recall_and_return_exact_scores(world, kind):
     base, queries = world
     cfg = IndexConfig(nlist=64, nprobe=16, pq_m=8, rerank_factor=8)
