@@ -224,7 +224,8 @@ def render_markdown(path: Path) -> str:
     data = json.loads(Path(path).read_text())
     out = [f"### {data['benchmark']}", "", f"Measured {data['when']}; load average (1/5/15 min) at the end: "
            f"{data.get('provenance', {}).get('load_avg_1_5_15_min')}.", ""]
-    for title, tab in data.get("tables", {}).items():
+    tabs = data.get("tables") or ({data["benchmark"]: data["rows"]} if data.get("rows") else {})
+    for title, tab in tabs.items():
         rows = tab["rows"] if isinstance(tab, dict) else tab
         cols = tab["columns"] if isinstance(tab, dict) else list(dict.fromkeys(k for r in rows for k in r))
         out += [f"**{title}**", "", table(rows, cols), ""]
