@@ -36,8 +36,7 @@ def route(batch: dict[str, np.ndarray], *, storage_options: dict | None = None) 
     error = np.array(batch["error"], dtype=object)
     image = np.array(batch["image"], dtype=object)
     text = np.array(batch["text"], dtype=object)
-    # A string column of nulls may reach a numpy batch as float NaN; keep it strings-or-None so that every
-    # block carries the same Arrow type (float vs string blocks fail to unify downstream).
+    # Nulls arrive as None (numpy_stage); an empty URI means none either.
     uri = np.array([u if isinstance(u, str) and u else None for u in batch["image_uri"]], dtype=object)
     for i in range(n):
         if task[i] == TASK_FAILED:

@@ -95,9 +95,11 @@ SERVE_FLAGS = {
 }
 
 
-def _add_flags(parser: argparse.ArgumentParser, table: dict) -> None:
+def _add_flags(parser: argparse.ArgumentParser, table: dict, extra: dict | None = None) -> None:
+    """One option per flag of ``table``; ``extra`` adds argparse keywords per flag (nargs, action)."""
     for flag, (key, typ, text) in table.items():
-        parser.add_argument(flag, type=typ, default=None, dest=key, help=f"{text} [{key}]")
+        parser.add_argument(flag, type=typ, default=None, dest=key, help=f"{text} [{key}]",
+                            **(extra or {}).get(flag, {}))
 
 
 def _set(tree: dict, key: str, value: Any) -> None:
@@ -251,8 +253,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="report folder or s3:// prefix")
     ev.add_argument("--config", help="YAML file with knowledge-base, retrieval, selection and evaluation keys")
     ev.add_argument("--format", default="auto", choices=["auto", "parquet", "jsonl", "webdataset"])
-    for flag, (key, typ, text) in EVAL_FLAGS.items():
-        ev.add_argument(flag, type=typ, default=None, dest=key, help=f"{text} [{key}]", **EVAL_NARGS.get(flag, {}))
+    _add_flags(ev, EVAL_FLAGS, EVAL_NARGS)
     _add_flags(ev, EVAL_JOB_FLAGS)
     _add_flags(ev, KB_FLAGS)
     _add_flags(ev, COLUMN_FLAGS)

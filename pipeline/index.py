@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 TRAIN_POINTS_PER_LIST = 64  # IVF coarse quantiser trained on at most this many rows per list
 MIN_ROWS_PER_LIST = 39  # FAISS's own lower bound for a meaningful k-means
+INDEX_FILE, VECTORS_FILE, META_FILE = "index.faiss", "vectors.npy", "meta.json"  # a saved index folder
 
 
 def choose_kind(n: int, cfg: IndexConfig) -> str:
@@ -119,23 +120,23 @@ class VectorIndex:
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        faiss.write_index(self.index, str(folder / "index.faiss"))
-        np.save(folder / "vectors.npy", self.vectors)
+        faiss.write_index(self.index, str(folder / INDEX_FILE))
+        np.save(folder / VECTORS_FILE, self.vectors)
         meta = {"kind": self.kind, "rerank_factor": self.rerank_factor, "offset": self.offset}
-        (folder / "meta.json").write_text(json.dumps(meta))
+        (folder / META_FILE).write_text(json.dumps(meta))
 
     @staticmethod
     def files(with_index: bool = True) -> list[str]:
         """The files of a saved index folder that :meth:`load` reads."""
-        return ["meta.json", "vectors.npy", *(["index.faiss"] if with_index else [])]
+        return [META_FILE, VECTORS_FILE, *([INDEX_FILE] if with_index else [])]
 
     @classmethod
     def load(cls, folder: str | Path, mmap: bool = True, with_index: bool = True) -> VectorIndex:
         """Vectors memory-mapped (``mmap``); ``with_index=False`` skips the FAISS index (vectors only, no search)."""
         folder = Path(folder)
-        meta = json.loads((folder / "meta.json").read_text())
-        vectors = np.load(folder / "vectors.npy", mmap_mode="r" if mmap else None)
-        index = faiss.read_index(str(folder / "index.faiss")) if with_index else None
+        meta = json.loads((folder / META_FILE).read_text())
+        vectors = np.load(folder / VECTORS_FILE, mmap_mode="r" if mmap else None)
+        index = faiss.read_index(str(folder / INDEX_FILE)) if with_index else None
         return cls(vectors, index, meta["kind"], meta["rerank_factor"], meta["offset"])
 
 
