@@ -6,16 +6,16 @@ VENV ?= $(HOME)/.cache/rag4dmc/venv
 PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-$(shell sha256sum pyproject.toml | cut -c1-16)
 DEMO_OUT ?= demo_out
-# NIQE's parameters (basicsr 1.4.2 sdist, Apache-2.0), fetched from PyPI at setup time for the demo. Defined
-# before the rules: make expands a prerequisite list when it reads it.
-NIQE_PARAMS := $(VENV)/share/niqe_pris_params.npz
+# NIQE's parameters (basicsr 1.4.2 sdist, Apache-2.0), installed by `rag4dmc setup` where the package finds
+# them (pipeline/assets.py). Defined before the rules: make expands a prerequisite list when it reads it.
+NIQE_PARAMS := $(VENV)/share/rag4dmc/niqe_pris_params.npz
 PYTEST_ARGS ?=
 
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
-.PHONY: env demo test bench lint clean browser
+.PHONY: env demo test bench lint clean system-deps
 
 # Site pip configuration may cap torch below the pinned pair (a machine-wide constraints file): the
 # project's pins are the ones that hold, so the install reads no pip configuration file.
@@ -25,22 +25,29 @@ $(DEPS_STAMP): pyproject.toml
 	PIP_CONFIG_FILE=/dev/null $(PY) -m pip install -q --progress-bar off -e '.[dev]'
 	@rm -f $(VENV)/.deps-* && touch $@
 
-# Point the shared environment's `rag4dmc` at this checkout (seconds; no dependency changes).
+# Point the shared environment's `rag4dmc` at this checkout (seconds; no dependency changes), with NIQE's
+# parameters installed where `complete`, `serve` and `evaluate` find them without flags.
 env: $(DEPS_STAMP)
 	@$(PY) -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+	@test -f $(NIQE_PARAMS) || $(VENV)/bin/rag4dmc setup
 
-demo: env $(NIQE_PARAMS)
-	$(VENV)/bin/rag4dmc demo --out $(DEMO_OUT) --niqe-params $(NIQE_PARAMS)
+demo: env
+	$(VENV)/bin/rag4dmc demo --out $(DEMO_OUT)
 
-test: env browser
+test: env system-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# tests/test_report.py opens the evaluation report in Debian's headless Chromium: install it when it is
-# missing and we can (root with apt-get); otherwise that test says how (and fails under CI=true).
-browser:
-	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-		apt-get update -qq && apt-get install -y -qq chromium; } || \
-		echo "chromium is missing and could not be installed (needs root, apt-get and a Debian mirror)"
+# Debian packages some tests use: chromium opens the evaluation report (tests/test_report.py), and the real
+# emoji corpus (bench/emoji.py: Noto Color Emoji drawn by Pillow, named by unicode-data's emoji-test.txt) is
+# the data nobody here generated. Installed when missing and we can (root with apt-get); otherwise those
+# tests say how (and fail under CI=true).
+SYSTEM_DEPS := chromium:/usr/bin/chromium fonts-noto-color-emoji:/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf \
+	unicode-data:/usr/share/unicode/emoji/emoji-test.txt
+system-deps:
+	@missing=$$(for d in $(SYSTEM_DEPS); do [ -e "$${d#*:}" ] || echo "$${d%%:*}"; done); \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && apt-get install -y -qq $$missing; } || \
+		echo "could not install $$missing (needs root, apt-get and a Debian mirror)"
 
 bench: env
 	$(PY) bench/run_all.py
@@ -50,11 +57,3 @@ lint: env
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache build *.egg-info
-
-$(NIQE_PARAMS): $(DEPS_STAMP)
-	@mkdir -p $(VENV)/share/basicsr
-	# --no-build-isolation: pip reads the sdist's metadata with the venv's torch instead of fetching one
-	PIP_CONFIG_FILE=/dev/null $(PY) -m pip download -q --no-deps --no-binary :all: --no-build-isolation \
-		basicsr==1.4.2 -d $(VENV)/share/basicsr
-	tar -xzf $(VENV)/share/basicsr/basicsr-1.4.2.tar.gz -C $(VENV)/share/basicsr --wildcards '*/niqe_pris_params.npz'
-	cp $$(find $(VENV)/share/basicsr -name niqe_pris_params.npz | head -1) $@

@@ -46,9 +46,16 @@ KB_MAPPING_EPOCHS = 30  # the mapping MLP's quality does not change throughput; 
 FIRST_OUTPUT_POLL_S = 0.1
 TARGET_N = 5_000
 TARGET_RATIO = 1.25  # job seconds per row / loop seconds per row, at TARGET_N, at most
-# Where `make demo` and the shared test assets keep NIQE's parameters (t2i candidates are scored with NIQE).
-NIQE_CANDIDATES = (Path.home() / ".cache/rag4dmc/venv/share/niqe_pris_params.npz",
-                   REPO.parent / "shared/niqe/niqe_pris_params.npz")
+
+
+def _installed_niqe() -> str | None:
+    """NIQE's parameters where `rag4dmc setup` installs them (t2i candidates are then scored with NIQE)."""
+    from pipeline.assets import NiqeParamsMissing, niqe_params_path
+
+    try:
+        return niqe_params_path(None)
+    except NiqeParamsMissing:
+        return None
 
 
 def job_config(niqe_params: str | None) -> JobConfig:
@@ -223,7 +230,7 @@ def main() -> None:
     ap.add_argument("--missing-rate", type=float, default=MISSING_RATE, help="fraction of rows to complete")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each size per side; the median is kept")
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs given to Ray")
-    ap.add_argument("--niqe-params", default=next((str(p) for p in NIQE_CANDIDATES if p.is_file()), None),
+    ap.add_argument("--niqe-params", default=_installed_niqe(),
                     help="NIQE parameter file; without one, image candidates are ranked by cosine only")
     ap.add_argument("--loop-threads", type=lambda t: [int(x) for x in t.split(",")], default=[1, os.cpu_count()],
                     help="thread counts tried for the plain loop on the baseline run; the fastest is used")

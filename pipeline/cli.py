@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, JobConfig, KBConfig, validate
@@ -207,6 +208,15 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_setup(args) -> int:
+    from pipeline.assets import install_niqe_params
+
+    path = install_niqe_params(dest=Path(args.dest) if args.dest else None,
+                               sdist=Path(args.sdist) if args.sdist else None)
+    print(f"NIQE parameters installed at {path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from pipeline.demo import run_demo
 
@@ -271,13 +281,20 @@ def parser() -> argparse.ArgumentParser:
     _add_flags(srv, STORAGE_FLAGS)
     srv.set_defaults(func=cmd_serve)
 
+    setup = sub.add_parser("setup", help="install the data files rag4dmc needs offline (NIQE's parameters)",
+                           description="Fetch basicsr 1.4.2's sdist from PyPI with pip and install NIQE's "
+                           "parameters where complete, serve and evaluate find them without flags.")
+    setup.add_argument("--dest", help="install here instead (then point $RAG4DMC_NIQE_PARAMS at it)")
+    setup.add_argument("--sdist", help="an already downloaded basicsr-1.4.2.tar.gz (no download)")
+    setup.set_defaults(func=cmd_setup)
+
     demo = sub.add_parser("demo", help="offline end-to-end demo on generated data",
                           description="Generate a corpus, build the KB, complete, evaluate; prints the report.")
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--n-internal", type=int, default=300)
     demo.add_argument("--n-external", type=int, default=400)
     demo.add_argument("--n-incomplete", type=int, default=150)
-    demo.add_argument("--niqe-params", help="NIQE parameter file; without it images are ranked by cosine only")
+    demo.add_argument("--niqe-params", help="NIQE parameter file (default: the one `rag4dmc setup` installs)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
     return p

@@ -43,7 +43,7 @@ def run_demo(out: str, n_internal: int = 600, n_external: int = 1200, n_incomple
     noise_dropped = _noise_dropped(paths, kb)
     if noise_dropped:
         print(f"      planted noise: {noise_dropped}")
-    selection = {"niqe_params": niqe_params} if niqe_params else {"image_quality": "none"}
+    selection = {"niqe_params": niqe_params} if niqe_params else {}  # default: the copy `rag4dmc setup` installs
     job_cfg = JobConfig.model_validate({"selection": selection})
     summary = run_job(JobSpec(data=paths["incomplete"], kb=str(root / "kb"), out=str(root / "completed"),
                               cfg=job_cfg))

@@ -28,8 +28,7 @@ from pipeline.kb_job import KBBuildSpec, run_kb_build
 from pipeline.storage import Storage
 
 REPO = Path(__file__).resolve().parents[1]
-NIQE = str(REPO.parent / "shared" / "niqe" / "niqe_pris_params.npz")
-JOB = JobConfig.model_validate({"selection": {"niqe_params": NIQE}})
+JOB = JobConfig()  # defaults: NIQE's parameters found where `rag4dmc setup` (make env) installed them
 FAST_KB = KBConfig(mapping=MappingConfig(max_epochs=30, hidden_dim=256))
 
 
@@ -181,8 +180,7 @@ def test_killed_job_resumes_without_duplicates_or_gaps(kb, tmp_path):
     n = 320
     _write_shards(_incomplete(n, seed=5), data, 16)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "pipeline.cli", "complete", "--data", str(data), "--kb", kb, "--out", str(out),
-           "--niqe-params", NIQE]
+    cmd = [sys.executable, "-m", "pipeline.cli", "complete", "--data", str(data), "--kb", kb, "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
