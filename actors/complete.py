@@ -8,6 +8,7 @@ entries, so their cosine to the pseudo-embedding is the retrieval's cross term a
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import zlib
@@ -21,14 +22,7 @@ from actors.resources import Resources
 from pipeline import kb as kbmod
 from pipeline.config import EncoderConfig, GeneratorConfig, SelectionConfig
 from pipeline.schema import STATUS_COMPLETED, STATUS_FAILED, TASK_FAILED, TASK_I2T, TASK_T2I, numpy_stage
-from pipeline.selection import (
-    NiqeScorer,
-    candidate_cosines,
-    consensus_bleu,
-    image_score,
-    text_score,
-    text_scores,
-)
+from pipeline.selection import NiqeScorer, candidate_cosines, select_image, select_text, wants_niqe
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +39,11 @@ class _Complete:
     generated: str
 
     def __init__(self, generator: GeneratorConfig, selection: SelectionConfig, encoder: EncoderConfig,
-                 entries: pa.Table | str, nn: bool, storage_options: dict | None = None):
+                 entries: pa.Table | str, nn: bool, storage_options: dict | None = None, settings: dict | None = None):
         self.gcfg, self.scfg, self.nn = generator, selection, nn
+        # The retrieval and selection settings this direction runs with, and where they came from (calibrated
+        # at KB build, set by the user, or defaults): every completed row carries them as provenance.
+        self.settings = json.dumps(settings, sort_keys=True) if settings else None
         self.max_pixels = encoder.max_image_pixels
         self.encoder = None
         if not nn:
@@ -57,16 +54,17 @@ class _Complete:
         # queries retrieve, however large the KB. A table: entries already in this process (tests, evaluation).
         self.entries = entries if isinstance(entries, pa.Table) else kbmod.load_entries(entries, storage_options)
 
-    def examples(self, ids: list[np.ndarray], scores: list[np.ndarray]) -> list[list[Example]]:
+    def examples(self, ids: list[np.ndarray], scores: list[np.ndarray], cross: list[np.ndarray]
+                 ) -> list[list[Example]]:
         """The retrieved KB entries of each row (ids < 0 are padding), gathered in one take for the batch."""
         keep = [np.asarray(r) >= 0 for r in ids]
         flat = np.concatenate([np.asarray(r, dtype=np.int64)[k] for r, k in zip(ids, keep)]) if ids else []
         rows = kbmod.take_entries(self.entries, flat)
         out, at = [], 0
-        for s, k in zip(scores, keep):
-            sc = np.asarray(s)[k]
+        for s, c, k in zip(scores, cross, keep):
+            sc, cr = np.asarray(s)[k], np.asarray(c)[k]
             out.append([Example(id=rows["id"][at + j], text=rows["text"][at + j] or "", image=rows["image"][at + j],
-                                score=float(sc[j])) for j in range(len(sc))])
+                                score=float(sc[j]), cross=float(cr[j])) for j in range(len(sc))])
             at += len(sc)
         return out
 
@@ -80,15 +78,17 @@ class _Complete:
         # Rows of the other task pass through: keep what an earlier stage wrote for them.
         cols = {c: np.array(batch[c], dtype=object) if c in batch else np.full(n, None, object)
                 for c in ("generated", "status", "generator", "retrieved_ids", "fusion_scores", "candidates",
-                          "candidate_scores")}
+                          "candidate_ids", "candidate_scores", "settings")}
         cols["chosen"] = np.array(batch["chosen"], dtype=np.int32) if "chosen" in batch else np.full(n, -1, np.int32)
         text = np.array(batch["text"], dtype=object)
         image = np.array(batch["image"], dtype=object)
         work = []
-        found = self.examples([batch["ret_ids"][i] for i in rows], [batch["ret_fused"][i] for i in rows])
+        found = self.examples([batch["ret_ids"][i] for i in rows], [batch["ret_fused"][i] for i in rows],
+                              [batch["ret_cross"][i] for i in rows])
         for i, ex in zip(rows, found):
             cols["retrieved_ids"][i] = [e.id for e in ex]
             cols["fusion_scores"][i] = [e.score for e in ex]
+            cols["settings"][i] = self.settings
             if not ex:
                 task[i], error[i] = TASK_FAILED, "the knowledge base returned no neighbours for this row"
             else:
@@ -109,6 +109,11 @@ class _Complete:
         out.update(cols, task=task, error=error, text=text, image=image, seconds_generate=seconds)
         return out
 
+    def n_candidates(self, work) -> int:
+        """Candidates per row: a generator's n samples, or for the nearest-neighbour generator every retrieved
+        example (``retrieval.n_results``, which the calibration chooses)."""
+        return max(len(ex) for _, ex in work) if self.nn else self.gcfg.n_candidates
+
     def complete(self, batch, work, cols, text, image, task, error) -> None:
         raise NotImplementedError
 
@@ -119,9 +124,9 @@ class CompleteTexts(_Complete):
     task, generated = TASK_I2T, "text"
 
     def __init__(self, generator: GeneratorConfig, selection: SelectionConfig, encoder: EncoderConfig,
-                 entries: pa.Table | str, storage_options: dict | None = None):
+                 entries: pa.Table | str, storage_options: dict | None = None, settings: dict | None = None):
         super().__init__(generator, selection, encoder, entries, nn=generator.text_backend == "nn",
-                         storage_options=storage_options)
+                         storage_options=storage_options, settings=settings)
         self.generator = create_text_generator(generator)
 
     @staticmethod
@@ -131,7 +136,7 @@ class CompleteTexts(_Complete):
         return text_generator_class(generator).RESOURCES
 
     def complete(self, batch, work, cols, text, image, task, error) -> None:
-        n = self.gcfg.n_candidates
+        n = self.n_candidates(work)
         queries, ok = [], []
         for i, ex in work:
             try:
@@ -142,23 +147,29 @@ class CompleteTexts(_Complete):
         if not ok:
             return
         seed = batch_seed(self.gcfg.seed, [batch["row_key"][i] for i, _ in ok])
-        cands = self.generator.generate(queries, [ex for _, ex in ok], n, seed)
-        for (i, ex), cand in zip(ok, cands):
-            cand = [c for c in cand if isinstance(c, str) and c.strip()]
+        examples = [ex for _, ex in ok]
+        if self.nn:  # candidates are the neighbours: cos(E_T(c), z_hat_T) is each one's retrieval cross term
+            found = self.generator.generate_indexed(queries, examples, n, seed)
+        else:
+            found = [[(None, c) for c in cand] for cand in self.generator.generate(queries, examples, n, seed)]
+        for (i, ex), cand in zip(ok, found):
+            cand = [(j, c) for j, c in cand if isinstance(c, str) and c.strip()]
             if not cand:
                 task[i], error[i] = TASK_FAILED, f"{self.generator.name} produced no usable caption"
                 continue
-            if self.nn:  # candidates are the neighbours: cos(E_T(c), z_hat_T) is the retrieval's cross term
-                cos = np.asarray(batch["ret_cross"][i][: len(cand)], np.float32)
-                scores = text_score(cos, consensus_bleu(cand), self.scfg.lambda_cos, self.scfg.lambda_quality)
+            texts = [c for _, c in cand]
+            if self.nn:
+                picked = [ex[j] for j, _ in cand]
+                scores = select_text(texts, np.array([e.cross for e in picked], np.float32), self.scfg,
+                                     fused=np.array([e.score for e in picked], np.float32))
+                cols["candidate_ids"][i] = [e.id for e in picked]
             else:
-                emb = self.encoder.encode_texts(cand)
-                scores = text_scores(emb, batch["pseudo"][i], cand, ex[0].text,
-                                     self.scfg.lambda_cos, self.scfg.lambda_quality)
+                cos = candidate_cosines(self.encoder.encode_texts(texts), batch["pseudo"][i])
+                scores = select_text(texts, cos, self.scfg, reference=ex[0].text)
             best = int(np.argmax(scores))
-            text[i] = cand[best]
+            text[i] = texts[best]
             cols["generator"][i] = self.generator.name
-            cols["candidates"][i] = list(cand)
+            cols["candidates"][i] = texts
             cols["candidate_scores"][i] = [float(s) for s in scores]
             cols["chosen"][i] = best
 
@@ -169,14 +180,13 @@ class CompleteImages(_Complete):
     task, generated = TASK_T2I, "image"
 
     def __init__(self, generator: GeneratorConfig, selection: SelectionConfig, encoder: EncoderConfig,
-                 entries: pa.Table | str, storage_options: dict | None = None):
+                 entries: pa.Table | str, storage_options: dict | None = None, settings: dict | None = None):
         super().__init__(generator, selection, encoder, entries, nn=generator.image_backend == "nn",
-                         storage_options=storage_options)
+                         storage_options=storage_options, settings=settings)
         self.generator = create_image_generator(generator)
-        wants_niqe = selection.image_quality == "niqe" and selection.lambda_quality > 0
         # NIQE runs where the generator does: on the GPU beside SDXL, not on the CPU while the GPU waits.
         device = str(getattr(self.generator, "device", "cpu"))
-        self.niqe = NiqeScorer(selection.niqe_params, device=device) if wants_niqe else None
+        self.niqe = NiqeScorer(selection.niqe_params, device=device) if wants_niqe(selection) else None
 
     @staticmethod
     def resources(generator: GeneratorConfig) -> Resources:
@@ -185,21 +195,29 @@ class CompleteImages(_Complete):
         return image_generator_class(generator).RESOURCES
 
     def complete(self, batch, work, cols, text, image, task, error) -> None:
-        n = self.gcfg.n_candidates
+        n = self.n_candidates(work)
         seed = batch_seed(self.gcfg.seed, [batch["row_key"][i] for i, _ in work])
-        cands = self.generator.generate([text[i] for i, _ in work], [ex for _, ex in work], n, seed)
-        for (i, _ex), cand in zip(work, cands):
+        prompts, examples = [text[i] for i, _ in work], [ex for _, ex in work]
+        if self.nn:  # candidates are the neighbours: cos(E_I(c), z_hat_I) is each one's retrieval cross term
+            found = self.generator.generate_indexed(prompts, examples, n, seed)
+        else:
+            found = [[(None, c) for c in cand] for cand in self.generator.generate(prompts, examples, n, seed)]
+        for (i, ex), cand in zip(work, found):
             if not cand:
                 task[i], error[i] = TASK_FAILED, f"{self.generator.name} produced no image"
                 continue
-            if self.nn:  # candidates are the neighbours: cos(E_I(c), z_hat_I) is the retrieval's cross term
-                cos = np.asarray(batch["ret_cross"][i][: len(cand)], np.float32)
+            pictures = [c for _, c in cand]
+            niqe = self.niqe(pictures) if self.niqe is not None else None
+            if self.nn:
+                picked = [ex[j] for j, _ in cand]
+                scores = select_image(np.array([e.cross for e in picked], np.float32), niqe, self.scfg,
+                                      fused=np.array([e.score for e in picked], np.float32))
+                cols["candidate_ids"][i] = [e.id for e in picked]
             else:
-                cos = candidate_cosines(self.encoder.encode_images(cand), batch["pseudo"][i])
-            niqe = self.niqe(cand) if self.niqe is not None else np.zeros(len(cand), np.float32)
-            scores = image_score(cos, niqe, self.scfg.lambda_cos, self.scfg.lambda_quality, self.scfg.niqe_scale)
+                scores = select_image(candidate_cosines(self.encoder.encode_images(pictures), batch["pseudo"][i]),
+                                      niqe, self.scfg)
             best = int(np.argmax(scores))
-            image[i] = encode_image(cand[best], self.gcfg.image_format)
+            image[i] = encode_image(pictures[best], self.gcfg.image_format)
             cols["generator"][i] = self.generator.name
             cols["candidate_scores"][i] = [float(s) for s in scores]
             cols["chosen"][i] = best

@@ -59,7 +59,8 @@ class Example:
     id: str
     text: str
     image: bytes | None  # encoded image bytes; None when only the text is used
-    score: float  # fusion score
+    score: float  # the retrieval's ranking score (sim_fuse in fusion mode)
+    cross: float = float("nan")  # cos(z_hat_other, z_r_other): the cross term of the fusion
 
 
 class GeneratorNotFoundError(FileNotFoundError):
@@ -218,11 +219,16 @@ class NearestNeighbourTextGenerator:
     RESOURCES = Resources(num_cpus=0.25, num_gpus=0.0, batch_size=64)
     name = NN_NAME
 
+    def generate_indexed(self, images: list[Image.Image], examples: list[list[Example]], n: int,
+                         seed: int) -> list[list[tuple[int, str]]]:
+        """(example index, text) of the examples' non-blank texts; ``images`` and ``seed`` are unused."""
+        check_batch(images, examples, n)
+        return [[(j, e.text) for j, e in enumerate(ex[:n]) if e.text and e.text.strip()] for ex in examples]
+
     def generate(self, images: list[Image.Image], examples: list[list[Example]], n: int,
                  seed: int) -> list[list[str]]:
-        """The examples' non-blank texts; ``images`` and ``seed`` are unused (images may be None)."""
-        check_batch(images, examples, n)
-        return [[e.text for e in ex[:n] if e.text and e.text.strip()] for ex in examples]
+        """The examples' non-blank texts (images may be None)."""
+        return [[c for _, c in row] for row in self.generate_indexed(images, examples, n, seed)]
 
 
 class NearestNeighbourImageGenerator:
@@ -231,19 +237,24 @@ class NearestNeighbourImageGenerator:
     RESOURCES = Resources(num_cpus=0.25, num_gpus=0.0, batch_size=64)
     name = NN_NAME
 
-    def generate(self, texts: list[str], examples: list[list[Example]], n: int,
-                 seed: int) -> list[list[Image.Image]]:
-        """The examples' images that decode (an undecodable one is skipped); ``seed`` is unused."""
+    def generate_indexed(self, texts: list[str], examples: list[list[Example]], n: int,
+                         seed: int) -> list[list[tuple[int, Image.Image]]]:
+        """(example index, image) of the examples' images that decode (an undecodable one is skipped)."""
         check_batch(texts, examples, n)
         out = []
         for ex in examples:
             images = []
-            for e in ex[:n]:
+            for j, e in enumerate(ex[:n]):
                 if e.image:
                     with contextlib.suppress(InputError):
-                        images.append(load_image(e.image))
+                        images.append((j, load_image(e.image)))
             out.append(images)
         return out
+
+    def generate(self, texts: list[str], examples: list[list[Example]], n: int,
+                 seed: int) -> list[list[Image.Image]]:
+        """The examples' images that decode; ``seed`` is unused."""
+        return [[c for _, c in row] for row in self.generate_indexed(texts, examples, n, seed)]
 
 
 # ------------------------------------------------------------------------------------------------- BLIP2

@@ -96,6 +96,7 @@ from deploy.protocol import (
     read_body,
 )
 from pipeline import kb as kbmod
+from pipeline.calibrate import effective_settings
 from pipeline.config import (
     EncoderConfig,
     GeneratorConfig,
@@ -205,10 +206,10 @@ class Retriever:
     """Two-stage fusion retrieval over every shard of the knowledge base (``pipeline.kb``), as the job's
     retrieval stage does: each shard's stage-1 candidates, merged, then the fused rerank."""
 
-    def __init__(self, kb: str, storage_options: dict, retrieval: RetrievalConfig, max_batch_size: int,
+    def __init__(self, kb: str, storage_options: dict, retrieval: dict[str, RetrievalConfig], max_batch_size: int,
                  wait_timeout_s: float):
         self.kb = kbmod.load(kb, storage_options, with_entries=False)
-        self.cfg = retrieval
+        self.cfgs = retrieval  # per observed modality: each direction's (calibrated) settings
         configure_batching(self.search, max_batch_size, wait_timeout_s)
 
     @serve.batch
@@ -218,9 +219,9 @@ class Retriever:
         for modality in sorted(set(observed)):
             rows = [i for i, m in enumerate(observed) if m == modality]
             query = np.stack([vectors[i] for i in rows])
-            pseudo = self.kb.pseudo(query, modality)
-            parts = [kbmod.shard_candidates(s, query, pseudo, modality, self.cfg) for s in self.kb.shards]
-            done = kbmod.finish_retrieval(kbmod.merge_candidates(parts, self.cfg.top_k), self.cfg)
+            pseudo, cfg = self.kb.pseudo(query, modality), self.cfgs[modality]
+            parts = [kbmod.shard_candidates(s, query, pseudo, modality, cfg) for s in self.kb.shards]
+            done = kbmod.finish_retrieval(kbmod.merge_candidates(parts, cfg.top_k), cfg)
             for j, i in enumerate(rows):
                 out[i] = (done.ids[j].copy(), done.fused[j].copy(), done.cross[j].copy(), pseudo[j].copy())
         batch = Batched.since(start, len(vectors))
@@ -234,10 +235,10 @@ class Generator:
 
     def __init__(self, kb: str, storage_options: dict, task: str, generator: GeneratorConfig,
                  selection: SelectionConfig, encoder: EncoderConfig, config_hash: str, max_batch_size: int,
-                 wait_timeout_s: float):
+                 wait_timeout_s: float, settings: dict | None = None):
         loaded = kbmod.load(kb, storage_options, shards=[], with_entries=False)
         stage = CompleteTexts if task == TASK_I2T else CompleteImages
-        self.complete = stage(generator, selection, encoder, kb, storage_options)
+        self.complete = stage(generator, selection, encoder, kb, storage_options, settings=settings)
         self.task, self.kb_version, self.config_hash = task, loaded.version, config_hash
         configure_batching(self.generate, max_batch_size, wait_timeout_s)
 
@@ -366,16 +367,18 @@ def compose(cfg: ServeConfig) -> Application:
 
     enc_opts, enc_batch = options("embed", encoder_class(encoder).RESOURCES)
     ret_opts, ret_batch = options("retrieve", RetrieveNeighbours.RESOURCES)
-    generators = []
-    for name, task in ((TEXT_GENERATOR, TASK_I2T), (IMAGE_GENERATOR, TASK_T2I)):
+    generators, retrieval = [], {}
+    for name, task, observed in ((TEXT_GENERATOR, TASK_I2T, "image"), (IMAGE_GENERATOR, TASK_T2I, "text")):
+        retrieval[observed], selection, settings = effective_settings(cfg.retrieval, cfg.selection,
+                                                                      manifest.get("calibration"), task)
         gen_opts, gen_batch = options("generate", generator_resources(cfg.generator, task))
         generators.append(Generator.options(name=name, **gen_opts).bind(
-            cfg.kb, storage_options, task, cfg.generator, cfg.selection, encoder, cfg.job_config().config_hash(),
-            gen_batch, wait))
+            cfg.kb, storage_options, task, cfg.generator, selection, encoder, cfg.job_config().config_hash(),
+            gen_batch, wait, settings))
     ingress_opts, _ = options("ingress", INGRESS_RESOURCES, cfg.max_ongoing_requests)
     return Completion.options(**ingress_opts).bind(
         Encoder.options(**enc_opts).bind(encoder, enc_batch, wait),
-        Retriever.options(**ret_opts).bind(cfg.kb, storage_options, cfg.retrieval, ret_batch, wait),
+        Retriever.options(**ret_opts).bind(cfg.kb, storage_options, retrieval, ret_batch, wait),
         *generators, cfg, encoder_image_size(encoder), encoder.max_image_pixels, manifest["version"])
 
 

@@ -272,8 +272,9 @@ def answer(row: dict[str, Any], *, image_format: str, batch_sizes: dict[str, int
         "text": row["text"],
         "image": base64.b64encode(row["image"]).decode("ascii") if generated_image else None,
         "image_format": image_format if generated_image else None,
-        **{k: row[k] for k in ("generator", "retrieved_ids", "fusion_scores", "candidates", "candidate_scores",
-                               "chosen", "kb_version", "config_hash")},
+        **{k: row[k] for k in ("generator", "retrieved_ids", "fusion_scores", "candidates", "candidate_ids",
+                               "candidate_scores", "chosen", "kb_version", "config_hash")},
+        "settings": json.loads(row["settings"]) if row["settings"] else None,
         "seconds": {s: row[f"seconds_{s}"] for s in STAGES},
         "batch_sizes": batch_sizes,
     }

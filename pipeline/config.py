@@ -89,6 +89,9 @@ class AlignConfig(_Strict):
     proximal: float = Field(
         0.3, ge=0, description="pull of each Procrustes step towards the previous W (0: MUSE's plain step)"
     )
+    pick: Literal["best", "last"] = Field(
+        "best", description="W of the round with the best mean-cosine criterion, or of the last round (MUSE)"
+    )
     seed: int = 0
 
 
@@ -127,12 +130,17 @@ class RetrievalConfig(_Strict):
 
 
 class SelectionConfig(_Strict):
-    """Candidate selection: s_T = l1*cos + l2*BLEU, s_I = l1*cos - l2*NIQE."""
+    """Candidate selection: s_T = l1*cos + l2*BLEU (+ l3*sim_fuse), s_I = l1*cos - l2*NIQE (+ l3*sim_fuse)."""
 
     lambda_cos: float = Field(1.0, ge=0)
     lambda_quality: float = Field(0.1, ge=0)
+    lambda_retrieval: float = Field(
+        0.0, ge=0, description="weight of the retrieval's fused score when a candidate is a retrieved KB entry "
+        "(nearest-neighbour generators); 0 is the paper's score"
+    )
     niqe_params: str | None = Field(
-        None, description="NIQE parameter file (.npz or .mat); required when images are scored with NIQE"
+        None, description="NIQE parameter file (.npz or .mat); None: $RAG4DMC_NIQE_PARAMS, then the copy "
+        "`rag4dmc setup` installs"
     )
     niqe_scale: float = Field(0.1, gt=0, description="NIQE is multiplied by this before weighting")
     image_quality: Literal["niqe", "none"] = Field(
@@ -179,6 +187,7 @@ class ColumnsConfig(_Strict):
     id: str = "id"
     image: str = "image"
     text: str = "text"
+    label: str | None = Field(None, description="optional class label of a row (evaluation: label agreement)")
 
 
 class StorageConfig(_Strict):
@@ -208,6 +217,56 @@ class StorageConfig(_Strict):
         return opts
 
 
+class CalibrationConfig(_Strict):
+    """Self-calibration at KB build (``pipeline.calibrate``): held-out internal pairs choose the settings.
+
+    A slice of the internal complete pairs is hidden; each is completed from the rest (hide one modality,
+    retrieve, select with the nearest-neighbour generator) at every point of the grids below, and the
+    setting with the highest completion fidelity (cosine to the true other modality in the encoder's space,
+    plus BLEU for texts) is kept, separately per direction. Purification (tau_cent / tau_inst, the
+    alignment's proximal step and round) is chosen first, by the same fidelity at the configured retrieval
+    settings; retrieval and selection are then chosen on the chosen knowledge base.
+    """
+
+    enabled: bool = True
+    holdout_fraction: float = Field(0.15, gt=0, lt=1, description="share of internal pairs held out")
+    min_holdout: int = Field(30, ge=4, description="held-out pairs at least (fewer internal pairs: no calibration)")
+    max_holdout: int = Field(400, ge=4, description="held-out pairs at most: a bounded sample at any corpus size")
+    alpha: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
+    top_k: list[int] = Field([10, 20, 40], min_length=1)
+    n_results: list[int] = Field([1, 2, 4, 8], min_length=1)
+    lambda_quality: list[float] = Field([0.0, 0.1, 0.3], min_length=1)
+    lambda_retrieval: list[float] = Field([0.0, 0.5, 2.0], min_length=1)
+    tau_cent: list[float] = Field([0.3, 0.5, 0.7], min_length=1)
+    tau_inst: list[float] = Field([0.1, 0.3, 0.5], min_length=1)
+    align_proximal: list[float] = Field([0.0, 0.3], min_length=1)
+    align_pick: list[Literal["best", "last"]] = Field(["best", "last"], min_length=1)
+    bleu_weight: float = Field(1.0, ge=0, description="weight of BLEU against the true text in text fidelity")
+    seed: int = 0
+
+    @field_validator("alpha", "tau_cent", "tau_inst")
+    @classmethod
+    def _unit(cls, values: list[float]) -> list[float]:
+        if any(not -1 <= v <= 1 for v in values):
+            raise ValueError(f"values must lie in [-1, 1] (alpha in [0, 1]), got {values}")
+        return values
+
+    @field_validator("top_k", "n_results")
+    @classmethod
+    def _positive(cls, values: list[int]) -> list[int]:
+        if any(v < 1 for v in values):
+            raise ValueError(f"values must be at least 1, got {values}")
+        return sorted(set(values))
+
+    @model_validator(mode="after")
+    def _grid(self) -> CalibrationConfig:
+        if any(not 0 <= a <= 1 for a in self.alpha):
+            raise ValueError(f"calibration.alpha values must lie in [0, 1], got {self.alpha}")
+        if self.min_holdout > self.max_holdout:
+            raise ValueError(f"min_holdout ({self.min_holdout}) exceeds max_holdout ({self.max_holdout})")
+        return self
+
+
 class KBConfig(_Strict):
     """Everything that decides the content of a purified knowledge base."""
 
@@ -216,6 +275,7 @@ class KBConfig(_Strict):
     filter: FilterConfig = FilterConfig()
     align: AlignConfig = AlignConfig()
     index: IndexConfig = IndexConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
     purify: bool = Field(True, description="False keeps the external corpus raw (ablation)")
     use_external: bool = True
 
@@ -292,7 +352,7 @@ class ServeConfig(_Strict):
                          selection=self.selection, accelerators=self.accelerators)
 
 
-VariantName = Literal["drop", "direct", "vanilla", "combined", "kfa", "rag4dmc", "complete"]
+VariantName = Literal["drop", "direct", "vanilla", "combined", "kfa", "rag4dmc", "rag4dmc_default", "complete"]
 VARIANT_NAMES: tuple[str, ...] = get_args(VariantName)
 SweepName = Literal["alpha", "k", "n", "lambda"]
 # What each sweep name varies. n: the neighbours handed to generation, which the nearest-neighbour
@@ -318,6 +378,8 @@ class EvaluationConfig(_Strict):
     examples: int = Field(4, ge=0, description="example completions per variant shown in the report")
     thumbnail_px: int = Field(128, ge=16, description="longest side of the report's example images")
     niqe_sample: int = Field(64, ge=1, description="completed images per variant scored with NIQE")
+    repeats: int = Field(5, ge=1, description="independent train/test splits and masks; means get 95% intervals "
+                         "and variants paired differences (2 or more)")
     seed: int = 0
 
     @field_validator("missing_rates")

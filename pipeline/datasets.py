@@ -51,6 +51,7 @@ NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADire
 TAR_BLOCK = tarfile.BLOCKSIZE
 SUSPECT_SAMPLE = "a neighbouring tar member was unreadable, so this sample may be missing a member"
 
+LABEL_COLUMN = "label"  # read_shard appends it (strings) when columns.label names an input column
 CANONICAL_SCHEMA = pa.schema([
     ("id", pa.string()),
     ("image", pa.binary()),
@@ -83,10 +84,11 @@ class _RawRows:
     images: list[Any]
     texts: list[Any]
     problems: list[str | None]
+    labels: list[Any] = field(default_factory=list)  # only when columns.label is set
 
     @classmethod
     def empty(cls) -> _RawRows:
-        return cls([], [], [], [])
+        return cls([], [], [], [], [])
 
 
 def with_retries(fn: Callable[[], T], attempts: int = RETRY_ATTEMPTS, base_delay: float = RETRY_BASE_DELAY_S,
@@ -168,8 +170,7 @@ def read_shard(uri: str, columns: ColumnsConfig = DEFAULT_COLUMNS, storage_optio
         data = with_retries(lambda: fs.cat_file(path), attempts, RETRY_BASE_DELAY_S)
     except OSError as exc:
         tries = "" if isinstance(exc, NOT_TRANSIENT) else f" after {attempts} attempts"
-        return ShardResult(CANONICAL_SCHEMA.empty_table(),
-                           [f"could not read shard {uri}{tries}: {type(exc).__name__}: {exc}"])
+        return ShardResult(_empty(columns), [f"could not read shard {uri}{tries}: {type(exc).__name__}: {exc}"])
     errors: list[str] = []
     try:
         if fmt == "parquet":
@@ -179,11 +180,19 @@ def read_shard(uri: str, columns: ColumnsConfig = DEFAULT_COLUMNS, storage_optio
         else:
             raw, errors = _parse_tar(data, uri, columns)
     except ShardFormatError as exc:
-        return ShardResult(CANONICAL_SCHEMA.empty_table(), [f"shard {uri}: {exc}"])
+        return ShardResult(_empty(columns), [f"shard {uri}: {exc}"])
     except Exception as exc:  # noqa: BLE001 - a corrupt shard is reported and the job carries on
-        return ShardResult(CANONICAL_SCHEMA.empty_table(),
-                           [f"corrupt {fmt} shard {uri}: {type(exc).__name__}: {exc}"])
-    return ShardResult(_canonical(raw, uri), errors)
+        return ShardResult(_empty(columns), [f"corrupt {fmt} shard {uri}: {type(exc).__name__}: {exc}"])
+    table = _canonical(raw, uri)
+    if columns.label:  # an extra column after the canonical ones, for the callers that asked for it
+        table = table.append_column(LABEL_COLUMN, pa.array([None if v is None else str(v) for v in raw.labels],
+                                                            pa.string()))
+    return ShardResult(table, errors)
+
+
+def _empty(columns: ColumnsConfig) -> pa.Table:
+    table = CANONICAL_SCHEMA.empty_table()
+    return table.append_column(LABEL_COLUMN, pa.array([], pa.string())) if columns.label else table
 
 
 def read_dataset(path: str, columns: ColumnsConfig = DEFAULT_COLUMNS, storage_options: dict | None = None,
@@ -210,14 +219,15 @@ def _parse_parquet(data: bytes, columns: ColumnsConfig) -> _RawRows:
     """The id/image/text columns of a parquet file (other columns are not decoded)."""
     names = pq.read_schema(io.BytesIO(data)).names
     _require_modality_column(names, columns)
-    wanted = [c for c in (columns.id, columns.image, columns.text) if c in names]
+    wanted = [c for c in (columns.id, columns.image, columns.text, columns.label) if c in names]
     table = pq.read_table(io.BytesIO(data), columns=wanted)
     n = table.num_rows
 
-    def values(name: str) -> list[Any]:
+    def values(name: str | None) -> list[Any]:
         return table.column(name).to_pylist() if name in wanted else [None] * n
 
-    return _RawRows(values(columns.id), values(columns.image), values(columns.text), [None] * n)
+    return _RawRows(values(columns.id), values(columns.image), values(columns.text), [None] * n,
+                    values(columns.label) if columns.label else [])
 
 
 def _parse_jsonl(data: bytes, shard: str, columns: ColumnsConfig) -> tuple[_RawRows, list[str]]:
@@ -239,6 +249,8 @@ def _parse_jsonl(data: bytes, shard: str, columns: ColumnsConfig) -> tuple[_RawR
         rows.images.append(obj.get(columns.image))
         rows.texts.append(obj.get(columns.text))
         rows.problems.append(None)
+        if columns.label:
+            rows.labels.append(obj.get(columns.label))
     if rows.ids:
         _require_modality_column(keys, columns)
     return rows, errors
@@ -336,6 +348,8 @@ def _tar_rows(samples: dict[str, dict[str, Any]], suspects: set[str], columns: C
         rows.images.append(sample.get("image", meta.get(columns.image)))
         rows.texts.append(text if "text" in sample else meta.get(columns.text))
         rows.problems.append("; ".join(problems) or None)
+        if columns.label:
+            rows.labels.append(meta.get(columns.label))
     return rows
 
 

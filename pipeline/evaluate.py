@@ -10,15 +10,22 @@ configurations of the same knowledge-base, retrieval and selection code the job 
     vanilla     Vanilla-RAG: internal KB only, intra-modal retrieval
     combined    Combined-RAG: internal + raw external, intra-modal retrieval
     kfa         KFA-RAG: internal + purified external (filter + align), intra-modal retrieval
-    rag4dmc     RAG4DMC: purified KB + two-stage fusion retrieval
+    rag4dmc     RAG4DMC: purified KB + two-stage fusion retrieval, settings calibrated at KB build
+    rag4dmc_default  RAG4DMC with the paper's default settings (no calibration): what calibration adds
     complete    Complete: the true training data (upper bound)
 
-Completions are scored against the truth (BLEU-4, CIDEr, embedding cosine; NIQE for images when its
-parameters are given) and by downstream utility: contrastive heads trained on each variant's data,
-I2T/T2I recall on the test split. Completion uses the nearest-neighbour generator (offline): the
-candidates are the n retrieved neighbours' other modality, scored as the job scores them. Sweeps
+Completions are scored against the truth (BLEU-4, CIDEr, embedding cosine; NIQE for images) and by
+downstream utility: contrastive heads trained on each variant's data, I2T/T2I recall on the test split;
+with a label column, by label agreement (the share of completions whose source entry has the query's
+label). Completion uses the nearest-neighbour generator (offline): the candidates are the n retrieved
+neighbours' other modality, scored by the job's selection functions (``pipeline.selection``). Sweeps
 evaluate one variant at each value of one setting (fusion alpha, top-k, n, selection lambda), the
-others as configured, at the first missing rate.
+others as configured, at the first missing rate of the first repeat.
+
+Everything runs ``evaluation.repeats`` times on independent splits and masks: each metric gets its mean and
+95% interval, each variant its paired difference against Drop-Incomplete and Vanilla-RAG (same split, same
+mask), and the paper's orderings are said to hold, be reversed, or lie within noise
+(``pipeline.significance``).
 
 Everything is embedded once; each missing rate builds its own knowledge bases from the rows it leaves
 complete. The result is one payload (:func:`evaluate`) that :func:`write_report` turns into
@@ -28,6 +35,7 @@ complete. The result is one payload (:func:`evaluate`) that :func:`write_report`
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import math
@@ -39,6 +47,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import kb as kbmod
+from pipeline.calibrate import effective_settings
 from pipeline.config import (
     SWEEP_KEYS,
     VARIANT_NAMES,
@@ -48,10 +57,12 @@ from pipeline.config import (
     SelectionConfig,
     StorageConfig,
 )
+from pipeline.datasets import LABEL_COLUMN
 from pipeline.downstream import HeadConfig, evaluate_heads, train_heads
 from pipeline.mapping import MIN_TRAIN_PAIRS
 from pipeline.metrics import bleu4, cider, mean_cosine
-from pipeline.selection import consensus_bleu, text_score
+from pipeline.schema import TASK_I2T, TASK_T2I
+from pipeline.significance import HOLDS, NOISE, REVERSED, UNKNOWN, mean_ci, paired, verdict
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +73,26 @@ VARIANTS: dict[str, dict] = {
     "vanilla": {"label": "Vanilla-RAG", "kb": "internal", "mode": "intra"},
     "combined": {"label": "Combined-RAG", "kb": "raw", "mode": "intra"},
     "kfa": {"label": "KFA-RAG", "kb": "purified", "mode": "intra"},
-    "rag4dmc": {"label": "RAG4DMC", "kb": "purified", "mode": "fusion"},
+    "rag4dmc": {"label": "RAG4DMC", "kb": "purified", "mode": "fusion", "calibrated": True},
+    "rag4dmc_default": {"label": "RAG4DMC (paper defaults)", "kb": "purified_default", "mode": "fusion"},
     "complete": {"label": "Complete (upper bound)", "kb": None, "training_data": "the true training data"},
 }
 assert tuple(VARIANTS) == VARIANT_NAMES, "evaluate.VARIANTS and config.VariantName must list the same variants"
-KB_DESCRIPTIONS = {"internal": "internal", "raw": "internal + raw external", "purified": "internal + purified external"}
+KB_DESCRIPTIONS = {"internal": "internal", "raw": "internal + raw external",
+                   "purified": "internal + purified external (calibrated)",
+                   "purified_default": "internal + purified external (default thresholds)"}
+# The paper's claims, each checked per missing rate as a paired difference: (a, b, metrics where a > b).
+QUALITY = ("bleu4", "text_cosine", "image_cosine")
+DOWNSTREAM = ("i2t_r1", "t2i_r1")
+LABELS = ("i2t_label", "t2i_label")
+ORDERINGS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
+    ("rag4dmc", "drop", DOWNSTREAM, "completing the missing modality beats dropping incomplete rows"),
+    ("rag4dmc", "vanilla", QUALITY + DOWNSTREAM + LABELS, "the purified dual KB with fusion beats internal-only RAG"),
+    ("rag4dmc", "kfa", QUALITY + DOWNSTREAM + LABELS, "fusion retrieval beats intra-modal retrieval"),
+    ("kfa", "combined", QUALITY + DOWNSTREAM + LABELS, "purifying the external corpus beats using it raw"),
+    ("rag4dmc", "rag4dmc_default", QUALITY + DOWNSTREAM + LABELS, "calibrated settings beat the paper's defaults"),
+)
+REFERENCES = ("drop", "vanilla")  # every variant's paired difference against these is reported
 
 # Every metric: what it measures and whether higher is better (None: a count, not a quality).
 METRICS: dict[str, tuple[str, bool | None]] = {
@@ -79,6 +105,8 @@ METRICS: dict[str, tuple[str, bool | None]] = {
     "i2t_r5": ("downstream image->text recall@5 on the test split", True),
     "t2i_r1": ("downstream text->image recall@1 on the test split", True),
     "t2i_r5": ("downstream text->image recall@5 on the test split", True),
+    "i2t_label": ("completed texts whose source entry has the query's label (label column)", True),
+    "t2i_label": ("completed images whose source entry has the query's label (label column)", True),
     "train_pairs": ("image-text pairs the downstream model trained on", None),
 }
 METRIC_COLUMNS = tuple(METRICS)
@@ -136,7 +164,7 @@ def read_pairs(path: str, cfg: EvalConfig, data_format: str = "auto") -> tuple[p
 
     options = cfg.storage.fsspec_options()
     table, problems = read_dataset(path, cfg.columns, options, data_format)
-    ids, images, texts = [], [], []
+    ids, images, texts, labels = [], [], [], []
     for row in table.to_pylist():
         if row["input_error"]:
             problems.append(f"{row['id']}: {row['input_error']}")
@@ -154,8 +182,12 @@ def read_pairs(path: str, cfg: EvalConfig, data_format: str = "auto") -> tuple[p
         ids.append(row["id"])
         images.append(image)
         texts.append(row["text"])
-    return pa.table({"id": pa.array(ids, pa.string()), "image": pa.array(images, pa.binary()),
-                     "text": pa.array(texts, pa.string())}), problems
+        labels.append(row.get(LABEL_COLUMN))
+    out = pa.table({"id": pa.array(ids, pa.string()), "image": pa.array(images, pa.binary()),
+                    "text": pa.array(texts, pa.string())})
+    if cfg.columns.label:
+        out = out.append_column(LABEL_COLUMN, pa.array(labels, pa.string()))
+    return out, problems
 
 
 def embed_pairs(table: pa.Table, encoder, cfg: EncoderConfig = EncoderConfig()
@@ -240,28 +272,41 @@ def prepare(complete: pa.Table, external: pa.Table, missing_rate: float, encoder
 
 @dataclass
 class VariantKB:
-    """A knowledge base and the encoder's own (unaligned) embeddings of its entries, row for row."""
+    """A knowledge base, the encoder's own (unaligned) embeddings of its entries and their labels, row for row."""
 
     kb: kbmod.KnowledgeBase
     raw: dict[str, np.ndarray] | None  # None: entries could not be matched to the embedded data
+    labels: np.ndarray | None = None  # each entry's label (None: no label column)
+    niqe: dict[int, float] = field(default_factory=dict)  # NIQE of entry images scored so far
+
+
+def _labels(table: pa.Table) -> dict[str, str | None] | None:
+    if LABEL_COLUMN not in table.column_names:
+        return None
+    return dict(zip(table.column("id").to_pylist(), table.column(LABEL_COLUMN).to_pylist()))
 
 
 def build_variant_kbs(data: EvalData, cfg: EvalConfig, needed: set[str] | None = None) -> dict[str, VariantKB]:
-    """The knowledge bases the variants use: internal only, + raw external, + purified external."""
+    """The knowledge bases the variants use: internal only, + raw external, + purified external (calibrated,
+    as ``rag4dmc kb build`` makes it), + purified external with the default settings (no calibration)."""
     needed = set(KB_DESCRIPTIONS) if needed is None else needed
     kb_cfg = cfg.kb_config()
+    plain = kb_cfg.model_copy(update={"calibration": kb_cfg.calibration.model_copy(update={"enabled": False})})
     observed = ~(data.lose_image | data.lose_text)
     internal = data.train.filter(pa.array(observed))
     emb = {"image": data.train_img[observed], "text": data.train_txt[observed]}
     ext = {"image": data.ext_img, "text": data.ext_txt}
     external = data.external if data.external.num_rows else None
-    configs = {"internal": (None, None, kb_cfg), "raw": (external, ext, kb_cfg.model_copy(update={"purify": False})),
-               "purified": (external, ext, kb_cfg)}
+    configs = {"internal": (None, None, plain), "raw": (external, ext, plain.model_copy(update={"purify": False})),
+               "purified": (external, ext, kb_cfg), "purified_default": (external, ext, plain)}
+    labels = {**(_labels(data.external) or {}), **(_labels(data.train) or {})} if _labels(data.train) else None
     out = {}
     for name in KB_DESCRIPTIONS:
         if name in needed:
             kb = kbmod.build_knowledge_base(internal, emb, *configs[name])
-            out[name] = VariantKB(kb, _raw_vectors(kb, emb, data))
+            entry_labels = None if labels is None else np.array(
+                [labels.get(i) for i in kb.entries.column("id").to_pylist()], dtype=object)
+            out[name] = VariantKB(kb, _raw_vectors(kb, emb, data), entry_labels)
     return out
 
 
@@ -283,37 +328,81 @@ def _raw_vectors(kb: kbmod.KnowledgeBase, internal: dict[str, np.ndarray], data:
             for m in ("image", "text")}
 
 
-def complete_variant(vkb: VariantKB, data: EvalData, mode: str, retrieval: RetrievalConfig,
-                     selection: SelectionConfig, encoder) -> dict:
-    """Complete the masked training rows against ``vkb``; the chosen entries and their embeddings.
+def variant_configs(name: str, vkb: VariantKB, cfg: EvalConfig, task: str
+                    ) -> tuple[RetrievalConfig, SelectionConfig, dict]:
+    """The retrieval and selection settings variant ``name`` completes ``task`` rows with, and their provenance:
+    the calibrated ones (unless set explicitly) for RAG4DMC, as the job takes them; the configured ones, in
+    the variant's retrieval mode, for the others."""
+    spec = VARIANTS[name]
+    calibration = vkb.kb.manifest.get("calibration") if spec.get("calibrated") else None
+    retrieval = cfg.retrieval if spec["mode"] == "fusion" else cfg.retrieval.model_copy(update={"mode": spec["mode"]})
+    return effective_settings(retrieval, cfg.selection, calibration, task)
 
-    Per generated modality: ``rows`` (training rows), ``generated`` (the chosen values), ``emb``
-    and ``cands``: per row the neighbour ids (best first), their selection scores and the chosen index.
+
+def _niqe_of(vkb: VariantKB, rows: list[int], images: list, niqe) -> np.ndarray | None:
+    """NIQE of the candidates (KB rows ``rows``, decoded as ``images``), each entry scored once per KB."""
+    if niqe is None:
+        return None
+    for r, im in zip(rows, images):
+        if r not in vkb.niqe:
+            vkb.niqe[r] = niqe.score(im)
+    return np.array([vkb.niqe[r] for r in rows], np.float32)
+
+
+def complete_variant(vkb: VariantKB, data: EvalData, name: str, cfg: EvalConfig, encoder, niqe=None) -> dict:
+    """Complete the masked training rows against ``vkb`` as the job does with the nearest-neighbour generators.
+
+    Retrieval, the candidates (the retrieved entries, blank texts and undecodable images skipped) and the
+    selection scores are the job's (``NearestNeighbour*Generator.generate_indexed``, ``select_text`` /
+    ``select_image``). Per generated modality: ``rows`` (training rows), ``generated`` (the chosen values),
+    ``emb``, ``entries`` (the chosen KB rows), ``settings`` and ``cands``: per row the candidate entries (best
+    retrieved first), their selection scores and the chosen index.
     """
+    from actors.generators import Example, NearestNeighbourImageGenerator, NearestNeighbourTextGenerator
     from actors.images import load_image
+    from pipeline.selection import select_image, select_text, wants_niqe
 
     kb = vkb.kb
-    rcfg = retrieval.model_copy(update={"mode": mode})
     out: dict = {}
     texts = kb.entries.column("text").to_pylist()
     images = kb.entries.column("image").to_pylist()
-    for observed, rows in (("image", np.flatnonzero(data.lose_text)), ("text", np.flatnonzero(data.lose_image))):
+    ids_of = kb.entries.column("id").to_pylist()
+    for task, observed, rows in ((TASK_I2T, "image", np.flatnonzero(data.lose_text)),
+                                 (TASK_T2I, "text", np.flatnonzero(data.lose_image))):
         if rows.size == 0:
             continue
+        rcfg, scfg, settings = variant_configs(name, vkb, cfg, task)
         query = (data.train_img if observed == "image" else data.train_txt)[rows]
         neigh = kb.retrieve(query, observed, rcfg)
-        chosen, cands_all = [], []
+        examples, entry_rows = [], []
         for r in range(len(rows)):
-            ids = [int(i) for i in neigh.ids[r] if i >= 0]
-            if observed == "image":  # i2t: candidates are the neighbours' texts
-                cand = [texts[i] for i in ids]
-                score = text_score(neigh.cross[r][: len(ids)], consensus_bleu(cand), selection.lambda_cos,
-                                   selection.lambda_quality)
-            else:  # t2i: the neighbours' images ranked by the cosine term
-                score = neigh.cross[r][: len(ids)]
+            valid = [j for j in range(neigh.ids.shape[1]) if neigh.ids[r, j] >= 0]
+            entry_rows.append([int(neigh.ids[r, j]) for j in valid])
+            examples.append([Example(id=ids_of[e], text=texts[e] or "", image=images[e], score=float(neigh.fused[r, j]),
+                                     cross=float(neigh.cross[r, j])) for j, e in zip(valid, entry_rows[-1])])
+        n = neigh.ids.shape[1]
+        if task == TASK_I2T:
+            found = NearestNeighbourTextGenerator().generate_indexed([None] * len(rows), examples, n, 0)
+        else:
+            found = NearestNeighbourImageGenerator().generate_indexed([None] * len(rows), examples, n, 0)
+        use_niqe = niqe if task == TASK_T2I and wants_niqe(scfg) else None
+        chosen, cands_all, kept = [], [], []
+        for r, (ex, cand) in enumerate(zip(examples, found)):
+            if not cand:
+                continue  # nothing usable retrieved: the row stays incomplete (as the job fails it)
+            picked = [j for j, _ in cand]
+            cross = np.array([ex[j].cross for j in picked], np.float32)
+            fused = np.array([ex[j].score for j in picked], np.float32)
+            if task == TASK_I2T:
+                score = select_text([c for _, c in cand], cross, scfg, fused=fused)
+            else:
+                quality = _niqe_of(vkb, [entry_rows[r][j] for j in picked], [c for _, c in cand], use_niqe)
+                score = select_image(cross, quality, scfg, fused=fused)
             best = int(np.argmax(score))
-            chosen.append(ids[best])
-            cands_all.append((ids, [float(s) for s in score], best))
+            entries = [entry_rows[r][j] for j in picked]
+            chosen.append(entries[best])
+            cands_all.append((entries, [float(x) for x in score], best))
+            kept.append(r)
         generated = "text" if observed == "image" else "image"
         values = [(texts if generated == "text" else images)[i] for i in chosen]
         if vkb.raw is not None:
@@ -322,16 +411,19 @@ def complete_variant(vkb: VariantKB, data: EvalData, mode: str, retrieval: Retri
             emb = encoder.encode_texts(values)
         else:
             emb = encoder.encode_images([load_image(b) for b in values])
-        out[generated] = {"rows": rows, "generated": values, "emb": emb, "cands": cands_all}
+        out[generated] = {"rows": rows[kept], "generated": values, "emb": emb, "cands": cands_all,
+                          "entries": np.asarray(chosen, np.int64), "settings": settings}
     return out
 
 
 def score_variant(data: EvalData, completion: dict | None, keep_all: bool, heads: HeadConfig,
-                  niqe=None, niqe_sample: int = 64) -> dict:
-    """Completion quality against the truth, and downstream recall on the test split."""
+                  niqe=None, niqe_sample: int = 64, entry_labels: np.ndarray | None = None) -> dict:
+    """Completion quality against the truth, label agreement, and downstream recall on the test split."""
     img, txt = data.train_img.copy(), data.train_txt.copy()
     observed = ~(data.lose_image | data.lose_text)
     use = np.ones(len(img), bool) if keep_all else observed.copy()
+    truth_labels = (np.asarray(data.train.column(LABEL_COLUMN).to_pylist(), dtype=object)
+                    if LABEL_COLUMN in data.train.column_names else None)
     metrics: dict = {}
     if completion is not None:
         if "text" in completion:
@@ -348,16 +440,21 @@ def score_variant(data: EvalData, completion: dict | None, keep_all: bool, heads
                 from actors.images import load_image
 
                 sample = c["generated"][:niqe_sample]
-                metrics["niqe"] = float(np.mean(niqe([load_image(b) for b in sample])))
+                metrics["niqe"] = float(np.nanmean(niqe([load_image(b) for b in sample]))) if sample else None
             img[c["rows"]] = c["emb"]
             use[c["rows"]] = True
+        if truth_labels is not None and entry_labels is not None:
+            for generated, metric in (("text", "i2t_label"), ("image", "t2i_label")):
+                if generated in completion and len(completion[generated]["rows"]):
+                    c = completion[generated]
+                    metrics[metric] = float(np.mean(entry_labels[c["entries"]] == truth_labels[c["rows"]]))
     model = train_heads(img[use], txt[use], heads)
     metrics.update(evaluate_heads(model, data.test_img, data.test_txt))
     metrics["train_pairs"] = int(use.sum())
     return metrics
 
 
-def variant_settings(name: str, cfg: EvalConfig, missing_rate: float) -> dict:
+def variant_settings(name: str, cfg: EvalConfig, missing_rate: float, completion: dict | None = None) -> dict:
     """Everything that defines variant ``name`` in this run (what the table's setting columns show)."""
     spec = VARIANTS[name]
     settings: dict = {"missing_rate": missing_rate, "image_loss_ratio": cfg.evaluation.image_loss_ratio,
@@ -369,6 +466,9 @@ def variant_settings(name: str, cfg: EvalConfig, missing_rate: float) -> dict:
                  "lambda_quality": cfg.selection.lambda_quality, "training_data": "complete + completed pairs"}
     if spec["mode"] == "fusion":  # top_k and alpha shape only the two-stage fusion
         settings |= {"top_k": cfg.retrieval.top_k, "alpha": cfg.retrieval.alpha}
+    for generated, task in (("text", TASK_I2T), ("image", TASK_T2I)):  # what each direction actually ran with
+        if completion and generated in completion:
+            settings[task] = completion[generated]["settings"]
     return settings
 
 
@@ -376,15 +476,17 @@ def run_variant(name: str, data: EvalData, kbs: dict, cfg: EvalConfig, encoder, 
                 niqe=None) -> VariantResult:
     t0 = time.perf_counter()
     spec = VARIANTS[name]
-    settings = variant_settings(name, cfg, data.missing_rate)
     if spec["kb"] is None:
         metrics = score_variant(data, None, keep_all=(name == "complete"), heads=heads)
-        return VariantResult(name, spec["label"], settings, metrics, seconds=time.perf_counter() - t0)
-    comp = complete_variant(kbs[spec["kb"]], data, spec["mode"], cfg.retrieval, cfg.selection, encoder)
+        return VariantResult(name, spec["label"], variant_settings(name, cfg, data.missing_rate), metrics,
+                             seconds=time.perf_counter() - t0)
+    vkb = kbs[spec["kb"]]
+    comp = complete_variant(vkb, data, name, cfg, encoder, niqe)
     metrics = score_variant(data, comp, keep_all=False, heads=heads, niqe=niqe,
-                            niqe_sample=cfg.evaluation.niqe_sample)
+                            niqe_sample=cfg.evaluation.niqe_sample, entry_labels=vkb.labels)
     log.info("missing rate %g, variant %s: %s", data.missing_rate, name, metrics)
-    return VariantResult(name, spec["label"], settings, metrics, comp, spec["kb"], time.perf_counter() - t0)
+    return VariantResult(name, spec["label"], variant_settings(name, cfg, data.missing_rate, comp), metrics, comp,
+                         spec["kb"], time.perf_counter() - t0)
 
 
 def run_evaluation(data: EvalData, cfg: EvalConfig, encoder, heads: HeadConfig = HeadConfig(), niqe=None,
@@ -414,38 +516,125 @@ def run_evaluation(data: EvalData, cfg: EvalConfig, encoder, heads: HeadConfig =
             "seconds": time.perf_counter() - t0}
 
 
-def evaluate(data: EvalData, cfg: EvalConfig, encoder, niqe=None, heads: HeadConfig = HeadConfig(),
-             meta: dict | None = None) -> dict:
-    """Every missing rate, every variant, the sweeps at the first rate: the report payload.
+def aggregate(runs: list[list[dict]], names: list[str]) -> list[dict]:
+    """One table entry per (missing rate, variant) from ``runs[repeat][rate]``: per metric the mean, its 95%
+    interval and the per-repeat values, and the paired difference against each of ``REFERENCES``."""
+    entries = []
+    for k, first in enumerate(runs[0]):
+        per_repeat = {r.name: [rep[k]["by_name"][r.name] for rep in runs] for r in first["variants"]}
+        for r in first["variants"]:
+            results = per_repeat[r.name]
+            values = {m: [res.metrics.get(m) for res in results] for m in METRIC_COLUMNS}
+            values = {m: [np.nan if v is None else float(v) for v in vs] for m, vs in values.items()
+                      if any(v is not None for v in vs)}
+            stats = {m: mean_ci(vs) for m, vs in values.items()}
+            entry = {"name": r.name, "label": r.label, "missing_rate": first["missing_rate"], "settings": r.settings,
+                     "metrics": _finite({m: st[0] for m, st in stats.items()}),
+                     "ci": _finite({m: st[1] for m, st in stats.items()}),
+                     "values": _finite(values), "repeats": len(results),
+                     "seconds": round(float(np.mean([res.seconds for res in results])), 3), "paired": {}}
+            for ref in REFERENCES:
+                if ref in per_repeat and ref != r.name:
+                    entry["paired"][ref] = _finite(paired_differences(values, per_repeat[ref]))
+            entries.append(entry)
+    return entries
 
-    ``data`` is split but not masked. The payload holds ``variants`` (one entry per missing rate and
-    variant: name, label, missing_rate, settings, metrics), ``runs`` (per rate: knowledge-base sizes,
-    masked rows, purification report), ``sweeps`` and ``examples`` (with image thumbnails, for the HTML
-    report only).
+
+def paired_differences(values: dict[str, list[float]], reference: list[VariantResult]) -> dict[str, dict]:
+    """Per metric: mean and 95% interval of (this variant - reference) over the repeats, and the verdict."""
+    out = {}
+    for m, vs in values.items():
+        ref = [np.nan if res.metrics.get(m) is None else float(res.metrics[m]) for res in reference]
+        if all(np.isnan(ref)):
+            continue
+        diff, ci, n = paired(vs, ref)
+        out[m] = {"diff": diff, "ci": ci, "pairs": n, "verdict": verdict(diff, ci, METRICS[m][1] is not False)}
+    return out
+
+
+def orderings(entries: list[dict]) -> list[dict]:
+    """The paper's orderings (``ORDERINGS``) checked on this data: per rate and metric, a - b with its 95%
+    interval and whether "a beats b" holds, is reversed, or is within noise."""
+    at = {(e["missing_rate"], e["name"]): e for e in entries}
+    out = []
+    for rate in sorted({e["missing_rate"] for e in entries}):
+        for a, b, metrics, claim in ORDERINGS:
+            ea, eb = at.get((rate, a)), at.get((rate, b))
+            if ea is None or eb is None:
+                continue
+            for m in metrics:
+                va, vb = ea["values"].get(m), eb["values"].get(m)
+                if va is None or vb is None:
+                    continue
+                diff, ci, n = paired([np.nan if v is None else v for v in va], [np.nan if v is None else v for v in vb])
+                out.append(_finite({"missing_rate": rate, "a": a, "b": b, "metric": m, "claim": claim, "diff": diff,
+                                    "ci": ci, "pairs": n, "verdict": verdict(diff, ci, METRICS[m][1] is not False)}))
+    return out
+
+
+def orderings_text(found: list[dict], labels: dict[str, str]) -> list[str]:
+    """One sentence per (rate, claim): on which metrics it holds, is reversed, or is within noise."""
+    lines = []
+    for (rate, a, b, claim), group in itertools.groupby(found, key=lambda o: (o["missing_rate"], o["a"], o["b"],
+                                                                              o["claim"])):
+        group = list(group)
+        parts = []
+        for word in (HOLDS, REVERSED, NOISE, UNKNOWN):
+            ms = [f"{o['metric']} ({_signed(o['diff'])} ± {format_value(o['ci'])})" for o in group
+                  if o["verdict"] == word]
+            if ms:
+                parts.append(f"{word} on {', '.join(ms)}")
+        lines.append(f"At missing rate {rate:g}, {labels[a]} vs {labels[b]} ({claim}): {'; '.join(parts)}.")
+    return lines
+
+
+def _signed(v) -> str:
+    return "-" if v is None else f"{v:+.3f}"
+
+
+def evaluate(splits: list[EvalData], cfg: EvalConfig, encoder, niqe=None, heads: HeadConfig = HeadConfig(),
+             meta: dict | None = None) -> dict:
+    """Every repeat, missing rate and variant; the sweeps at the first rate of the first repeat: the payload.
+
+    ``splits`` holds one split (not masked) per repeat. The payload holds ``variants`` (one entry per missing
+    rate and variant: name, label, missing_rate, settings, metrics (means), ci, values per repeat, paired
+    differences against the references), ``orderings`` and their ``findings`` in words, ``runs`` (per rate:
+    knowledge-base sizes, masked rows, purification report of the first repeat), ``sweeps`` and ``examples``
+    (with image thumbnails, for the HTML report only).
     """
     t0 = time.perf_counter()
     ev = cfg.evaluation
-    runs = []
-    for i, rate in enumerate(ev.missing_rates):
-        masked = mask(data, rate, ev.image_loss_ratio, ev.seed)
-        runs.append(run_evaluation(masked, cfg, encoder, heads, niqe, with_sweeps=(i == 0)))
-        if i > 0:  # only the first rate's knowledge bases and completions feed the examples
-            runs[-1]["kbs"] = {}
-            for r in runs[-1]["variants"]:
-                r.completion = None
-    primary = runs[0]
+    runs: list[list[dict]] = []
+    for rep, data in enumerate(splits):
+        per_rate = []
+        for i, rate in enumerate(ev.missing_rates):
+            masked = mask(data, rate, ev.image_loss_ratio, ev.seed + rep)
+            run = run_evaluation(masked, cfg, encoder, heads, niqe, with_sweeps=(rep == 0 and i == 0))
+            run["by_name"] = {r.name: r for r in run["variants"]}
+            if rep > 0 or i > 0:  # only the first rate's knowledge bases and completions feed the examples
+                run["kbs"] = {}
+                for r in run["variants"]:
+                    r.completion = None
+            per_rate.append(run)
+        runs.append(per_rate)
+        log.info("evaluation repeat %d of %d done", rep + 1, len(splits))
+    primary = runs[0][0]
+    entries = aggregate(runs, list(ev.variants))
+    found = orderings(entries)
+    data = splits[0]
     return {
         "meta": meta or {},
         "encoder": data.encoder_name,
         "config": cfg.model_dump(mode="json"),
         "rows": {"train": data.train.num_rows, "test": len(data.test_img), "external": data.external.num_rows},
         "missing_rates": list(ev.missing_rates),
-        "variants": [{"name": r.name, "label": r.label, "missing_rate": run["missing_rate"], "settings": r.settings,
-                      "metrics": _finite(r.metrics), "seconds": round(r.seconds, 3)}
-                     for run in runs for r in run["variants"]],
+        "repeats": len(splits),
+        "variants": entries,
+        "orderings": found,
+        "findings": orderings_text(found, {n: VARIANTS[n]["label"] for n in VARIANTS}),
         "runs": [{"missing_rate": run["missing_rate"], "kb_rows": run["kb_rows"], "masked": run["masked"],
                   "purification": _finite(run["purification"]), "seconds": round(run["seconds"], 3)}
-                 for run in runs],
+                 for run in runs[0]],
         "sweeps": [s | {"points": [p | {"metrics": _finite(p["metrics"])} for p in s["points"]]}
                    for s in primary["sweeps"]],
         "examples": examples(primary["data"], primary, ev.examples, ev.thumbnail_px),
@@ -466,8 +655,9 @@ def _finite(value):
 
 def evaluate_datasets(data: str, external: str, out: str, cfg: EvalConfig, data_format: str = "auto"
                       ) -> tuple[dict, dict[str, str]]:
-    """``rag4dmc evaluate``: read, embed, evaluate every rate and variant, write the report; (payload, files)."""
+    """``rag4dmc evaluate``: read, embed, evaluate every repeat, rate and variant, write the report; (payload, files)."""
     from actors.encoders import create_encoder
+    from pipeline.selection import NiqeScorer
 
     ev = cfg.evaluation
     complete, left_data = read_pairs(data, cfg, data_format)
@@ -481,16 +671,13 @@ def evaluate_datasets(data: str, external: str, out: str, cfg: EvalConfig, data_
         if left:
             log.warning("%d %s rows or shards left out of the evaluation: %s", len(left), name,
                         "; ".join(left[:LEFT_OUT_SHOWN]))
-    niqe = None
-    if cfg.selection.niqe_params:
-        from pipeline.selection import NiqeScorer
-
-        niqe = NiqeScorer(cfg.selection.niqe_params)
+    niqe = NiqeScorer(cfg.selection.niqe_params) if cfg.selection.image_quality == "niqe" else None
     meta = {"data": data, "external": external, "data rows or shards left out": len(left_data),
             "external rows or shards left out": len(left_external),
             "left out, first reasons": (left_data + left_external)[:LEFT_OUT_SHOWN]}
-    split_data = split(complete, ci, ct, ext, ei, et, encoder.name, ev.test_fraction, ev.seed)
-    payload = evaluate(split_data, cfg, encoder, niqe, meta=meta)
+    splits = [split(complete, ci, ct, ext, ei, et, encoder.name, ev.test_fraction, ev.seed + rep)
+              for rep in range(ev.repeats)]
+    payload = evaluate(splits, cfg, encoder, niqe, meta=meta)
     return payload, write_report(payload, out, cfg.storage)
 
 
@@ -541,14 +728,16 @@ def examples(data: EvalData, run: dict, n: int, thumb_px: int) -> list[dict]:
     for generated, direction, count in (("text", "i2t", (n + 1) // 2), ("image", "t2i", n // 2)):
         observed = "image" if generated == "text" else "text"
         rows = np.flatnonzero(data.lose_text if generated == "text" else data.lose_image)[:count]
-        for j, row in enumerate(rows):
+        for row in rows:
             truth = {"text": train_texts[row], "image": thumb(train_images[row])}
             example = {"id": train_ids[row], "direction": direction, "generated": generated,
                        "query": {observed: truth[observed]}, "truth": {generated: truth[generated]}, "variants": []}
             for r in done:
                 c = r.completion[generated]
-                assert int(c["rows"][j]) == row, "variants complete the masked rows in the same order"
-                ids, scores, best = c["cands"][j]
+                at = np.flatnonzero(c["rows"] == row)
+                if at.size == 0:  # this variant retrieved nothing usable for the row
+                    continue
+                ids, scores, best = c["cands"][int(at[0])]
                 example["variants"].append({
                     "name": r.name, "label": r.label, "retrieved": entry(r.kb, ids[0], ("text", "image")),
                     "candidates": [entry(r.kb, i, (generated,)) | {"score": s} for i, s in zip(ids, scores)],
@@ -586,17 +775,52 @@ def table_columns(entries: list[dict]) -> tuple[list[str], list[str]]:
     return list(SETTING_COLUMNS), metrics
 
 
+def format_estimate(mean, ci) -> str:
+    """A cell "mean ± half-width" (just the mean with one repeat)."""
+    return format_value(mean) if ci is None else f"{format_value(mean)} ± {format_value(ci)}"
+
+
 def markdown_table(entries: list[dict]) -> str:
-    """The variants table: one row per (missing rate, variant), its settings, then every metric."""
+    """The variants table: one row per (missing rate, variant), its settings, then every metric (mean ± 95% CI)."""
     settings, metrics = table_columns(entries)
     head = ["missing rate", "variant", *settings, *metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in entries:
         cells = [f"{e['missing_rate']:g}", e["label"], *(format_value(SETTING_COLUMNS[c](e["settings"]))
                                                          for c in settings),
-                 *(format_value(e["metrics"].get(m)) for m in metrics)]
+                 *(format_estimate(e["metrics"].get(m), e.get("ci", {}).get(m)) for m in metrics)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def paired_table(entries: list[dict], reference: str) -> str:
+    """Each variant minus ``reference`` per metric (mean ± 95% CI over the repeats), marked where it is real."""
+    rows = [e for e in entries if reference in e.get("paired", {})]
+    metrics = [m for m in METRIC_COLUMNS if m != "train_pairs" and any(m in e["paired"][reference] for e in rows)]
+    if not rows or not metrics:
+        return ""
+    mark = {HOLDS: " (better)", REVERSED: " (worse)", NOISE: "", UNKNOWN: ""}
+    lines = ["| missing rate | variant | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 2)]
+    for e in rows:
+        d = e["paired"][reference]
+        cells = [f"{_signed(d[m]['diff'])} ± {format_value(d[m]['ci'])}{mark[d[m]['verdict']]}" if m in d else "-"
+                 for m in metrics]
+        lines.append(f"| {e['missing_rate']:g} | {e['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(payload: dict) -> str:
+    """metrics.md: the table, the paired differences against the references, and what holds in words."""
+    parts = [f"Means ± 95% confidence intervals over {payload.get('repeats', 1)} repeats (independent splits "
+             "and masks).", "", markdown_table(payload["variants"])]
+    for ref in REFERENCES:
+        table = paired_table(payload["variants"], ref)
+        if table:
+            parts += ["", f"## Paired differences against {VARIANTS[ref]['label']} (same split, same mask)", "", table]
+    if payload.get("findings"):
+        parts += ["", "## Which of the paper's orderings hold on this data", "",
+                  *[f"- {line}" for line in payload["findings"]]]
+    return "\n".join(parts) + "\n"
 
 
 def write_report(payload: dict, out: str | Path, storage: StorageConfig = StorageConfig()) -> dict[str, str]:
@@ -612,6 +836,6 @@ def write_report(payload: dict, out: str | Path, storage: StorageConfig = Storag
     metrics = {k: v for k, v in payload.items() if k != "examples"}
     store = Storage(storage)
     store.write_bytes(paths["metrics"], json.dumps(metrics, indent=2, allow_nan=False).encode())
-    store.write_bytes(paths["table"], (markdown_table(payload["variants"]) + "\n").encode())
+    store.write_bytes(paths["table"], markdown_report(payload).encode())
     store.write_bytes(paths["html"], render_html(payload).encode())
     return paths

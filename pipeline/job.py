@@ -30,6 +30,7 @@ from actors.preprocess import CPU_TASK, check_texts, decode_for_model, route
 from actors.resources import Resources, fit_to_cpus
 from actors.retrieve import RetrieveNeighbours
 from pipeline import kb as kbmod
+from pipeline.calibrate import effective_settings
 from pipeline.config import EncoderConfig, JobConfig
 from pipeline.datasource import ROW_KEY, ShardDatasource
 from pipeline.output import finalize
@@ -135,6 +136,9 @@ def build_plan(spec: JobSpec, kb_manifest: dict, storage: Storage, shards: list[
 
     def stages(b, task: str, observed: str, prepare, prepare_kwargs, complete_cls):
         """The stages of one direction; each touches only rows of ``task`` and passes the others through."""
+        retrieval, selection, settings = effective_settings(cfg.retrieval, cfg.selection,
+                                                            kb_manifest.get("calibration"), task)
+        log.info("%s runs with %s", task, settings)
         b = b.map_batches(ray_stage(prepare), fn_kwargs=prepare_kwargs, **cpu)
         b = b.map_batches(ray_stage(EmbedQueries), fn_constructor_kwargs={"encoder": encoder, "modality": observed},
                           batch_format="numpy", **pools[f"embed:{task}"].map_batches_kwargs())
@@ -142,13 +146,13 @@ def build_plan(spec: JobSpec, kb_manifest: dict, storage: Storage, shards: list[
             b = b.map_batches(
                 ray_stage(RetrieveNeighbours),
                 fn_constructor_kwargs={"kb_uri": spec.kb, "storage_options": storage.options, "shards": group,
-                                       "observed": observed, "retrieval": cfg.retrieval,
+                                       "observed": observed, "retrieval": retrieval,
                                        "last": g == len(groups) - 1},
                 batch_format="numpy", **pools[f"retrieve:{task}:{g}"].map_batches_kwargs())
         return b.map_batches(
             ray_stage(complete_cls),
-            fn_constructor_kwargs={"generator": cfg.generator, "selection": cfg.selection, "encoder": encoder,
-                                   "entries": spec.kb, "storage_options": storage.options},
+            fn_constructor_kwargs={"generator": cfg.generator, "selection": selection, "encoder": encoder,
+                                   "entries": spec.kb, "storage_options": storage.options, "settings": settings},
             batch_format="numpy", **pools[f"generate:{task}"].map_batches_kwargs())
 
     # One chain over one read: Ray Data's checkpoint filter adds an actor pool per read, so separate

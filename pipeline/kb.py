@@ -30,11 +30,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from pipeline.calibrate import calibrate
 from pipeline.config import KBConfig, RetrievalConfig
 from pipeline.index import VectorIndex, choose_kind
 from pipeline.knn import EmbeddingError, normalize_rows
 from pipeline.mapping import CrossModalMapper, train_mapping
-from pipeline.purify import align_with_report, cluster_filter
+from pipeline.purify import AlignResult, FilterResult, align_with_report, cluster_filter, threshold
 from pipeline.retrieval import Neighbours, fusion_scores, rank_by
 
 log = logging.getLogger(__name__)
@@ -136,40 +137,54 @@ def finish_retrieval(cand: Neighbours, cfg: RetrievalConfig) -> Neighbours:
 # ------------------------------------------------------------------------------------------------
 
 
+def filter_external(internal: dict[str, np.ndarray], external: dict[str, np.ndarray], cfg: KBConfig) -> dict:
+    """k-means cluster filter per modality: ``keep`` (the pairs kept), ``results`` per modality, ``report``."""
+    f = cfg.filter
+    results = {m: cluster_filter(internal[m], external[m], tau_cent=f.tau_cent, tau_inst=f.tau_inst,
+                                 n_clusters_internal=f.n_clusters_internal, n_clusters_external=f.n_clusters_external,
+                                 niter=f.niter, nredo=f.nredo, seed=f.seed) for m in MODALITIES}
+    keep = threshold_filter(results, f.tau_cent, f.tau_inst, f.modality)
+    report = {m: results[m].report.to_dict() for m in MODALITIES}
+    report["kept_pairs"], report["dropped_pairs"] = int(keep.sum()), int((~keep).sum())
+    return {"keep": keep, "results": results, "report": report}
+
+
+def threshold_filter(results: dict[str, FilterResult], tau_cent: float, tau_inst: float, modality: str) -> np.ndarray:
+    """The external pairs kept at these thresholds, from the filter's clusterings (no k-means rerun)."""
+    masks = {m: threshold(r.centroid_similarity, r.cluster_of, r.instance_similarity, tau_cent, tau_inst)[0]
+             for m, r in results.items()}
+    return masks["image"] & masks["text"] if modality == "both" else masks[modality]
+
+
+def align_external(internal: dict[str, np.ndarray], external: dict[str, np.ndarray], keep: np.ndarray,
+                   cfg: KBConfig) -> tuple[dict[str, np.ndarray], dict[str, AlignResult | None]]:
+    """W per modality fitted on the kept external rows; every external row rotated (``external @ W``)."""
+    aligned, results = {}, {}
+    for m in MODALITIES:
+        if keep.sum() < 2:
+            aligned[m], results[m] = external[m], None
+            continue
+        a = cfg.align
+        results[m] = align_with_report(
+            internal[m], external[m][keep], k=a.csls_k, max_rounds=a.max_rounds, eps=a.eps, init=a.init,
+            criterion_pairs=a.criterion_pairs, max_rows=a.max_rows, proximal=a.proximal, pick=a.pick, seed=a.seed,
+            block_size=a.block_size,
+        )
+        aligned[m] = normalize_rows(external[m] @ results[m].W, f"aligned external {m}")
+    return aligned, results
+
+
 def purify_external(
     internal: dict[str, np.ndarray], external: dict[str, np.ndarray], cfg: KBConfig
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
     """Cluster-filter then align the external embeddings per modality; returns (kept mask, aligned, report)."""
-    report: dict = {"filter": {}, "align": {}}
-    masks = {}
-    for m in MODALITIES:
-        res = cluster_filter(
-            internal[m], external[m], tau_cent=cfg.filter.tau_cent, tau_inst=cfg.filter.tau_inst,
-            n_clusters_internal=cfg.filter.n_clusters_internal, n_clusters_external=cfg.filter.n_clusters_external,
-            niter=cfg.filter.niter, nredo=cfg.filter.nredo, seed=cfg.filter.seed,
-        )
-        masks[m] = res.keep
-        report["filter"][m] = res.report.to_dict()
-    if cfg.filter.modality == "both":
-        keep = masks["image"] & masks["text"]
-    else:
-        keep = masks[cfg.filter.modality]
-    report["filter"]["kept_pairs"] = int(keep.sum())
-    report["filter"]["dropped_pairs"] = int((~keep).sum())
-    aligned = {}
-    for m in MODALITIES:
-        if keep.sum() < 2:
-            aligned[m] = external[m][keep]
-            report["align"][m] = {"skipped": "fewer than 2 external rows left after filtering"}
-            continue
-        a = cfg.align
-        res = align_with_report(
-            internal[m], external[m][keep], k=a.csls_k, max_rounds=a.max_rounds, eps=a.eps, init=a.init,
-            criterion_pairs=a.criterion_pairs, max_rows=a.max_rows, proximal=a.proximal, seed=a.seed, block_size=a.block_size,
-        )
-        aligned[m] = normalize_rows(external[m][keep] @ res.W, f"aligned external {m}")
-        report["align"][m] = res.report.to_dict()
-    return keep, aligned, report
+    filt = filter_external(internal, external, cfg)
+    keep = filt["keep"]
+    aligned, results = align_external(internal, external, keep, cfg)
+    report = {"filter": filt["report"], "align": {
+        m: {"skipped": "fewer than 2 external rows left after filtering"} if r is None else r.report.to_dict()
+        for m, r in results.items()}}
+    return keep, {m: aligned[m][keep] for m in MODALITIES}, report
 
 
 def build_knowledge_base(
@@ -189,14 +204,25 @@ def build_knowledge_base(
     internal = {m: normalize_rows(internal[m], f"internal {m} embeddings") for m in MODALITIES}
     if len(internal["image"]) != len(internal["text"]) or len(internal["image"]) != internal_entries.num_rows:
         raise EmbeddingError("internal entries, image and text embeddings must have the same number of rows")
-    mapping, map_report = train_mapping(internal["image"], internal["text"], cfg.mapping)
+    use_external = cfg.use_external and external_entries is not None and external_entries.num_rows > 0
+    if use_external:
+        external = {m: normalize_rows(external[m], f"external {m} embeddings") for m in MODALITIES}
+    calibration = None
+    if cfg.calibration.enabled:
+        calibration = calibrate(
+            _texts(internal_entries), _images(internal_entries), internal,
+            _texts(external_entries) if use_external else None, _images(external_entries) if use_external else None,
+            external if use_external else None, cfg)
+        if calibration is not None and calibration["purification"] is not None:
+            chosen = calibration["purification"]  # the final build purifies with the chosen settings
+            cfg = cfg.model_copy(update={"filter": cfg.filter.model_copy(update=chosen["filter"]),
+                                         "align": cfg.align.model_copy(update=chosen["align"])})
+    mapping, map_report = train_mapping(internal["image"], internal["text"], cfg.mapping)  # on every pair
     report: dict = {"mapping": map_report.to_dict(), "internal_rows": internal_entries.num_rows}
 
     tables = [_entries(internal_entries, "internal")]
     vectors = {m: [internal[m]] for m in MODALITIES}
-    use_external = cfg.use_external and external_entries is not None and external_entries.num_rows > 0
     if use_external:
-        external = {m: normalize_rows(external[m], f"external {m} embeddings") for m in MODALITIES}
         report["external_rows"] = external_entries.num_rows
         if cfg.purify:
             keep, aligned, purification = purify_external(internal, external, cfg)
@@ -212,6 +238,8 @@ def build_knowledge_base(
     shards = build_shards(full, cfg)
     report["kb_rows"] = entries.num_rows
     report["index_kind"] = shards[0].image.kind
+    report["calibration"] = calibration if calibration is not None else (
+        "disabled" if not cfg.calibration.enabled else "skipped: too few internal pairs to hold any out")
     report["build_seconds"] = round(time.perf_counter() - t0, 3)
     manifest = {
         "format": FORMAT_VERSION,
@@ -221,11 +249,37 @@ def build_knowledge_base(
         "text_dim": full["text"].shape[1],
         "shards": [{"start": s.start, "stop": s.stop, "path": _shard_dir(i)} for i, s in enumerate(shards)],
         "config": cfg.model_dump(mode="json"),
+        "calibration": calibration_summary(calibration),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     manifest["version"] = _version(manifest, full)
     log.info("knowledge base %s: %d rows (%s)", manifest["version"], entries.num_rows, report.get("filter", {}))
     return KnowledgeBase(entries, mapping, shards, report, manifest)
+
+
+def calibration_summary(calibration: dict | None) -> dict | None:
+    """What the manifest keeps of a calibration: the chosen settings per direction and their fidelity beside
+    the default's (the full grids stay in report.json)."""
+    if calibration is None:
+        return None
+    keep = ("retrieval", "selection", "fidelity", "ci", "cross_fitted_fidelity", "gain_over_default",
+            "gain_over_default_ci")
+    out = {"holdout_pairs": calibration["holdout_pairs"],
+           "directions": {t: {k: d.get(k) for k in keep} | {"default_fidelity": (d["default"] or {}).get("fidelity"),
+                                                             "top1_fidelity": (d["top1"] or {}).get("fidelity")}
+                          for t, d in calibration["directions"].items()}}
+    if calibration["purification"] is not None:
+        out["purification"] = {k: calibration["purification"][k] for k in ("filter", "align", "fidelity",
+                                                                            "default_fidelity", "internal_only_fidelity")}
+    return out
+
+
+def _texts(table: pa.Table) -> list[str]:
+    return [t or "" for t in table.column("text").to_pylist()]
+
+
+def _images(table: pa.Table) -> pa.ChunkedArray | None:
+    return table.column("image") if "image" in table.column_names else None
 
 
 def build_shards(vectors: dict[str, np.ndarray], cfg: KBConfig) -> list[Shard]:

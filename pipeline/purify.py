@@ -190,8 +190,10 @@ class AlignReport:
 
 @dataclass(frozen=True)
 class AlignResult:
-    W: np.ndarray
+    W: np.ndarray  # the picked round's rotation (``pick``)
     report: AlignReport
+    best: np.ndarray  # the round with the best criterion
+    last: np.ndarray  # the last round (MUSE's plain loop returns this one)
 
 
 def criterion(pairs: CslsPairs, top: int) -> float:
@@ -236,6 +238,7 @@ def align_with_report(
     criterion_pairs: int = 10_000,
     max_rows: int | None = None,
     proximal: float = 0.3,
+    pick: str = "best",
     seed: int = 0,
     block_size: int = DEFAULT_BLOCK,
 ) -> AlignResult:
@@ -244,14 +247,16 @@ def align_with_report(
     ``init``: "identity" (same encoder on both sides), "similarity" (no shared space assumed) or "auto"
     (whichever scores the higher criterion). ``max_rows`` caps the rows of each side used to induce the
     pairs (as MUSE caps its dictionary); the rotation is then applied to every row. ``proximal`` > 0
-    refines with :func:`proximal_procrustes` (0 is MUSE's plain Procrustes step). The best round by
-    the criterion is returned, not merely the last one.
+    refines with :func:`proximal_procrustes` (0 is MUSE's plain Procrustes step). ``pick``: return the
+    best round by the criterion ("best") or the last one ("last", MUSE's fixed point); both are in the result.
     """
     internal = normalize_rows(internal, "internal")
     external = normalize_rows(external, "external")
     same_dim(internal, external, ("internal", "external"))
     if init not in ("auto", "identity", "similarity"):
         raise ValueError(f"init must be auto, identity or similarity, got {init!r}")
+    if pick not in ("best", "last"):
+        raise ValueError(f"pick must be best or last, got {pick!r}")
     if max_rounds < 1 or eps <= 0:
         raise ValueError(f"need max_rounds >= 1 and eps > 0, got {max_rounds}, {eps}")
     rng = np.random.default_rng(seed)
@@ -290,7 +295,7 @@ def align_with_report(
         delta = float(np.linalg.norm(w_next - w))
         w = w_next
         pairs, crit = evaluate(w)
-    return AlignResult(W=best_w, report=report)
+    return AlignResult(W=best_w if pick == "best" else w, report=report, best=best_w, last=w)
 
 
 def align(
@@ -346,6 +351,16 @@ class FilterResult:
     instance_similarity: np.ndarray  # cos(row, matched internal centroid of its cluster)
 
 
+def threshold(centroid_similarity: np.ndarray, cluster_of: np.ndarray, instance_similarity: np.ndarray,
+              tau_cent: float, tau_inst: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """keep = cos(c_ext(x), c_int*) >= tau_cent and cos(x, c_int*) >= tau_inst; also (by_cluster, by_instance).
+
+    The thresholds only cut similarities k-means already gave, so several can be tried on one clustering."""
+    by_cluster = ~(centroid_similarity >= tau_cent)[cluster_of]
+    by_instance = ~by_cluster & (instance_similarity < tau_inst)
+    return ~(by_cluster | by_instance), by_cluster, by_instance
+
+
 def cluster_filter(
     internal: np.ndarray,
     external: np.ndarray,
@@ -374,10 +389,8 @@ def cluster_filter(
     cent_sim, matched = cent_sim[:, 0], matched[:, 0]
     inst_sim = np.einsum("nd,nd->n", external, c_int[matched[cluster_of]])
 
+    keep, by_cluster, by_instance = threshold(cent_sim, cluster_of, inst_sim, tau_cent, tau_inst)
     cluster_ok = cent_sim >= tau_cent
-    by_cluster = ~cluster_ok[cluster_of]
-    by_instance = ~by_cluster & (inst_sim < tau_inst)
-    keep = ~(by_cluster | by_instance)
     report = FilterReport(
         n_internal_clusters=len(c_int),
         n_external_clusters=len(c_ext),

@@ -40,8 +40,10 @@ OUTPUT_SCHEMA = pa.schema([
     ("retrieved_ids", pa.list_(pa.string())),
     ("fusion_scores", pa.list_(pa.float32())),
     ("candidates", pa.list_(pa.string())),  # text candidates (images are not kept)
+    ("candidate_ids", pa.list_(pa.string())),  # the KB entry behind each candidate (nearest-neighbour generators)
     ("candidate_scores", pa.list_(pa.float32())),
     ("chosen", pa.int32()),
+    ("settings", pa.string()),  # JSON: the retrieval and selection settings used, and their source
     ("kb_version", pa.string()),
     ("config_hash", pa.string()),
     ("source_shard", pa.string()),

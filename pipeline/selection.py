@@ -1,7 +1,11 @@
 """Candidate selection (RAG4DMC, Key Design 3): score the n generated candidates, keep the best.
 
-    s_T(c) = l1 * cos(E_T(c), z_hat_T) + l2 * BLEU(c, retrieved example text)
-    s_I(c) = l1 * cos(E_I(c), z_hat_I) - l2 * NIQE(c)
+    s_T(c) = l1 * cos(E_T(c), z_hat_T) + l2 * BLEU(c, retrieved example text) [+ l3 * sim_fuse(c)]
+    s_I(c) = l1 * cos(E_I(c), z_hat_I) - l2 * NIQE(c)                         [+ l3 * sim_fuse(c)]
+
+The bracketed term applies to retrieved candidates (the nearest-neighbour generators, whose candidates are
+knowledge-base entries): their fused retrieval score is evidence the paper's formula drops, and the
+calibration at KB build (``pipeline.calibrate``) weighs it; 0 by default.
 
 BLEU is sacrebleu's sentence BLEU scaled to [0, 1]; NIQE is pyiqa's, with its parameters read from a
 local file (pyiqa would otherwise download them), multiplied by ``niqe_scale`` so both terms share a range.
@@ -20,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.assets import niqe_params_path
+from pipeline.config import SelectionConfig
 from pipeline.knn import check_matrix
 
 log = logging.getLogger(__name__)
@@ -41,26 +46,29 @@ def sentence_bleu(candidate: str, reference: str) -> float:
     return sacrebleu.sentence_bleu(candidate, [reference]).score / 100.0
 
 
-def text_score(cos: np.ndarray, bleu: np.ndarray, lambda_cos: float, lambda_quality: float) -> np.ndarray:
-    """s_T = l1 * cos(E_T(c), z_hat_T) + l2 * BLEU(c, example)."""
-    return (lambda_cos * np.asarray(cos, np.float32) + lambda_quality * np.asarray(bleu, np.float32)).astype(np.float32)
+def text_score(cos: np.ndarray, bleu: np.ndarray, cfg: SelectionConfig, fused: np.ndarray | None = None) -> np.ndarray:
+    """s_T = l1 * cos(E_T(c), z_hat_T) + l2 * BLEU(c) + l3 * sim_fuse(c) (the last only for retrieved candidates).
+
+    Shapes broadcast, so the calibration scores a whole grid at once with the formula the job uses."""
+    score = cfg.lambda_cos * np.asarray(cos, np.float32) + cfg.lambda_quality * np.asarray(bleu, np.float32)
+    if fused is not None and cfg.lambda_retrieval:
+        score = score + cfg.lambda_retrieval * np.asarray(fused, np.float32)
+    return np.asarray(score, np.float32)
 
 
-def image_score(cos: np.ndarray, niqe: np.ndarray, lambda_cos: float, lambda_quality: float,
-                niqe_scale: float) -> np.ndarray:
-    """s_I = l1 * cos(E_I(c), z_hat_I) - l2 * niqe_scale * NIQE(c) (lower NIQE is better).
+def image_score(cos: np.ndarray, niqe: np.ndarray, cfg: SelectionConfig, fused: np.ndarray | None = None) -> np.ndarray:
+    """s_I = l1 * cos(E_I(c), z_hat_I) - l2 * niqe_scale * NIQE(c) + l3 * sim_fuse(c) (lower NIQE is better).
 
-    A NaN NIQE (undefined: the image is smaller than NIQE's patches) adds no quality term."""
-    cos, niqe = np.asarray(cos, np.float32), np.nan_to_num(np.asarray(niqe, np.float32), nan=0.0)
-    return (lambda_cos * cos - lambda_quality * niqe_scale * niqe).astype(np.float32)
+    A NaN NIQE (undefined for that image, see :func:`niqe_defined`) adds no quality term."""
+    niqe = np.nan_to_num(np.asarray(niqe, np.float32), nan=0.0)
+    score = cfg.lambda_cos * np.asarray(cos, np.float32) - cfg.lambda_quality * cfg.niqe_scale * niqe
+    if fused is not None and cfg.lambda_retrieval:
+        score = score + cfg.lambda_retrieval * np.asarray(fused, np.float32)
+    return np.asarray(score, np.float32)
 
 
 def candidate_cosines(cand_emb: np.ndarray, pseudo: np.ndarray) -> np.ndarray:
     """cos(E(c), z_hat) for each candidate embedding row."""
-    return _cosines(cand_emb, pseudo)
-
-
-def _cosines(cand_emb: np.ndarray, pseudo: np.ndarray) -> np.ndarray:
     c = check_matrix(cand_emb, "candidate embeddings")
     p = np.asarray(pseudo, dtype=np.float32).reshape(-1)
     if c.shape[1] != p.shape[0]:
@@ -69,21 +77,31 @@ def _cosines(cand_emb: np.ndarray, pseudo: np.ndarray) -> np.ndarray:
     return c @ (p / max(float(np.linalg.norm(p)), 1e-12))
 
 
-def text_scores(
-    cand_emb: np.ndarray, pseudo_text: np.ndarray, candidates: Sequence[str], example_text: str,
-    lambda_cos: float = 1.0, lambda_quality: float = 0.1,
-) -> np.ndarray:
-    """s_T = l1 * cos(E_T(c), z_hat_T) + l2 * BLEU(c, example) for each candidate c."""
-    bleu = np.array([sentence_bleu(c, example_text) for c in candidates], dtype=np.float32)
-    return text_score(_cosines(cand_emb, pseudo_text), bleu, lambda_cos, lambda_quality)
+def select_text(candidates: Sequence[str], cos: np.ndarray, cfg: SelectionConfig, *, reference: str | None = None,
+                fused: np.ndarray | None = None) -> np.ndarray:
+    """Selection scores of one query's text candidates (the job's actors, Serve and evaluation call this).
+
+    BLEU is against ``reference`` (the retrieved example a generator was grounded in) or, with no reference
+    (nearest-neighbour candidates, which are the examples themselves), each candidate's agreement with the
+    others (:func:`consensus_bleu`). ``fused``: the retrieval's score of each candidate, for retrieved ones."""
+    if cfg.lambda_quality == 0:
+        bleu = np.zeros(len(candidates), np.float32)
+    elif reference is None:
+        bleu = consensus_bleu(candidates)
+    else:
+        bleu = np.array([sentence_bleu(c, reference) for c in candidates], dtype=np.float32)
+    return text_score(cos, bleu, cfg, fused)
 
 
-def image_scores(
-    cand_emb: np.ndarray, pseudo_image: np.ndarray, niqe: np.ndarray,
-    lambda_cos: float = 1.0, lambda_quality: float = 0.1, niqe_scale: float = 0.1,
-) -> np.ndarray:
-    """s_I = l1 * cos(E_I(c), z_hat_I) - l2 * niqe_scale * NIQE(c) for each candidate c (lower NIQE is better)."""
-    return image_score(_cosines(cand_emb, pseudo_image), niqe, lambda_cos, lambda_quality, niqe_scale)
+def select_image(cos: np.ndarray, niqe: np.ndarray | None, cfg: SelectionConfig,
+                 fused: np.ndarray | None = None) -> np.ndarray:
+    """Selection scores of one query's image candidates; ``niqe`` None: no quality term (image_quality none)."""
+    return image_score(cos, np.zeros(len(cos), np.float32) if niqe is None else niqe, cfg, fused)
+
+
+def wants_niqe(cfg: SelectionConfig) -> bool:
+    """Whether image candidates are scored with NIQE under ``cfg``."""
+    return cfg.image_quality == "niqe" and cfg.lambda_quality > 0
 
 
 @functools.lru_cache(maxsize=4)

@@ -6,7 +6,15 @@ import pytest
 from scipy.linalg import expm
 
 from pipeline import kb as kbmod
-from pipeline.config import AlignConfig, FilterConfig, IndexConfig, KBConfig, MappingConfig, RetrievalConfig
+from pipeline.config import (
+    AlignConfig,
+    CalibrationConfig,
+    FilterConfig,
+    IndexConfig,
+    KBConfig,
+    MappingConfig,
+    RetrievalConfig,
+)
 from pipeline.retrieval import retrieve
 from tests.planted import unit
 
@@ -15,6 +23,7 @@ FAST = KBConfig(
     mapping=MappingConfig(hidden_dim=64, max_epochs=40, lr=3e-3),
     filter=FilterConfig(tau_cent=0.5, tau_inst=0.2),
     align=AlignConfig(max_rounds=5),
+    calibration=CalibrationConfig(enabled=False),  # these tests check purification at the given thresholds
 )
 
 

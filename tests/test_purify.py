@@ -202,3 +202,29 @@ def test_proximal_step_keeps_unconstrained_directions_and_shares_procrustes_fixe
     assert np.linalg.norm(proximal_procrustes(x, y, np.eye(D), 0.3) - np.eye(D)) < 0.3 * plain
     R = rotation(D, seed=4)
     np.testing.assert_allclose(proximal_procrustes(x, x @ R, R, 0.3), R, atol=1e-4)  # a fixed point stays
+
+
+def _muse_refinement(internal, external, k=10, rounds=5):
+    """A plain MUSE-style refinement (dico_builder + trainer.procrustes), dense, from the identity: each round
+    the mutual CSLS nearest neighbours under W give the pairs, and Procrustes on them the next W."""
+    w = np.eye(internal.shape[1])
+    for _ in range(rounds):
+        i, j = _dense_csls_pairs(external @ w, internal, k)
+        w = procrustes(external[i], internal[j])
+    return w
+
+
+def test_align_without_the_proximal_step_reaches_muses_fixed_point_on_a_planted_rotation():
+    rng = np.random.default_rng(5)
+    d = 64
+    internal = unit(rng.normal(size=(2000, d)))
+    skew = rng.normal(size=(d, d)) * 0.03
+    rot = expm(skew - skew.T)
+    unrelated = unit(rng.normal(size=(900, d)))
+    external = np.vstack([unit(internal @ rot.T + 0.02 * rng.normal(size=(2000, d))), unrelated]).astype(np.float32)
+    reference = _muse_refinement(internal, external)
+    result = align_with_report(internal, external, k=10, max_rounds=5, init="identity", proximal=0.0, pick="last",
+                               max_rows=None)
+    assert np.linalg.norm(result.W - reference) < 1e-3
+    assert np.linalg.norm(result.W - rot) < np.linalg.norm(np.eye(d) - rot) / 4  # and it undid the rotation
+    assert result.last is result.W and result.best.shape == (d, d)

@@ -5,13 +5,17 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 from pipeline.assets import NIQE_ENV, NiqeParamsMissing, installed_locations, niqe_params_path
+from pipeline.config import SelectionConfig
 from pipeline.selection import (
     NIQE_MIN_SIDE,
     NiqeScorer,
+    candidate_cosines,
+    consensus_bleu,
     image_score,
-    image_scores,
+    select_image,
+    select_text,
     sentence_bleu,
-    text_scores,
+    text_score,
 )
 
 
@@ -21,21 +25,44 @@ def test_sentence_bleu_is_scaled_to_unit_range():
     assert sentence_bleu("", "anything") == 0.0
 
 
-def test_text_score_is_the_weighted_sum_of_cosine_and_bleu():
+def test_text_score_is_the_weighted_sum_of_cosine_and_bleu_against_the_example():
     cands = ["a red circle on the left", "two blue squares", "a red circle"]
     emb = np.array([[1, 0], [0, 1], [0.6, 0.8]], np.float32)
-    pseudo = np.array([0, 1], np.float32)
-    s = text_scores(emb, pseudo, cands, "a red circle on the left", lambda_cos=1.0, lambda_quality=0.5)
+    cos = candidate_cosines(emb, np.array([0, 1], np.float32))
+    cfg = SelectionConfig(lambda_cos=1.0, lambda_quality=0.5)
+    s = select_text(cands, cos, cfg, reference="a red circle on the left")
     bleu = np.array([sentence_bleu(c, "a red circle on the left") for c in cands])
     np.testing.assert_allclose(s, np.array([0.0, 1.0, 0.8]) + 0.5 * bleu, atol=1e-5)
-    only_cos = text_scores(emb, pseudo, cands, "a red circle on the left", 1.0, 0.0)
+    only_cos = select_text(cands, cos, SelectionConfig(lambda_quality=0.0), reference="a red circle on the left")
     assert int(np.argmax(only_cos)) == 1
 
 
+def test_retrieved_candidates_score_consensus_and_the_fused_retrieval_score():
+    """Nearest-neighbour candidates are KB entries: BLEU is their agreement, and sim_fuse can weigh in."""
+    cands = ["a red apple", "a red apple on a table", "a green pear"]
+    cross = np.array([0.50, 0.40, 0.55], np.float32)
+    fused = np.array([0.9, 0.2, 0.1], np.float32)
+    paper = select_text(cands, cross, SelectionConfig(lambda_quality=0.0))
+    assert int(np.argmax(paper)) == 2  # the cross term alone
+    consensus = select_text(cands, cross, SelectionConfig(lambda_quality=1.0))
+    np.testing.assert_allclose(consensus, cross + consensus_bleu(cands), atol=1e-6)
+    assert int(np.argmax(consensus)) in (0, 1)  # the pear agrees with nobody
+    weighted = select_text(cands, cross, SelectionConfig(lambda_quality=0.0, lambda_retrieval=2.0), fused=fused)
+    np.testing.assert_allclose(weighted, cross + 2.0 * fused, atol=1e-6)
+    assert int(np.argmax(weighted)) == 0  # the best-retrieved entry, which the paper's score ignores
+    # generated candidates have no retrieval score: the weight does nothing without one
+    np.testing.assert_allclose(text_score(cross, np.zeros(3), SelectionConfig(lambda_retrieval=2.0)),
+                               text_score(cross, np.zeros(3), SelectionConfig()))
+
+
 def test_image_score_penalises_niqe():
-    emb = np.array([[1, 0], [1, 0]], np.float32)
-    s = image_scores(emb, np.array([1, 0]), niqe=np.array([3.0, 30.0]), lambda_cos=1, lambda_quality=1, niqe_scale=0.1)
+    cfg = SelectionConfig(lambda_cos=1, lambda_quality=1, niqe_scale=0.1)
+    s = select_image(np.array([1.0, 1.0]), np.array([3.0, 30.0]), cfg)
     np.testing.assert_allclose(s, [1 - 0.3, 1 - 3.0], atol=1e-6)
+    np.testing.assert_allclose(select_image(np.array([0.3, 0.2]), None, cfg), [0.3, 0.2])
+    fused = select_image(np.array([0.3, 0.3]), np.array([10.0, 10.0]), cfg.model_copy(update={"lambda_retrieval": 1.0}),
+                         fused=np.array([0.5, 0.1]))
+    np.testing.assert_allclose(fused, [0.3 - 1.0 + 0.5, 0.3 - 1.0 + 0.1], atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +139,7 @@ def test_niqe_is_undefined_below_its_patch_size_and_then_leaves_the_ranking_to_c
     tiny = Image.new("RGB", (NIQE_MIN_SIDE - 1, NIQE_MIN_SIDE + 10), (120, 30, 200))
     scores = niqe([tiny, tiny])
     assert np.isnan(scores).all()
-    ranked = image_score(np.array([0.2, 0.7]), scores, lambda_cos=1.0, lambda_quality=1.0, niqe_scale=0.1)
+    ranked = image_score(np.array([0.2, 0.7]), scores, SelectionConfig(lambda_quality=1.0))
     assert np.allclose(ranked, [0.2, 0.7])
 
 
@@ -141,7 +168,7 @@ def test_niqe_is_finite_or_nan_on_flat_line_art_tiny_and_transparent_images(niqe
     assert not np.isinf(scores).any()
     for name in ("white", "near_uniform", "transparent", "tiny", "grey_L"):
         assert np.isnan(scores[list(images).index(name)]), name  # no texture to fit: no quality term
-    ranked = image_score(np.linspace(0, 1, len(images)), scores, 1.0, 1.0, 0.1)
+    ranked = image_score(np.linspace(0, 1, len(images)), scores, SelectionConfig(lambda_quality=1.0))
     assert np.isfinite(ranked).all()
 
 
