@@ -30,6 +30,7 @@ COLUMN_FLAGS = {
     "--image-column": ("columns.image", str, "column with image bytes or a path/URI"),
     "--text-column": ("columns.text", str, "column with the text"),
 }
+LABEL_FLAGS = {"--label-column": ("columns.label", str, "column with a class label: the report adds label agreement")}
 KB_FLAGS = {
     "--encoder": ("encoder.backend", str, "lite (offline default) or open_clip"),
     "--model-name": ("encoder.model_name", str, "open_clip architecture, e.g. ViT-L-14"),
@@ -43,6 +44,8 @@ KB_FLAGS = {
     "--index-kind": ("index.kind", str, "auto, flat, ivf, ivfpq or hnsw"),
     "--shards": ("index.shards", int, "index shards (one per retrieval actor)"),
     "--mapping-epochs": ("mapping.max_epochs", int, "maximum epochs of the mapping MLP"),
+    "--no-calibration": ("calibration.enabled", None, "keep the configured settings instead of calibrating them "
+                         "on held-out internal pairs"),
 }
 JOB_FLAGS = {
     "--alpha": ("retrieval.alpha", float, "fusion weight of the intra-modal cosine"),
@@ -61,6 +64,8 @@ JOB_FLAGS = {
     "--image-quality": ("selection.image_quality", str, "niqe, or none to rank images by cosine only"),
     "--lambda-cos": ("selection.lambda_cos", float, "weight of the cosine term in selection"),
     "--lambda-quality": ("selection.lambda_quality", float, "weight of BLEU / NIQE in selection"),
+    "--lambda-retrieval": ("selection.lambda_retrieval", float,
+                           "weight of the fused retrieval score of a retrieved candidate in selection"),
     "--accelerators": ("accelerators", str, "auto, gpu or cpu"),
 }
 # `rag4dmc evaluate`: its own keys (EVAL_NARGS: flags that take several values), and the job's retrieval and
@@ -76,12 +81,15 @@ EVAL_FLAGS = {
                 "(selection.lambda_quality); repeat for several sweeps"),
     "--sweep-variant": ("evaluation.sweep_variant", str, "the variant the sweeps evaluate"),
     "--examples": ("evaluation.examples", int, "example completions shown in the report"),
+    "--repeats": ("evaluation.repeats", int, "independent splits and masks: means with 95% intervals, paired "
+                  "differences between variants"),
     "--seed": ("evaluation.seed", int, "seed of the test split and the masking"),
 }
 EVAL_NARGS = {"--missing-rate": {"nargs": "+", "action": "extend"}, "--variants": {"nargs": "+", "action": "extend"},
               "--sweep": {"action": "append"}}
 EVAL_JOB_FLAGS = {flag: JOB_FLAGS[flag] for flag in ("--alpha", "--top-k", "--n-results", "--lambda-cos",
-                                                     "--lambda-quality", "--niqe-params")}
+                                                     "--lambda-quality", "--lambda-retrieval", "--niqe-params",
+                                                     "--image-quality")}
 # `rag4dmc serve`: the service's own keys (ServeConfig); the job's flags set retrieval, generation and selection.
 API_KEY_ENV = "RAG4DMC_API_KEY"  # keeps the key off the command line (and out of process listings)
 SERVE_HOST, SERVE_PORT = "127.0.0.1", 8000
@@ -99,6 +107,9 @@ SERVE_FLAGS = {
 def _add_flags(parser: argparse.ArgumentParser, table: dict, extra: dict | None = None) -> None:
     """One option per flag of ``table``; ``extra`` adds argparse keywords per flag (nargs, action)."""
     for flag, (key, typ, text) in table.items():
+        if typ is None:  # a switch that sets a boolean key to False
+            parser.add_argument(flag, action="store_const", const=False, default=None, dest=key, help=f"{text} [{key}]")
+            continue
         parser.add_argument(flag, type=typ, default=None, dest=key, help=f"{text} [{key}]",
                             **(extra or {}).get(flag, {}))
 
@@ -154,6 +165,15 @@ def cmd_kb_build(args) -> int:
     if "filter" in rep:
         print(f"  purification: kept {rep['filter']['kept_pairs']} external pairs, dropped "
               f"{rep['filter']['dropped_pairs']}")
+    cal = rep.get("calibration")
+    if isinstance(cal, dict):
+        for task, d in cal["directions"].items():
+            default = (d["default"] or {}).get("fidelity")
+            print(f"  calibrated {task} on {cal['holdout_pairs']} held-out pairs: {d['retrieval'] | d['selection']}, "
+                  f"fidelity {d['fidelity']:.3f} ± {d['ci']:.3f} (paper defaults: "
+                  f"{'-' if default is None else f'{default:.3f}'}; {d['chosen_because']})")
+    else:
+        print(f"  calibration: {cal}")
     return 0
 
 
@@ -187,13 +207,16 @@ def cmd_evaluate(args) -> int:
     specs = getattr(args, "evaluation.sweeps")
     if specs is not None:
         setattr(args, "evaluation.sweeps", _parse_sweeps(specs))
-    cfg = build_config(args, EvalConfig, [KB_FLAGS, EVAL_JOB_FLAGS, EVAL_FLAGS, STORAGE_FLAGS, COLUMN_FLAGS])
+    cfg = build_config(args, EvalConfig, [KB_FLAGS, EVAL_JOB_FLAGS, EVAL_FLAGS, STORAGE_FLAGS, COLUMN_FLAGS,
+                                          LABEL_FLAGS])
     try:
         payload, files = evaluate_datasets(args.data, args.external, args.out, cfg, data_format=args.format)
     except EvaluationError as exc:
         print(f"rag4dmc: {exc}", file=sys.stderr)
         return 2
     print(markdown_table(payload["variants"]))
+    for line in payload["findings"]:
+        print(f"- {line}")
     print(f"\nreport: {files['html']}\nmetrics: {files['metrics']}\ntable: {files['table']}")
     return 0
 
@@ -267,6 +290,7 @@ def parser() -> argparse.ArgumentParser:
     _add_flags(ev, EVAL_JOB_FLAGS)
     _add_flags(ev, KB_FLAGS)
     _add_flags(ev, COLUMN_FLAGS)
+    _add_flags(ev, LABEL_FLAGS)
     _add_flags(ev, STORAGE_FLAGS)
     ev.set_defaults(func=cmd_evaluate)
 

@@ -14,7 +14,16 @@ import html
 import math
 from collections.abc import Sequence
 
-from pipeline.evaluate import METRICS, SETTING_COLUMNS, VARIANTS, format_value, table_columns
+from pipeline.evaluate import (
+    METRIC_COLUMNS,
+    METRICS,
+    REFERENCES,
+    SETTING_COLUMNS,
+    VARIANTS,
+    format_estimate,
+    format_value,
+    table_columns,
+)
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf")
@@ -33,6 +42,7 @@ h1{margin-bottom:4px} h2{margin-top:32px;border-bottom:1px solid #ddd;padding-bo
 table{border-collapse:collapse;margin:8px 0} td,th{border:1px solid #ccc;padding:3px 7px;font-size:13px;vertical-align:top}
 th{background:#f3f5f8;position:sticky;top:0} td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.best{font-weight:700;background:#e8f4e8} tr.rate-start td{border-top:2px solid #888}
+td.holds{background:#e8f4e8} td.reversed{background:#f8e4e4}
 .charts{display:flex;flex-wrap:wrap;gap:10px} figure{margin:0;border:1px solid #e3e3e3;border-radius:4px;padding:4px}
 figcaption{font-size:13px;font-weight:600;padding:2px 4px} svg text{font-family:inherit}
 .legend{font-size:12px;margin:4px 0 10px} .legend span{display:inline-block;margin-right:14px}
@@ -207,11 +217,11 @@ def metrics_table(entries: list[dict]) -> str:
         cells = [f"<td class='num'>{e['missing_rate']:g}</td>", f"<td>{_e(e['label'])}</td>"]
         cells += [f"<td>{_e(format_value(SETTING_COLUMNS[s](e['settings'])))}</td>" for s in settings]
         cells += [f"<td class='num{' best' if (i, m) in best else ''}' data-metric='{_e(m)}'>"
-                  f"{_e(format_value(e['metrics'].get(m)))}</td>" for m in metrics]
+                  f"{_e(format_estimate(e['metrics'].get(m), e.get('ci', {}).get(m)))}</td>" for m in metrics]
         rows.append(f"<tr{cls} data-variant='{_e(e['name'])}' data-missing-rate='{e['missing_rate']:g}'>"
                     + "".join(cells) + "</tr>")
-    note = ("<p class='note'>Bold: the best value at each missing rate (the upper bound left out; NIQE: lower is "
-            "better). Hover a column for what it measures. n: retrieved neighbours, which are the candidates; "
+    note = ("<p class='note'>Means ± 95% confidence intervals over the repeats. Bold: the best mean at each missing "
+            "rate (the upper bound left out; NIQE: lower is better). Hover a column for what it measures. n: retrieved neighbours, which are the candidates; "
             "lambda: weight of BLEU in selecting a caption.</p>")
     return f"<table id='metrics'>{head}{''.join(rows)}</table>{note}"
 
@@ -348,6 +358,32 @@ def examples_section(examples: list[dict]) -> str:
     return f"<table id='examples'>{head}{''.join(rows)}</table>"
 
 
+def significance_section(payload: dict) -> str:
+    """The paper's orderings in words, and each variant's paired difference against the references."""
+    findings = "".join(f"<li>{_e(line)}</li>" for line in payload.get("findings", []))
+    parts = [f"<p class='note'>Over {payload.get('repeats', 1)} repeats (independent splits and masks); a difference "
+             "is real when its paired 95% interval excludes zero.</p>", f"<ul id='findings'>{findings}</ul>"]
+    entries = payload.get("variants", [])
+    for ref in REFERENCES:
+        rows = [e for e in entries if ref in e.get("paired", {})]
+        metrics = [m for m in METRIC_COLUMNS if m != "train_pairs" and any(m in e["paired"][ref] for e in rows)]
+        if not rows or not metrics:
+            continue
+        head = "<tr><th>missing rate</th><th>variant</th>" + "".join(f"<th>{_e(m)}</th>" for m in metrics) + "</tr>"
+        body = []
+        for e in rows:
+            d = e["paired"][ref]
+            cells = "".join(
+                f"<td class='num {d[m]['verdict'].replace(' ', '-')}' data-metric='{_e(m)}'>"
+                f"{_e(format_value(d[m]['diff']))} ± {_e(format_value(d[m]['ci']))}</td>" if m in d else "<td>-</td>"
+                for m in metrics)
+            body.append(f"<tr data-variant='{_e(e['name'])}'><td class='num'>{e['missing_rate']:g}</td>"
+                        f"<td>{_e(e['label'])}</td>{cells}</tr>")
+        parts.append(f"<h3>Paired difference against {_e(VARIANTS[ref]['label'])}</h3>"
+                     f"<table class='paired' data-reference='{_e(ref)}'>{head}{''.join(body)}</table>")
+    return "".join(parts)
+
+
 def render_html(payload: dict) -> str:
     """The report page for an evaluation payload (see ``pipeline.evaluate.evaluate``)."""
     entries = payload.get("variants", [])
@@ -367,6 +403,7 @@ def render_html(payload: dict) -> str:
 <meta name='viewport' content='width=device-width, initial-scale=1'><style>{STYLE}</style></head><body>
 <h1>rag4dmc evaluation</h1><p class='meta'>{_e('; '.join(facts))}</p><ul class='meta'>{data}</ul>
 <h2>Metrics</h2>{metrics_table(entries)}
+<h2>Which differences are real</h2>{significance_section(payload)}
 <h2>Plots</h2>{variant_charts(entries, primary) if primary is not None else ''}{rate_charts(entries, list(rates))}
 {sweep_charts(payload.get('sweeps', []))}
 <h2>Knowledge-base purification</h2>{purification_section(runs)}

@@ -88,3 +88,16 @@ def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
             yield ray
         finally:
             ray.shutdown()
+
+
+EMOJI_TEST_GROUPS = ["Animals & Nature", "Food & Drink", "Travel & Places"]  # ~500 emoji, three labels
+
+
+@pytest.fixture(scope="session")
+def emoji_corpus():
+    """Real image-text pairs nobody here made: Noto Color Emoji drawings named by Unicode (bench/emoji.py),
+    three groups of them, with the group as label. Needs Debian's fonts-noto-color-emoji and unicode-data
+    (``make test`` installs them)."""
+    from bench.emoji import emoji_pairs
+
+    return emoji_pairs(groups=EMOJI_TEST_GROUPS)

@@ -38,6 +38,7 @@ N_TRAIN = N_COMPLETE - N_TEST
 RATES = (0.5, 0.8)
 IMAGE_LOSS_RATIO = 0.25
 EXAMPLES = 4  # two image->text, two text->image
+REPEATS = 2
 SWEEPS = {"alpha": [0.0, 1.0], "k": [4, 8]}
 RETRIEVAL_VARIANTS = [v for v in VARIANT_NAMES if VARIANTS[v]["kb"] is not None]
 COMPLETION_METRICS = ("bleu4", "cider", "text_cosine", "image_cosine")
@@ -84,7 +85,7 @@ def evaluation(tmp_path_factory: pytest.TempPathFactory) -> Evaluation:
     argv = ["evaluate", "--data", complete, "--external", external, "--out", str(root / "report"),
             "--config", str(root / "fast.yaml"), "--missing-rate", *map(str, RATES),
             "--variants", *VARIANT_NAMES, "--image-loss-ratio", str(IMAGE_LOSS_RATIO), "--examples", str(EXAMPLES),
-            "--mapping-epochs", "5"]
+            "--mapping-epochs", "5", "--repeats", str(REPEATS)]
     for name, values in SWEEPS.items():
         argv += ["--sweep", f"{name}={','.join(map(str, values))}"]
     stdout = io.StringIO()
@@ -141,6 +142,41 @@ def test_each_entry_states_the_settings_that_define_its_variant(evaluation: Eval
                 assert ("alpha" in settings) == ("top_k" in settings) == (VARIANTS[name]["mode"] == "fusion")
     fused = _entry(evaluation.metrics, RATES[0], "rag4dmc")["settings"]
     assert (fused["alpha"], fused["top_k"], fused["kb"]) == (0.5, 20, "purified")
+    for task in ("i2t", "t2i"):  # what each direction ran with, as the job's settings column says it
+        assert fused[task]["task"] == task and fused[task]["mode"] == "fusion"
+
+
+def test_every_metric_has_its_mean_interval_and_values_per_repeat(evaluation: Evaluation) -> None:
+    assert evaluation.metrics["repeats"] == REPEATS
+    for entry in evaluation.metrics["variants"]:
+        assert entry["repeats"] == REPEATS
+        for metric, mean in entry["metrics"].items():
+            values = entry["values"][metric]
+            assert len(values) == REPEATS
+            finite = [v for v in values if v is not None]
+            assert mean == pytest.approx(np.mean(finite))
+            if len(finite) == REPEATS and len(set(finite)) > 1:
+                assert entry["ci"][metric] > 0
+
+
+def test_variants_are_compared_pairwise_with_drop_and_vanilla(evaluation: Evaluation) -> None:
+    for entry in evaluation.metrics["variants"]:
+        refs = {"drop", "vanilla"} - {entry["name"]}
+        assert set(entry["paired"]) == refs
+        for ref in refs:
+            other = _entry(evaluation.metrics, entry["missing_rate"], ref)
+            for metric, d in entry["paired"][ref].items():
+                diffs = [a - b for a, b in zip(entry["values"][metric], other["values"][metric])
+                         if a is not None and b is not None]
+                assert d["diff"] == pytest.approx(np.mean(diffs)) and d["pairs"] == len(diffs)
+                assert d["verdict"] in ("holds", "reversed", "within noise", "unknown")
+    orderings = evaluation.metrics["orderings"]
+    assert {(o["a"], o["b"]) for o in orderings} >= {("rag4dmc", "drop"), ("rag4dmc", "vanilla"), ("kfa", "combined"),
+                                                     ("rag4dmc", "rag4dmc_default")}
+    md = (evaluation.out / "metrics.md").read_text()
+    for line in evaluation.metrics["findings"]:
+        assert line in md and line in evaluation.stdout
+    assert "Paired differences against Drop-Incomplete" in md and "Paired differences against Vanilla-RAG" in md
 
 
 def test_every_variant_has_every_metric_it_can_have(evaluation: Evaluation) -> None:
@@ -152,6 +188,7 @@ def test_every_variant_has_every_metric_it_can_have(evaluation: Evaluation) -> N
             assert (m.get(k) is not None) == completes, (entry["name"], k)
         if completes:
             assert 0 <= m["bleu4"] <= 1 and m["cider"] >= 0
+            assert m["niqe"] > 0  # completed images scored with the installed NIQE parameters
             assert 0 < m["text_cosine"] <= 1 and 0 < m["image_cosine"] <= 1
 
 
@@ -192,7 +229,9 @@ def test_purification_is_reported_per_rate_with_each_alignment_round(evaluation:
 
 
 def test_markdown_table_lists_every_variant_with_its_settings(evaluation: Evaluation) -> None:
-    table = (evaluation.out / "metrics.md").read_text().strip().splitlines()
+    lines = (evaluation.out / "metrics.md").read_text().strip().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| missing rate | variant | data"))
+    table = lines[start:lines.index("", start)]
     head = [c.strip() for c in table[0].strip("|").split("|")]
     assert head[:8] == ["missing rate", "variant", "data / KB", "retrieval", "alpha", "top_k", "n", "lambda"]
     assert set(COMPLETION_METRICS + RECALL_METRICS) <= set(head)
@@ -201,7 +240,8 @@ def test_markdown_table_lists_every_variant_with_its_settings(evaluation: Evalua
         (rate, VARIANTS[name]["label"]) for rate in RATES for name in VARIANT_NAMES]
     fused = next(r for r in rows if r["variant"] == "RAG4DMC")
     assert (fused["data / KB"], fused["retrieval"], fused["alpha"], fused["top_k"], fused["n"]) == (
-        "internal + purified external", "fusion", "0.500", "20", "4")
+        "internal + purified external (calibrated)", "fusion", "0.500", "20", "4")
+    assert " ± " in fused["bleu4"]  # mean ± half-width of its 95% interval
     assert table == markdown_table(evaluation.metrics["variants"]).splitlines()
     assert "\n".join(table) in evaluation.stdout  # the command prints the same table
 
@@ -413,7 +453,7 @@ def test_chromium_renders_the_metrics_table_with_every_variant_at_every_rate(ren
 def test_chromium_renders_the_plots(rendered) -> None:
     dom, _ = rendered
     figures = [a for t, a, _ in dom.elements if t == "svg"]
-    per_metric = len(COMPLETION_METRICS + RECALL_METRICS)
+    per_metric = len(COMPLETION_METRICS + RECALL_METRICS + ("niqe",))  # NIQE: installed, so on by default
     # by variant, by missing rate, each sweep: one chart per metric; and the alignment criterion
     assert len(figures) == per_metric * (2 + len(SWEEPS)) + 1
     assert {a.get("data-sweep") for t, a, _ in dom.elements if t == "h4"} == set(SWEEPS)

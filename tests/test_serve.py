@@ -170,7 +170,7 @@ def test_images_are_decoded_with_the_jobs_guards():
 def test_answers_carry_the_job_row_and_422_for_a_failed_row():
     row = {"id": "a", "status": "completed", "error": None, "generated": "image", "text": "t", "image": PNG,
            "generator": "nn-consensus-retrieval", "retrieved_ids": ["k1"], "fusion_scores": [0.5],
-           "candidates": None, "candidate_scores": [0.4], "chosen": 0, "kb_version": "v", "config_hash": "h",
+           "candidates": None, "candidate_ids": ["e1"], "candidate_scores": [0.4], "chosen": 0, "settings": None, "kb_version": "v", "config_hash": "h",
            "seconds_embed": 0.1, "seconds_retrieve": 0.2, "seconds_generate": 0.3}
     status, body = answer(row, image_format="png", batch_sizes={"embed": 2, "retrieve": 2, "generate": 1})
     assert status == 200 and base64.b64decode(body["image"]) == PNG and body["image_format"] == "png"
@@ -323,6 +323,7 @@ def test_health_and_completions_carry_the_jobs_provenance(service):
 
     from actors.encoders import create_encoder
     from pipeline import kb as kbmod
+    from pipeline.calibrate import effective_settings
     from pipeline.config import EncoderConfig
 
     health = requests.get(f"{service.url}{HEALTH_PATH}", timeout=HTTP_TIMEOUT_S)  # no key needed
@@ -342,7 +343,10 @@ def test_health_and_completions_carry_the_jobs_provenance(service):
     assert set(got["seconds"]) == set(got["batch_sizes"]) == {"embed", "retrieve", "generate"}
     # the served neighbours are the library's: KnowledgeBase.retrieve on the lite encoder's embedding
     query = create_encoder(EncoderConfig()).encode_images([load_image(image)])
-    library = kb.retrieve(query, "image", service.cfg.retrieval)
+    retrieval, _, settings = effective_settings(service.cfg.retrieval, service.cfg.selection,
+                                                kb.manifest["calibration"], "i2t")
+    assert got["settings"] == settings  # the KB's calibrated settings, as the job would run them
+    library = kb.retrieve(query, "image", retrieval)
     found = library.ids[0] >= 0
     assert got["retrieved_ids"] == [kb.entries.column("id")[int(r)].as_py() for r in library.ids[0][found]]
     np.testing.assert_allclose(got["fusion_scores"], library.fused[0][found], rtol=1e-4, atol=1e-5)
@@ -354,7 +358,8 @@ def test_health_and_completions_carry_the_jobs_provenance(service):
     assert painted.status_code == 200, painted.text
     got = painted.json()
     assert (got["id"], got["generated"], got["text"], got["image_format"]) == ("txt-1", "image", text, "png")
-    chosen_id = got["retrieved_ids"][got["chosen"]]
+    chosen_id = got["candidate_ids"][got["chosen"]]
+    assert chosen_id in got["retrieved_ids"]
     served = Image.open(io.BytesIO(base64.b64decode(got["image"])))
     assert served.format == "PNG"
     assert np.array_equal(np.asarray(served), np.asarray(load_image(_kb_rows(service.kb)[chosen_id]["image"])))
