@@ -318,7 +318,15 @@ def calibrate(internal_texts: list[str], internal_images: pa.ChunkedArray | None
     if held_rows is None:
         log.info("calibration skipped: %d internal pairs are too few to hold %d out", n, cal.min_holdout)
         return None
+    rng = np.random.default_rng([cal.seed, 13])
     rest = np.setdiff1d(np.arange(n), held_rows)
+    if len(rest) > cal.max_rows:  # a bounded random sample stands in for the rest of a large corpus
+        rest = np.sort(rng.choice(rest, cal.max_rows, replace=False))
+    if external is not None and len(external["image"]) > cal.max_rows:
+        ext_rows = np.sort(rng.choice(len(external["image"]), cal.max_rows, replace=False))
+        external = {m: v[ext_rows] for m, v in external.items()}
+        external_texts = [external_texts[i] for i in ext_rows]
+        external_images = None if external_images is None else external_images.take(pa.array(ext_rows))
     held = HeldOut(internal["image"][held_rows], internal["text"][held_rows], [internal_texts[i] for i in held_rows])
     part = {m: internal[m][rest] for m in internal}
     mapping, _ = train_mapping(part["image"], part["text"], cfg.mapping)
@@ -348,7 +356,8 @@ def calibrate(internal_texts: list[str], internal_images: pa.ChunkedArray | None
         return Candidates(kbmod.build_shards(vectors, cfg), mapping, texts, raw, image_of, source_of, niqe_cache,
                           fidelity_cache)
 
-    record: dict = {"holdout_pairs": len(held), "train_pairs": len(rest), "purification": None}
+    record: dict = {"holdout_pairs": len(held), "train_pairs": len(rest), "purification": None,
+                    "external_rows": 0 if external is None else len(external["image"])}
     if external is not None and external_texts and cfg.use_external and cfg.purify:
         record["purification"], keep, aligned = _calibrate_purification(part, external, held, cfg, retrieval,
                                                                          selection, niqe, candidates)

@@ -232,6 +232,10 @@ class CalibrationConfig(_Strict):
     holdout_fraction: float = Field(0.15, gt=0, lt=1, description="share of internal pairs held out")
     min_holdout: int = Field(30, ge=4, description="held-out pairs at least (fewer internal pairs: no calibration)")
     max_holdout: int = Field(400, ge=4, description="held-out pairs at most: a bounded sample at any corpus size")
+    max_rows: int = Field(
+        100_000, ge=16, description="internal (and external) rows at most that the calibration's own knowledge base "
+        "and mapping are built from, sampled at random: bounded work at any corpus size"
+    )
     alpha: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
     top_k: list[int] = Field([10, 20, 40], min_length=1)
     n_results: list[int] = Field([1, 2, 4, 8], min_length=1)

@@ -146,3 +146,15 @@ def test_other_retrieval_modes_and_uncalibrated_kbs_keep_the_configured_settings
     assert r == intra and s == SelectionConfig() and prov["calibrated"] == []
     r, s, prov = effective_settings(RetrievalConfig(), SelectionConfig(), None, "i2t")
     assert r == RetrievalConfig() and prov["calibrated"] == [] and prov["alpha"] == 0.5
+
+
+def test_calibration_works_on_a_bounded_sample_of_a_large_corpus():
+    from pipeline.calibrate import calibrate
+
+    table, emb, _ = _style_world(2, 600)
+    ext_table, ext_emb, _ = _style_world(3, 500)
+    cfg = FAST.model_copy(update={"calibration": FAST.calibration.model_copy(update={"max_rows": 200})})
+    cal = calibrate(table.column("text").to_pylist(), None, {m: unit(v) for m, v in emb.items()},
+                    ext_table.column("text").to_pylist(), None, {m: unit(v) for m, v in ext_emb.items()}, cfg)
+    assert (cal["holdout_pairs"], cal["train_pairs"], cal["external_rows"]) == (90, 200, 200)
+    assert cal["purification"]["tried"] and set(cal["directions"]) == {"i2t", "t2i"}
