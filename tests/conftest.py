@@ -101,3 +101,20 @@ def emoji_corpus():
     from bench.emoji import emoji_pairs
 
     return emoji_pairs(groups=EMOJI_TEST_GROUPS)
+
+
+@pytest.fixture
+def network_attempts(monkeypatch) -> list:
+    """Every outgoing connection a test's code attempts (``socket.connect``), each refused and recorded: a test
+    that must not touch the network asserts the list stays empty (a behaviour, where a timer would flake)."""
+    import socket
+
+    attempts: list = []
+
+    def connect(self, address):
+        attempts.append(address)
+        raise OSError(f"network disabled by the test (connect to {address})")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", lambda self, address: connect(self, address))
+    return attempts

@@ -6,7 +6,6 @@ where it is told (file, s3://, local-dir:, cached tag) and fails at once, with a
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -46,7 +45,6 @@ PARAPHRASES = [
     ("The stock market fell sharply today.", "Share prices dropped steeply this afternoon."),
 ]
 TOL = 1e-5  # float32 round-off between batch shapes
-FAIL_FAST_S = 5.0
 TINY_CLIP = "rag4dmc-tiny-clip"
 TINY_CLIP_CFG = {  # a 16-d CLIP: 1-layer ViT on 32px images, 1-layer text transformer over open_clip's BPE vocab
     "embed_dim": 16,
@@ -373,12 +371,11 @@ def hub_online(monkeypatch):
     ids=["missing-path", "unknown-tag", "uncached-tag-in-model-dir", "uncached-tag", "uncached-hf-hub",
          "missing-local-dir"],
 )
-def test_missing_weights_fail_fast_with_advice(hub_online, tmp_path, kwargs, where):
+def test_missing_weights_fail_fast_with_advice(hub_online, network_attempts, tmp_path, kwargs, where):
     kwargs = {k: v.format(tmp=tmp_path) for k, v in kwargs.items()}
-    start = time.perf_counter()
     with pytest.raises(EncoderNotFoundError) as err:
         OpenClipEncoder(device="cpu", **kwargs)
-    assert time.perf_counter() - start < FAIL_FAST_S
+    assert network_attempts == []  # it failed without trying a hub
     message = str(err.value)
     assert f"not found at {where.format(tmp=tmp_path)}" in message
     assert "pass --encoder lite for the offline default or point --model-dir at downloaded weights" in message

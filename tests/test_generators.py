@@ -6,7 +6,6 @@ padding or seed leaking into another's. Missing weights fail at once, with advic
 from __future__ import annotations
 
 import io
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,6 @@ from actors.generators import (
 from pipeline.config import GeneratorConfig
 from tests.tiny_models import CORPUS, MIN_CAPTION_TOKENS, TINY_IMAGE, save_tiny_blip2, save_tiny_sdxl
 
-FAIL_FAST_S = 5.0
 COLOURS = ((220, 30, 30), (30, 200, 40), (20, 40, 230), (240, 240, 20), (10, 10, 10))
 
 
@@ -175,26 +173,24 @@ def test_derived_seeds_differ_by_every_key_and_are_stable():
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def test_a_missing_local_model_fails_at_once_naming_where_and_the_way_out(tmp_path: Path):
+def test_a_missing_local_model_fails_at_once_naming_where_and_the_way_out(tmp_path: Path, network_attempts):
     missing = str(tmp_path / "no-such-model")
-    t0 = time.perf_counter()
     with pytest.raises(GeneratorNotFoundError) as err:
         Blip2TextGenerator(missing, device="cpu")
-    assert time.perf_counter() - t0 < FAIL_FAST_S
+    assert network_attempts == []
     assert missing in str(err.value) and "--text-generator nn" in str(err.value)
     assert isinstance(err.value, FileNotFoundError)
     with pytest.raises(GeneratorNotFoundError, match="--image-generator nn"):
         SdxlImageGenerator(missing, device="cpu")
 
 
-def test_an_uncached_hub_name_fails_at_once_without_downloading(tmp_path: Path):
+def test_an_uncached_hub_name_fails_at_once_without_downloading(tmp_path: Path, network_attempts):
     cfg = GeneratorConfig(text_backend="blip2", image_backend="sdxl", model_dir=str(tmp_path), device="cpu")
-    t0 = time.perf_counter()
     with pytest.raises(GeneratorNotFoundError, match="Salesforce/blip2-opt-2.7b"):
         create_text_generator(cfg)
     with pytest.raises(GeneratorNotFoundError, match="stabilityai/stable-diffusion-xl-base-1.0"):
         create_image_generator(cfg)
-    assert time.perf_counter() - t0 < FAIL_FAST_S
+    assert network_attempts == []
     assert list(tmp_path.iterdir()) == []  # nothing was fetched into the cache folder
 
 

@@ -14,7 +14,6 @@ import base64
 import io
 import json
 import socket
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -398,11 +397,9 @@ def test_a_concurrent_burst_is_batched_and_each_request_gets_its_own_answer(serv
     requests_ += [{"json_body": {"text": t, "id": f"burst-txt-{i}"}} for i, t in enumerate(texts)]
     alone = [_post(service, **r).json() for r in requests_]  # one at a time: batches of one
 
-    start = time.monotonic()
     with ThreadPoolExecutor(max_workers=len(requests_)) as pool:
         futures = [pool.submit(_post, service, **r) for r in requests_]
-        burst = [f.result(timeout=BURST_TIMEOUT_S) for f in futures]
-    assert time.monotonic() - start < BURST_TIMEOUT_S
+        burst = [f.result(timeout=BURST_TIMEOUT_S) for f in futures]  # a hang guard, not a speed check
     assert [r.status_code for r in burst] == [200] * len(requests_), [r.text for r in burst if r.status_code != 200]
     burst = [r.json() for r in burst]
 
