@@ -14,7 +14,13 @@ import numpy as np
 from actors.resources import Resources
 from pipeline import kb as kbmod
 from pipeline.config import RetrievalConfig
-from pipeline.retrieval import Neighbours
+from pipeline.retrieval import (
+    Neighbours,
+    finish_retrieval,
+    merge_candidates,
+    searched_modality,
+    shard_candidates,
+)
 from pipeline.schema import TASK_I2T, TASK_T2I, numpy_stage
 
 CANDIDATE_FIELDS = ("ids", "fused", "intra", "cross")
@@ -28,7 +34,7 @@ class RetrieveNeighbours:
     def __init__(self, kb_uri: str, storage_options: dict | None, shards: list[int], observed: str,
                  retrieval: RetrievalConfig, last: bool):
         self.kb = kbmod.load(kb_uri, storage_options, shards=shards, with_entries=False,
-                             searched=kbmod.searched_modality(observed, retrieval))
+                             searched=searched_modality(observed, retrieval))
         self.observed, self.cfg, self.last = observed, retrieval, last
         self.task = TASK_I2T if observed == "image" else TASK_T2I
         self.other_dim = self.kb.manifest["text_dim" if observed == "image" else "image_dim"]
@@ -47,9 +53,9 @@ class RetrieveNeighbours:
             out.update(_empty_candidates(n, k))
         if rows.size:
             query, pseudo = np.asarray(batch["query"])[rows], np.asarray(out["pseudo"])[rows]
-            parts = [kbmod.shard_candidates(s, query, pseudo, self.observed, self.cfg) for s in self.kb.shards]
+            parts = [shard_candidates(s, query, pseudo, self.observed, self.cfg) for s in self.kb.shards]
             running = Neighbours(*(np.asarray(out[f"cand_{f}"])[rows] for f in CANDIDATE_FIELDS))
-            merged = kbmod.merge_candidates([running, *parts], k)
+            merged = merge_candidates([running, *parts], k)
             for f in CANDIDATE_FIELDS:
                 col = np.array(out[f"cand_{f}"], copy=True)
                 col[rows, : getattr(merged, f).shape[1]] = getattr(merged, f)
@@ -82,7 +88,7 @@ def _finish(batch: dict[str, np.ndarray], rows: np.ndarray, cfg: RetrievalConfig
     }
     if rows.size:
         cand = Neighbours(*(np.asarray(batch[f"cand_{f}"])[rows] for f in CANDIDATE_FIELDS))
-        done = kbmod.finish_retrieval(cand, cfg)
+        done = finish_retrieval(cand, cfg)
         ret["ret_ids"][rows], ret["ret_fused"][rows], ret["ret_cross"][rows] = done.ids, done.fused, done.cross
     out = {k: v for k, v in batch.items() if not k.startswith("cand_")}
     out.update(ret)

@@ -2,7 +2,7 @@
 
 For each KB size (default 100,000 and 1,000,000 rows of paired 512-d "image" and "text" vectors from
 ``bench.common.LatentMixture``), queries go through the retrieval code the job's actors run
-(``pipeline.kb.shard_candidates`` -> ``merge_candidates`` -> ``finish_retrieval``: stage-1 intra-modal
+(``pipeline.retrieval``: ``shard_candidates`` -> ``merge_candidates`` -> ``finish_retrieval``: stage-1 intra-modal
 top_k, stage-2 fused rerank) in batches of the retrieval actor's batch size, against:
 
 * ``flat``: exact search, the reference for recall;
@@ -38,9 +38,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from actors.retrieve import RetrieveNeighbours  # noqa: E402
 from bench.common import LatentMixture, Target, count, counts, measure, report  # noqa: E402
-from pipeline import kb as kbmod  # noqa: E402
 from pipeline.config import IndexConfig, RetrievalConfig  # noqa: E402
 from pipeline.index import VectorIndex, build_shards, choose_kind  # noqa: E402
+from pipeline.retrieval import Shard, finish_retrieval, merge_candidates, shard_candidates  # noqa: E402
 
 RECALL_AT = 10
 PSEUDO_NOISE = 0.15  # the mapped pseudo-embedding of a query is a noisier view than the KB's text vectors
@@ -57,9 +57,9 @@ def text_holder(vectors: np.ndarray, offset: int) -> VectorIndex:
     return VectorIndex(vectors, None, "flat", 1, offset)
 
 
-def as_shards(indexes: list[VectorIndex], text: np.ndarray) -> list[kbmod.Shard]:
+def as_shards(indexes: list[VectorIndex], text: np.ndarray) -> list[Shard]:
     """KB shards pairing each image index with the text vectors of the same rows."""
-    return [kbmod.Shard(ix.offset, ix.offset + len(ix), ix, text_holder(text[ix.offset : ix.offset + len(ix)],
+    return [Shard(ix.offset, ix.offset + len(ix), ix, text_holder(text[ix.offset : ix.offset + len(ix)],
                                                                         ix.offset)) for ix in indexes]
 
 
@@ -71,21 +71,21 @@ def index_bytes(ix: VectorIndex) -> tuple[int, int]:
         return os.path.getsize(path), ix.vectors.nbytes
 
 
-def run_queries(shards: list[kbmod.Shard], queries: np.ndarray, pseudo: np.ndarray, cfg: RetrievalConfig,
+def run_queries(shards: list[Shard], queries: np.ndarray, pseudo: np.ndarray, cfg: RetrievalConfig,
                 batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fused ids [n, n_results], fused scores, stage-1 ids [n, top_k]: the retrieval actors' code path."""
     ids, fused, stage1 = [], [], []
     for s in range(0, len(queries), batch):
         q, p = queries[s : s + batch], pseudo[s : s + batch]
-        cand = kbmod.merge_candidates([kbmod.shard_candidates(sh, q, p, "image", cfg) for sh in shards], cfg.top_k)
-        done = kbmod.finish_retrieval(cand, cfg)
+        cand = merge_candidates([shard_candidates(sh, q, p, "image", cfg) for sh in shards], cfg.top_k)
+        done = finish_retrieval(cand, cfg)
         ids.append(done.ids)
         fused.append(done.fused)
         stage1.append(cand.ids)
     return np.concatenate(ids), np.concatenate(fused), np.concatenate(stage1)
 
 
-def queries_per_s(shards: list[kbmod.Shard], queries: np.ndarray, pseudo: np.ndarray, cfg: RetrievalConfig,
+def queries_per_s(shards: list[Shard], queries: np.ndarray, pseudo: np.ndarray, cfg: RetrievalConfig,
                   batch: int, threads: int, repeats: int) -> tuple[float, float, float]:
     """(median, best, peak RSS GiB) queries/s over ``repeats`` timed passes with ``threads`` FAISS threads."""
     faiss.omp_set_num_threads(threads)
@@ -119,7 +119,7 @@ def bench_size(n: int, args, gen: LatentMixture, cfg: RetrievalConfig, sweep: bo
     logging.info("generated %d x %d KB rows and %d queries in %.1f s", n, gen.dim, len(queries), m_gen.seconds)
     rows, shard_rows, sweep_rows, ref = [], [], [], {}
 
-    def one(name: str, build) -> tuple[dict, list[kbmod.Shard], tuple[np.ndarray, ...]]:
+    def one(name: str, build) -> tuple[dict, list[Shard], tuple[np.ndarray, ...]]:
         with measure() as m_build:
             indexes = build()
         shards = as_shards(indexes, text)

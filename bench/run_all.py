@@ -48,6 +48,11 @@ SIZES: dict[str, dict[str, list[str]]] = {
         "full": ["--queries", "32", "--n", "4"],
         "quick": ["--queries", "8", "--n", "2"],
     },
+    "real_data": {
+        "full": [],  # every emoji, 5 repeats at missing rates 0.3 / 0.5 / 0.7
+        "quick": ["--limit", "500", "--repeats", "2", "--rates", "0.5", "--eval-pairs", "200",
+                  "--work", "runs/real_data_quick"],
+    },
     "pipeline": {
         "full": ["--sizes", "1000,5000,20000", "--baseline-rows", "250", "--loop-max-rows", "5000"],
         "quick": ["--sizes", "300", "--baseline-rows", "100", "--kb-internal", "150", "--kb-external", "150",

@@ -107,6 +107,7 @@ from pipeline.config import (
     validate,
 )
 from pipeline.output import finalize
+from pipeline.retrieval import search
 from pipeline.schema import TASK_I2T, TASK_T2I
 from pipeline.storage import Storage
 
@@ -220,8 +221,7 @@ class Retriever:
             rows = [i for i, m in enumerate(observed) if m == modality]
             query = np.stack([vectors[i] for i in rows])
             pseudo, cfg = self.kb.pseudo(query, modality), self.cfgs[modality]
-            parts = [kbmod.shard_candidates(s, query, pseudo, modality, cfg) for s in self.kb.shards]
-            done = kbmod.finish_retrieval(kbmod.merge_candidates(parts, cfg.top_k), cfg)
+            done = search(self.kb.shards, query, pseudo, modality, cfg)
             for j, i in enumerate(rows):
                 out[i] = (done.ids[j].copy(), done.fused[j].copy(), done.cross[j].copy(), pseudo[j].copy())
         batch = Batched.since(start, len(vectors))
@@ -359,6 +359,7 @@ def compose(cfg: ServeConfig) -> Application:
     preflight(cfg.job_config())
     storage_options = Storage(cfg.storage).options
     manifest = kbmod.load(cfg.kb, storage_options, shards=[], with_entries=False).manifest
+    preflight(cfg.job_config(), manifest)
     encoder = EncoderConfig.model_validate(manifest["config"]["encoder"])
     gpus, wait = _use_gpus(cfg.accelerators), cfg.batch_wait_timeout_s
 

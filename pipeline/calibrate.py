@@ -35,7 +35,7 @@ import pyarrow as pa
 from pipeline.config import CalibrationConfig, KBConfig, RetrievalConfig, SelectionConfig
 from pipeline.knn import normalize_rows
 from pipeline.mapping import MIN_TRAIN_PAIRS, CrossModalMapper, train_mapping
-from pipeline.retrieval import Neighbours, fusion_scores, rank_by
+from pipeline.retrieval import Neighbours, fusion_scores, merge_candidates, rank_by, shard_candidates
 from pipeline.selection import consensus_bleu, image_score, sentence_bleu, text_score
 from pipeline.significance import mean_ci, paired
 
@@ -75,11 +75,9 @@ def cross_fit(fidelity: np.ndarray, seed: int = 0) -> float:
 
 def stage1_pool(shards, mapping: CrossModalMapper, query: np.ndarray, observed: str, k: int) -> Neighbours:
     """Stage-1 candidates of each query over every shard (the job's shard search and merge), k per query."""
-    from pipeline import kb as kbmod
-
     pseudo = mapping.image_to_text(query) if observed == "image" else mapping.text_to_image(query)
     cfg = RetrievalConfig(top_k=k, n_results=1)
-    return kbmod.merge_candidates([kbmod.shard_candidates(s, query, pseudo, observed, cfg) for s in shards], k)
+    return merge_candidates([shard_candidates(s, query, pseudo, observed, cfg) for s in shards], k)
 
 
 def rerank_pool(pool: Neighbours, alpha: float, top_k: int, n: int) -> Neighbours:

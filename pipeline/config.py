@@ -343,13 +343,6 @@ class ServeConfig(_Strict):
     )
     request_timeout_s: float = Field(60.0, gt=0, description="a request not answered within this gets 504")
 
-    @model_validator(mode="after")
-    def _servable_retrieval(self) -> ServeConfig:
-        if self.retrieval.mode == "cross":
-            raise ValueError("retrieval.mode 'cross' is an evaluation baseline over raw embeddings and cannot be "
-                             "served; use fusion, intra or mapped")
-        return self
-
     def job_config(self) -> JobConfig:
         """The batch job's config with the same output-deciding settings (its hash is the answers' config_hash)."""
         return JobConfig(storage=self.storage, retrieval=self.retrieval, generator=self.generator,

@@ -153,8 +153,3 @@ def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np
     ids = np.concatenate([r[1] for r in results], axis=1)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
-
-
-def search_shards(shards: list[VectorIndex], queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k over every shard, merged."""
-    return merge_topk([s.search(queries, k) for s in shards], k)

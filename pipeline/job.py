@@ -182,12 +182,20 @@ def _check_run(storage: Storage, spec: JobSpec, kb_version: str) -> dict:
     return run
 
 
-def preflight(cfg: JobConfig) -> None:
-    """Fail on the driver, before any actor starts, on settings that cannot work."""
-    from pipeline.selection import NiqeScorer
+def preflight(cfg: JobConfig, kb_manifest: dict | None = None) -> None:
+    """Fail on the driver, before any actor starts, on settings that cannot work (with this KB, when given)."""
+    from pipeline.config import ConfigError
+    from pipeline.knn import EmbeddingError
+    from pipeline.retrieval import check_mode
+    from pipeline.selection import NiqeScorer, wants_niqe
 
-    if cfg.selection.image_quality == "niqe" and cfg.selection.lambda_quality > 0:
+    if wants_niqe(cfg.selection):
         NiqeScorer.check_params(cfg.selection.niqe_params)
+    if kb_manifest is not None:
+        try:
+            check_mode(cfg.retrieval, kb_manifest["image_dim"], kb_manifest["text_dim"])
+        except EmbeddingError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def run_job(spec: JobSpec) -> dict:
@@ -198,6 +206,7 @@ def run_job(spec: JobSpec) -> dict:
     preflight(spec.cfg)
     storage = Storage(spec.cfg.storage)
     kb = kbmod.load(spec.kb, storage.options, shards=[], with_entries=False)
+    preflight(spec.cfg, kb.manifest)
     _check_run(storage, spec, kb.version)
     summary_path = f"{spec.out}/{SUMMARY_FILE}"
     if storage.exists(summary_path) and not spec.retry_failed:

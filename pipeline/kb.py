@@ -36,30 +36,13 @@ from pipeline.index import VectorIndex, choose_kind
 from pipeline.knn import EmbeddingError, normalize_rows
 from pipeline.mapping import CrossModalMapper, train_mapping
 from pipeline.purify import AlignResult, FilterResult, align_with_report, cluster_filter, threshold
-from pipeline.retrieval import Neighbours, fusion_scores, rank_by
+from pipeline.retrieval import MODALITIES, Neighbours, Shard, search
 
 log = logging.getLogger(__name__)
 
-MODALITIES = ("image", "text")
 FORMAT_VERSION = 2  # 2: entries.arrow (memory-mapped) replaced entries.parquet
 ENTRIES_FILE = "entries.arrow"
 ENTRIES_BATCH_ROWS = 4096  # rows per IPC record batch of entries.arrow
-
-
-@dataclass
-class Shard:
-    """Rows [start, stop) of the knowledge base with an index per modality."""
-
-    start: int
-    stop: int
-    image: VectorIndex
-    text: VectorIndex
-
-    def index(self, modality: str) -> VectorIndex:
-        return self.image if modality == "image" else self.text
-
-    def vectors(self, modality: str) -> np.ndarray:
-        return self.index(modality).vectors
 
 
 @dataclass
@@ -83,53 +66,7 @@ class KnowledgeBase:
 
     def retrieve(self, query: np.ndarray, observed: str, cfg: RetrievalConfig = RetrievalConfig()) -> Neighbours:
         """Two-stage fusion retrieval of each query row against every shard, merged."""
-        pseudo = self.pseudo(query, observed)
-        partial = [shard_candidates(s, query, pseudo, observed, cfg) for s in self.shards]
-        return finish_retrieval(merge_candidates(partial, cfg.top_k), cfg)
-
-
-# ------------------------------------------------------------------------------------------------
-# Retrieval across shards (each step is what one retrieval actor does)
-# ------------------------------------------------------------------------------------------------
-
-
-def shard_candidates(
-    shard: Shard, query: np.ndarray, pseudo: np.ndarray, observed: str, cfg: RetrievalConfig
-) -> Neighbours:
-    """Stage 1 within one shard: top_k by intra-modal cosine, with the cross term of each candidate."""
-    other = "text" if observed == "image" else "image"
-    query = normalize_rows(query, "queries")
-    pseudo = normalize_rows(pseudo, "pseudo-embeddings")
-    k = cfg.top_k if cfg.mode == "fusion" else cfg.n_results
-    if cfg.mode == "mapped":
-        intra_or_cross, ids = shard.index(other).search(pseudo, k)
-    else:
-        intra_or_cross, ids = shard.index(observed).search(query, k)
-    local = np.where(ids >= 0, ids - shard.start, 0)
-    intra = np.einsum("nd,nkd->nk", query, shard.vectors(observed)[local]).astype(np.float32)
-    cross = np.einsum("nd,nkd->nk", pseudo, shard.vectors(other)[local]).astype(np.float32)
-    intra[ids < 0] = -np.inf
-    cross[ids < 0] = -np.inf
-    stage1 = cross if cfg.mode == "mapped" else intra
-    return Neighbours(ids=ids, fused=stage1, intra=intra, cross=cross)
-
-
-def merge_candidates(parts: list[Neighbours], k: int) -> Neighbours:
-    """Keep each query's global top-k of the shards' stage-1 candidates (``fused`` holds the stage-1 score)."""
-    cat = [np.concatenate([getattr(p, f) for p in parts], axis=1) for f in ("ids", "fused", "intra", "cross")]
-    order = np.argsort(-cat[1], axis=1, kind="stable")[:, :k]
-    return Neighbours(*(np.take_along_axis(a, order, 1) for a in cat))
-
-
-def finish_retrieval(cand: Neighbours, cfg: RetrievalConfig) -> Neighbours:
-    """Stage 2: rank the merged candidates by the mode's score and keep n_results."""
-    if cfg.mode == "fusion":
-        score = fusion_scores(cand.intra, cand.cross, cfg.alpha)
-    elif cfg.mode == "cross":
-        raise EmbeddingError("mode 'cross' is an evaluation baseline over raw embeddings; use retrieval.retrieve")
-    else:
-        score = cand.fused
-    return rank_by(cand.ids, score, cand.intra, cand.cross, cfg.n_results)
+        return search(self.shards, query, self.pseudo(query, observed), observed, cfg)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -415,11 +352,6 @@ def take_entries(entries: pa.Table, ids: np.ndarray) -> dict[str, list]:
     """Columns id, text and image of the given KB rows, in order (one gather for a whole batch)."""
     rows = entries.take(pa.array(np.asarray(ids, dtype=np.int64)))
     return {c: rows.column(c).to_pylist() for c in ("id", "text", "image")}
-
-
-def searched_modality(observed: str, cfg: RetrievalConfig) -> str:
-    """The modality whose index stage 1 searches: the query's own, or the other one in ``mapped`` mode."""
-    return ("text" if observed == "image" else "image") if cfg.mode == "mapped" else observed
 
 
 def _check_format(manifest: dict, uri: str) -> None:

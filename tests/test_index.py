@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import IndexConfig
-from pipeline.index import VectorIndex, build_shards, choose_kind, search_shards
+from pipeline.index import VectorIndex, build_shards, choose_kind, merge_topk
 from pipeline.knn import EmbeddingError, knn
 from tests.planted import clustered
 
@@ -45,7 +45,7 @@ def test_shards_merge_to_the_single_index_answer(world):
     base, queries = world
     shards = build_shards(base, IndexConfig(shards=4, kind="flat"))
     assert [s.offset for s in shards] == [0, 5000, 10000, 15000]
-    s_scores, s_ids = search_shards(shards, queries, 10)
+    s_scores, s_ids = merge_topk([s.search(queries, 10) for s in shards], 10)
     scores, ids = VectorIndex.build(base, IndexConfig(kind="flat")).search(queries, 10)
     np.testing.assert_array_equal(s_ids, ids)
     np.testing.assert_allclose(s_scores, scores, atol=1e-6)

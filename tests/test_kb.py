@@ -15,7 +15,7 @@ from pipeline.config import (
     MappingConfig,
     RetrievalConfig,
 )
-from pipeline.retrieval import retrieve
+from pipeline.retrieval import retrieve, searched_modality, shard_candidates
 from tests.planted import unit
 
 D_IMG, D_TXT = 24, 16
@@ -152,8 +152,9 @@ def test_a_retrieval_actor_loads_only_the_index_it_searches(built, tmp_path):
     np.testing.assert_allclose(got.fused, want.fused, atol=1e-6)
     with pytest.raises(RuntimeError, match="with_index=False"):
         only_image.retrieve(built.shards[0].text.vectors[:2], "text")
-    assert kbmod.searched_modality("image", RetrievalConfig(mode="mapped")) == "text"
-    assert kbmod.searched_modality("image", RetrievalConfig()) == "image"
+    assert searched_modality("image", RetrievalConfig(mode="mapped")) == "text"
+    assert searched_modality("image", RetrievalConfig(mode="cross")) == "text"
+    assert searched_modality("image", RetrievalConfig()) == "image"
 
 
 def test_a_kb_of_another_format_asks_for_a_rebuild(built, tmp_path):
@@ -185,8 +186,8 @@ def test_an_actor_downloads_only_its_part_of_a_remote_kb(built, s3_server, s3_bu
                      "shard-00001/image/vectors.npy", "shard-00001/text/meta.json",
                      "shard-00001/text/vectors.npy", "shard-00001/text/index.faiss"}
     q = shards[1].text.vectors[:5]
-    got = kbmod.shard_candidates(part.shards[0], q, part.pseudo(q, "text"), "text", RetrievalConfig())
-    want = kbmod.shard_candidates(shards[1], q, kb.pseudo(q, "text"), "text", RetrievalConfig())
+    got = shard_candidates(part.shards[0], q, part.pseudo(q, "text"), "text", RetrievalConfig())
+    want = shard_candidates(shards[1], q, kb.pseudo(q, "text"), "text", RetrievalConfig())
     np.testing.assert_array_equal(got.ids, want.ids)
 
     entries = kbmod.load_entries(uri, opts)

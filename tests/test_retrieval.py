@@ -6,7 +6,7 @@ import pytest
 from pipeline.config import MappingConfig, RetrievalConfig
 from pipeline.knn import EmbeddingError
 from pipeline.mapping import train_mapping
-from pipeline.retrieval import fusion_scores, rerank, retrieve
+from pipeline.retrieval import Neighbours, finish_retrieval, fusion_scores, retrieve
 from tests.planted import unit
 
 D = 32
@@ -65,11 +65,15 @@ def test_alpha_one_reduces_to_intra_modal_ranking(world):
     np.testing.assert_array_equal(a.ids, b.ids)
 
 
-def test_rerank_is_a_pure_function_of_its_candidates():
+def test_stage_two_is_a_pure_function_of_the_merged_candidates():
     same = unit(np.eye(4)[[0, 1, 2]] + 0.01)
     other = unit(np.eye(4)[[3, 2, 1]] + 0.01)
     q, p = same[:1], other[2:3]  # looks like row 0, its text looks like row 2's
-    res = rerank(q, p, np.array([[0, 2, -1]]), same, other, alpha=0.4, n_results=3)
+    ids = np.array([[0, 2, -1]])
+    intra, cross = q @ same[[0, 2, 0]].T, p @ other[[0, 2, 0]].T
+    intra[:, 2] = cross[:, 2] = -np.inf  # padding
+    cand = Neighbours(ids=ids, fused=intra.copy(), intra=intra, cross=cross)
+    res = finish_retrieval(cand, RetrievalConfig(alpha=0.4, top_k=3, n_results=3))
     assert list(res.ids[0]) == [2, 0, -1]
     assert np.isneginf(res.fused[0, 2])
     np.testing.assert_allclose(fusion_scores(np.array([1.0]), np.array([0.0]), 0.4), [0.4])
@@ -84,3 +88,30 @@ def test_cross_mode_needs_a_shared_space_and_empty_kb_is_refused():
     assert res.ids.shape == (2, 3)
     with pytest.raises(EmbeddingError, match="empty"):
         retrieve(img[:2], txt[:2], img[:0], txt[:0])
+
+
+def test_cross_mode_runs_through_the_sharded_search_in_a_shared_space():
+    """CLIP-like: image and text share a space, so the raw query can search the other modality's index."""
+    from pipeline.index import VectorIndex
+    from pipeline.retrieval import Shard, search
+
+    rng = np.random.default_rng(3)
+    latent = unit(rng.normal(size=(200, 8)))
+    img, txt = unit(latent + 0.05 * rng.normal(size=latent.shape)), unit(latent + 0.05 * rng.normal(size=latent.shape))
+    halves = [Shard(a, b, VectorIndex.build(img[a:b], offset=a, kind="flat"), VectorIndex.build(txt[a:b], offset=a,
+                                                                                                kind="flat"))
+              for a, b in ((0, 120), (120, 200))]
+    q = img[[5, 150]]
+    res = search(halves, q, q, "image", RetrievalConfig(mode="cross", n_results=3))
+    assert list(res.ids[:, 0]) == [5, 150]  # each image's own caption, found in the text index
+    np.testing.assert_allclose(res.fused, np.einsum("nd,nkd->nk", q, txt[res.ids]), atol=1e-5)
+
+
+def test_a_mode_the_knowledge_base_cannot_support_fails_before_the_job_starts():
+    from pipeline.config import ConfigError, JobConfig
+    from pipeline.job import preflight
+
+    cfg = JobConfig.model_validate({"retrieval": {"mode": "cross"}, "selection": {"image_quality": "none"}})
+    with pytest.raises(ConfigError, match="1280-d images and 384-d texts"):
+        preflight(cfg, {"image_dim": 1280, "text_dim": 384})
+    preflight(cfg, {"image_dim": 512, "text_dim": 512})  # a shared space: fine

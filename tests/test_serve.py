@@ -190,8 +190,7 @@ def test_serve_config_validates_and_shares_the_jobs_config_hash():
     assert cfg.job_config().config_hash() == job.config_hash()
     assert cfg.job_config().config_hash() != JobConfig().config_hash()
     for bad, key in (({}, "kb"), ({"kb": "k", "max_upload_byte": 1}, "max_upload_byte"),
-                     ({"kb": "k", "resources": {"rerank": {}}}, "resources.rerank"),
-                     ({"kb": "k", "retrieval": {"mode": "cross"}}, "evaluation baseline")):
+                     ({"kb": "k", "resources": {"rerank": {}}}, "resources.rerank")):
         with pytest.raises(ConfigError, match=key):
             validate(bad, ServeConfig)
     assert API_KEY not in repr(validate({"kb": "k", "api_key": API_KEY}, ServeConfig))
