@@ -30,6 +30,7 @@ from PIL import Image
 from actors.images import resize_for_model
 from actors.resources import Resources
 from pipeline.config import EncoderConfig
+from pipeline.storage import url_to_fs
 
 LITE_NAME = "lite-effnet0-minilm"
 LITE_IMAGE_ARCH = "tf_efficientnet_lite0"
@@ -331,13 +332,12 @@ def _cached_tag_files(tag: dict, model_dir: str | None) -> Iterator[str]:
 
 def fetch_object(uri: str, model_dir: str | None = None, storage_options: dict | None = None) -> str:
     """Download an object-storage checkpoint once into ``model_dir`` (or a temp cache); the local path."""
-    import fsspec
 
     cache = Path(model_dir or WEIGHTS_CACHE) / hashlib.sha256(uri.encode()).hexdigest()[:16]
     local = cache / os.path.basename(uri.rstrip("/"))
     if local.is_file():
         return str(local)
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs, path = url_to_fs(uri, storage_options)
     if not fs.isfile(path):
         raise EncoderNotFoundError(uri, uri)
     cache.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ from actors.encoders import WEIGHTS_CACHE, pick_device
 from actors.images import InputError, load_image
 from actors.resources import Resources
 from pipeline.config import GeneratorConfig
+from pipeline.storage import url_to_fs
 
 log = logging.getLogger(__name__)
 
@@ -188,12 +189,11 @@ def _cached_snapshot(repo_id: str, cache_dir: str | None) -> str | None:
 def fetch_prefix(uri: str, model_dir: str | None, marker: str, flag: str,
                  storage_options: dict | None = None) -> str:
     """Download an object-storage folder once into ``model_dir`` (or a temp cache), atomically; its path."""
-    import fsspec
 
     cache = Path(model_dir or WEIGHTS_CACHE) / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if (cache / marker).is_file():
         return str(cache)
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs, path = url_to_fs(uri, storage_options)
     path = path.rstrip("/")
     if not fs.isfile(f"{path}/{marker}"):
         raise GeneratorNotFoundError(uri, f"{uri} (no {marker} under that prefix)", flag)

@@ -93,11 +93,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def read_uri(uri: str, storage_options: dict | None = None) -> bytes:
     """The bytes behind a local path or URI; a missing or unreadable object is an InputError naming it."""
-    import fsspec
+    from pipeline.storage import url_to_fs
 
-    remote = "://" in uri and not uri.startswith("file://")
     try:
-        with fsspec.open(uri, "rb", **((storage_options or {}) if remote else {})) as f:
+        fs, path = url_to_fs(uri, storage_options)
+        with fs.open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
         raise InputError(f"image URI not found: {uri}") from None

@@ -71,6 +71,16 @@ class Resources:
         return opts
 
 
+def use_gpus(accelerators: str) -> bool:
+    """Whether pools request GPUs: ``gpu`` always (autoscaling GPU workers may start at zero), ``cpu`` never,
+    ``auto`` when the cluster has GPUs now. The job, the KB build and Serve all decide with this."""
+    if accelerators == "auto":
+        import ray
+
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return accelerators == "gpu"
+
+
 def fit_to_cpus(pools: Sequence[Resources], budget: float) -> list[Resources]:
     """The pools with their CPU requests scaled down (never up) so that every pool's minimum size fits.
 

@@ -81,7 +81,7 @@ from ray.serve.handle import DeploymentHandle
 
 from actors.complete import CompleteImages, CompleteTexts
 from actors.encoders import create_encoder, encoder_class, encoder_image_size
-from actors.resources import Resources
+from actors.resources import Resources, use_gpus
 from actors.retrieve import RetrieveNeighbours
 from deploy.protocol import (
     API_KEY_HEADER,
@@ -326,14 +326,6 @@ class Completion:
 # ------------------------------------------------------------------------------------------------ the graph
 
 
-def _use_gpus(accelerators: str) -> bool:
-    if accelerators == "auto":
-        import ray
-
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return accelerators == "gpu"
-
-
 def deployment_options(declared: Resources, override: StageResources | None, use_gpus: bool,
                         max_ongoing_requests: int | None = None) -> tuple[dict[str, Any], int]:
     """Serve options from an actor class's declaration (with the config's override) and its batch size."""
@@ -361,7 +353,7 @@ def compose(cfg: ServeConfig) -> Application:
     manifest = kbmod.load(cfg.kb, storage_options, shards=[], with_entries=False).manifest
     preflight(cfg.job_config(), manifest)
     encoder = EncoderConfig.model_validate(manifest["config"]["encoder"])
-    gpus, wait = _use_gpus(cfg.accelerators), cfg.batch_wait_timeout_s
+    gpus, wait = use_gpus(cfg.accelerators), cfg.batch_wait_timeout_s
 
     def options(stage: str, declared: Resources, max_ongoing_requests: int | None = None):
         return deployment_options(declared, cfg.resources.get(stage), gpus, max_ongoing_requests)

@@ -27,9 +27,9 @@ from typing import Any, TypeVar
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.utils import get_protocol
 
 from pipeline.config import ColumnsConfig
+from pipeline.storage import is_remote, url_to_fs
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,6 @@ SHARD_EXTENSIONS = {"parquet": (".parquet",), "jsonl": (".jsonl",), "webdataset"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # img2dataset's image members
 TEXT_EXTENSION = "txt"
 META_EXTENSION = "json"
-LOCAL_PROTOCOLS = ("file", "local")
 DEFAULT_COLUMNS = ColumnsConfig()
 
 RETRY_ATTEMPTS = 4
@@ -111,9 +110,8 @@ def with_retries(fn: Callable[[], T], attempts: int = RETRY_ATTEMPTS, base_delay
 
 
 def _filesystem(uri: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem of ``uri`` and its path there; storage options go to remote filesystems only."""
-    remote = get_protocol(uri) not in LOCAL_PROTOCOLS
-    return fsspec.core.url_to_fs(uri, **((storage_options or {}) if remote else {}))
+    """The fsspec filesystem of ``uri`` and its path there (``pipeline.storage.url_to_fs``)."""
+    return url_to_fs(uri, storage_options)
 
 
 def _check_format(format: str) -> None:
@@ -411,7 +409,7 @@ def _canonical(raw: _RawRows, shard: str) -> pa.Table:
 
 def _put(uri: str, payload: bytes, storage_options: dict | None) -> None:
     fs, path = _filesystem(uri, storage_options)
-    if get_protocol(uri) in LOCAL_PROTOCOLS:
+    if not is_remote(uri):
         fs.makedirs(str(PurePosixPath(path).parent), exist_ok=True)
     with_retries(lambda: fs.pipe_file(path, payload), base_delay=RETRY_BASE_DELAY_S)
 

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from actors.complete import CompleteImages, CompleteTexts
 from actors.embed import EmbedQueries
 from actors.preprocess import CPU_TASK, check_texts, decode_for_model, route
-from actors.resources import Resources, fit_to_cpus
+from actors.resources import Resources, fit_to_cpus, use_gpus
 from actors.retrieve import RetrieveNeighbours
 from pipeline import kb as kbmod
 from pipeline.calibrate import effective_settings
@@ -67,14 +67,6 @@ class JobSpec:
     cfg: JobConfig = field(default_factory=JobConfig)
     data_format: str = "auto"
     retry_failed: bool = False
-
-
-def _has_gpu(cfg: JobConfig) -> bool:
-    import ray
-
-    if cfg.accelerators == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return cfg.accelerators == "gpu"
 
 
 def shard_groups(n_shards: int, max_per_actor: int) -> list[list[int]]:
@@ -120,7 +112,7 @@ def build_plan(spec: JobSpec, kb_manifest: dict, storage: Storage, shards: list[
     from actors.encoders import encoder_image_size
 
     cfg = spec.cfg
-    has_gpu = _has_gpu(cfg)
+    has_gpu = use_gpus(cfg.accelerators)
     encoder = EncoderConfig.model_validate(kb_manifest["config"]["encoder"])
     groups = shard_groups(len(kb_manifest["shards"]), cfg.shards_per_actor)
     cluster = ray.cluster_resources()

@@ -259,10 +259,9 @@ def _shard_dir(i: int) -> str:
 
 def _url_to_fs(uri: str, storage_options: dict | None):
     """fsspec filesystem and path; the storage options apply to object storage only."""
-    import fsspec
+    from pipeline.storage import url_to_fs
 
-    remote = "://" in uri and not uri.startswith("file://")
-    return fsspec.core.url_to_fs(uri, **((storage_options or {}) if remote else {}))
+    return url_to_fs(uri, storage_options)
 
 
 def save(kb: KnowledgeBase, uri: str, storage_options: dict | None = None) -> str:

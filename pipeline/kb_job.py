@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from actors.embed import EmbedPairs
 from actors.preprocess import CPU_TASK, decode_for_model, route
+from actors.resources import use_gpus
 from pipeline import kb as kbmod
 from pipeline.config import ColumnsConfig, KBConfig, StageResources, StorageConfig
 from pipeline.datasource import ShardDatasource
@@ -30,6 +31,7 @@ class KBBuildSpec:
     storage: StorageConfig = StorageConfig()
     data_format: str = "auto"
     embed_resources: StageResources | None = None
+    accelerators: str = "auto"  # as JobConfig.accelerators: auto, gpu or cpu
 
 
 def embed_pairs(path: str, spec: KBBuildSpec, storage: Storage) -> tuple[pa.Table, dict[str, np.ndarray], int]:
@@ -41,8 +43,7 @@ def embed_pairs(path: str, spec: KBBuildSpec, storage: Storage) -> tuple[pa.Tabl
     enc = spec.cfg.encoder
     cpu = {"num_cpus": CPU_TASK.num_cpus, "batch_size": CPU_TASK.batch_size, "batch_format": "numpy"}
     res = encoder_class(enc).RESOURCES.with_overrides(spec.embed_resources)
-    if ray.cluster_resources().get("GPU", 0) == 0:
-        res = res.for_gpu(False)
+    res = res.for_gpu(use_gpus(spec.accelerators))
     ds = ray.data.read_datasource(ShardDatasource(path, spec.columns, storage.options, spec.data_format),
                                   ray_remote_args={"num_cpus": CPU_TASK.num_cpus})
     ds = ds.map_batches(ray_stage(route), fn_kwargs={"storage_options": storage.options}, **cpu)

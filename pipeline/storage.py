@@ -12,6 +12,21 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from pipeline.config import StorageConfig
 
+LOCAL_PROTOCOLS = ("file", "local")
+
+
+def is_remote(uri: str) -> bool:
+    """Whether ``uri`` names object storage (or another remote filesystem) rather than a local path."""
+    from fsspec.utils import get_protocol
+
+    return get_protocol(uri) not in LOCAL_PROTOCOLS
+
+
+def url_to_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem of ``uri`` and its path there; the storage options go to remote filesystems only
+    (the one rule every reader and writer of rag4dmc follows)."""
+    return fsspec.core.url_to_fs(uri, **((storage_options or {}) if is_remote(uri) else {}))
+
 
 class Storage:
     """Reads and writes paths that are local or ``s3://``, with the job's storage options."""
@@ -24,7 +39,7 @@ class Storage:
     def fs(self, path: str) -> fsspec.AbstractFileSystem:
         proto = path.split("://", 1)[0] if "://" in path else "file"
         if proto not in self._fs:
-            self._fs[proto] = fsspec.filesystem(proto, **(self.options if proto == "s3" else {}))
+            self._fs[proto] = fsspec.filesystem(proto, **(self.options if is_remote(path) else {}))
         return self._fs[proto]
 
     def _strip(self, path: str) -> str:
