@@ -251,8 +251,9 @@ def beats(candidate: np.ndarray, default: np.ndarray) -> tuple[bool, float, floa
 # ------------------------------------------------------------------------------------------------
 
 
-def _is(point: dict, retrieval: RetrievalConfig, selection: SelectionConfig) -> bool:
-    return (point["alpha"] == retrieval.alpha and point["top_k"] == min(retrieval.top_k, point["top_k"])
+def _is(point: dict, retrieval: RetrievalConfig, selection: SelectionConfig, top_k: int) -> bool:
+    """Whether a grid point is the configured setting (``top_k``: the configured one, clamped to the KB)."""
+    return (point["alpha"] == retrieval.alpha and point["top_k"] == top_k
             and point["n_results"] == retrieval.n_results and point["lambda_quality"] == selection.lambda_quality
             and point["lambda_retrieval"] == selection.lambda_retrieval)
 
@@ -261,7 +262,8 @@ def choose_direction(task: str, points: list[dict], fidelity: np.ndarray, retrie
                      selection: SelectionConfig, seed: int) -> dict:
     """The chosen setting of one direction, with the default's and top-1's fidelity beside it."""
     best = int(np.argmax([p["fidelity"] for p in points]))
-    default = next((p for p in points if _is(p, retrieval, selection)), None)
+    top_k = min(retrieval.top_k, max(p["top_k"] for p in points))  # grid values are clamped to the KB's size
+    default = next((p for p in points if _is(p, retrieval, selection, top_k)), None)
     top1 = max((p for p in points if p["n_results"] == 1 and p["alpha"] == retrieval.alpha),
                key=lambda p: p["fidelity"], default=None)
     gain = {}

@@ -74,6 +74,9 @@ def test_the_default_stays_unless_a_setting_beats_it_beyond_noise(style_kb):
     assert i2t["fidelity"] - i2t["ci"] > intra_top1["fidelity"]  # style neighbours give the wrong texts
     assert i2t["fidelity"] >= i2t["default"]["fidelity"]
     assert i2t["fidelity"] >= i2t["top1"]["fidelity"] - i2t["top1"]["ci"]  # never worse than taking the top-1
+    default = i2t["default"]  # the configured point exactly, not one that merely shares some of its values
+    assert (default["alpha"], default["top_k"], default["n_results"]) == (0.5, 20, 4)
+    assert (default["lambda_quality"], default["lambda_retrieval"]) == (0.1, 0.0)
     if i2t["chosen_because"].startswith("the default"):
         assert i2t["retrieval"] == {k: i2t["default"][k] for k in ("alpha", "top_k", "n_results")}
         assert i2t["gain_over_default"] - i2t["gain_over_default_ci"] <= 0
