@@ -20,7 +20,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.config import JobConfig, KBConfig, MappingConfig, StageResources, StorageConfig
+from pipeline.config import (
+    CalibrationConfig,
+    JobConfig,
+    KBConfig,
+    MappingConfig,
+    StageResources,
+    StorageConfig,
+)
 from pipeline.datasets import write_parquet
 from pipeline.demo_data import make_external, make_incomplete, make_internal
 from pipeline.job import JobSpec, RunMismatch, read_output, run_job
@@ -29,7 +36,9 @@ from pipeline.storage import Storage
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = JobConfig()  # defaults: NIQE's parameters found where `rag4dmc setup` (make env) installed them
-FAST_KB = KBConfig(mapping=MappingConfig(max_epochs=30, hidden_dim=256))
+# The job's own behaviour (rows, resume, retry, storage) does not depend on the KB's settings: no calibration
+# here keeps the module's KB build short; tests/test_real_data.py runs the job on a calibrated KB.
+FAST_KB = KBConfig(mapping=MappingConfig(max_epochs=30, hidden_dim=256), calibration=CalibrationConfig(enabled=False))
 
 
 def _png(img: Image.Image) -> bytes:
