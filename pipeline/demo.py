@@ -60,6 +60,7 @@ def run_demo(out: str, n_internal: int = 600, n_external: int = 1200, n_incomple
     print(f"[4/4] evaluation on the internal corpus ({rows['train']} training / {rows['test']} test pairs, missing "
           f"rate {rates}) with the external corpus ({rows['external']} pairs):\n")
     print(markdown_table(payload["variants"]))
+    print("\n".join(f"- {line}" for line in payload["findings"]))
     print(f"\nreport: {files['html']}\nmetrics: {files['metrics']}\ncompleted data: {root / 'completed'}\n"
           f"total {time.perf_counter() - t0:.0f} s")
     (root / "demo_summary.json").write_text(json.dumps({"kb": {k: v for k, v in kb.items() if k != "report"},

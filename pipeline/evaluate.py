@@ -750,13 +750,26 @@ def examples(data: EvalData, run: dict, n: int, thumb_px: int) -> list[dict]:
 # Tables and files
 # ------------------------------------------------------------------------------------------------
 
+def _ran_with(key: str, fusion_only: bool = False):
+    """A setting column: the value each direction ran with ("i2t / t2i" where calibration made them differ),
+    or the configured one."""
+    def cell(s: dict):
+        ran = [s[t][key] for t in (TASK_I2T, TASK_T2I) if isinstance(s.get(t), dict) and key in s[t]]
+        if fusion_only and s.get("retrieval") != "fusion":
+            return None
+        if not ran:
+            return s.get(key)
+        return ran[0] if len(set(ran)) == 1 else " / ".join(format_value(v) for v in ran)
+    return cell
+
+
 SETTING_COLUMNS = {  # column -> how a variant's settings fill it
     "data / KB": lambda s: s.get("kb_content") or s.get("training_data", "-"),
     "retrieval": lambda s: s.get("retrieval", "-"),
-    "alpha": lambda s: s.get("alpha"),
-    "top_k": lambda s: s.get("top_k"),
-    "n": lambda s: s.get("n_results"),
-    "lambda": lambda s: s.get("lambda_quality"),
+    "alpha": _ran_with("alpha", fusion_only=True),
+    "top_k": _ran_with("top_k", fusion_only=True),
+    "n": _ran_with("n_results"),
+    "lambda": _ran_with("lambda_quality"),
 }
 
 

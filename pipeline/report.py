@@ -221,7 +221,9 @@ def metrics_table(entries: list[dict]) -> str:
         rows.append(f"<tr{cls} data-variant='{_e(e['name'])}' data-missing-rate='{e['missing_rate']:g}'>"
                     + "".join(cells) + "</tr>")
     note = ("<p class='note'>Means ± 95% confidence intervals over the repeats. Bold: the best mean at each missing "
-            "rate (the upper bound left out; NIQE: lower is better). Hover a column for what it measures. n: retrieved neighbours, which are the candidates; "
+            "rate (the upper bound left out; NIQE: lower is better). Hover a column for what it measures. Two values "
+            "(i2t / t2i): each direction ran with its own calibrated setting. n: retrieved neighbours, which are the "
+            "candidates; "
             "lambda: weight of BLEU in selecting a caption.</p>")
     return f"<table id='metrics'>{head}{''.join(rows)}</table>{note}"
 

@@ -482,3 +482,14 @@ def test_the_screenshot_shows_the_page(rendered) -> None:
     assert ink > MIN_INK_FRACTION, f"only {ink:.1%} of the screenshot differs from the background"
     colours = np.unique(pixels.astype(np.uint32) @ np.array([1 << 16, 1 << 8, 1], np.uint32))
     assert len(colours) > MIN_SCREENSHOT_COLOURS, f"the screenshot has only {len(colours)} colours"
+
+
+def test_setting_columns_show_what_each_direction_ran_with() -> None:
+    from pipeline.evaluate import SETTING_COLUMNS
+
+    calibrated = {"retrieval": "fusion", "alpha": 0.5, "n_results": 4,
+                  "i2t": {"alpha": 0.75, "n_results": 1}, "t2i": {"alpha": 0.75, "n_results": 8}}
+    assert SETTING_COLUMNS["alpha"](calibrated) == 0.75  # both directions alike: one value
+    assert SETTING_COLUMNS["n"](calibrated) == "1 / 8"  # i2t / t2i
+    assert SETTING_COLUMNS["alpha"]({"retrieval": "intra", "i2t": {"alpha": 0.5}}) is None  # alpha shapes fusion only
+    assert SETTING_COLUMNS["n"]({"retrieval": "intra", "n_results": 4}) == 4
