@@ -348,7 +348,6 @@ def compose(cfg: ServeConfig) -> Application:
     base or NIQE parameter file."""
     from pipeline.job import preflight
 
-    preflight(cfg.job_config())
     storage_options = Storage(cfg.storage).options
     manifest = kbmod.load(cfg.kb, storage_options, shards=[], with_entries=False).manifest
     preflight(cfg.job_config(), manifest)

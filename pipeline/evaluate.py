@@ -299,7 +299,8 @@ def build_variant_kbs(data: EvalData, cfg: EvalConfig, needed: set[str] | None =
     external = data.external if data.external.num_rows else None
     configs = {"internal": (None, None, plain), "raw": (external, ext, plain.model_copy(update={"purify": False})),
                "purified": (external, ext, kb_cfg), "purified_default": (external, ext, plain)}
-    labels = {**(_labels(data.external) or {}), **(_labels(data.train) or {})} if _labels(data.train) else None
+    train_labels = _labels(data.train)
+    labels = None if train_labels is None else {**(_labels(data.external) or {}), **train_labels}
     out = {}
     for name in KB_DESCRIPTIONS:
         if name in needed:

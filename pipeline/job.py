@@ -195,9 +195,8 @@ def run_job(spec: JobSpec) -> dict:
     import ray
     from ray.data.checkpoint import CheckpointConfig
 
-    preflight(spec.cfg)
     storage = Storage(spec.cfg.storage)
-    kb = kbmod.load(spec.kb, storage.options, shards=[], with_entries=False)
+    kb = kbmod.load(spec.kb, storage.options, shards=[], with_entries=False)  # the manifest only
     preflight(spec.cfg, kb.manifest)
     _check_run(storage, spec, kb.version)
     summary_path = f"{spec.out}/{SUMMARY_FILE}"
