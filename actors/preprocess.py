@@ -1,7 +1,6 @@
-"""CPU preprocessing that Ray runs as tasks, apart from the GPU actors: route rows, decode, resize.
+"""CPU stages that Ray runs as tasks, apart from the GPU actors: routing at read time, fetch + decode, text checks.
 
-Each function takes and returns a numpy-format batch (dict of column arrays). A row whose input is
-bad gets task "failed" and an error saying why; it is never dropped.
+A row whose input is bad gets task "failed" and an error saying why; it is never dropped.
 """
 
 from __future__ import annotations
@@ -10,9 +9,10 @@ import numpy as np
 
 from actors.images import InputError, load_image, read_uri, resize_for_model, validate_text
 from actors.resources import Resources
-from pipeline.schema import TASK_FAILED, TASK_I2T, TASK_OBSERVED, TASK_T2I, numpy_stage
+from actors.stage import Column, Produced, Stage
+from pipeline.schema import TASK_FAILED, TASK_I2T, TASK_OBSERVED, TASK_T2I
 
-# CPU tasks take a quarter CPU: Ray Data's reads and the actor pools must fit beside them on 2 CPUs.
+# CPU tasks take an eighth of a CPU: Ray Data's reads and the actor pools must fit beside them on 2 CPUs.
 CPU_TASK = Resources(num_cpus=0.125, memory_gb=0.5, batch_size=64)
 
 
@@ -28,69 +28,66 @@ def _present_text(value) -> tuple[str | None, str | None]:
         return None, None  # empty or whitespace: the modality is missing
 
 
-@numpy_stage
-def route(batch: dict[str, np.ndarray], *, storage_options: dict | None = None) -> dict[str, np.ndarray]:
-    """Decide per row which modality is missing; fetch image URIs into bytes so later stages need no I/O."""
-    n = len(batch["row_key"])
-    task = np.array(batch["task"], dtype=object)
-    error = np.array(batch["error"], dtype=object)
-    image = np.array(batch["image"], dtype=object)
-    text = np.array(batch["text"], dtype=object)
-    # Nulls arrive as None (numpy_stage); an empty URI means none either.
-    uri = np.array([u if isinstance(u, str) and u else None for u in batch["image_uri"]], dtype=object)
-    for i in range(n):
-        if task[i] == TASK_FAILED:
-            continue
-        if (image[i] is None or len(image[i]) == 0) and uri[i]:
+def route_row(image: bytes | None, uri: str | None, text) -> tuple[str, str | None, str | None]:
+    """(task, text, error) of one input row, from what it holds (no I/O): which modality is missing.
+
+    An image counts as present when it has bytes or a URI; a URI that cannot be read fails the row later,
+    in the stage that fetches it. Empty or whitespace-only text is a missing text."""
+    has_image = bool(image) or bool(uri)
+    clean, text_error = _present_text(text)
+    if text_error and not has_image:
+        return TASK_FAILED, None, text_error
+    if has_image and clean is not None:
+        return TASK_OBSERVED, clean, None
+    if has_image:
+        return TASK_I2T, None, None
+    if clean is not None:
+        return TASK_T2I, clean, None
+    return TASK_FAILED, None, "sample has neither an image nor a text: nothing to complete from"
+
+
+class FetchAndDecode(Stage):
+    """Fetch the image of URI-only rows, then decode and resize it to the encoder's ``size`` x ``size`` RGB."""
+
+    name, ACTOR = "decode", False
+    RESOURCES = CPU_TASK
+    reads = ("image", "image_uri")
+    drops = ()
+
+    def __init__(self, size: int, max_pixels: int, storage_options: dict | None = None,
+                 tasks: tuple[str, ...] = (TASK_I2T,)):
+        self.size, self.max_pixels, self.storage_options, self.tasks = size, max_pixels, storage_options, tasks
+        self.writes = (Column("image"), Column("pixels", 0, np.uint8, (size, size, 3)))
+
+    def process(self, rows):
+        m = len(rows["row_key"])
+        images = list(rows["image"])
+        pixels = np.zeros((m, self.size, self.size, 3), np.uint8)
+        errors: list[str | None] = [None] * m
+        for j in range(m):
             try:
-                image[i] = read_uri(uri[i], storage_options)
+                if not images[j]:
+                    images[j] = read_uri(rows["image_uri"][j], self.storage_options)
+                pixels[j] = resize_for_model(load_image(images[j], max_pixels=self.max_pixels), self.size)
             except InputError as exc:
-                task[i], error[i] = TASK_FAILED, str(exc)
-                continue
-        has_image = image[i] is not None and len(image[i]) > 0
-        text[i], text_error = _present_text(text[i])
-        if text_error and not has_image:
-            task[i], error[i] = TASK_FAILED, text_error
-        elif has_image and text[i] is not None:
-            task[i] = TASK_OBSERVED
-        elif has_image:
-            task[i] = TASK_I2T
-        elif text[i] is not None:
-            task[i] = TASK_T2I
-        else:
-            task[i], error[i] = TASK_FAILED, "sample has neither an image nor a text: nothing to complete from"
-        if image[i] is not None and len(image[i]) == 0:
-            image[i] = None
-    return {**batch, "task": task, "error": error, "image": image, "text": text, "image_uri": uri}
+                errors[j] = str(exc)
+        return Produced({"image": images, "pixels": pixels}, errors)
 
 
-@numpy_stage
-def decode_for_model(batch: dict[str, np.ndarray], *, size: int, max_pixels: int,
-                     tasks: tuple[str, ...] = (TASK_I2T,)) -> dict[str, np.ndarray]:
-    """Decode and resize the image of every row of ``tasks`` to ``size`` x ``size`` RGB (zeros elsewhere)."""
-    n = len(batch["row_key"])
-    pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
-    task = np.array(batch["task"], dtype=object)
-    error = np.array(batch["error"], dtype=object)
-    for i in range(n):
-        if task[i] not in tasks:
-            continue
-        try:
-            pixels[i] = resize_for_model(load_image(batch["image"][i], max_pixels=max_pixels), size)
-        except InputError as exc:
-            task[i], error[i] = TASK_FAILED, str(exc)
-    return {**batch, "task": task, "error": error, "pixels": pixels}
+class CheckTexts(Stage):
+    """Validate the text of every text-only row (a failed row says why)."""
 
+    name, ACTOR = "check_text", False
+    RESOURCES = CPU_TASK
+    tasks = (TASK_T2I,)
+    reads = ("text",)
 
-@numpy_stage
-def check_texts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Validate the text of every t2i row (a failed row says why)."""
-    task = np.array(batch["task"], dtype=object)
-    error = np.array(batch["error"], dtype=object)
-    for i, t in enumerate(task):
-        if t == TASK_T2I:
+    def process(self, rows):
+        errors: list[str | None] = []
+        for t in rows["text"]:
             try:
-                validate_text(batch["text"][i])
+                validate_text(t)
+                errors.append(None)
             except InputError as exc:
-                task[i], error[i] = TASK_FAILED, str(exc)
-    return {**batch, "task": task, "error": error}
+                errors.append(str(exc))
+        return Produced({}, errors)

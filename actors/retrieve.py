@@ -1,17 +1,23 @@
-"""The retrieval stage: each actor holds one or more knowledge-base shards, loaded once.
+"""The retrieval stage: each actor holds one or more knowledge-base shards, loaded once in ``setup``.
 
-Shards are searched stage after stage: every stage merges its shards' stage-1 candidates into the
-running top-k carried in the batch (``cand_*`` columns); the stage holding the last shard ranks the
-merged candidates by the fused score (stage 2) and writes ``ret_*`` columns.
+The shards are split into groups, one stage per group, chained in the job. Each stage has a role:
+
+* ``first`` maps the query to its pseudo-embedding (``pseudo``) and starts the running stage-1 top-k
+  (``cand_*`` columns) from its shards;
+* ``middle`` merges its shards' candidates into the running top-k;
+* ``last`` merges its own, then ranks the merged candidates by the fused score (stage 2) into ``ret_*``;
+* ``only`` (one group holds every shard) does all three.
+
+Each step is a function of ``pipeline.retrieval`` (``shard_candidates``, ``merge_candidates``,
+``finish_retrieval``), the same ones Serve and the evaluation call through ``retrieval.search``.
 """
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from actors.resources import Resources
+from actors.stage import Column, Produced, Stage
 from pipeline import kb as kbmod
 from pipeline.config import RetrievalConfig
 from pipeline.retrieval import (
@@ -21,75 +27,86 @@ from pipeline.retrieval import (
     searched_modality,
     shard_candidates,
 )
-from pipeline.schema import TASK_I2T, TASK_T2I, numpy_stage
+from pipeline.schema import TASK_I2T, TASK_T2I
 
 CANDIDATE_FIELDS = ("ids", "fused", "intra", "cross")
+RESULT_FIELDS = ("ids", "fused", "cross")
+ROLES = ("first", "middle", "last", "only")
 
 
-class RetrieveNeighbours:
-    """Stage-1 search of the held shards for i2t (``observed='image'``) or t2i rows, merged into the batch."""
+def role_of(group: int, n_groups: int) -> str:
+    """The role of shard group ``group`` of ``n_groups`` in the chain."""
+    if n_groups == 1:
+        return "only"
+    return "first" if group == 0 else "last" if group == n_groups - 1 else "middle"
 
+
+def candidate_width(cfg: RetrievalConfig) -> int:
+    """Stage-1 candidates carried per row: top_k for fusion (reranked later), n_results otherwise."""
+    return cfg.top_k if cfg.mode == "fusion" else cfg.n_results
+
+
+def _fields(prefix: str, names, width: int) -> tuple[Column, ...]:
+    return tuple(Column(f"{prefix}{f}", -1, np.int64, (width,)) if f == "ids"
+                 else Column(f"{prefix}{f}", -np.inf, np.float32, (width,)) for f in names)
+
+
+class RetrieveNeighbours(Stage):
+    """Stage-1 search of the held shards for i2t (``observed='image'``) or t2i rows; see the module for roles."""
+
+    name, accounts = "retrieve", "retrieve"
     RESOURCES = Resources(num_cpus=0.125, memory_gb=2.0, batch_size=64)
 
     def __init__(self, kb_uri: str, storage_options: dict | None, shards: list[int], observed: str,
-                 retrieval: RetrievalConfig, last: bool):
-        self.kb = kbmod.load(kb_uri, storage_options, shards=shards, with_entries=False,
-                             searched=searched_modality(observed, retrieval))
-        self.observed, self.cfg, self.last = observed, retrieval, last
-        self.task = TASK_I2T if observed == "image" else TASK_T2I
-        self.other_dim = self.kb.manifest["text_dim" if observed == "image" else "image_dim"]
+                 retrieval: RetrievalConfig, role: str, image_dim: int, text_dim: int):
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self.kb_uri, self.storage_options, self.shards = kb_uri, storage_options, shards
+        self.observed, self.cfg, self.role = observed, retrieval, role
+        self.tasks = (TASK_I2T,) if observed == "image" else (TASK_T2I,)
+        first, last = role in ("first", "only"), role in ("last", "only")
+        cand = tuple(f"cand_{f}" for f in CANDIDATE_FIELDS)
+        self.reads = ("query",) if first else ("query", "pseudo", *cand)
+        other_dim = text_dim if observed == "image" else image_dim
+        writes = (Column("pseudo", 0.0, np.float32, (other_dim,)),) if first else ()
+        if last:
+            writes += _fields("ret_", RESULT_FIELDS, retrieval.n_results)
+        else:
+            writes += _fields("cand_", CANDIDATE_FIELDS, candidate_width(retrieval))
+        self.writes = writes
+        self.drops = cand if last and not first else ()
 
-    @numpy_stage
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        t0 = time.perf_counter()
-        n = len(batch["row_key"])
-        rows = np.flatnonzero(np.asarray(batch["task"], dtype=object) == self.task)
-        out = dict(batch)
-        k = self.cfg.top_k
-        if "pseudo" not in out:
-            out["pseudo"] = np.zeros((n, self.other_dim), np.float32)
-            if rows.size:
-                out["pseudo"][rows] = self.kb.pseudo(np.asarray(batch["query"])[rows], self.observed)
-            out.update(_empty_candidates(n, k))
-        if rows.size:
-            query, pseudo = np.asarray(batch["query"])[rows], np.asarray(out["pseudo"])[rows]
-            parts = [shard_candidates(s, query, pseudo, self.observed, self.cfg) for s in self.kb.shards]
-            running = Neighbours(*(np.asarray(out[f"cand_{f}"])[rows] for f in CANDIDATE_FIELDS))
-            merged = merge_candidates([running, *parts], k)
-            for f in CANDIDATE_FIELDS:
-                col = np.array(out[f"cand_{f}"], copy=True)
-                col[rows, : getattr(merged, f).shape[1]] = getattr(merged, f)
-                out[f"cand_{f}"] = col
-        spent = (time.perf_counter() - t0) / max(rows.size, 1)
-        seconds = np.array(out.get("seconds_retrieve", np.zeros(n, np.float32)), dtype=np.float32)
-        seconds[rows] += spent
-        out["seconds_retrieve"] = seconds
-        if self.last:
-            out = _finish(out, rows, self.cfg)
-        return out
+    def setup(self) -> None:
+        self.kb = kbmod.load(self.kb_uri, self.storage_options, shards=self.shards, with_entries=False,
+                             searched=searched_modality(self.observed, self.cfg))
 
+    def process(self, rows):
+        query = np.asarray(rows["query"])
+        first, last = self.role in ("first", "only"), self.role in ("last", "only")
+        pseudo = self.kb.pseudo(query, self.observed) if first else np.asarray(rows["pseudo"])
+        parts = [shard_candidates(s, query, pseudo, self.observed, self.cfg) for s in self.kb.shards]
+        if not first:
+            parts.insert(0, Neighbours(*(np.asarray(rows[f"cand_{f}"]) for f in CANDIDATE_FIELDS)))
+        width = candidate_width(self.cfg)
+        merged = _pad(merge_candidates(parts, width), width)
+        out: dict[str, np.ndarray] = {"pseudo": pseudo} if first else {}
+        if last:
+            done = _pad(finish_retrieval(merged, self.cfg), self.cfg.n_results)
+            out.update({f"ret_{f}": getattr(done, f) for f in RESULT_FIELDS})
+        else:
+            out.update({f"cand_{f}": getattr(merged, f) for f in CANDIDATE_FIELDS})
+        return Produced(out)
 
-def _empty_candidates(n: int, k: int) -> dict[str, np.ndarray]:
-    return {
-        "cand_ids": np.full((n, k), -1, np.int64),
-        "cand_fused": np.full((n, k), -np.inf, np.float32),
-        "cand_intra": np.full((n, k), -np.inf, np.float32),
-        "cand_cross": np.full((n, k), -np.inf, np.float32),
-    }
+    def __repr__(self) -> str:
+        return f"RetrieveNeighbours({self.observed}, shards {self.shards}, {self.role})"
 
 
-def _finish(batch: dict[str, np.ndarray], rows: np.ndarray, cfg: RetrievalConfig) -> dict[str, np.ndarray]:
-    """Stage 2 on the merged candidates: ``ret_*`` columns with n_results neighbours per row."""
-    n, r = len(batch["row_key"]), cfg.n_results
-    ret = {
-        "ret_ids": np.full((n, r), -1, np.int64),
-        "ret_fused": np.full((n, r), -np.inf, np.float32),
-        "ret_cross": np.full((n, r), -np.inf, np.float32),
-    }
-    if rows.size:
-        cand = Neighbours(*(np.asarray(batch[f"cand_{f}"])[rows] for f in CANDIDATE_FIELDS))
-        done = finish_retrieval(cand, cfg)
-        ret["ret_ids"][rows], ret["ret_fused"][rows], ret["ret_cross"][rows] = done.ids, done.fused, done.cross
-    out = {k: v for k, v in batch.items() if not k.startswith("cand_")}
-    out.update(ret)
-    return out
+def _pad(nb: Neighbours, width: int) -> Neighbours:
+    """Neighbours with exactly ``width`` columns (a KB smaller than k gives fewer): padding is id -1, -inf."""
+    have = nb.ids.shape[1]
+    if have >= width:
+        return Neighbours(*(getattr(nb, f)[:, :width] for f in CANDIDATE_FIELDS))
+    pad = width - have
+    return Neighbours(np.pad(nb.ids, ((0, 0), (0, pad)), constant_values=-1),
+                      *(np.pad(getattr(nb, f), ((0, 0), (0, pad)), constant_values=-np.inf)
+                        for f in CANDIDATE_FIELDS[1:]))

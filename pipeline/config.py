@@ -298,10 +298,14 @@ class JobConfig(_Strict):
         "workers that start at zero); cpu: never"
     )
     shards_per_actor: int = Field(1, ge=1, description="knowledge-base shards each retrieval actor holds")
+    block_rows: int = Field(
+        256, ge=1, description="rows per block read from an input shard: the unit that flows through the stages "
+        "and is committed to the output (smaller: output lands sooner and a kill loses less; larger: fewer files)"
+    )
 
     def config_hash(self) -> str:
         """Stable hash of what changes the output (resources and storage do not)."""
-        payload = self.model_dump(mode="json", exclude={"resources", "storage", "accelerators"})
+        payload = self.model_dump(mode="json", exclude={"resources", "storage", "accelerators", "block_rows"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

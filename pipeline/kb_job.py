@@ -9,13 +9,14 @@ import numpy as np
 import pyarrow as pa
 
 from actors.embed import EmbedPairs
-from actors.preprocess import CPU_TASK, decode_for_model, route
+from actors.preprocess import CPU_TASK, FetchAndDecode
 from actors.resources import use_gpus
+from actors.stage import check_chain
 from pipeline import kb as kbmod
 from pipeline.config import ColumnsConfig, KBConfig, StageResources, StorageConfig
 from pipeline.datasource import ShardDatasource
-from pipeline.job import select_tasks
-from pipeline.schema import TASK_FAILED, TASK_OBSERVED, ray_stage
+from pipeline.plan import StageActor, stage_task
+from pipeline.schema import INPUT_SCHEMA, TASK_FAILED, TASK_OBSERVED
 from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -38,20 +39,21 @@ def embed_pairs(path: str, spec: KBBuildSpec, storage: Storage) -> tuple[pa.Tabl
     """Complete pairs of the dataset at ``path`` with their embeddings; also the number of rows skipped."""
     import ray
 
-    from actors.encoders import encoder_class, encoder_image_size
+    from actors.encoders import encoder_image_size
 
     enc = spec.cfg.encoder
     cpu = {"num_cpus": CPU_TASK.num_cpus, "batch_size": CPU_TASK.batch_size, "batch_format": "numpy"}
-    res = encoder_class(enc).RESOURCES.with_overrides(spec.embed_resources)
-    res = res.for_gpu(use_gpus(spec.accelerators))
-    ds = ray.data.read_datasource(ShardDatasource(path, spec.columns, storage.options, spec.data_format),
-                                  ray_remote_args={"num_cpus": CPU_TASK.num_cpus})
-    ds = ds.map_batches(ray_stage(route), fn_kwargs={"storage_options": storage.options}, **cpu)
-    ds = ds.map_batches(ray_stage(decode_for_model), fn_kwargs={"size": encoder_image_size(enc), "tasks": (TASK_OBSERVED,),
-                                                     "max_pixels": enc.max_image_pixels}, **cpu)
-    ds = ds.map_batches(ray_stage(EmbedPairs), fn_constructor_kwargs={"encoder": enc}, batch_format="numpy",
+    decode = FetchAndDecode(encoder_image_size(enc), enc.max_image_pixels, storage.options, tasks=(TASK_OBSERVED,))
+    embed = EmbedPairs(enc)
+    check_chain([decode, embed], source=INPUT_SCHEMA.names)
+    res = embed.RESOURCES.with_overrides(spec.embed_resources).for_gpu(use_gpus(spec.accelerators))
+    # Only complete pairs (and rows failed at read, to count them) are read: half-rows are not KB entries.
+    source = ShardDatasource(path, spec.columns, storage.options, spec.data_format,
+                             tasks=(TASK_OBSERVED, TASK_FAILED))
+    ds = ray.data.read_datasource(source, num_cpus=CPU_TASK.num_cpus)
+    ds = ds.map_batches(stage_task, fn_kwargs={"stage": decode}, **cpu)
+    ds = ds.map_batches(StageActor, fn_constructor_kwargs={"stage": embed}, batch_format="numpy",
                         **res.map_batches_kwargs())
-    ds = ds.map_batches(ray_stage(select_tasks), fn_kwargs={"tasks": (TASK_OBSERVED, TASK_FAILED)}, **cpu)
     entries, images, texts, skipped = [], [], [], 0
     for batch in ds.iter_batches(batch_format="numpy", batch_size=4096):
         ok = np.asarray(batch["task"], dtype=object) == TASK_OBSERVED

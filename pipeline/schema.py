@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import pyarrow as pa
 
@@ -94,30 +92,3 @@ def typed_block(batch: dict[str, np.ndarray]) -> pa.Table:
         else:
             columns[name] = inferred.column(name)
     return pa.table(columns)
-
-
-def numpy_stage(fn):
-    """Decorator of a stage's batch function or ``__call__``: its batch (the last positional argument)
-    goes through :func:`restore_nulls` first."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return fn(*args[:-1], restore_nulls(args[-1]), **kwargs)
-
-    return wrapper
-
-
-def ray_stage(stage):
-    """A stage (batch function or callable class) as the job hands it to ``map_batches``: the same stage,
-    its output made a :func:`typed_block` (called directly, stages return numpy batches)."""
-    if isinstance(stage, type):
-        typed = type(stage.__name__, (stage,), {
-            "__call__": lambda self, batch: typed_block(stage.__call__(self, batch)),
-            "__module__": stage.__module__, "__qualname__": stage.__qualname__, "__doc__": stage.__doc__})
-        return typed
-
-    @functools.wraps(stage)
-    def fn(batch, **kwargs):
-        return typed_block(stage(batch, **kwargs))
-
-    return fn

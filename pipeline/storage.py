@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import uuid
 
 import fsspec
 import pyarrow as pa
@@ -70,8 +71,10 @@ class Storage:
         pq.write_table(table, buf)
         fs, p = self.fs(path), self._strip(path)
         if isinstance(fs, LocalFileSystem):
-            fs.pipe_file(p + ".tmp", buf.getvalue())
-            fs.mv(p + ".tmp", p)
+            fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+            tmp = f"{p}.{uuid.uuid4().hex[:8]}.tmp"  # unique: two writers of one name never share a temp file
+            fs.pipe_file(tmp, buf.getvalue())
+            fs.mv(tmp, p)
         else:
             fs.pipe_file(p, buf.getvalue())
 

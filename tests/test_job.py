@@ -196,7 +196,7 @@ def test_killed_job_resumes_without_duplicates_or_gaps(kb, tmp_path):
     deadline = time.time() + 300
     try:
         while time.time() < deadline and proc.poll() is None:
-            if len(list((out / "data").glob("*.parquet"))) >= 2:
+            if len(list((out / "data").glob("*/*.parquet"))) >= 2:
                 break
             time.sleep(0.2)
         assert proc.poll() is None, "the job finished before it could be interrupted; make it longer"
@@ -216,29 +216,44 @@ def test_killed_job_resumes_without_duplicates_or_gaps(kb, tmp_path):
         table.column("id").to_pylist())
 
 
-def test_actor_pools_leave_room_for_tasks_and_the_resume_filter_on_two_cpus():
+def _manifest(n_shards: int) -> dict:
+    """What the plan reads of a KB's manifest, for plans that never run."""
+    from actors.encoders import describe_encoder
+    from pipeline.config import EncoderConfig
+
+    dims = describe_encoder(EncoderConfig())
+    return {"config": {"encoder": EncoderConfig().model_dump(mode="json")}, "shards": list(range(n_shards)),
+            "image_dim": dims["image_dim"], "text_dim": dims["text_dim"], "version": "v"}
+
+
+def _chains(n_shards: int, cfg: JobConfig = JOB) -> dict:
+    from pipeline.plan import DIRECTIONS, direction_stages
+
+    return {task: direction_stages(task, cfg, "kb", _manifest(n_shards), None) for task, _ in DIRECTIONS}
+
+
+def test_actor_pools_leave_room_for_the_tasks_of_every_branch_on_two_cpus():
+    from actors.encoders import encoder_class
     from actors.preprocess import CPU_TASK
     from pipeline.config import EncoderConfig
-    from pipeline.job import CHECKPOINT_FILTER_CPUS, TASK_CPU_HEADROOM, plan_resources
+    from pipeline.plan import TASK_CPU_HEADROOM, plan_resources
 
-    for resuming in (False, True):
-        pools = plan_resources(JOB, EncoderConfig(), n_groups=2, has_gpu=False, cluster_cpus=2.0, resuming=resuming)
-        assert len(pools) == 2 * (1 + 2 + 1)  # embed, two retrieval shard groups, generate; per direction
-        held = sum(p.num_cpus * p.min_actors for p in pools.values())
-        reserved = TASK_CPU_HEADROOM * CPU_TASK.num_cpus + (CHECKPOINT_FILTER_CPUS if resuming else 0.0)
-        assert 0 < held <= 2.0 - reserved + 1e-9
-    roomy = plan_resources(JOB, EncoderConfig(), n_groups=1, has_gpu=False, cluster_cpus=64.0, resuming=True)
-    from actors.encoders import encoder_class
-
+    chains = _chains(2)
+    pools = plan_resources(JOB, chains, has_gpu=False, cluster_cpus=2.0)
+    assert {"retrieve:i2t:0", "retrieve:i2t:1", "retrieve:t2i:0", "retrieve:t2i:1"} <= set(pools)
+    assert len(pools) == 2 * (1 + 2 + 1)  # embed, two retrieval shard groups, generate; per direction
+    held = sum(p.num_cpus * p.min_actors for p in pools.values())
+    reserved = TASK_CPU_HEADROOM * CPU_TASK.num_cpus * 3  # three branches read and map beside the pools
+    assert 0 < held <= 2.0 - reserved + 1e-9
+    roomy = plan_resources(JOB, _chains(1), has_gpu=False, cluster_cpus=64.0)
     assert roomy["embed:i2t"].num_cpus == encoder_class(EncoderConfig()).RESOURCES.num_cpus  # never scaled up
 
 
 def test_a_cluster_with_no_cpu_left_for_the_pools_is_a_clear_error():
-    from pipeline.config import EncoderConfig
-    from pipeline.job import plan_resources
+    from pipeline.plan import plan_resources
 
     with pytest.raises(ValueError, match="no CPUs left"):
-        plan_resources(JOB, EncoderConfig(), n_groups=1, has_gpu=False, cluster_cpus=1.0, resuming=True)
+        plan_resources(JOB, _chains(1), has_gpu=False, cluster_cpus=0.5)
 
 
 @pytest.mark.timeout(900)
@@ -266,3 +281,40 @@ def test_model_generators_complete_every_row_through_the_same_plan(kb, tmp_path)
     for img in done[done.generated == "image"].image:
         assert Image.open(io.BytesIO(img)).size == (TINY_IMAGE, TINY_IMAGE)
     assert done[done.generated == "text"].text.str.len().min() > 0
+
+
+@pytest.mark.timeout(900)
+def test_a_three_shard_kb_chained_one_shard_per_actor_gives_the_in_process_chain_s_rows(ray_local, tmp_path):
+    """Three retrieval pools per direction (first / middle / last shard group) on Ray: each row's neighbours and
+    completion are the ones the same stages give in one process (``actors.stage.run_chain``)."""
+    from actors.stage import run_chain
+    from pipeline import kb as kbmod
+    from pipeline.config import IndexConfig
+    from pipeline.datasets import read_shard
+    from pipeline.datasource import keyed_rows
+    from pipeline.plan import DIRECTIONS, direction_stages
+
+    root = tmp_path / "kb-src"
+    write_parquet(make_internal(150, seed=0).select(["id", "image", "text"]), f"{root}/internal/part-0.parquet")
+    cfg3 = FAST_KB.model_copy(update={"index": IndexConfig(shards=3), "use_external": False})
+    kb3 = str(tmp_path / "kb3")
+    run_kb_build(KBBuildSpec(internal=f"{root}/internal", out=kb3, cfg=cfg3))
+    data = tmp_path / "data"
+    _write_shards(_incomplete(40, seed=7), data, 2)
+    job = JOB.model_copy(update={"shards_per_actor": 1})
+    summary = run_job(JobSpec(data=str(data), kb=kb3, out=str(tmp_path / "out"), cfg=job))
+    assert summary["rows_out"] == summary["unique_row_keys"] == 40 and summary["failed"] == 0
+    out = read_output(Storage(), str(tmp_path / "out")).to_pandas().set_index("row_key")
+
+    manifest = kbmod.load(kb3, shards=[], with_entries=False).manifest
+    assert len(manifest["shards"]) == 3
+    for shard in sorted(data.glob("*.parquet")):
+        rows = keyed_rows(str(shard), read_shard(str(shard), job.columns, {}, "auto"), str(data))
+        batch = {c: np.asarray(rows.column(c).to_pylist(), dtype=object) for c in rows.column_names}
+        for task, _ in DIRECTIONS:
+            local = run_chain(direction_stages(task, job, kb3, manifest, None), batch)
+            for i in np.flatnonzero(batch["task"] == task):
+                row = out.loc[batch["row_key"][i]]
+                assert list(row.retrieved_ids) == local["retrieved_ids"][i]
+                generated = "text" if task == "i2t" else "image"
+                assert row[generated] == local[generated][i] and row.status == "completed"

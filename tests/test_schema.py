@@ -4,12 +4,19 @@ import numpy as np
 import pyarrow as pa
 from ray.data.block import BlockAccessor
 
-from pipeline.schema import OUTPUT_SCHEMA, numpy_stage, ray_stage, restore_nulls
+from actors.stage import Column, Produced, Stage
+from pipeline.plan import StageActor, stage_task
+from pipeline.schema import OUTPUT_SCHEMA, restore_nulls
 
 
-@numpy_stage
-def pass_through(batch):
-    return batch
+class PassThrough(Stage):
+    """Touches no row: what the job's stages do to the rows of other tasks."""
+
+    tasks = ("i2t",)
+    writes = (Column("x", 0.0, np.float32),)
+
+    def process(self, rows):
+        return Produced({"x": np.ones(len(rows["row_key"]), np.float32)})
 
 
 def _objects(values):
@@ -33,34 +40,19 @@ def test_ray_turns_all_null_and_passed_through_list_columns_into_other_types():
     assert [list(v) for v in restored["fusion_scores"]] == [[0.5, 0.4], [0.3, 0.2]]
 
 
-def test_blocks_of_a_ray_stage_combine_whatever_their_batches_hold():
+def test_blocks_of_a_stage_combine_whatever_their_batches_hold():
     """Batches with all-null strings, equal-length lists, ragged lists and nulls: every output block has
     the schema's types, so Ray Data can combine them (the job failed here on 1,000 generated rows)."""
-    stage = ray_stage(pass_through)
-    rectangular = {"row_key": _objects(["a", "b"]), "image_uri": _objects([None, None]),
+    stage = PassThrough()
+    rectangular = {"row_key": _objects(["a", "b"]), "task": _objects(["t2i", "t2i"]), "image_uri": _objects([None, None]),
                    "fusion_scores": _objects([[0.5, 0.4], [0.3, 0.2]]), "query": np.ones((2, 3), np.float32)}
-    ragged = {"row_key": _objects(["c", "d"]), "image_uri": _objects(["s3://b/c.jpg", None]),
+    ragged = {"row_key": _objects(["c", "d"]), "task": _objects(["t2i", "i2t"]), "image_uri": _objects(["s3://b/c.jpg", None]),
               "fusion_scores": _objects([[0.9], None]), "query": np.zeros((2, 3), np.float32)}
-    blocks = [stage(b) for b in (rectangular, ragged)]
+    blocks = [stage_task(rectangular, stage=stage), StageActor(stage)(ragged)]
     merged = pa.concat_tables(blocks)
     assert merged.schema.field("fusion_scores").type == OUTPUT_SCHEMA.field("fusion_scores").type
     assert merged.column("image_uri").to_pylist() == [None, None, "s3://b/c.jpg", None]
     assert merged.column("fusion_scores").to_pylist()[3] is None
     np.testing.assert_allclose(merged.column("fusion_scores").to_pylist()[0], [0.5, 0.4])
     assert np.asarray(merged.column("query").to_pylist()).shape == (4, 3)  # other columns as Ray makes them
-
-
-def test_a_ray_stage_class_keeps_its_name_and_constructor():
-    class Scale:
-        def __init__(self, factor):
-            self.factor = factor
-
-        @numpy_stage
-        def __call__(self, batch):
-            return {**batch, "x": batch["x"] * self.factor}
-
-    typed = ray_stage(Scale)
-    assert typed.__name__ == "Scale"
-    out = typed(3)({"x": np.array([1.0, 2.0]), "error": np.array([np.nan, np.nan])})
-    assert isinstance(out, pa.Table)
-    assert out.column("x").to_pylist() == [3.0, 6.0] and out.column("error").type == pa.string()
+    assert merged.column("x").to_pylist() == [0.0, 0.0, 0.0, 1.0]  # declared fill where the stage did not run
