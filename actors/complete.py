@@ -176,9 +176,11 @@ class CompleteImages(_Complete):
     tasks = (TASK_T2I,)
 
     def __init__(self, generator: GeneratorConfig, selection: SelectionConfig, encoder: EncoderConfig,
-                 entries: pa.Table | str, storage_options: dict | None = None, settings: dict | None = None):
+                 entries: pa.Table | str, storage_options: dict | None = None, settings: dict | None = None,
+                 niqe=None):
         super().__init__(generator, selection, encoder, entries, nn=generator.image_backend == "nn",
                          storage_options=storage_options, settings=settings)
+        self.niqe_scorer = niqe  # a NIQE scorer to use (the evaluation's cached one); None: built in setup
         from actors.generators import image_generator_class
 
         self.RESOURCES = image_generator_class(generator).RESOURCES
@@ -188,7 +190,10 @@ class CompleteImages(_Complete):
         self.generator = create_image_generator(self.gcfg)
         # NIQE runs where the generator does: on the GPU beside SDXL, not on the CPU while the GPU waits.
         device = str(getattr(self.generator, "device", "cpu"))
-        self.niqe = NiqeScorer(self.scfg.niqe_params, device=device) if wants_niqe(self.scfg) else None
+        if not wants_niqe(self.scfg):
+            self.niqe = None
+        else:
+            self.niqe = self.niqe_scorer or NiqeScorer(self.scfg.niqe_params, device=device)
 
     @staticmethod
     def resources(generator: GeneratorConfig) -> Resources:

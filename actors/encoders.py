@@ -15,10 +15,8 @@ downloaded from a model hub at run time: missing weights are an :class:`EncoderN
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -29,8 +27,8 @@ from PIL import Image
 
 from actors.images import resize_for_model
 from actors.resources import Resources
+from actors.weights import HF_CACHE, fetch_object, hub_offline
 from pipeline.config import EncoderConfig
-from pipeline.storage import url_to_fs
 
 LITE_NAME = "lite-effnet0-minilm"
 LITE_IMAGE_ARCH = "tf_efficientnet_lite0"
@@ -46,9 +44,7 @@ OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_mode
 AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 TAG_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
 OPEN_CLIP_URL_CACHE = "~/.cache/clip"  # where open_clip keeps weights downloaded from a URL
-HF_CACHE = "the Hugging Face cache"
 LOCAL_DIR, HF_HUB = "local-dir:", "hf-hub:"  # open_clip's model-name schemas: config and weights in one place
-WEIGHTS_CACHE = Path(tempfile.gettempdir()) / "rag4dmc-weights"  # s3:// checkpoints when no model_dir
 
 
 class EncoderNotFoundError(FileNotFoundError):
@@ -255,19 +251,6 @@ class OpenClipEncoder(_BatchedEncoder):
             return _unit_rows(self.model.encode_text(self.tokenizer(texts).to(self.device)))
 
 
-@contextlib.contextmanager
-def hub_offline() -> Iterator[None]:
-    """Within the block every Hugging Face Hub lookup is cache-only (``HF_HUB_OFFLINE=1``, set at run time),
-    so missing weights fail at once instead of after network retries."""
-    from huggingface_hub import constants
-
-    saved, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = saved
-
-
 def _model_config(model_name: str, model_dir: str | None) -> dict:
     """open_clip's config of ``model_name`` (built-in, registered, ``local-dir:`` or cached ``hf-hub:``)."""
     import open_clip
@@ -296,7 +279,10 @@ def resolve_checkpoint(model_name: str, pretrained: str | None, model_dir: str |
     if pretrained is None or _has_schema(model_name):  # a schema names its weights itself
         return None, {}
     if "://" in pretrained:
-        return fetch_object(pretrained, model_dir, storage_options), {}
+        local = fetch_object(pretrained, model_dir, storage_options)
+        if local is None:
+            raise EncoderNotFoundError(pretrained, pretrained)
+        return local, {}
     if os.path.isfile(pretrained):
         return pretrained, {}
     tag = open_clip.get_pretrained_cfg(model_name, pretrained)
@@ -328,28 +314,6 @@ def _cached_tag_files(tag: dict, model_dir: str | None) -> Iterator[str]:
             local = os.path.join(folder, os.path.basename(url))
             if os.path.isfile(local):
                 yield local
-
-
-def fetch_object(uri: str, model_dir: str | None = None, storage_options: dict | None = None) -> str:
-    """Download an object-storage checkpoint once into ``model_dir`` (or a temp cache); the local path."""
-
-    cache = Path(model_dir or WEIGHTS_CACHE) / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    local = cache / os.path.basename(uri.rstrip("/"))
-    if local.is_file():
-        return str(local)
-    fs, path = url_to_fs(uri, storage_options)
-    if not fs.isfile(path):
-        raise EncoderNotFoundError(uri, uri)
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=cache, suffix=".partial")  # unique: concurrent actors may fetch too
-    os.close(fd)
-    try:
-        fs.get_file(path, partial)
-        os.replace(partial, local)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-    return str(local)
 
 
 def encoder_class(cfg: EncoderConfig) -> type[LiteEncoder] | type[OpenClipEncoder]:

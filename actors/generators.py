@@ -17,12 +17,9 @@ in the local cache: a missing model is a fast :class:`GeneratorNotFoundError`, n
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +29,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from actors.encoders import WEIGHTS_CACHE, pick_device
+from actors import weights
+from actors.encoders import pick_device
 from actors.images import InputError, load_image
 from actors.resources import Resources
+from actors.weights import HF_CACHE
 from pipeline.config import GeneratorConfig
-from pipeline.storage import url_to_fs
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +45,6 @@ TEXT_FLAG, IMAGE_FLAG = "--text-generator", "--image-generator"
 MODEL_DIR_FLAG = "--generator-model-dir"
 TRANSFORMERS_MARKER = "config.json"  # a folder without it holds no transformers checkpoint
 DIFFUSERS_MARKER = "model_index.json"  # ... and without this no diffusers pipeline
-HF_CACHE = "the Hugging Face cache"
 SDXL_MODES = ("img2img", "text2img")
 SDXL_SIZE_MULTIPLE = 8  # SDXL wants height and width divisible by 8
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -167,7 +164,7 @@ def resolve_model(model: str, model_dir: str | None, marker: str, flag: str,
     candidates = [Path(local).expanduser()] + ([Path(model_dir) / local] if model_dir else [])
     folder = next((str(c) for c in candidates if c.is_dir()), None)
     if folder is None:
-        folder = _cached_snapshot(model, model_dir)
+        folder = weights.cached_snapshot(model, model_dir)
     if folder is None:
         places = [str(c) for c in candidates] + [model_dir or HF_CACHE]
         raise GeneratorNotFoundError(model, ", ".join(places), flag)
@@ -176,38 +173,13 @@ def resolve_model(model: str, model_dir: str | None, marker: str, flag: str,
     return folder
 
 
-def _cached_snapshot(repo_id: str, cache_dir: str | None) -> str | None:
-    """The hub cache's snapshot folder of ``repo_id``, or None; never a network call."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True)
-    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError), or not a repo id at all
-        return None
-
-
 def fetch_prefix(uri: str, model_dir: str | None, marker: str, flag: str,
                  storage_options: dict | None = None) -> str:
-    """Download an object-storage folder once into ``model_dir`` (or a temp cache), atomically; its path."""
-
-    cache = Path(model_dir or WEIGHTS_CACHE) / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if (cache / marker).is_file():
-        return str(cache)
-    fs, path = url_to_fs(uri, storage_options)
-    path = path.rstrip("/")
-    if not fs.isfile(f"{path}/{marker}"):
+    """An object-storage model folder downloaded once (``actors.weights.fetch_prefix``); its local path."""
+    local = weights.fetch_prefix(uri, model_dir, marker, storage_options)
+    if local is None:
         raise GeneratorNotFoundError(uri, f"{uri} (no {marker} under that prefix)", flag)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    partial = tempfile.mkdtemp(dir=cache.parent, prefix=f"{cache.name}.partial-")  # concurrent actors fetch too
-    try:
-        fs.get(f"{path}/", partial, recursive=True)
-        os.rename(partial, cache)  # atomic; fails when another actor finished first, whose copy is used
-    except OSError:
-        if not (cache / marker).is_file():
-            raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return str(cache)
+    return local
 
 
 # --------------------------------------------------------------------------------------- nearest neighbour

@@ -53,9 +53,11 @@ class Resources:
 
     def map_batches_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``Dataset.map_batches`` with a callable class."""
+        from ray.data import ActorPoolStrategy
+
         kwargs: dict[str, Any] = {
             "num_cpus": self.num_cpus,
-            "concurrency": (self.min_actors, self.max_actors),
+            "compute": ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors),
             "batch_size": self.effective_batch_size(),
             "memory": int(self.memory_gb * 1024**3),
         }

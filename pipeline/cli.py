@@ -202,7 +202,8 @@ def _parse_sweeps(specs: list[str]) -> dict[str, list[str]]:
 
 def cmd_evaluate(args) -> int:
     from pipeline.config import EvalConfig
-    from pipeline.evaluate import EvaluationError, evaluate_datasets, markdown_table
+    from pipeline.eval_data import EvaluationError
+    from pipeline.evaluate import evaluate_datasets, markdown_table
 
     specs = getattr(args, "evaluation.sweeps")
     if specs is not None:

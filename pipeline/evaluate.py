@@ -34,13 +34,13 @@ complete. The result is one payload (:func:`evaluate`) that :func:`write_report`
 
 from __future__ import annotations
 
-import io
+import hashlib
 import itertools
 import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +50,6 @@ from pipeline import kb as kbmod
 from pipeline.calibrate import effective_settings
 from pipeline.config import (
     SWEEP_KEYS,
-    VARIANT_NAMES,
-    EncoderConfig,
     EvalConfig,
     RetrievalConfig,
     SelectionConfig,
@@ -59,81 +57,32 @@ from pipeline.config import (
 )
 from pipeline.datasets import LABEL_COLUMN
 from pipeline.downstream import HeadConfig, evaluate_heads, train_heads
-from pipeline.mapping import MIN_TRAIN_PAIRS
+from pipeline.eval_data import (
+    LEFT_OUT_SHOWN,
+    EvalData,
+    embed_pairs,
+    mask,
+    read_pairs,
+    split,
+)
+from pipeline.examples import examples
 from pipeline.metrics import bleu4, cider, mean_cosine
-from pipeline.schema import TASK_I2T, TASK_T2I
+from pipeline.schema import TASK_FAILED, TASK_I2T, TASK_T2I
 from pipeline.significance import HOLDS, NOISE, REVERSED, UNKNOWN, mean_ci, paired, verdict
+from pipeline.variants import (
+    KB_DESCRIPTIONS,
+    METRIC_COLUMNS,
+    METRICS,
+    ORDERINGS,
+    REFERENCES,
+    SETTING_COLUMNS,
+    VARIANTS,
+    format_estimate,
+    format_value,
+    table_columns,
+)
 
 log = logging.getLogger(__name__)
-
-# kb: which knowledge base the variant retrieves from (None: it completes nothing); mode: retrieval.mode.
-VARIANTS: dict[str, dict] = {
-    "drop": {"label": "Drop-Incomplete", "kb": None, "training_data": "complete pairs only"},
-    "direct": {"label": "Direct (mapped NN)", "kb": "internal", "mode": "mapped"},
-    "vanilla": {"label": "Vanilla-RAG", "kb": "internal", "mode": "intra"},
-    "combined": {"label": "Combined-RAG", "kb": "raw", "mode": "intra"},
-    "kfa": {"label": "KFA-RAG", "kb": "purified", "mode": "intra"},
-    "rag4dmc": {"label": "RAG4DMC", "kb": "purified", "mode": "fusion", "calibrated": True},
-    "rag4dmc_default": {"label": "RAG4DMC (paper defaults)", "kb": "purified_default", "mode": "fusion"},
-    "complete": {"label": "Complete (upper bound)", "kb": None, "training_data": "the true training data"},
-}
-assert tuple(VARIANTS) == VARIANT_NAMES, "evaluate.VARIANTS and config.VariantName must list the same variants"
-KB_DESCRIPTIONS = {"internal": "internal", "raw": "internal + raw external",
-                   "purified": "internal + purified external (calibrated)",
-                   "purified_default": "internal + purified external (default thresholds)"}
-# The paper's claims, each checked per missing rate as a paired difference: (a, b, metrics where a > b).
-QUALITY = ("bleu4", "text_cosine", "image_cosine")
-DOWNSTREAM = ("i2t_r1", "t2i_r1")
-LABELS = ("i2t_label", "t2i_label")
-ORDERINGS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
-    ("rag4dmc", "drop", DOWNSTREAM, "completing the missing modality beats dropping incomplete rows"),
-    ("rag4dmc", "vanilla", QUALITY + DOWNSTREAM + LABELS, "the purified dual KB with fusion beats internal-only RAG"),
-    ("rag4dmc", "kfa", QUALITY + DOWNSTREAM + LABELS, "fusion retrieval beats intra-modal retrieval"),
-    ("kfa", "combined", QUALITY + DOWNSTREAM + LABELS, "purifying the external corpus beats using it raw"),
-    ("rag4dmc", "rag4dmc_default", QUALITY + DOWNSTREAM + LABELS, "calibrated settings beat the paper's defaults"),
-)
-REFERENCES = ("drop", "vanilla")  # every variant's paired difference against these is reported
-
-# Every metric: what it measures and whether higher is better (None: a count, not a quality).
-METRICS: dict[str, tuple[str, bool | None]] = {
-    "bleu4": ("BLEU-4 of completed texts against the true texts", True),
-    "cider": ("CIDEr-D of completed texts against the true texts", True),
-    "text_cosine": ("cosine of completed and true text embeddings", True),
-    "image_cosine": ("cosine of completed and true image embeddings", True),
-    "niqe": ("NIQE of completed images (lower is more natural)", False),
-    "i2t_r1": ("downstream image->text recall@1 on the test split", True),
-    "i2t_r5": ("downstream image->text recall@5 on the test split", True),
-    "t2i_r1": ("downstream text->image recall@1 on the test split", True),
-    "t2i_r5": ("downstream text->image recall@5 on the test split", True),
-    "i2t_label": ("completed texts whose source entry has the query's label (label column)", True),
-    "t2i_label": ("completed images whose source entry has the query's label (label column)", True),
-    "train_pairs": ("image-text pairs the downstream model trained on", None),
-}
-METRIC_COLUMNS = tuple(METRICS)
-MIN_TEST_PAIRS = 2  # recall ranks each test pair against the others
-LEFT_OUT_SHOWN = 5  # reasons for left-out rows quoted in the log and in metrics.json
-
-
-class EvaluationError(ValueError):
-    """The data cannot support the requested evaluation; the message says what to change."""
-
-
-@dataclass
-class EvalData:
-    """Everything embedded once: training rows (with truth and mask), test pairs, external pairs."""
-
-    train: pa.Table
-    lose_image: np.ndarray
-    lose_text: np.ndarray
-    train_img: np.ndarray
-    train_txt: np.ndarray
-    test_img: np.ndarray
-    test_txt: np.ndarray
-    external: pa.Table
-    ext_img: np.ndarray
-    ext_txt: np.ndarray
-    encoder_name: str
-    missing_rate: float = 0.0
 
 
 @dataclass
@@ -148,124 +97,6 @@ class VariantResult:
 
 
 # ------------------------------------------------------------------------------------------------
-# Data: read, embed, split, mask
-# ------------------------------------------------------------------------------------------------
-
-
-def read_pairs(path: str, cfg: EvalConfig, data_format: str = "auto") -> tuple[pa.Table, list[str]]:
-    """The rows at ``path`` with both modalities (id, image bytes, text), and what was left out and why.
-
-    Images given as a path or URI are fetched (with the storage options). Rows that cannot be used (a
-    missing modality, an input error, an unreadable image URI) and shards that cannot be read are left
-    out and described, one message each.
-    """
-    from actors.images import InputError, read_uri
-    from pipeline.datasets import read_dataset
-
-    options = cfg.storage.fsspec_options()
-    table, problems = read_dataset(path, cfg.columns, options, data_format)
-    ids, images, texts, labels = [], [], [], []
-    for row in table.to_pylist():
-        if row["input_error"]:
-            problems.append(f"{row['id']}: {row['input_error']}")
-            continue
-        image = row["image"]
-        if image is None and row["image_uri"]:
-            try:
-                image = read_uri(row["image_uri"], options)
-            except InputError as exc:
-                problems.append(f"{row['id']}: {exc}")
-                continue
-        if image is None or row["text"] is None:
-            problems.append(f"{row['id']}: no {'image' if image is None else 'text'} (evaluation needs complete pairs)")
-            continue
-        ids.append(row["id"])
-        images.append(image)
-        texts.append(row["text"])
-        labels.append(row.get(LABEL_COLUMN))
-    out = pa.table({"id": pa.array(ids, pa.string()), "image": pa.array(images, pa.binary()),
-                    "text": pa.array(texts, pa.string())})
-    if cfg.columns.label:
-        out = out.append_column(LABEL_COLUMN, pa.array(labels, pa.string()))
-    return out, problems
-
-
-def embed_pairs(table: pa.Table, encoder, cfg: EncoderConfig = EncoderConfig()
-                ) -> tuple[pa.Table, np.ndarray, np.ndarray, list[str]]:
-    """Image and text embeddings of ``table``'s rows; rows that do not decode are left out (and described).
-
-    Images are decoded ``cfg.batch_size`` at a time, with ``cfg.max_image_pixels`` as the size limit.
-    """
-    from actors.images import InputError, load_image, validate_text
-
-    batch = cfg.batch_size
-    keep: list[int] = []
-    problems: list[str] = []
-    img_parts = [np.zeros((0, encoder.image_dim), np.float32)]
-    txt_parts = [np.zeros((0, encoder.text_dim), np.float32)]
-    ids, images, texts = (table.column(c).to_pylist() for c in ("id", "image", "text"))
-    for start in range(0, table.num_rows, batch):
-        pictures, captions = [], []
-        for i in range(start, min(start + batch, table.num_rows)):
-            try:
-                picture = load_image(images[i], max_pixels=cfg.max_image_pixels)
-                captions.append(validate_text(texts[i]))
-            except InputError as exc:
-                problems.append(f"{ids[i]}: {exc}")
-                continue
-            pictures.append(picture)
-            keep.append(i)
-        img_parts.append(encoder.encode_images(pictures))
-        txt_parts.append(encoder.encode_texts(captions))
-    return table.take(keep), np.concatenate(img_parts), np.concatenate(txt_parts), problems
-
-
-def split(complete: pa.Table, complete_img: np.ndarray, complete_txt: np.ndarray, external: pa.Table,
-          ext_img: np.ndarray, ext_txt: np.ndarray, encoder_name: str, test_fraction: float = 0.2,
-          seed: int = 0) -> EvalData:
-    """Set aside the test split; nothing is masked yet (see :func:`mask`)."""
-    n = complete.num_rows
-    n_test = max(MIN_TEST_PAIRS, int(round(test_fraction * n)))
-    if n - n_test < MIN_TRAIN_PAIRS:
-        raise EvaluationError(f"{n} complete pairs are too few: {n_test} go to the test split and the training "
-                              f"split needs at least {MIN_TRAIN_PAIRS}; give more complete data")
-    order = np.random.default_rng([seed, 0]).permutation(n)
-    test, train = order[:n_test], order[n_test:]
-    none = np.zeros(len(train), bool)
-    return EvalData(complete.take(train), none, none.copy(), complete_img[train], complete_txt[train],
-                    complete_img[test], complete_txt[test], external, ext_img, ext_txt, encoder_name)
-
-
-def mask(data: EvalData, missing_rate: float, image_fraction: float = 0.5, seed: int = 0) -> EvalData:
-    """``data`` with ``round(missing_rate * n_train)`` training rows losing a modality.
-
-    One permutation of the training rows is cut at every rate, so the rows masked at a lower rate are
-    also masked at a higher one; the first ``image_fraction`` of the masked rows lose the image.
-    """
-    n = data.train.num_rows
-    order = np.random.default_rng([seed, 1]).permutation(n)
-    masked = order[: int(round(missing_rate * n))]
-    n_image = int(round(image_fraction * len(masked)))
-    lose_image, lose_text = np.zeros(n, bool), np.zeros(n, bool)
-    lose_image[masked[:n_image]], lose_text[masked[n_image:]] = True, True
-    observed = n - len(masked)
-    if observed < MIN_TRAIN_PAIRS:
-        raise EvaluationError(f"at missing rate {missing_rate:g} only {observed} of {n} training pairs stay "
-                              f"complete; the knowledge base needs at least {MIN_TRAIN_PAIRS}: give more complete "
-                              "data or a lower evaluation.missing_rates")
-    return replace(data, lose_image=lose_image, lose_text=lose_text, missing_rate=missing_rate)
-
-
-def prepare(complete: pa.Table, external: pa.Table, missing_rate: float, encoder, test_fraction: float = 0.2,
-            image_fraction: float = 0.5, seed: int = 0) -> EvalData:
-    """Embed, split and mask in one call (tables with id, image bytes and text)."""
-    complete, ci, ct, _ = embed_pairs(complete, encoder)
-    external, ei, et, _ = embed_pairs(external, encoder)
-    data = split(complete, ci, ct, external, ei, et, encoder.name, test_fraction, seed)
-    return mask(data, missing_rate, image_fraction, seed)
-
-
-# ------------------------------------------------------------------------------------------------
 # Variants
 # ------------------------------------------------------------------------------------------------
 
@@ -277,7 +108,7 @@ class VariantKB:
     kb: kbmod.KnowledgeBase
     raw: dict[str, np.ndarray] | None  # None: entries could not be matched to the embedded data
     labels: np.ndarray | None = None  # each entry's label (None: no label column)
-    niqe: dict[int, float] = field(default_factory=dict)  # NIQE of entry images scored so far
+    niqe: dict[str, float] = field(default_factory=dict)  # NIQE of candidate images scored so far, by hash
 
 
 def _labels(table: pa.Table) -> dict[str, str | None] | None:
@@ -340,70 +171,88 @@ def variant_configs(name: str, vkb: VariantKB, cfg: EvalConfig, task: str
     return effective_settings(retrieval, cfg.selection, calibration, task)
 
 
-def _niqe_of(vkb: VariantKB, rows: list[int], images: list, niqe) -> np.ndarray | None:
-    """NIQE of the candidates (KB rows ``rows``, decoded as ``images``), each entry scored once per KB."""
-    if niqe is None:
-        return None
-    for r, im in zip(rows, images):
-        if r not in vkb.niqe:
-            vkb.niqe[r] = niqe.score(im)
-    return np.array([vkb.niqe[r] for r in rows], np.float32)
+class _CachedNiqe:
+    """NIQE of candidate images, each distinct image scored once per KB (the evaluation completes the same
+    training rows against the same KB entries for every variant and repeat)."""
+
+    def __init__(self, cache: dict, scorer):
+        self.cache, self.scorer = cache, scorer
+
+    def __call__(self, images: list) -> np.ndarray:
+        keys = [hashlib.sha1(im.tobytes()).hexdigest() for im in images]
+        todo = [(k, im) for k, im in zip(keys, images) if k not in self.cache]
+        if todo:
+            for (k, _), v in zip(todo, self.scorer([im for _, im in todo])):
+                self.cache[k] = float(v)
+        return np.array([self.cache[k] for k in keys], np.float32)
+
+
+def completion_batch(task: str, rows: np.ndarray, data: EvalData, neigh, pseudo: np.ndarray) -> dict:
+    """The numpy batch the job's completion stage takes for masked training rows ``rows`` of ``task``."""
+    from pipeline.schema import TASK_I2T
+
+    def objects(values) -> np.ndarray:
+        out = np.empty(len(values), dtype=object)
+        out[:] = values
+        return out
+
+    n = len(rows)
+    texts = data.train.column("text").to_pylist()
+    return {"row_key": objects([f"train:{i}" for i in rows]), "task": objects([task] * n),
+            "error": objects([None] * n), "image": objects([None] * n),
+            "text": objects([None if task == TASK_I2T else texts[i] for i in rows]),
+            "ret_ids": neigh.ids, "ret_fused": neigh.fused, "ret_cross": neigh.cross, "pseudo": pseudo}
 
 
 def complete_variant(vkb: VariantKB, data: EvalData, name: str, cfg: EvalConfig, encoder, niqe=None) -> dict:
-    """Complete the masked training rows against ``vkb`` as the job does with the nearest-neighbour generators.
+    """Complete the masked training rows against ``vkb`` with the job's completion stages (``CompleteTexts``,
+    ``CompleteImages``) and nearest-neighbour generators, on the variant's retrieval.
 
-    Retrieval, the candidates (the retrieved entries, blank texts and undecodable images skipped) and the
-    selection scores are the job's (``NearestNeighbour*Generator.generate_indexed``, ``select_text`` /
-    ``select_image``). Per generated modality: ``rows`` (training rows), ``generated`` (the chosen values),
-    ``emb``, ``entries`` (the chosen KB rows), ``settings`` and ``cands``: per row the candidate entries (best
-    retrieved first), their selection scores and the chosen index.
+    Per generated modality: ``rows`` (training rows), ``generated`` (the chosen values), ``emb``, ``entries``
+    (the chosen KB rows), ``settings`` and ``cands``: per row the candidate entries (best retrieved first),
+    their selection scores and the chosen index. A row the stage fails (nothing usable retrieved) stays
+    incomplete, as the job fails it.
     """
-    from actors.generators import Example, NearestNeighbourImageGenerator, NearestNeighbourTextGenerator
+    from actors.complete import CompleteImages, CompleteTexts
     from actors.images import load_image
-    from pipeline.selection import select_image, select_text, wants_niqe
+    from actors.stage import apply
+    from pipeline.config import GeneratorConfig
+    from pipeline.selection import wants_niqe
 
     kb = vkb.kb
     out: dict = {}
+    # The stage names candidates by entry id; here an entry's id is its KB row, so candidates map back to rows.
+    entries = kb.entries.set_column(kb.entries.column_names.index("id"), "id",
+                                    pa.array([str(i) for i in range(kb.entries.num_rows)], pa.string()))
     texts = kb.entries.column("text").to_pylist()
     images = kb.entries.column("image").to_pylist()
-    ids_of = kb.entries.column("id").to_pylist()
+    generator = GeneratorConfig(text_backend="nn", image_backend="nn")
     for task, observed, rows in ((TASK_I2T, "image", np.flatnonzero(data.lose_text)),
                                  (TASK_T2I, "text", np.flatnonzero(data.lose_image))):
         if rows.size == 0:
             continue
         rcfg, scfg, settings = variant_configs(name, vkb, cfg, task)
         query = (data.train_img if observed == "image" else data.train_txt)[rows]
+        pseudo = kb.pseudo(query, observed)
         neigh = kb.retrieve(query, observed, rcfg)
-        examples, entry_rows = [], []
-        for r in range(len(rows)):
-            valid = [j for j in range(neigh.ids.shape[1]) if neigh.ids[r, j] >= 0]
-            entry_rows.append([int(neigh.ids[r, j]) for j in valid])
-            examples.append([Example(id=ids_of[e], text=texts[e] or "", image=images[e], score=float(neigh.fused[r, j]),
-                                     cross=float(neigh.cross[r, j])) for j, e in zip(valid, entry_rows[-1])])
-        n = neigh.ids.shape[1]
         if task == TASK_I2T:
-            found = NearestNeighbourTextGenerator().generate_indexed([None] * len(rows), examples, n, 0)
+            stage = CompleteTexts(generator, scfg, cfg.encoder, entries)
         else:
-            found = NearestNeighbourImageGenerator().generate_indexed([None] * len(rows), examples, n, 0)
-        use_niqe = niqe if task == TASK_T2I and wants_niqe(scfg) else None
-        chosen, cands_all, kept = [], [], []
-        for r, (ex, cand) in enumerate(zip(examples, found)):
-            if not cand:
-                continue  # nothing usable retrieved: the row stays incomplete (as the job fails it)
-            picked = [j for j, _ in cand]
-            cross = np.array([ex[j].cross for j in picked], np.float32)
-            fused = np.array([ex[j].score for j in picked], np.float32)
-            if task == TASK_I2T:
-                score = select_text([c for _, c in cand], cross, scfg, fused=fused)
-            else:
-                quality = _niqe_of(vkb, [entry_rows[r][j] for j in picked], [c for _, c in cand], use_niqe)
-                score = select_image(cross, quality, scfg, fused=fused)
-            best = int(np.argmax(score))
-            entries = [entry_rows[r][j] for j in picked]
-            chosen.append(entries[best])
-            cands_all.append((entries, [float(x) for x in score], best))
+            if niqe is None:  # no NIQE at hand: ranked by cosine alone
+                scfg = scfg.model_copy(update={"image_quality": "none"})
+            stage = CompleteImages(generator, scfg, cfg.encoder, entries,
+                                   niqe=_CachedNiqe(vkb.niqe, niqe) if wants_niqe(scfg) else None)
+        stage.ensure_setup()
+        done = apply(stage, completion_batch(task, rows, data, neigh, pseudo))
+        kept, chosen, cands_all = [], [], []
+        for r in range(len(rows)):
+            if done["task"][r] == TASK_FAILED:
+                continue
+            entry_rows = [int(e) for e in done["candidate_ids"][r]]
+            best = int(done["chosen"][r])
             kept.append(r)
+            chosen.append(entry_rows[best])
+            cands_all.append((entry_rows, [float(x) for x in done["candidate_scores"][r]], best))
         generated = "text" if observed == "image" else "image"
         values = [(texts if generated == "text" else images)[i] for i in chosen]
         if vkb.raw is not None:
@@ -680,118 +529,6 @@ def evaluate_datasets(data: str, external: str, out: str, cfg: EvalConfig, data_
               for rep in range(ev.repeats)]
     payload = evaluate(splits, cfg, encoder, niqe, meta=meta)
     return payload, write_report(payload, out, cfg.storage)
-
-
-# ------------------------------------------------------------------------------------------------
-# Examples
-# ------------------------------------------------------------------------------------------------
-
-
-def thumbnail(data: bytes, size: int) -> bytes:
-    """``data`` as a PNG whose longer side is at most ``size`` pixels (the report embeds these)."""
-    from actors.images import load_image
-
-    picture = load_image(data)
-    picture.thumbnail((size, size))
-    buf = io.BytesIO()
-    picture.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def examples(data: EvalData, run: dict, n: int, thumb_px: int) -> list[dict]:
-    """The same ``n`` masked rows (half lost their text, half their image) as every variant completed them.
-
-    Each example: ``direction`` (i2t or t2i), the ``query`` (the observed modality), the ``truth``
-    (the lost one) and per variant the top ``retrieved`` entry, the ``candidates`` with their scores
-    and the index of the ``chosen`` one. Images are thumbnails.
-    """
-    thumbs: dict[bytes, bytes] = {}
-
-    def thumb(b: bytes | None) -> bytes | None:
-        if b is not None and b not in thumbs:
-            thumbs[b] = thumbnail(b, thumb_px)
-        return None if b is None else thumbs[b]
-
-    columns = {name: {c: v.kb.entries.column(c) for c in ("id", "text", "image")} for name, v in run["kbs"].items()}
-
-    def entry(kb: str, i: int, fields: tuple[str, ...]) -> dict:
-        col = columns[kb]
-        out = {"id": col["id"][i].as_py()}
-        if "text" in fields:
-            out["text"] = col["text"][i].as_py()
-        if "image" in fields:
-            out["image"] = thumb(col["image"][i].as_py())
-        return out
-
-    done = [r for r in run["variants"] if r.completion]
-    train_ids, train_texts, train_images = (data.train.column(c).to_pylist() for c in ("id", "text", "image"))
-    out = []
-    for generated, direction, count in (("text", "i2t", (n + 1) // 2), ("image", "t2i", n // 2)):
-        observed = "image" if generated == "text" else "text"
-        rows = np.flatnonzero(data.lose_text if generated == "text" else data.lose_image)[:count]
-        for row in rows:
-            truth = {"text": train_texts[row], "image": thumb(train_images[row])}
-            example = {"id": train_ids[row], "direction": direction, "generated": generated,
-                       "query": {observed: truth[observed]}, "truth": {generated: truth[generated]}, "variants": []}
-            for r in done:
-                c = r.completion[generated]
-                at = np.flatnonzero(c["rows"] == row)
-                if at.size == 0:  # this variant retrieved nothing usable for the row
-                    continue
-                ids, scores, best = c["cands"][int(at[0])]
-                example["variants"].append({
-                    "name": r.name, "label": r.label, "retrieved": entry(r.kb, ids[0], ("text", "image")),
-                    "candidates": [entry(r.kb, i, (generated,)) | {"score": s} for i, s in zip(ids, scores)],
-                    "chosen": best})
-            out.append(example)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# Tables and files
-# ------------------------------------------------------------------------------------------------
-
-def _ran_with(key: str, fusion_only: bool = False):
-    """A setting column: the value each direction ran with ("i2t / t2i" where calibration made them differ),
-    or the configured one."""
-    def cell(s: dict):
-        ran = [s[t][key] for t in (TASK_I2T, TASK_T2I) if isinstance(s.get(t), dict) and key in s[t]]
-        if fusion_only and s.get("retrieval") != "fusion":
-            return None
-        if not ran:
-            return s.get(key)
-        return ran[0] if len(set(ran)) == 1 else " / ".join(format_value(v) for v in ran)
-    return cell
-
-
-SETTING_COLUMNS = {  # column -> how a variant's settings fill it
-    "data / KB": lambda s: s.get("kb_content") or s.get("training_data", "-"),
-    "retrieval": lambda s: s.get("retrieval", "-"),
-    "alpha": _ran_with("alpha", fusion_only=True),
-    "top_k": _ran_with("top_k", fusion_only=True),
-    "n": _ran_with("n_results"),
-    "lambda": _ran_with("lambda_quality"),
-}
-
-
-def format_value(v) -> str:
-    """A table cell: floats to 3 decimals, missing values as '-'."""
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    return str(v)
-
-
-def table_columns(entries: list[dict]) -> tuple[list[str], list[str]]:
-    """(setting columns, metric columns) for ``entries``: metrics no variant has are left out."""
-    metrics = [m for m in METRIC_COLUMNS if any(e["metrics"].get(m) is not None for e in entries)]
-    return list(SETTING_COLUMNS), metrics
-
-
-def format_estimate(mean, ci) -> str:
-    """A cell "mean ± half-width" (just the mean with one repeat)."""
-    return format_value(mean) if ci is None else f"{format_value(mean)} ± {format_value(ci)}"
 
 
 def markdown_table(entries: list[dict]) -> str:

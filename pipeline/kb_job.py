@@ -15,7 +15,7 @@ from actors.stage import check_chain
 from pipeline import kb as kbmod
 from pipeline.config import ColumnsConfig, KBConfig, StageResources, StorageConfig
 from pipeline.datasource import ShardDatasource
-from pipeline.plan import StageActor, stage_task
+from pipeline.plan import actor_class, stage_task
 from pipeline.schema import INPUT_SCHEMA, TASK_FAILED, TASK_OBSERVED
 from pipeline.storage import Storage
 
@@ -52,7 +52,7 @@ def embed_pairs(path: str, spec: KBBuildSpec, storage: Storage) -> tuple[pa.Tabl
                              tasks=(TASK_OBSERVED, TASK_FAILED))
     ds = ray.data.read_datasource(source, num_cpus=CPU_TASK.num_cpus)
     ds = ds.map_batches(stage_task, fn_kwargs={"stage": decode}, **cpu)
-    ds = ds.map_batches(StageActor, fn_constructor_kwargs={"stage": embed}, batch_format="numpy",
+    ds = ds.map_batches(actor_class(embed), fn_constructor_kwargs={"stage": embed}, batch_format="numpy",
                         **res.map_batches_kwargs())
     entries, images, texts, skipped = [], [], [], 0
     for batch in ds.iter_batches(batch_format="numpy", batch_size=4096):

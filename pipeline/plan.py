@@ -127,6 +127,11 @@ class StageActor:
         return typed_block(apply(self.stage, restore_nulls(batch)))
 
 
+def actor_class(stage: Stage) -> type[StageActor]:
+    """:class:`StageActor` named after the stage, so Ray Data's logs and progress say which pool is which."""
+    return type(f"{type(stage).__name__}Actor", (StageActor,), {"__module__": __name__})
+
+
 def stage_task(batch, *, stage: Stage):
     """A CPU stage as a Ray Data task (its ``setup`` is cheap, once per task)."""
     stage.ensure_setup()
@@ -172,7 +177,7 @@ def build_plan(cfg: JobConfig, data: str, kb_uri: str, kb_manifest: dict, out: s
                 continue
             position = groups if isinstance(stage, RetrieveNeighbours) else 0
             groups += isinstance(stage, RetrieveNeighbours)
-            ds = ds.map_batches(StageActor, fn_constructor_kwargs={"stage": stage}, batch_format="numpy",
+            ds = ds.map_batches(actor_class(stage), fn_constructor_kwargs={"stage": stage}, batch_format="numpy",
                                 **pools[pool_name(stage, task, position)].map_batches_kwargs())
         branches.append(ds.map_batches(finalize, **fin))
     branches.append(read(PASS_TASKS, "ReadComplete").map_batches(finalize, **fin))

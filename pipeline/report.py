@@ -14,7 +14,7 @@ import html
 import math
 from collections.abc import Sequence
 
-from pipeline.evaluate import (
+from pipeline.variants import (
     METRIC_COLUMNS,
     METRICS,
     REFERENCES,

@@ -28,8 +28,9 @@ from PIL import Image
 from pipeline.cli import main
 from pipeline.config import VARIANT_NAMES
 from pipeline.demo_data import write_demo_corpus
-from pipeline.evaluate import METRICS, VARIANTS, markdown_table
+from pipeline.evaluate import markdown_table
 from pipeline.report import render_html
+from pipeline.variants import METRICS, VARIANTS
 
 N_COMPLETE, N_EXTERNAL = 100, 120
 TEST_FRACTION = 0.2
@@ -305,7 +306,7 @@ class _ZeroEncoder:
 
 def test_rows_that_are_not_complete_pairs_are_left_out_with_the_reason(tmp_path: Path) -> None:
     from pipeline.config import EvalConfig
-    from pipeline.evaluate import embed_pairs, read_pairs
+    from pipeline.eval_data import embed_pairs, read_pairs
 
     png = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 30, 30)).save(png, format="PNG")
@@ -485,7 +486,7 @@ def test_the_screenshot_shows_the_page(rendered) -> None:
 
 
 def test_setting_columns_show_what_each_direction_ran_with() -> None:
-    from pipeline.evaluate import SETTING_COLUMNS
+    from pipeline.variants import SETTING_COLUMNS
 
     calibrated = {"retrieval": "fusion", "alpha": 0.5, "n_results": 4,
                   "i2t": {"alpha": 0.75, "n_results": 1}, "t2i": {"alpha": 0.75, "n_results": 8}}
