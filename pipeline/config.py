@@ -302,10 +302,18 @@ class JobConfig(_Strict):
         256, ge=1, description="rows per block read from an input shard: the unit that flows through the stages "
         "and is committed to the output (smaller: output lands sooner and a kill loses less; larger: fewer files)"
     )
+    read_concurrency: int | None = Field(
+        None, ge=1, description="read tasks at a time per branch; None: one per 16 cluster CPUs, at least one"
+    )
+    max_blocks_in_flight: int | None = Field(
+        None, ge=1, description="blocks read but not yet committed, at most (what a kill can lose); None: "
+        "enough to keep every actor pool fed twice over"
+    )
 
     def config_hash(self) -> str:
         """Stable hash of what changes the output (resources and storage do not)."""
-        payload = self.model_dump(mode="json", exclude={"resources", "storage", "accelerators", "block_rows"})
+        payload = self.model_dump(mode="json", exclude={"resources", "storage", "accelerators", "block_rows",
+                                                       "max_blocks_in_flight", "read_concurrency"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -84,7 +84,7 @@ class ShardDatasource(Datasource):
     def __init__(self, path: str, columns: ColumnsConfig, storage_options: dict, fmt: str = "auto",
                  shards: list[str] | None = None, keys: set[str] | None = None,
                  tasks: tuple[str, ...] | None = None, block_rows: int = 256,
-                 committed: Callable[[str], set[str]] | None = None, name: str = "ReadShards"):
+                 committed: Callable[[str], set[str]] | None = None, name: str = "ReadShards", flow=None):
         super().__init__()
         self.keys = keys  # only these row keys (a retry of failed rows)
         self.tasks = tasks  # only rows routed to these tasks (one branch of the job); None: every row
@@ -92,6 +92,7 @@ class ShardDatasource(Datasource):
         self.root = path.rstrip("/")
         self.columns, self.storage_options, self.fmt = columns, storage_options, fmt
         self.block_rows, self.name = block_rows, name
+        self.flow = flow  # a pipeline.flow.InFlight actor: room is asked for before a read yields its rows
         self.shards = shards if shards is not None else datasets.list_shards(path, storage_options, fmt)
 
     def get_name(self) -> str:
@@ -122,5 +123,10 @@ class ShardDatasource(Datasource):
             keys = rows.column(ROW_KEY).to_pylist()
             keep &= np.array([(self.keys is None or k in self.keys) and k not in skip for k in keys], bool)
         rows = rows.filter(pa.array(keep))
+        if self.flow is not None and rows.num_rows:
+            import ray
+
+            # Room for the whole read at once: Ray Data hands a read task's output on when the task ends.
+            ray.get(self.flow.acquire.remote(rows.num_rows))
         for start in range(0, rows.num_rows, self.block_rows):
             yield rows.slice(start, self.block_rows)

@@ -100,10 +100,12 @@ def run_job(spec: JobSpec) -> dict:
         before = count_output_rows(storage, spec.out)
         if before:
             log.info("resuming: %d rows already committed under %s are skipped", before, spec.out)
-        write(_plan(spec, kb.manifest, storage, spec.out), spec.out, spec.cfg.storage)
+        in_flight = write(_plan(spec, kb.manifest, storage, spec.out), spec.out, spec.cfg.storage)
         written = count_output_rows(storage, spec.out) - before
     elapsed = time.perf_counter() - t0
     summary = summarize(storage, spec.out, elapsed, written)
+    if not spec.retry_failed:
+        summary["in_flight"] = in_flight
     storage.write_bytes(summary_path, json.dumps(summary, indent=2).encode())  # marks the run finished
     return summary
 

@@ -130,8 +130,8 @@ class OutputSink(Datasink):
     """Ray Data sink of the job's output rows: each block's rows of each input shard become one parquet file
     in that shard's folder, written in one piece, as soon as the block reaches the sink."""
 
-    def __init__(self, out: str, storage_cfg):
-        self.out, self.storage_cfg = out.rstrip("/"), storage_cfg
+    def __init__(self, out: str, storage_cfg, flow=None):
+        self.out, self.storage_cfg, self.flow = out.rstrip("/"), storage_cfg, flow
 
     def get_name(self) -> str:
         return "CommitOutput"
@@ -151,4 +151,6 @@ class OutputSink(Datasink):
                 keys = part.column("row_key").to_pylist()
                 storage.write_table(part, f"{shard_dir(self.out, name)}/{file_name(keys)}")
                 written += part.num_rows
+            if self.flow is not None:  # committed: room for the reads again
+                self.flow.release.remote(table.num_rows)
         return written

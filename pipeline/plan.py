@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 
 from actors.complete import CompleteImages, CompleteTexts
 from actors.embed import EmbedQueries
@@ -24,6 +25,7 @@ from actors.preprocess import CPU_TASK, CheckTexts, FetchAndDecode
 from actors.resources import Resources, fit_to_cpus
 from actors.retrieve import RetrieveNeighbours, role_of
 from actors.stage import Stage, apply, check_chain
+from pipeline import flow
 from pipeline.calibrate import effective_settings
 from pipeline.config import EncoderConfig, JobConfig, StorageConfig
 from pipeline.datasource import ShardDatasource
@@ -42,8 +44,16 @@ log = logging.getLogger(__name__)
 
 DIRECTIONS = ((TASK_I2T, "image"), (TASK_T2I, "text"))  # (task, observed modality)
 PASS_TASKS = (TASK_OBSERVED, TASK_FAILED)  # rows that go straight to the output
-# Ray Data runs its map tasks (a read and a map at a time per branch) beside the actor pools.
-TASK_CPU_HEADROOM = 2
+# CPU tasks besides the reads that must be able to run at any time beside the actor pools: a prepare task per
+# direction, a finalize per branch, the commit. Without a CPU for them, reads held back by the rows-in-flight
+# limit (pipeline.flow) wait for commits that cannot be scheduled.
+def task_slots(n_directions: int) -> int:
+    return n_directions + (n_directions + 1) + 1
+
+
+def read_concurrency(cfg: JobConfig, cluster_cpus: float) -> int:
+    """Read tasks at a time per branch: ``read_concurrency``, or one per 16 cluster CPUs (at least one)."""
+    return cfg.read_concurrency or max(1, int(cluster_cpus // 16))
 
 
 def shard_groups(n_shards: int, max_per_actor: int) -> list[list[int]]:
@@ -112,7 +122,9 @@ def plan_resources(cfg: JobConfig, chains: dict[str, list[Stage]], has_gpu: bool
             log.warning("pool %s asks for %.1f GiB per actor but the cluster has %.1f GiB now; it starts only once "
                         "a larger node joins (set resources.%s.memory_gb to what the model needs)",
                         name, r.memory_gb, cluster_memory_gb, name.split(":")[0])
-    budget = cluster_cpus - TASK_CPU_HEADROOM * CPU_TASK.num_cpus * (len(chains) + 1)
+    branches = len(chains) + 1
+    tasks = branches * read_concurrency(cfg, cluster_cpus) + task_slots(len(chains))
+    budget = cluster_cpus - tasks * CPU_TASK.num_cpus
     return dict(zip(pools, fit_to_cpus(list(pools.values()), budget)))
 
 
@@ -144,10 +156,38 @@ def _committed(storage_cfg: StorageConfig, out: str, shard: str) -> set[str]:
     return committed_keys(Storage(storage_cfg), out, shard)
 
 
+@dataclass
+class Plan:
+    """The job's dataset, the actor counting its rows in flight (``pipeline.flow``) and that limit in rows."""
+
+    dataset: object
+    flow: object
+    limit_rows: int
+
+
+def flow_floor(pools: dict[str, Resources], block_rows: int, branches: int) -> int:
+    """Rows that can sit in partial batches: one batch per actor pool, one block per branch's split (see
+    ``pipeline.flow``)."""
+    return sum(r.effective_batch_size() for r in pools.values()) + branches * block_rows
+
+
+def flow_limit(cfg: JobConfig, chains: dict[str, list[Stage]], pools: dict[str, Resources]) -> int:
+    """Rows the plan may hold between read and commit: ``max_blocks_in_flight`` blocks, checked against the
+    plan's batch sizes, or by default twice what its pools hold at once."""
+    # CPU tasks take whole blocks (no wait); each branch's split may hold a partial block
+    batches = [r.effective_batch_size() for r in pools.values()] + [cfg.block_rows] * (len(chains) + 1)
+    blocks = cfg.max_blocks_in_flight
+    if blocks is None:
+        blocks = flow.default_blocks([r.max_actors * r.effective_batch_size() for r in pools.values()], batches,
+                                     cfg.block_rows)
+    flow.check_limit(blocks, cfg.block_rows, batches)
+    return blocks * cfg.block_rows
+
+
 def build_plan(cfg: JobConfig, data: str, kb_uri: str, kb_manifest: dict, out: str, storage, has_gpu: bool,
-               data_format: str = "auto", shards: list[str] | None = None, keys: set[str] | None = None):
+               data_format: str = "auto", shards: list[str] | None = None, keys: set[str] | None = None) -> Plan:
     """The Ray Data dataset that completes ``data`` (only ``shards`` / ``keys`` if given), rows already
-    committed under ``out`` skipped, and the sink that commits its output there."""
+    committed under ``out`` skipped, with the actor that bounds its rows in flight."""
     import ray
 
     chains = {task: direction_stages(task, cfg, kb_uri, kb_manifest, storage.options) for task, _ in DIRECTIONS}
@@ -157,15 +197,26 @@ def build_plan(cfg: JobConfig, data: str, kb_uri: str, kb_manifest: dict, out: s
     pools = plan_resources(cfg, chains, has_gpu, cluster.get("CPU", 0.0), cluster.get("memory", 0.0) / 1024**3)
     for name, r in pools.items():
         log.debug("pool %s: %s", name, r)
+    reads = read_concurrency(cfg, cluster.get("CPU", 0.0))
+    limit = flow_limit(cfg, chains, pools)
+    counter = flow.start(limit, flow_floor(pools, cfg.block_rows, len(chains) + 1))
+    log.info("at most %d rows in flight (read, not yet committed)", limit)
 
     committed = functools.partial(_committed, cfg.storage, out) if keys is None else None
-    cpu = {"num_cpus": CPU_TASK.num_cpus, "batch_size": CPU_TASK.batch_size, "batch_format": "numpy"}
+    # CPU tasks take whole blocks (no batch to wait for): a block is decoded and finalized as soon as it arrives.
+    cpu = {"num_cpus": CPU_TASK.num_cpus, "batch_size": None, "batch_format": "numpy"}
     fin = {"fn_kwargs": {"kb_version": kb_manifest["version"], "config_hash": cfg.config_hash()}, **cpu}
 
     def read(tasks: tuple[str, ...], name: str):
         source = ShardDatasource(data, cfg.columns, storage.options, data_format, shards=shards, keys=keys,
-                                 tasks=tasks, block_rows=cfg.block_rows, committed=committed, name=name)
-        return ray.data.read_datasource(source, num_cpus=CPU_TASK.num_cpus)
+                                 tasks=tasks, block_rows=cfg.block_rows, committed=committed, name=name,
+                                 flow=counter)
+        # Ray Data hands on a read task's rows as one block when the task ends: split it into blocks of
+        # block_rows (streaming, no shuffle), the unit that flows through the pools and is committed, so the
+        # first rows of a large shard reach the output while the rest are still being completed.
+        ds = ray.data.read_datasource(source, num_cpus=CPU_TASK.num_cpus, concurrency=reads,
+                                      override_num_blocks=max(1, len(source.shards)))
+        return ds.repartition(target_num_rows_per_block=cfg.block_rows)
 
     branches = []
     for task, _ in DIRECTIONS:
@@ -181,9 +232,17 @@ def build_plan(cfg: JobConfig, data: str, kb_uri: str, kb_manifest: dict, out: s
                                 **pools[pool_name(stage, task, position)].map_batches_kwargs())
         branches.append(ds.map_batches(finalize, **fin))
     branches.append(read(PASS_TASKS, "ReadComplete").map_batches(finalize, **fin))
-    return branches[0].union(*branches[1:])
+    return Plan(branches[0].union(*branches[1:]), counter, limit)
 
 
-def write(plan, out: str, storage_cfg: StorageConfig) -> None:
-    """Run the plan, committing each output block as it arrives (``pipeline.output.OutputSink``)."""
-    plan.write_datasink(OutputSink(out, storage_cfg))
+def write(plan: Plan, out: str, storage_cfg: StorageConfig) -> dict:
+    """Run the plan, committing each output block as it arrives (``pipeline.output.OutputSink``); returns the
+    rows-in-flight figures (``pipeline.flow.InFlight.stats``)."""
+    import ray
+
+    try:
+        plan.dataset.write_datasink(OutputSink(out, storage_cfg, plan.flow),
+                                    ray_remote_args={"num_cpus": CPU_TASK.num_cpus})
+        return ray.get(plan.flow.stats.remote())
+    finally:
+        ray.kill(plan.flow)

@@ -236,14 +236,14 @@ def test_actor_pools_leave_room_for_the_tasks_of_every_branch_on_two_cpus():
     from actors.encoders import encoder_class
     from actors.preprocess import CPU_TASK
     from pipeline.config import EncoderConfig
-    from pipeline.plan import TASK_CPU_HEADROOM, plan_resources
+    from pipeline.plan import plan_resources, task_slots
 
     chains = _chains(2)
     pools = plan_resources(JOB, chains, has_gpu=False, cluster_cpus=2.0)
     assert {"retrieve:i2t:0", "retrieve:i2t:1", "retrieve:t2i:0", "retrieve:t2i:1"} <= set(pools)
     assert len(pools) == 2 * (1 + 2 + 1)  # embed, two retrieval shard groups, generate; per direction
     held = sum(p.num_cpus * p.min_actors for p in pools.values())
-    reserved = TASK_CPU_HEADROOM * CPU_TASK.num_cpus * 3  # three branches read and map beside the pools
+    reserved = (3 + task_slots(2)) * CPU_TASK.num_cpus  # a read per branch and the CPU tasks beside the pools
     assert 0 < held <= 2.0 - reserved + 1e-9
     roomy = plan_resources(JOB, _chains(1), has_gpu=False, cluster_cpus=64.0)
     assert roomy["embed:i2t"].num_cpus == encoder_class(EncoderConfig()).RESOURCES.num_cpus  # never scaled up
@@ -318,3 +318,33 @@ def test_a_three_shard_kb_chained_one_shard_per_actor_gives_the_in_process_chain
                 assert list(row.retrieved_ids) == local["retrieved_ids"][i]
                 generated = "text" if task == "i2t" else "image"
                 assert row[generated] == local[generated][i] and row.status == "completed"
+
+
+@pytest.mark.timeout(600)
+def test_rows_in_flight_stay_within_the_configured_blocks_and_output_lands_per_block(kb, tmp_path):
+    data = tmp_path / "data"
+    _write_shards(_incomplete(120, seed=8), data, 2)
+    small = StageResources(batch_size=8)
+    cfg = JOB.model_copy(update={"block_rows": 8, "max_blocks_in_flight": 12,
+                                 "resources": {"embed": small, "retrieve": small, "generate": small}})
+    summary = run_job(JobSpec(data=str(data), kb=kb, out=str(tmp_path / "out"), cfg=cfg))
+    assert summary["rows_out"] == summary["unique_row_keys"] == 120
+    flow = summary["in_flight"]
+    assert flow["limit_rows"] == 96 and flow["floor_rows"] == 6 * 8 + 3 * 8  # a batch per pool, a block per branch
+    assert flow["reads_held_back"] > 0 and flow["in_flight_rows"] == 0  # the limit held reads back
+    assert 0 < flow["peak_rows_in_flight"] <= max(96, 72 + flow["largest_read_rows"]) == flow["bound_rows"]
+    assert flow["bound_rows"] < 120
+    files = list((tmp_path / "out" / "data").glob("*/*.parquet"))
+    assert len(files) >= 120 // 8  # committed as blocks finish, not at the end
+    assert all(pq.read_metadata(f).num_rows <= 8 for f in files)
+
+
+def test_a_limit_too_small_for_the_plan_s_batches_is_refused():
+    from pipeline.config import ConfigError
+    from pipeline.plan import flow_limit, plan_resources
+
+    chains = _chains(1)
+    pools = plan_resources(JOB, chains, has_gpu=False, cluster_cpus=2.0)
+    with pytest.raises(ConfigError, match="max_blocks_in_flight"):
+        flow_limit(JOB.model_copy(update={"max_blocks_in_flight": 1}), chains, pools)
+    assert flow_limit(JOB, chains, pools) >= sum(p.batch_size for p in pools.values()) + JOB.block_rows
