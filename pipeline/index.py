@@ -2,7 +2,7 @@
 
 A :class:`VectorIndex` keeps the full-precision vectors beside its FAISS index and reranks the
 approximate candidates exactly, so quantisation costs speed, not ranking quality. Shards cover
-contiguous row ranges; :func:`merge_topk` merges their answers into one global top-k.
+contiguous row ranges (:func:`build_shards`); ``pipeline.retrieval.merge_candidates`` merges their answers.
 """
 
 from __future__ import annotations
@@ -145,11 +145,3 @@ def build_shards(vectors: np.ndarray, cfg: IndexConfig = IndexConfig(), kind: st
     kind = kind or choose_kind(len(vectors), cfg)
     bounds = np.linspace(0, len(vectors), min(cfg.shards, len(vectors)) + 1).astype(int)
     return [VectorIndex.build(vectors[a:b], cfg, offset=int(a), kind=kind) for a, b in zip(bounds, bounds[1:])]
-
-
-def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Merge per-shard (scores, global ids) into the global top-k, best first."""
-    scores = np.concatenate([r[0] for r in results], axis=1)
-    ids = np.concatenate([r[1] for r in results], axis=1)
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)

@@ -33,6 +33,7 @@ import pyarrow as pa
 from pipeline.calibrate import calibrate
 from pipeline.config import KBConfig, RetrievalConfig
 from pipeline.index import VectorIndex, choose_kind
+from pipeline.index import build_shards as index_shards
 from pipeline.knn import EmbeddingError, normalize_rows
 from pipeline.mapping import CrossModalMapper, train_mapping
 from pipeline.purify import AlignResult, FilterResult, align_with_report, cluster_filter, threshold
@@ -220,14 +221,10 @@ def _images(table: pa.Table) -> pa.ChunkedArray | None:
 
 
 def build_shards(vectors: dict[str, np.ndarray], cfg: KBConfig) -> list[Shard]:
-    n = len(vectors["image"])
-    kind = choose_kind(n, cfg.index)
-    bounds = np.linspace(0, n, min(cfg.index.shards, n) + 1).astype(int)
-    return [
-        Shard(int(a), int(b), *(VectorIndex.build(vectors[m][a:b], cfg.index, offset=int(a), kind=kind)
-                                for m in MODALITIES))
-        for a, b in zip(bounds, bounds[1:])
-    ]
+    """The KB's shards: the same row ranges of both modalities (``index.build_shards``), one Shard per range."""
+    kind = choose_kind(len(vectors["image"]), cfg.index)
+    image, text = (index_shards(vectors[m], cfg.index, kind=kind) for m in MODALITIES)
+    return [Shard(i.offset, i.offset + len(i), i, t) for i, t in zip(image, text)]
 
 
 def _entries(table: pa.Table, source: str) -> pa.Table:

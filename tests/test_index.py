@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from pipeline.config import IndexConfig
-from pipeline.index import VectorIndex, build_shards, choose_kind, merge_topk
+from pipeline.index import VectorIndex, build_shards, choose_kind
 from pipeline.knn import EmbeddingError, knn
+from pipeline.retrieval import Neighbours, merge_candidates
 from tests.planted import clustered
 
 D = 32
@@ -45,7 +46,9 @@ def test_shards_merge_to_the_single_index_answer(world):
     base, queries = world
     shards = build_shards(base, IndexConfig(shards=4, kind="flat"))
     assert [s.offset for s in shards] == [0, 5000, 10000, 15000]
-    s_scores, s_ids = merge_topk([s.search(queries, 10) for s in shards], 10)
+    parts = [Neighbours(ids, scores, scores, scores) for scores, ids in (s.search(queries, 10) for s in shards)]
+    merged = merge_candidates(parts, 10)
+    s_scores, s_ids = merged.fused, merged.ids
     scores, ids = VectorIndex.build(base, IndexConfig(kind="flat")).search(queries, 10)
     np.testing.assert_array_equal(s_ids, ids)
     np.testing.assert_allclose(s_scores, scores, atol=1e-6)
