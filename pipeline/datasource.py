@@ -29,8 +29,10 @@ ROW_KEY = "row_key"
 
 
 def shard_name(shard: str, root: str) -> str:
-    """A shard's name within the input (its path below ``root``): the prefix of its rows' keys."""
-    return shard[len(root):].lstrip("/") if shard.startswith(root) else shard
+    """A shard's name within the input (its path below ``root``; its file name when the input is one file): the
+    prefix of its rows' keys and the name of its output folder."""
+    rel = shard[len(root):].lstrip("/") if shard.startswith(root) else shard
+    return rel or shard.rstrip("/").rsplit("/", 1)[-1]
 
 
 def routed(table: pa.Table) -> tuple[pa.Array, pa.Array, pa.Array]:

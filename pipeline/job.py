@@ -17,8 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from actors.resources import use_gpus
+from pipeline import datasets
 from pipeline import kb as kbmod
 from pipeline.config import JobConfig
+from pipeline.datasource import shard_name
 from pipeline.output import count_output_rows, output_files, read_output, shard_dir
 from pipeline.plan import build_plan, write
 from pipeline.schema import STAGES
@@ -152,7 +154,8 @@ def _retry_failed(spec: JobSpec, storage: Storage, manifest: dict) -> int:
         return 0
     shard_names = sorted({k.rsplit(":", 1)[0] for k in failed})
     root = spec.data.rstrip("/")
-    shards = [f"{root}/{s}" if not s.startswith(root) else s for s in shard_names]
+    listed = datasets.list_shards(spec.data, storage.options, spec.data_format)
+    shards = [s for s in listed if shard_name(s, root) in shard_names]
     staging = f"{spec.out}/{RETRY_DIR}"
     storage.remove(staging)
     write(_plan(spec, manifest, storage, staging, shards=shards, keys=set(failed)), staging, spec.cfg.storage)
