@@ -202,6 +202,11 @@ def build_plan(cfg: JobConfig, data: str, kb_uri: str, kb_manifest: dict, out: s
     counter = flow.start(limit, flow_floor(pools, cfg.block_rows, len(chains) + 1))
     log.info("at most %d rows in flight (read, not yet committed)", limit)
 
+    # Ray Data's per-operator reservations split the CPUs over the plan's ~20 operators; on a small cluster every
+    # share is below one CPU task's request, and the commit (and the splits) never get scheduled: a stall, seen
+    # at N = 5,000 on 2 CPUs. The rows-in-flight limit and the pools' sizes bound what runs at once instead.
+    # Set before the datasets are made: each one keeps the DataContext it was created under.
+    ray.data.DataContext.get_current().op_resource_reservation_enabled = False
     committed = functools.partial(_committed, cfg.storage, out) if keys is None else None
     # CPU tasks take whole blocks (no batch to wait for): a block is decoded and finalized as soon as it arrives.
     cpu = {"num_cpus": CPU_TASK.num_cpus, "batch_size": None, "batch_format": "numpy"}
