@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 from actors.encoders import create_encoder, describe_encoder, encoder_class
-from actors.resources import Resources
 from actors.stage import Column, Produced, Stage
 from pipeline.config import EncoderConfig
 from pipeline.schema import TASK_I2T, TASK_OBSERVED, TASK_T2I
@@ -34,10 +33,6 @@ class EmbedQueries(Stage):
         if self.modality == "image":
             return Produced({"query": self.encoder.encode_pixels(np.asarray(rows["pixels"]))})
         return Produced({"query": self.encoder.encode_texts(list(rows["text"]))})
-
-    @staticmethod
-    def resources(encoder: EncoderConfig) -> Resources:
-        return encoder_class(encoder).RESOURCES
 
 
 class EmbedPairs(Stage):
