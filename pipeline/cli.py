@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pipeline.config import ConfigError, JobConfig, KBConfig, validate
 
@@ -68,6 +68,10 @@ JOB_FLAGS = {
                            "weight of the fused retrieval score of a retrieved candidate in selection"),
     "--accelerators": ("accelerators", str, "auto, gpu or cpu"),
 }
+# `rag4dmc complete` only (the service writes no files)
+OUTPUT_FLAGS = {"--output-format": ("output_format", str, "committed files: parquet, or webdataset tars in "
+                                    "img2dataset's layout (a resumed run keeps its format)")}
+OUTPUT_CHOICES = {"--output-format": {"choices": list(get_args(JobConfig.model_fields["output_format"].annotation))}}
 # `rag4dmc evaluate`: its own keys (EVAL_NARGS: flags that take several values), and the job's retrieval and
 # selection flags, which every retrieval variant shares.
 EVAL_FLAGS = {
@@ -180,7 +184,7 @@ def cmd_kb_build(args) -> int:
 def cmd_complete(args) -> int:
     from pipeline.job import JobSpec, run_job
 
-    cfg = build_config(args, JobConfig, [JOB_FLAGS, STORAGE_FLAGS, COLUMN_FLAGS])
+    cfg = build_config(args, JobConfig, [JOB_FLAGS, OUTPUT_FLAGS, STORAGE_FLAGS, COLUMN_FLAGS])
     spec = JobSpec(data=args.data, kb=args.kb, out=args.out, cfg=cfg, data_format=args.format,
                    retry_failed=args.retry_failed)
     summary = run_job(spec)
@@ -275,6 +279,7 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--format", default="auto", choices=["auto", "parquet", "jsonl", "webdataset"])
     comp.add_argument("--retry-failed", action="store_true", help="recompute only rows marked failed")
     _add_flags(comp, JOB_FLAGS)
+    _add_flags(comp, OUTPUT_FLAGS, OUTPUT_CHOICES)
     _add_flags(comp, COLUMN_FLAGS)
     _add_flags(comp, STORAGE_FLAGS)
     comp.set_defaults(func=cmd_complete)

@@ -309,11 +309,15 @@ class JobConfig(_Strict):
         None, ge=1, description="blocks read but not yet committed, at most (what a kill can lose); None: "
         "enough to keep every actor pool fed twice over"
     )
+    output_format: Literal["parquet", "webdataset"] = Field(
+        "parquet", description="committed output files: parquet (one per block), or webdataset: one tar per block "
+        "in img2dataset's layout (<key>.jpg|png|webp, <key>.txt, <key>.json); a run keeps the format it began with"
+    )
 
     def config_hash(self) -> str:
         """Stable hash of what changes the output (resources and storage do not)."""
         payload = self.model_dump(mode="json", exclude={"resources", "storage", "accelerators", "block_rows",
-                                                       "max_blocks_in_flight", "read_concurrency"})
+                                                       "max_blocks_in_flight", "read_concurrency", "output_format"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -2,7 +2,8 @@
 
 Resume: rerunning the same command skips the rows already committed under ``--out`` (each input shard's
 read asks its shard's output folder, ``pipeline.output.committed_keys``). A run folder records the config
-hash and KB version, and a different config or KB is refused instead of mixing with old output.
+hash, KB version and output format, and a different config, KB or format is refused instead of mixing with
+old output.
 """
 
 from __future__ import annotations
@@ -14,14 +15,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from actors.resources import use_gpus
 from pipeline import datasets
 from pipeline import kb as kbmod
 from pipeline.config import JobConfig
 from pipeline.datasource import shard_name
-from pipeline.output import count_output_rows, output_files, read_output, shard_dir
+from pipeline.output import (
+    count_output_rows,
+    file_row_keys,
+    output_files,
+    read_file,
+    read_output,
+    shard_dir,
+    shard_files,
+    write_file,
+)
 from pipeline.plan import build_plan, write
 from pipeline.schema import STAGES
 from pipeline.storage import Storage
@@ -48,12 +57,22 @@ class JobSpec:
 
 
 def _check_run(storage: Storage, spec: JobSpec, kb_version: str) -> dict:
-    """Record or verify the run's identity: a different config or KB never mixes with old output."""
+    """Record or verify the run's identity: a different config, KB or output format never mixes with old output.
+
+    The output format is not part of the config hash (it changes the files, not the rows, whose config_hash
+    the service shares); it is checked on its own.
+    """
     run = {"config_hash": spec.cfg.config_hash(), "kb_version": kb_version, "data": spec.data,
+           "output_format": spec.cfg.output_format,
            "config": spec.cfg.model_dump(mode="json", exclude={"resources", "storage"})}
     path = f"{spec.out}/{RUN_FILE}"
     if storage.exists(path):
         old = json.loads(storage.read_bytes(path))
+        old_format = old.get("output_format", "parquet")  # runs from before the option wrote parquet
+        if old_format != run["output_format"]:
+            raise RunMismatch(
+                f"{spec.out} holds {old_format} output, this run writes {run['output_format']}: resume it with "
+                f"--output-format {old_format}, or write to a new --out folder (the formats must not mix)")
         for key in ("config_hash", "kb_version", "data"):
             if old.get(key) != run[key]:
                 raise RunMismatch(
@@ -102,7 +121,8 @@ def run_job(spec: JobSpec) -> dict:
         before = count_output_rows(storage, spec.out)
         if before:
             log.info("resuming: %d rows already committed under %s are skipped", before, spec.out)
-        in_flight = write(_plan(spec, kb.manifest, storage, spec.out), spec.out, spec.cfg.storage)
+        in_flight = write(_plan(spec, kb.manifest, storage, spec.out), spec.out, spec.cfg.storage,
+                          spec.cfg.output_format)
         written = count_output_rows(storage, spec.out) - before
     elapsed = time.perf_counter() - t0
     summary = summarize(storage, spec.out, elapsed, written)
@@ -158,18 +178,19 @@ def _retry_failed(spec: JobSpec, storage: Storage, manifest: dict) -> int:
     shards = [s for s in listed if shard_name(s, root) in shard_names]
     staging = f"{spec.out}/{RETRY_DIR}"
     storage.remove(staging)
-    write(_plan(spec, manifest, storage, staging, shards=shards, keys=set(failed)), staging, spec.cfg.storage)
+    write(_plan(spec, manifest, storage, staging, shards=shards, keys=set(failed)), staging, spec.cfg.storage,
+          spec.cfg.output_format)
     new_files = output_files(storage, staging)
     new_keys: set[str] = set()
     for f in new_files:
-        new_keys.update(pq.read_table(storage.open(f), columns=["row_key"]).column("row_key").to_pylist())
+        new_keys.update(file_row_keys(storage, f))
     for name in shard_names:  # drop the retried rows from their shard's old files, then add the new files
-        for f in storage.glob(f"{shard_dir(spec.out, name)}/*.parquet"):
-            old = pq.read_table(storage.open(f))
+        for f in shard_files(storage, spec.out, name):
+            old = read_file(storage, f)
             mask = pa.array([k not in new_keys for k in old.column("row_key").to_pylist()])
             if not all(mask.to_pylist()):
-                storage.write_table(old.filter(mask), f)
-        for f in storage.glob(f"{shard_dir(staging, name)}/*.parquet"):
+                write_file(storage, old.filter(mask), f)
+        for f in shard_files(storage, staging, name):
             storage.move(f, f"{shard_dir(spec.out, name)}/retry-{f.rsplit('/', 1)[-1]}")
     storage.remove(staging)
     return len(new_keys)

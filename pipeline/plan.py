@@ -240,13 +240,14 @@ def build_plan(cfg: JobConfig, data: str, kb_uri: str, kb_manifest: dict, out: s
     return Plan(branches[0].union(*branches[1:]), counter, limit)
 
 
-def write(plan: Plan, out: str, storage_cfg: StorageConfig) -> dict:
-    """Run the plan, committing each output block as it arrives (``pipeline.output.OutputSink``); returns the
-    rows-in-flight figures (``pipeline.flow.InFlight.stats``)."""
+def write(plan: Plan, out: str, storage_cfg: StorageConfig, output_format: str = "parquet") -> dict:
+    """Run the plan, committing each output block as it arrives (``pipeline.output.OutputSink``) as a file of
+    ``output_format`` (``JobConfig.output_format``); returns the rows-in-flight figures
+    (``pipeline.flow.InFlight.stats``)."""
     import ray
 
     try:
-        plan.dataset.write_datasink(OutputSink(out, storage_cfg, plan.flow),
+        plan.dataset.write_datasink(OutputSink(out, storage_cfg, plan.flow, output_format),
                                     ray_remote_args={"num_cpus": CPU_TASK.num_cpus})
         return ray.get(plan.flow.stats.remote())
     finally:
