@@ -19,8 +19,9 @@ from actors.generators import Example, create_image_generator, create_text_gener
 from actors.images import InputError, encode_image, load_image
 from actors.resources import Resources
 from actors.stage import Column, Produced, Stage
-from pipeline import kb as kbmod
-from pipeline.config import EncoderConfig, GeneratorConfig, SelectionConfig
+from pipeline import kb_store
+from pipeline.config import ColumnsConfig, EncoderConfig, GeneratorConfig, SelectionConfig
+from pipeline.example_images import DEFAULT_CACHE_MB, ExampleImages
 from pipeline.schema import STATUS_COMPLETED, TASK_I2T, TASK_T2I
 from pipeline.selection import NiqeScorer, candidate_cosines, select_image, select_text, wants_niqe
 
@@ -34,7 +35,7 @@ def batch_seed(base: int, row_keys) -> int:
 
 OUTPUT_COLUMNS = (Column("generated"), Column("status"), Column("generator"), Column("retrieved_ids"),
                   Column("fusion_scores"), Column("candidates"), Column("candidate_ids"), Column("candidate_scores"),
-                  Column("chosen", -1, np.int32), Column("settings"))
+                  Column("chosen", -1, np.int32), Column("settings"), Column("skipped_examples"))
 
 
 class _Complete(Stage):
@@ -44,9 +45,11 @@ class _Complete(Stage):
     generated: str  # the modality this stage writes: "text" or "image"
 
     def __init__(self, generator: GeneratorConfig, selection: SelectionConfig, encoder: EncoderConfig,
-                 entries: pa.Table | str, nn: bool, storage_options: dict | None = None, settings: dict | None = None):
+                 entries: pa.Table | str, nn: bool, storage_options: dict | None = None, settings: dict | None = None,
+                 example_cache_mb: int = DEFAULT_CACHE_MB):
         self.gcfg, self.scfg, self.ecfg, self.nn = generator, selection, encoder, nn
         self.entries_source, self.storage_options = entries, storage_options
+        self.example_cache_mb = example_cache_mb
         # The retrieval and selection settings this direction runs with, and where they came from (calibrated
         # at KB build, set by the user, or defaults): every completed row carries them as provenance.
         self.settings = json.dumps(settings, sort_keys=True) if settings else None
@@ -65,19 +68,29 @@ class _Complete(Stage):
         # A KB URI (the job's actors): its entries file memory-mapped, so an actor reads only the rows its
         # queries retrieve, however large the KB. A table: entries already in this process (tests, evaluation).
         src = self.entries_source
-        self.entries = src if isinstance(src, pa.Table) else kbmod.load_entries(src, self.storage_options)
+        self.entries = src if isinstance(src, pa.Table) else kb_store.load_entries(src, self.storage_options)
+        columns = ColumnsConfig() if isinstance(src, pa.Table) else kb_store.input_columns(src, self.storage_options)
+        self.images = ExampleImages(self.storage_options, self.example_cache_mb * 2**20, columns=columns)
 
     def examples(self, ids: np.ndarray, scores: np.ndarray, cross: np.ndarray) -> list[list[Example]]:
         """The retrieved KB entries of each row (ids < 0 are padding), gathered in one take for the batch."""
         keep = np.asarray(ids) >= 0
-        rows = kbmod.take_entries(self.entries, np.asarray(ids, dtype=np.int64)[keep])
+        rows = kb_store.take_entries(self.entries, np.asarray(ids, dtype=np.int64)[keep])
+        held = rows.get("image")  # an in-memory KB holds the bytes; a stored one says where the image is
         out, at = [], 0
         for s, c, k in zip(scores, cross, keep):
             sc, cr = np.asarray(s)[k], np.asarray(c)[k]
-            out.append([Example(id=rows["id"][at + j], text=rows["text"][at + j] or "", image=rows["image"][at + j],
-                                score=float(sc[j]), cross=float(cr[j])) for j in range(len(sc))])
+            out.append([Example(id=rows["id"][at + j], text=rows["text"][at + j] or "",
+                                image=held[at + j] if held is not None else None, score=float(sc[j]),
+                                cross=float(cr[j]), fetch=None if held is not None else self._fetcher(rows, at + j))
+                        for j in range(len(sc))])
             at += len(sc)
         return out
+
+    def _fetcher(self, rows: dict, i: int):
+        """Fetches entry ``i``'s image by reference when (if) a generator asks for it."""
+        uri, shard, row = (rows.get(c, [None] * (i + 1))[i] for c in ("image_uri", "image_shard", "image_row"))
+        return lambda: self.images.get(uri, shard, row)
 
     def process(self, rows):
         m = len(rows["row_key"])
@@ -94,6 +107,9 @@ class _Complete(Stage):
         work = [j for j in range(m) if errors[j] is None]
         if work:
             self.complete(rows, work, found, cols, errors)
+        for j, ex in enumerate(found):  # examples whose image could not be had, and why
+            skipped = [f"{e.id}: {e.problem}" for e in ex if e.problem]
+            cols["skipped_examples"][j] = skipped or None
         cols["chosen"] = np.asarray(cols["chosen"], np.int32)
         return Produced(cols, errors)
 
@@ -113,9 +129,10 @@ class CompleteTexts(_Complete):
     tasks = (TASK_I2T,)
 
     def __init__(self, generator: GeneratorConfig, selection: SelectionConfig, encoder: EncoderConfig,
-                 entries: pa.Table | str, storage_options: dict | None = None, settings: dict | None = None):
+                 entries: pa.Table | str, storage_options: dict | None = None, settings: dict | None = None,
+                 example_cache_mb: int = DEFAULT_CACHE_MB):
         super().__init__(generator, selection, encoder, entries, nn=generator.text_backend == "nn",
-                         storage_options=storage_options, settings=settings)
+                         storage_options=storage_options, settings=settings, example_cache_mb=example_cache_mb)
         from actors.generators import text_generator_class
 
         self.RESOURCES = text_generator_class(generator).RESOURCES
@@ -177,9 +194,9 @@ class CompleteImages(_Complete):
 
     def __init__(self, generator: GeneratorConfig, selection: SelectionConfig, encoder: EncoderConfig,
                  entries: pa.Table | str, storage_options: dict | None = None, settings: dict | None = None,
-                 niqe=None):
+                 niqe=None, example_cache_mb: int = DEFAULT_CACHE_MB):
         super().__init__(generator, selection, encoder, entries, nn=generator.image_backend == "nn",
-                         storage_options=storage_options, settings=settings)
+                         storage_options=storage_options, settings=settings, example_cache_mb=example_cache_mb)
         self.niqe_scorer = niqe  # a NIQE scorer to use (the evaluation's cached one); None: built in setup
         from actors.generators import image_generator_class
 

@@ -20,8 +20,8 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -50,15 +50,26 @@ SDXL_SIZE_MULTIPLE = 8  # SDXL wants height and width divisible by 8
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-@dataclass(frozen=True)
+@dataclass
 class Example:
-    """One retrieved knowledge-base example."""
+    """One retrieved knowledge-base example. Its image is held (in-memory KBs) or fetched by reference on
+    first use (``picture``): a KB stores where each image is, and most retrieved examples' images are never
+    needed."""
 
     id: str
     text: str
-    image: bytes | None  # encoded image bytes; None when only the text is used
+    image: bytes | None  # encoded image bytes, when already in memory
     score: float  # the retrieval's ranking score (sim_fuse in fusion mode)
     cross: float = float("nan")  # cos(z_hat_other, z_r_other): the cross term of the fusion
+    fetch: Callable[[], tuple[bytes | None, str | None]] | None = field(default=None, repr=False, compare=False)
+    problem: str | None = None  # why the image could not be had (set by picture())
+
+    def picture(self) -> bytes | None:
+        """The encoded image: held, or fetched once by reference (None, with ``problem`` set, when it cannot be)."""
+        if self.image is None and self.fetch is not None:
+            self.image, self.problem = self.fetch()
+            self.fetch = None
+        return self.image
 
 
 class GeneratorNotFoundError(FileNotFoundError):
@@ -115,9 +126,11 @@ def grounding_text(examples: Sequence[Example]) -> str | None:
 def grounding_image(examples: Sequence[Example], size: int) -> Image.Image | None:
     """The best-ranked example image that decodes, resized to size x size; None if there is none."""
     for example in examples:
-        if example.image:
-            with contextlib.suppress(InputError):
+        if example.picture():
+            try:
                 return load_image(example.image).resize((size, size), Image.Resampling.BICUBIC)
+            except InputError as exc:
+                example.problem = f"image does not decode: {exc}"
     return None
 
 
@@ -217,9 +230,11 @@ class NearestNeighbourImageGenerator:
         for ex in examples:
             images = []
             for j, e in enumerate(ex[:n]):
-                if e.image:
-                    with contextlib.suppress(InputError):
+                if e.picture():
+                    try:
                         images.append((j, load_image(e.image)))
+                    except InputError as exc:
+                        e.problem = f"image does not decode: {exc}"
             out.append(images)
         return out
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from actors.resources import Resources
 from actors.stage import Column, Produced, Stage
-from pipeline import kb as kbmod
+from pipeline import kb_store
 from pipeline.config import RetrievalConfig
 from pipeline.retrieval import (
     Neighbours,
@@ -77,7 +77,7 @@ class RetrieveNeighbours(Stage):
         self.drops = cand if last and not first else ()
 
     def setup(self) -> None:
-        self.kb = kbmod.load(self.kb_uri, self.storage_options, shards=self.shards, with_entries=False,
+        self.kb = kb_store.load(self.kb_uri, self.storage_options, shards=self.shards, with_entries=False,
                              searched=searched_modality(self.observed, self.cfg))
 
     def process(self, rows):

@@ -150,11 +150,11 @@ class PlainLoop:
 
     def __init__(self, kb: str, cfg: JobConfig):
         from actors.preprocess import CPU_TASK
-        from pipeline import kb as kbmod
+        from pipeline import kb_store
         from pipeline.plan import DIRECTIONS, direction_stages
 
         self.cfg = cfg
-        self.manifest = kbmod.load(kb, shards=[], with_entries=False).manifest
+        self.manifest = kb_store.load(kb, shards=[], with_entries=False).manifest
         self.batch_size = CPU_TASK.batch_size
         self.chains = {task: direction_stages(task, cfg, kb, self.manifest, None) for task, _ in DIRECTIONS}
         for stages in self.chains.values():

@@ -95,7 +95,7 @@ from deploy.protocol import (
     prepare_query,
     read_body,
 )
-from pipeline import kb as kbmod
+from pipeline import kb_store
 from pipeline.calibrate import effective_settings
 from pipeline.config import (
     EncoderConfig,
@@ -209,7 +209,7 @@ class Retriever:
 
     def __init__(self, kb: str, storage_options: dict, retrieval: dict[str, RetrievalConfig], max_batch_size: int,
                  wait_timeout_s: float):
-        self.kb = kbmod.load(kb, storage_options, with_entries=False)
+        self.kb = kb_store.load(kb, storage_options, with_entries=False)
         self.cfgs = retrieval  # per observed modality: each direction's (calibrated) settings
         configure_batching(self.search, max_batch_size, wait_timeout_s)
 
@@ -236,7 +236,7 @@ class Generator:
     def __init__(self, kb: str, storage_options: dict, task: str, generator: GeneratorConfig,
                  selection: SelectionConfig, encoder: EncoderConfig, config_hash: str, max_batch_size: int,
                  wait_timeout_s: float, settings: dict | None = None):
-        loaded = kbmod.load(kb, storage_options, shards=[], with_entries=False)
+        loaded = kb_store.load(kb, storage_options, shards=[], with_entries=False)
         stage = CompleteTexts if task == TASK_I2T else CompleteImages
         self.complete = stage(generator, selection, encoder, kb, storage_options, settings=settings)
         self.task, self.kb_version, self.config_hash = task, loaded.version, config_hash
@@ -349,7 +349,7 @@ def compose(cfg: ServeConfig) -> Application:
     from pipeline.job import preflight
 
     storage_options = Storage(cfg.storage).options
-    manifest = kbmod.load(cfg.kb, storage_options, shards=[], with_entries=False).manifest
+    manifest = kb_store.load(cfg.kb, storage_options, shards=[], with_entries=False).manifest
     preflight(cfg.job_config(), manifest)
     encoder = EncoderConfig.model_validate(manifest["config"]["encoder"])
     gpus, wait = use_gpus(cfg.accelerators), cfg.batch_wait_timeout_s

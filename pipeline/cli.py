@@ -159,6 +159,7 @@ def cmd_kb_build(args) -> int:
     cfg = build_config(args, KBConfig, [KB_FLAGS])
     spec = KBBuildSpec(
         internal=args.internal, external=args.external, out=args.out, cfg=cfg,
+        internal_embeddings=args.internal_embeddings, external_embeddings=args.external_embeddings,
         columns=ColumnsConfig(**{k.split(".")[1]: getattr(args, k) for k, *_ in COLUMN_FLAGS.values()
                                  if getattr(args, k) is not None}),
         storage=StorageConfig(**_storage_only(None, args)), data_format=args.format,
@@ -166,6 +167,9 @@ def cmd_kb_build(args) -> int:
     result = run_kb_build(spec)
     rep = result["report"]
     print(f"knowledge base {result['version']}: {result['rows']} entries at {result['out']}")
+    recall = rep.get("recall", {})
+    print(f"  index {rep.get('index_kind')}: recall@10 image {recall.get('image')}, text {recall.get('text')} on "
+          f"{recall.get('queries')} sampled queries" + ("  (below index.min_recall)" if recall.get("below_min") else ""))
     if "filter" in rep:
         print(f"  purification: kept {rep['filter']['kept_pairs']} external pairs, dropped "
               f"{rep['filter']['dropped_pairs']}")
@@ -260,8 +264,12 @@ def parser() -> argparse.ArgumentParser:
     kb = sub.add_parser("kb", help="knowledge-base commands").add_subparsers(dest="kb_command", required=True)
     build = kb.add_parser("build", help="build the purified dual knowledge base",
                           description="Embed internal and external pairs, train the mapping, purify and index.")
-    build.add_argument("--internal", required=True, help="target dataset (its complete pairs form the internal KB)")
-    build.add_argument("--external", help="external corpus (CC3M, LAION, ...)")
+    build.add_argument("--internal", help="target dataset (its complete pairs form the internal KB)")
+    build.add_argument("--external", help="external corpus (CC3M, LAION, ...), embedded here")
+    build.add_argument("--internal-embeddings", help="precomputed embeddings of the internal pairs instead of "
+                       "--internal: a clip-retrieval layout (img_emb/, text_emb/, metadata/), local or s3://")
+    build.add_argument("--external-embeddings", help="precomputed embeddings of the external corpus (clip-retrieval "
+                       "layout, e.g. LAION's published ones) instead of --external")
     build.add_argument("--out", required=True, help="KB folder or s3:// prefix")
     build.add_argument("--config", help="YAML file with knowledge-base keys")
     build.add_argument("--format", default="auto", choices=["auto", "parquet", "jsonl", "webdataset"])

@@ -54,6 +54,8 @@ class MappingConfig(_Strict):
     max_epochs: int = Field(200, ge=1)
     patience: int = Field(10, ge=1, description="epochs without held-out improvement before stopping")
     val_fraction: float = Field(0.1, gt=0, lt=1)
+    max_rows: int = Field(
+        200_000, ge=4, description="internal pairs the mapping trains on at most: a random sample of a larger set")
     seed: int = 0
 
 
@@ -66,6 +68,9 @@ class FilterConfig(_Strict):
     tau_inst: float = Field(0.3, ge=-1, le=1, description="min cosine instance->matched internal centroid")
     niter: int = Field(20, ge=1)
     nredo: int = Field(3, ge=1, description="k-means restarts; the lowest-objective run is kept")
+    points_per_centroid: int = Field(
+        64, ge=39, le=256, description="k-means trains on a random sample of this many rows per centroid at most "
+        "(FAISS's bounds: 39 to 256); every row is then assigned in a streaming pass")
     modality: Literal["image", "text", "both"] = Field(
         "both", description="spaces an external pair must pass in to be kept"
     )
@@ -96,18 +101,34 @@ class AlignConfig(_Strict):
 
 
 class IndexConfig(_Strict):
-    """FAISS indexes of the knowledge base."""
+    """FAISS indexes of the knowledge base: the kind from a byte budget per row, trained once on a random sample."""
 
     kind: Literal["auto", "flat", "ivf", "ivfpq", "hnsw"] = "auto"
-    flat_max_rows: int = Field(200_000, ge=1, description="auto: exact search up to this many rows")
-    pq_min_rows: int = Field(20_000_000, ge=1, description="auto: IVF-PQ from this many rows, IVF-Flat below")
-    nlist: int | None = Field(None, ge=1, description="IVF lists; None: 4*sqrt(n)")
+    flat_max_rows: int = Field(200_000, ge=1, description="auto: exact search up to this many rows (search speed)")
+    bytes_per_row: int = Field(
+        64, ge=8, description="auto, above flat_max_rows: FAISS code bytes per row and modality. IVF-Flat when the "
+        "float32 vector fits (4 x dim), else OPQ + IVF-PQ with this many one-byte sub-quantisers (the largest "
+        "divisor of the dimension that fits)")
+    nlist: int | None = Field(None, ge=1, description="IVF lists; None: 2 * sqrt(rows)")
+    hnsw_quantizer_min_lists: int = Field(
+        4096, ge=1, description="from this many IVF lists the coarse quantiser is an HNSW graph (adding rows to a "
+        "flat one costs rows x lists)")
+    train_points_per_list: int = Field(
+        64, ge=39, le=256, description="random training rows per IVF list (FAISS's k-means wants 39 to 256)")
     nprobe: int = Field(32, ge=1)
-    pq_m: int = Field(32, ge=1, description="IVF-PQ sub-quantisers (must divide the dimension)")
+    pq_m: int | None = Field(None, ge=1, description="IVF-PQ sub-quantisers; None: from bytes_per_row")
+    opq: bool = Field(False, description="IVF-PQ: learn an OPQ rotation first (better recall per byte, but its "
+                      "training takes minutes per modality on a few cores)")
     hnsw_m: int = Field(32, ge=4)
     hnsw_ef_search: int = Field(128, ge=1)
-    shards: int = Field(1, ge=1, description="index shards; each retrieval actor holds one")
-    rerank_factor: int = Field(4, ge=1, description="approximate candidates per result, reranked exactly")
+    shards: int = Field(1, ge=1, description="index shards at least; each retrieval actor holds one")
+    shard_rows: int = Field(
+        10_000_000, ge=1, description="rows per index shard at most (one build task each); more rows, more shards")
+    rerank_factor: int = Field(10, ge=1, description="approximate candidates per result, reranked exactly")
+    min_recall: float = Field(
+        0.9, ge=0, le=1, description="recall@10 against exact search measured at build time: below it the build "
+        "warns and the report marks the index")
+    recall_queries: int = Field(500, ge=10, description="held-out queries the build-time recall is measured on")
 
 
 class RetrievalConfig(_Strict):
@@ -199,6 +220,8 @@ class StorageConfig(_Strict):
     region: str | None = None
     anon: bool = False
     retries: int = Field(5, ge=0, description="attempts for transient object-storage errors")
+    example_cache_mb: int = Field(
+        1024, ge=0, description="per-node disk cache of example images that completion fetched by reference")
 
     def fsspec_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"anon": self.anon}
@@ -271,6 +294,13 @@ class CalibrationConfig(_Strict):
         return self
 
 
+class BuildConfig(_Strict):
+    """How the out-of-core KB build runs (pieces and task sizes); not what it builds."""
+
+    piece_rows: int = Field(100_000, ge=1, description="rows a build task reads and processes at a time")
+    task_cpus: float = Field(1.0, gt=0, description="CPUs each build task (fit, purify, index) reserves")
+
+
 class KBConfig(_Strict):
     """Everything that decides the content of a purified knowledge base."""
 
@@ -280,6 +310,7 @@ class KBConfig(_Strict):
     align: AlignConfig = AlignConfig()
     index: IndexConfig = IndexConfig()
     calibration: CalibrationConfig = CalibrationConfig()
+    build: BuildConfig = BuildConfig()
     purify: bool = Field(True, description="False keeps the external corpus raw (ablation)")
     use_external: bool = True
 

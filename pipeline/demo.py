@@ -70,7 +70,7 @@ def run_demo(out: str, n_internal: int = 600, n_external: int = 1200, n_incomple
 
 def _noise_dropped(paths: dict, kb: dict) -> str:
     """How many planted-noise external rows the purification removed (the truth is known here)."""
-    from pipeline.kb import load_entries
+    from pipeline.kb_store import load_entries
 
     try:
         entries = load_entries(kb["out"]).select(["id", "source"]).to_pandas()

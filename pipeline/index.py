@@ -20,51 +20,101 @@ from pipeline.knn import DEFAULT_BLOCK, EmbeddingError, normalize_rows
 
 log = logging.getLogger(__name__)
 
-TRAIN_POINTS_PER_LIST = 64  # IVF coarse quantiser trained on at most this many rows per list
 MIN_ROWS_PER_LIST = 39  # FAISS's own lower bound for a meaningful k-means
 INDEX_FILE, VECTORS_FILE, META_FILE = "index.faiss", "vectors.npy", "meta.json"  # a saved index folder
+KINDS = ("flat", "ivf", "ivfpq", "hnsw")
+PQ_CENTROIDS = 256  # 8-bit PQ codes
 
 
-def choose_kind(n: int, cfg: IndexConfig) -> str:
-    """The index kind for n rows: the configured one, or by size when ``auto``."""
+def pq_subquantizers(dim: int, cfg: IndexConfig) -> int:
+    """One-byte PQ sub-quantisers: ``pq_m``, or the largest divisor of ``dim`` within ``bytes_per_row``."""
+    if cfg.pq_m is not None:
+        if dim % cfg.pq_m:
+            raise EmbeddingError(f"index.pq_m={cfg.pq_m} must divide the dimension {dim}: pick a divisor of {dim}")
+        return cfg.pq_m
+    return max(m for m in range(1, min(dim, cfg.bytes_per_row) + 1) if dim % m == 0)
+
+
+def choose_kind(n: int, cfg: IndexConfig, dim: int = 512) -> str:
+    """The index kind for n rows of ``dim`` dims: the configured one, or from the row count and byte budget."""
     if cfg.kind != "auto":
         return cfg.kind
     if n <= cfg.flat_max_rows:
         return "flat"
-    return "ivf" if n < cfg.pq_min_rows else "ivfpq"
+    return "ivf" if 4 * dim <= cfg.bytes_per_row else "ivfpq"
 
 
-def _nlist(n: int, cfg: IndexConfig) -> int:
-    nlist = cfg.nlist or int(4 * math.sqrt(n))
+def code_bytes(kind: str, dim: int, cfg: IndexConfig) -> int:
+    """FAISS's bytes per row for this kind (codes and ids), not counting the float16 vectors kept for rerank."""
+    return {"flat": 4 * dim, "ivf": 4 * dim + 8, "ivfpq": pq_subquantizers(dim, cfg) + 8,
+            "hnsw": 4 * dim + 8 * cfg.hnsw_m}[kind]
+
+
+def nlist_for(n: int, cfg: IndexConfig) -> int:
+    """IVF lists: the configured number, or 2 sqrt(n), with at least 39 rows per list."""
+    nlist = cfg.nlist or int(2 * math.sqrt(n))
     return max(1, min(nlist, n // MIN_ROWS_PER_LIST or 1))
 
 
-def build_faiss(vectors: np.ndarray, kind: str, cfg: IndexConfig, seed: int = 0) -> faiss.Index:
-    """A trained, filled inner-product FAISS index of the given kind."""
-    n, d = vectors.shape
+def factory_string(n: int, dim: int, kind: str, cfg: IndexConfig) -> str:
+    """The ``faiss.index_factory`` description of an index over n rows (e.g. ``IVF2000,PQ64np``)."""
     if kind == "flat":
-        index = faiss.IndexFlatIP(d)
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = cfg.hnsw_ef_search
-    elif kind in ("ivf", "ivfpq"):
-        nlist = _nlist(n, cfg)
-        quantizer = faiss.IndexFlatIP(d)
-        if kind == "ivf":
-            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        else:
-            if d % cfg.pq_m:
-                raise EmbeddingError(f"index.pq_m={cfg.pq_m} must divide the dimension {d}")
-            index = faiss.IndexIVFPQ(quantizer, d, nlist, cfg.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(seed)
-        n_train = min(n, nlist * TRAIN_POINTS_PER_LIST)
-        sample = vectors if n_train == n else vectors[np.sort(rng.choice(n, n_train, replace=False))]
-        index.train(sample)
-        index.nprobe = min(cfg.nprobe, nlist)
-    else:
+        return "Flat"
+    if kind == "hnsw":
+        return f"HNSW{cfg.hnsw_m},Flat"
+    if kind not in KINDS:
         raise ValueError(f"unknown index kind {kind!r}: use flat, ivf, ivfpq or hnsw")
-    index.add(vectors)
+    nlist = nlist_for(n, cfg)
+    ivf = f"IVF{nlist}" + (f"_HNSW{cfg.hnsw_m}" if nlist >= cfg.hnsw_quantizer_min_lists else "")
+    if kind == "ivf":
+        return f"{ivf},Flat"
+    m = pq_subquantizers(dim, cfg)
+    opq = f"OPQ{m}," if cfg.opq else ""
+    return f"{opq}{ivf},PQ{m}np"  # np: no polysemous training (10x the training time; its codes go unused)
+
+
+def train_rows(n: int, kind: str, cfg: IndexConfig) -> int:
+    """Rows the index is trained on: ``train_points_per_list`` per IVF list (0: nothing to train)."""
+    if kind not in ("ivf", "ivfpq"):
+        return 0
+    wanted = nlist_for(n, cfg) * cfg.train_points_per_list
+    if kind == "ivfpq":  # each sub-quantiser is a 256-centroid k-means of its own
+        wanted = max(wanted, PQ_CENTROIDS * MIN_ROWS_PER_LIST)
+    return min(n, wanted)
+
+
+def train_empty(sample: np.ndarray, n: int, kind: str, cfg: IndexConfig) -> faiss.Index:
+    """An empty inner-product index for n rows, trained on ``sample`` (a random sample of them)."""
+    dim = sample.shape[1]
+    index = faiss.index_factory(dim, factory_string(n, dim, kind, cfg), faiss.METRIC_INNER_PRODUCT)
+    if kind in ("ivf", "ivfpq"):
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    set_search_params(index, kind, cfg)
     return index
+
+
+def set_search_params(index: faiss.Index, kind: str, cfg: IndexConfig) -> None:
+    """nprobe of an IVF index (inside any OPQ transform), efSearch of an HNSW one."""
+    if kind in ("ivf", "ivfpq"):
+        ivf = faiss.extract_index_ivf(index)
+        ivf.nprobe = min(cfg.nprobe, ivf.nlist)
+    elif kind == "hnsw":
+        faiss.downcast_index(index).hnsw.efSearch = cfg.hnsw_ef_search
+
+
+def build_faiss(vectors: np.ndarray, kind: str, cfg: IndexConfig, seed: int = 0) -> faiss.Index:
+    """A trained, filled inner-product FAISS index of the given kind (trained on a random sample)."""
+    n = len(vectors)
+    rows = np.sort(np.random.default_rng(seed).choice(n, train_rows(n, kind, cfg), replace=False))
+    index = train_empty(vectors[rows], n, kind, cfg)
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return index
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int = 10) -> float:
+    """Mean |approx top-k & exact top-k| / k over queries (padding ids < 0 never match)."""
+    hits = [len(set(a[:k][a[:k] >= 0]) & set(e[:k][e[:k] >= 0])) for a, e in zip(approx, exact)]
+    return float(np.mean(hits) / k) if hits else float("nan")
 
 
 class VectorIndex:
@@ -78,7 +128,7 @@ class VectorIndex:
     def build(cls, vectors: np.ndarray, cfg: IndexConfig = IndexConfig(), offset: int = 0,
               kind: str | None = None) -> VectorIndex:
         vectors = normalize_rows(vectors, "knowledge-base vectors")
-        kind = kind or choose_kind(len(vectors), cfg)
+        kind = kind or choose_kind(len(vectors), cfg, vectors.shape[1])
         log.info("building %s index over %d x %d vectors", kind, *vectors.shape)
         return cls(vectors, build_faiss(vectors, kind, cfg), kind, cfg.rerank_factor, offset)
 
@@ -106,22 +156,32 @@ class VectorIndex:
             _, cand = self.index.search(block, fetch)
             if self.kind != "flat":  # exact rerank with full-precision vectors
                 valid = cand >= 0
-                exact = np.einsum("nd,nkd->nk", block, self.vectors[np.where(valid, cand, 0)])
+                exact = np.einsum("nd,nkd->nk", block, self.gather(np.where(valid, cand, 0)))
                 exact[~valid] = -np.inf
                 order = np.argsort(-exact, axis=1)[:, :k_eff]
                 cand = np.take_along_axis(cand, order, 1)
                 top = np.take_along_axis(exact, order, 1)
             else:
-                top = np.einsum("nd,nkd->nk", block, self.vectors[cand])
+                top = np.einsum("nd,nkd->nk", block, self.gather(cand))
             scores[s : s + len(block), :k_eff] = top
             ids[s : s + len(block), :k_eff] = np.where(cand >= 0, cand + self.offset, -1)
         return scores, ids
 
+    def gather(self, local_ids: np.ndarray) -> np.ndarray:
+        """float32 vectors of local row ids (any shape); the stored ones may be float16."""
+        return np.asarray(self.vectors[local_ids], dtype=np.float32)
+
     def save(self, folder: str | Path) -> None:
+        """The index, its vectors (as stored: float32 or float16) and its metadata in ``folder``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        faiss.write_index(self.index, str(folder / INDEX_FILE))
         np.save(folder / VECTORS_FILE, self.vectors)
+        self.save_index(folder)
+
+    def save_index(self, folder: str | Path) -> None:
+        """The FAISS index and the metadata only (the vectors are already in ``folder``, memory-mapped)."""
+        folder = Path(folder)
+        faiss.write_index(self.index, str(folder / INDEX_FILE))
         meta = {"kind": self.kind, "rerank_factor": self.rerank_factor, "offset": self.offset}
         (folder / META_FILE).write_text(json.dumps(meta))
 
@@ -142,6 +202,6 @@ class VectorIndex:
 
 def build_shards(vectors: np.ndarray, cfg: IndexConfig = IndexConfig(), kind: str | None = None) -> list[VectorIndex]:
     """``cfg.shards`` indexes over contiguous row ranges; the kind is chosen from the full size."""
-    kind = kind or choose_kind(len(vectors), cfg)
+    kind = kind or choose_kind(len(vectors), cfg, vectors.shape[1])
     bounds = np.linspace(0, len(vectors), min(cfg.shards, len(vectors)) + 1).astype(int)
     return [VectorIndex.build(vectors[a:b], cfg, offset=int(a), kind=kind) for a, b in zip(bounds, bounds[1:])]

@@ -17,8 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from actors.resources import use_gpus
-from pipeline import datasets
-from pipeline import kb as kbmod
+from pipeline import datasets, kb_store
 from pipeline.config import JobConfig
 from pipeline.datasource import shard_name
 from pipeline.output import (
@@ -104,7 +103,7 @@ def run_job(spec: JobSpec) -> dict:
     import ray
 
     storage = Storage(spec.cfg.storage)
-    kb = kbmod.load(spec.kb, storage.options, shards=[], with_entries=False)  # the manifest only
+    kb = kb_store.load(spec.kb, storage.options, shards=[], with_entries=False)  # the manifest only
     preflight(spec.cfg, kb.manifest)
     _check_run(storage, spec, kb.version)
     summary_path = f"{spec.out}/{SUMMARY_FILE}"

@@ -1,4 +1,13 @@
-"""``rag4dmc kb build``: embed internal and external pairs with actor pools, then build and save the KB."""
+"""``rag4dmc kb build``: embeddings of both sides in the clip-retrieval layout, then the out-of-core build.
+
+Each side (internal, external) is either given as precomputed embeddings (``--internal-embeddings`` /
+``--external-embeddings``: a clip-retrieval layout folder, local or ``s3://``) or embedded here from its
+images and texts by a resumable streaming stage: Ray Data reads the dataset's complete pairs, decodes and
+embeds them with the encoder's actor pool, and :class:`LayoutSink` writes them as layout shards under
+``KB/embeddings/<side>/`` (metadata: id, caption, url, and the input shard and row of images held as bytes).
+Nothing but counts reaches the driver, and a rerun skips the rows already written. ``pipeline.kb_build``
+then fits, purifies and indexes out of core.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +16,35 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.data import Datasink
 
 from actors.embed import EmbedPairs
 from actors.preprocess import CPU_TASK, FetchAndDecode
 from actors.resources import use_gpus
 from actors.stage import check_chain
-from pipeline import kb as kbmod
+from pipeline import kb_build, layout
 from pipeline.config import ColumnsConfig, KBConfig, StageResources, StorageConfig
-from pipeline.datasource import ShardDatasource
+from pipeline.datasets import list_shards
+from pipeline.datasource import ROW_KEY, ShardDatasource, shard_name
 from pipeline.plan import actor_class, stage_task
 from pipeline.schema import INPUT_SCHEMA, TASK_FAILED, TASK_OBSERVED
 from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
 
+EMBEDDINGS_DIR = "embeddings"  # KB/embeddings/<side>/: the layout of the sides this build embedded
+ROWS_PER_PART = 10_000  # rows per layout shard the embedding stage writes (Ray Data bundles blocks up to it)
+SHARD_DIGITS, ROW_DIGITS = 6, 9  # a part's number: input shard index, then its first row
+
 
 @dataclass
 class KBBuildSpec:
-    internal: str
+    internal: str | None
     out: str
     external: str | None = None
+    internal_embeddings: str | None = None  # a clip-retrieval layout instead of embedding ``internal``
+    external_embeddings: str | None = None
     cfg: KBConfig = KBConfig()
     columns: ColumnsConfig = ColumnsConfig()
     storage: StorageConfig = StorageConfig()
@@ -35,8 +53,80 @@ class KBBuildSpec:
     accelerators: str = "auto"  # as JobConfig.accelerators: auto, gpu or cpu
 
 
-def embed_pairs(path: str, spec: KBBuildSpec, storage: Storage) -> tuple[pa.Table, dict[str, np.ndarray], int]:
-    """Complete pairs of the dataset at ``path`` with their embeddings; also the number of rows skipped."""
+def part_number(shard_index: int, first_row: int) -> str:
+    """The layout number of a part: unique, since the parts of one input shard hold disjoint rows."""
+    return f"{shard_index:0{SHARD_DIGITS}d}{first_row:0{ROW_DIGITS}d}"
+
+
+class LayoutSink(Datasink):
+    """Ray Data sink of embedded pairs: each write's rows of each input shard become one layout shard."""
+
+    def __init__(self, dest: str, shard_index: dict[str, int], shard_uri: dict[str, str],
+                 storage_options: dict | None, rows_per_part: int = ROWS_PER_PART):
+        self.dest, self.shard_index, self.shard_uri = dest, shard_index, shard_uri
+        self.storage_options, self.rows_per_part = storage_options, rows_per_part
+        self.written = self.failed = 0  # summed on the driver when the writes are done
+
+    def get_name(self) -> str:
+        return "WriteEmbeddings"
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_part
+
+    def write(self, blocks, ctx) -> dict:
+        written = failed = 0
+        for block in blocks:
+            table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
+            ok = np.asarray(table.column("task").to_pylist(), dtype=object) == TASK_OBSERVED
+            failed += int((~ok).sum())
+            table = table.filter(pa.array(ok))
+            names = table.column("source_shard").to_pylist()
+            for name in dict.fromkeys(names):
+                part = table.filter(pa.array([n == name for n in names]))
+                written += self._write_part(name, part)
+        return {"written": written, "failed": failed}
+
+    def on_write_complete(self, write_result) -> None:
+        returns = [r for r in getattr(write_result, "write_returns", write_result) if isinstance(r, dict)]
+        self.written = sum(r["written"] for r in returns)
+        self.failed = sum(r["failed"] for r in returns)
+
+    def _write_part(self, name: str, part: pa.Table) -> int:
+        keys = part.column(ROW_KEY).to_pylist()
+        rows = [int(k.rsplit(":", 1)[1]) for k in keys]
+        uris = part.column("image_uri").to_pylist()
+        meta = pa.table({
+            "id": part.column("id").cast(pa.string()), "caption": part.column("text").cast(pa.string()),
+            "url": pa.array(uris, pa.string()),
+            # An image held as bytes in the input is found again by its shard and row (never copied).
+            "image_shard": pa.array([None if u else self.shard_uri[name] for u in uris], pa.string()),
+            "image_row": pa.array([None if u else r for u, r in zip(uris, rows)], pa.int64()),
+            ROW_KEY: pa.array(keys, pa.string())})
+        image = np.stack(part.column("image_emb").to_numpy(zero_copy_only=False))
+        text = np.stack(part.column("text_emb").to_numpy(zero_copy_only=False))
+        layout.write_embedding_shard(self.dest, part_number(self.shard_index[name], min(rows)), image, text, meta,
+                                     self.storage_options)
+        return part.num_rows
+
+
+def committed_rows(dest: str, storage_options: dict | None) -> dict[str, set[str]]:
+    """Row keys already written to the layout at ``dest``, per input shard name (for resuming)."""
+    out: dict[str, set[str]] = {}
+    numbers = layout.written_numbers(dest, storage_options)
+    if not numbers:
+        return out
+    fs, path = layout.url_to_fs(dest, storage_options)
+    for number in numbers:
+        with fs.open(f"{path}/{layout.METADATA_DIR}/metadata_{number}.parquet", "rb") as f:
+            keys = pq.read_table(f, columns=[ROW_KEY]).column(ROW_KEY).to_pylist()
+        for k in keys:
+            out.setdefault(k.rsplit(":", 1)[0], set()).add(k)
+    return out
+
+
+def embed_to_layout(path: str, dest: str, spec: KBBuildSpec, storage: Storage) -> dict:
+    """Complete pairs of the dataset at ``path``, embedded, written as layout shards to ``dest``; counts only."""
     import ray
 
     from actors.encoders import encoder_image_size
@@ -47,46 +137,58 @@ def embed_pairs(path: str, spec: KBBuildSpec, storage: Storage) -> tuple[pa.Tabl
     embed = EmbedPairs(enc)
     check_chain([decode, embed], source=INPUT_SCHEMA.names)
     res = embed.RESOURCES.with_overrides(spec.embed_resources).for_gpu(use_gpus(spec.accelerators))
+    shards = list_shards(path, storage.options, spec.data_format)
+    root = path.rstrip("/")
+    names = {shard_name(s, root): s for s in shards}
+    done = committed_rows(dest, storage.options)
+    resumed = sum(len(v) for v in done.values())
     # Only complete pairs (and rows failed at read, to count them) are read: half-rows are not KB entries.
-    source = ShardDatasource(path, spec.columns, storage.options, spec.data_format,
-                             tasks=(TASK_OBSERVED, TASK_FAILED))
+    source = ShardDatasource(path, spec.columns, storage.options, spec.data_format, shards=shards,
+                             tasks=(TASK_OBSERVED, TASK_FAILED), committed=lambda name: done.get(name, set()))
     ds = ray.data.read_datasource(source, num_cpus=CPU_TASK.num_cpus)
     ds = ds.map_batches(stage_task, fn_kwargs={"stage": decode}, **cpu)
     ds = ds.map_batches(actor_class(embed), fn_constructor_kwargs={"stage": embed}, batch_format="numpy",
                         **res.map_batches_kwargs())
-    entries, images, texts, skipped = [], [], [], 0
-    for batch in ds.iter_batches(batch_format="numpy", batch_size=4096):
-        ok = np.asarray(batch["task"], dtype=object) == TASK_OBSERVED
-        skipped += int((~ok).sum())
-        entries.append(pa.table({"id": list(batch["id"][ok]), "text": list(batch["text"][ok]),
-                                 "image": [bytes(b) for b in batch["image"][ok]]}))
-        images.append(np.asarray(batch["image_emb"])[ok])
-        texts.append(np.asarray(batch["text_emb"])[ok])
-    if not entries:
-        return pa.table({"id": [], "text": [], "image": []}), {"image": np.zeros((0, 1)), "text": np.zeros((0, 1))}, 0
-    return pa.concat_tables(entries), {"image": np.concatenate(images), "text": np.concatenate(texts)}, skipped
+    sink = LayoutSink(dest, {n: i for i, n in enumerate(names)}, names, storage.options)
+    ds.write_datasink(sink)
+    return {"rows": resumed + sink.written, "resumed_rows": resumed, "skipped": sink.failed}
+
+
+def side_layout(side: str, data: str | None, embeddings: str | None, spec: KBBuildSpec, storage: Storage) -> tuple[
+        str | None, dict]:
+    """The layout folder of one side: the given embeddings, or this build's own embedding of ``data``."""
+    if embeddings:
+        return embeddings.rstrip("/"), {"precomputed": embeddings}
+    if not data:
+        return None, {}
+    dest = f"{spec.out.rstrip('/')}/{EMBEDDINGS_DIR}/{side}"
+    counts = embed_to_layout(data, dest, spec, storage)
+    log.info("%s: %d pairs embedded to %s (%d from an earlier run)", side, counts["rows"], dest,
+             counts["resumed_rows"])
+    return dest, counts
 
 
 def run_kb_build(spec: KBBuildSpec) -> dict:
-    """Build the purified knowledge base and save it to ``spec.out``; returns its manifest and report."""
+    """Build the purified knowledge base and save it to ``spec.out``; returns its version, rows and report."""
     import ray
 
     from actors.encoders import describe_encoder
 
+    if not (spec.internal or spec.internal_embeddings):
+        raise ValueError("kb build needs the internal pairs: --internal DATA or --internal-embeddings DIR")
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
     storage = Storage(spec.storage)
-    internal_entries, internal, skipped_int = embed_pairs(spec.internal, spec, storage)
-    if internal_entries.num_rows < 4:
-        raise ValueError(f"{spec.internal} has {internal_entries.num_rows} complete image-text pairs; "
-                         "the mapping needs at least 4 (the internal part of the KB is the complete pairs)")
-    external_entries, external, skipped_ext = (None, None, 0)
-    if spec.external and spec.cfg.use_external:
-        external_entries, external, skipped_ext = embed_pairs(spec.external, spec, storage)
-    log.info("embedded %d internal and %d external pairs", internal_entries.num_rows,
-             0 if external_entries is None else external_entries.num_rows)
-    kb = kbmod.build_knowledge_base(internal_entries, internal, external_entries, external, spec.cfg,
-                                    encoder_info=describe_encoder(spec.cfg.encoder))
-    kb.report["skipped_rows"] = {"internal": skipped_int, "external": skipped_ext}
-    kbmod.save(kb, spec.out, storage.options)
-    return {"version": kb.version, "rows": len(kb), "report": kb.report, "out": spec.out}
+    internal, int_counts = side_layout(kb_build.INTERNAL, spec.internal, spec.internal_embeddings, spec, storage)
+    external, ext_counts = (None, {})
+    if spec.cfg.use_external:
+        external, ext_counts = side_layout(kb_build.EXTERNAL, spec.external, spec.external_embeddings, spec, storage)
+    encoder = describe_encoder(spec.cfg.encoder)
+    inputs = kb_build.BuildInputs(
+        internal=internal, external=external, out=spec.out.rstrip("/"), dims=(encoder["image_dim"], encoder["text_dim"]),
+        encoder_info=encoder, storage_options=storage.options, columns=spec.columns.model_dump(),
+        report={"embedding": {"internal": int_counts, "external": ext_counts},
+                "skipped_rows": {"internal": int_counts.get("skipped", 0), "external": ext_counts.get("skipped", 0)}})
+    if internal is None:
+        raise ValueError(f"no internal pairs found at {spec.internal}")
+    return kb_build.build(inputs, spec.cfg)

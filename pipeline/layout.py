@@ -339,8 +339,10 @@ def _row_groups(parquet: pq.ParquetFile, start: int, stop: int) -> tuple[list[in
 
 
 def read_metadata(shard: EmbeddingShard, storage_options: dict | None = None, start: int = 0,
-                  stop: int | None = None) -> pa.Table:
-    """Canonical metadata (id, text, image_uri, row) of rows [start, stop), from the needed columns and row groups."""
+                  stop: int | None = None, extra: pa.Schema | None = None) -> pa.Table:
+    """Canonical metadata (id, text, image_uri, row) of rows [start, stop), from the needed columns and row groups.
+
+    ``extra``: more columns passed through after the canonical ones, cast to their type (nulls where absent)."""
     stop = shard.rows if stop is None else stop
     if not 0 <= start <= stop <= shard.rows:
         raise ValueError(f"rows [{start}, {stop}) are outside shard {shard.number}, which has {shard.rows} rows")
@@ -352,6 +354,7 @@ def read_metadata(shard: EmbeddingShard, storage_options: dict | None = None, st
             names = list(parquet.schema_arrow.names)
             wanted = [c for c in (_text_column(names, shard.metadata), _pick(names, IMAGE_COLUMNS),
                                   _pick(names, ID_COLUMNS)) if c]
+            wanted += [f.name for f in (extra or []) if f.name in names and f.name not in wanted]
             groups, first_row = _row_groups(parquet, start, stop)
             table = parquet.read_row_groups(groups, columns=wanted) if groups else \
                 parquet.schema_arrow.empty_table().select(wanted)
@@ -367,9 +370,13 @@ def read_metadata(shard: EmbeddingShard, storage_options: dict | None = None, st
     row = pa.array(np.arange(start, stop, dtype=np.int64))
     root = shard.metadata.rsplit("/", 2)[0] if shard.metadata.count("/") >= 2 else "."
     text = _blank_to_null(pc.cast(table[_text_column(names, shard.metadata)].combine_chunks(), pa.string()))
-    return pa.Table.from_arrays([_canonical_ids(table, _pick(names, ID_COLUMNS), shard.number, row), text,
-                                 _canonical_images(table, _pick(names, IMAGE_COLUMNS), root), row],
-                                schema=METADATA_SCHEMA)
+    out = pa.Table.from_arrays([_canonical_ids(table, _pick(names, ID_COLUMNS), shard.number, row), text,
+                                _canonical_images(table, _pick(names, IMAGE_COLUMNS), root), row],
+                               schema=METADATA_SCHEMA)
+    for f in extra or []:
+        col = table[f.name].combine_chunks().cast(f.type) if f.name in names else pa.nulls(out.num_rows, f.type)
+        out = out.append_column(f, col)
+    return out
 
 
 def check_dims(shards: list[EmbeddingShard], image_dim: int, text_dim: int, what: str) -> None:

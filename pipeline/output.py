@@ -74,6 +74,7 @@ def finalize(batch: dict[str, np.ndarray], *, kb_version: str, config_hash: str)
         "candidate_scores": [_floats(v) for v in _column(batch, "candidate_scores", n)],
         "chosen": [None if c is None or c < 0 else int(c) for c in _column(batch, "chosen", n, -1)],
         "settings": _column(batch, "settings", n),
+        "skipped_examples": [None if v is None else [str(x) for x in v] for v in _column(batch, "skipped_examples", n)],
         "kb_version": [kb_version] * n,
         "config_hash": [config_hash] * n,
         "source_shard": _column(batch, "source_shard", n),

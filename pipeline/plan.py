@@ -84,7 +84,7 @@ def direction_stages(task: str, cfg: JobConfig, kb_uri: str, kb_manifest: dict, 
                                   kb_manifest["image_dim"], kb_manifest["text_dim"]) for g, group in enumerate(groups)]
     complete = CompleteTexts if task == TASK_I2T else CompleteImages
     stages.append(complete(cfg.generator, selection, encoder, entries if entries is not None else kb_uri,
-                           storage_options, settings=settings))
+                           storage_options, settings=settings, example_cache_mb=cfg.storage.example_cache_mb))
     return stages
 
 

@@ -42,6 +42,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("candidate_scores", pa.list_(pa.float32())),
     ("chosen", pa.int32()),
     ("settings", pa.string()),  # JSON: the retrieval and selection settings used, and their source
+    ("skipped_examples", pa.list_(pa.string())),  # "<entry id>: <why>" of examples whose image could not be had
     ("kb_version", pa.string()),
     ("config_hash", pa.string()),
     ("source_shard", pa.string()),

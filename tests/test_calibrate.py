@@ -5,6 +5,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline import kb as kbmod
+from pipeline import kb_store
 from pipeline.calibrate import cross_fit, effective_settings, holdout_rows
 from pipeline.config import CalibrationConfig, KBConfig, MappingConfig, RetrievalConfig, SelectionConfig
 from pipeline.significance import HOLDS, NOISE, REVERSED, mean_ci, paired, verdict
@@ -105,8 +106,8 @@ def test_calibration_lands_in_the_manifest_and_the_report(style_kb, tmp_path):
         assert set(d["retrieval"]) == {"alpha", "top_k", "n_results"}
         assert set(d["selection"]) == {"lambda_quality", "lambda_retrieval"}
         assert d["default_fidelity"] is not None and d["cross_fitted_fidelity"] is not None
-    kbmod.save(style_kb, str(tmp_path / "kb"))
-    assert kbmod.load(str(tmp_path / "kb"), with_entries=False).manifest["calibration"] == summary
+    kb_store.save(style_kb, str(tmp_path / "kb"))
+    assert kb_store.load(str(tmp_path / "kb"), with_entries=False).manifest["calibration"] == summary
 
 
 def test_a_kb_too_small_to_hold_pairs_out_is_built_uncalibrated():

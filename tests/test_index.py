@@ -1,10 +1,21 @@
 """Knowledge-base indexes: approximate kinds rerank exactly, shards merge to the single-index answer."""
 
+import faiss
 import numpy as np
 import pytest
 
 from pipeline.config import IndexConfig
-from pipeline.index import VectorIndex, build_shards, choose_kind
+from pipeline.index import (
+    VectorIndex,
+    build_shards,
+    choose_kind,
+    code_bytes,
+    factory_string,
+    pq_subquantizers,
+    recall_at_k,
+    train_empty,
+    train_rows,
+)
 from pipeline.knn import EmbeddingError, knn
 from pipeline.retrieval import Neighbours, merge_candidates
 from tests.planted import clustered
@@ -21,12 +32,52 @@ def world():
     return base, queries
 
 
-def test_auto_kind_is_exact_for_small_and_approximate_for_large_sets():
-    cfg = IndexConfig(flat_max_rows=1000, pq_min_rows=10_000)
-    assert choose_kind(1000, cfg) == "flat"
-    assert choose_kind(1001, cfg) == "ivf"
-    assert choose_kind(10_000, cfg) == "ivfpq"
+def test_auto_kind_is_exact_for_small_sets_and_follows_the_byte_budget_above():
+    cfg = IndexConfig(flat_max_rows=1000, bytes_per_row=64)
+    assert choose_kind(1000, cfg, 512) == "flat"
+    assert choose_kind(1001, cfg, 512) == "ivfpq"  # a float32 512-d vector (2 kB) is over 64 bytes
+    assert choose_kind(1001, cfg, 8) == "ivf"  # 32 bytes fit: IVF-Flat
     assert choose_kind(10, IndexConfig(kind="hnsw")) == "hnsw"
+
+
+def test_pq_codes_use_the_largest_divisor_of_the_dimension_within_the_budget():
+    assert pq_subquantizers(512, IndexConfig(bytes_per_row=64)) == 64
+    assert pq_subquantizers(768, IndexConfig(bytes_per_row=100)) == 96
+    assert code_bytes("ivfpq", 768, IndexConfig(bytes_per_row=100)) == 96 + 8
+    assert factory_string(100_000, 512, "ivfpq", IndexConfig(bytes_per_row=64)) == "IVF632,PQ64np"
+    assert "HNSW" in factory_string(10_000_000, 512, "ivfpq", IndexConfig())  # 6,324 lists: graph quantiser
+    with pytest.raises(EmbeddingError, match="divide"):
+        pq_subquantizers(512, IndexConfig(pq_m=48))
+
+
+def test_an_index_trained_once_and_filled_in_pieces_equals_one_index_built_whole(world):
+    """autofaiss/FAISS's recipe: train an empty index, add rows in ranges (here three), same answers."""
+    base, queries = world
+    cfg = IndexConfig(nlist=64, nprobe=16, pq_m=8)
+    rows = np.sort(np.random.default_rng(0).choice(len(base), train_rows(len(base), "ivfpq", cfg), replace=False))
+    whole = train_empty(base[rows], len(base), "ivfpq", cfg)
+    pieces = faiss.deserialize_index(faiss.serialize_index(whole))  # the broadcast empty index
+    whole.add(base)
+    for a, b in ((0, 7000), (7000, 13000), (13000, len(base))):
+        pieces.add(base[a:b])
+    for x, y in zip(whole.search(queries, 10), pieces.search(queries, 10)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_recall_counts_the_shared_neighbours_and_ignores_padding():
+    exact = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    approx = np.array([[4, 3, 9, -1], [5, 6, 7, 8]])
+    assert recall_at_k(approx, exact, 4) == pytest.approx((2 / 4 + 1) / 2)
+
+
+def test_float16_vectors_rerank_to_the_float32_ranking(world):
+    base, queries = world
+    exact = VectorIndex.build(base, IndexConfig(kind="flat"))
+    half = VectorIndex(exact.vectors.astype(np.float16), exact.index, "ivf", 1)
+    s32, i32 = exact.search(queries, 10)
+    s16, _ = VectorIndex(exact.vectors.astype(np.float16), exact.index, "flat", 1).search(queries, 10)
+    np.testing.assert_allclose(s16, s32, atol=2e-3)
+    assert half.gather(np.array([[0, 1]])).dtype == np.float32
 
 
 @pytest.mark.parametrize("kind", ["ivf", "ivfpq", "hnsw"])

@@ -288,7 +288,7 @@ def test_a_three_shard_kb_chained_one_shard_per_actor_gives_the_in_process_chain
     """Three retrieval pools per direction (first / middle / last shard group) on Ray: each row's neighbours and
     completion are the ones the same stages give in one process (``actors.stage.run_chain``)."""
     from actors.stage import run_chain
-    from pipeline import kb as kbmod
+    from pipeline import kb_store
     from pipeline.config import IndexConfig
     from pipeline.datasets import read_shard
     from pipeline.datasource import keyed_rows
@@ -306,7 +306,7 @@ def test_a_three_shard_kb_chained_one_shard_per_actor_gives_the_in_process_chain
     assert summary["rows_out"] == summary["unique_row_keys"] == 40 and summary["failed"] == 0
     out = read_output(Storage(), str(tmp_path / "out")).to_pandas().set_index("row_key")
 
-    manifest = kbmod.load(kb3, shards=[], with_entries=False).manifest
+    manifest = kb_store.load(kb3, shards=[], with_entries=False).manifest
     assert len(manifest["shards"]) == 3
     for shard in sorted(data.glob("*.parquet")):
         rows = keyed_rows(str(shard), read_shard(str(shard), job.columns, {}, "auto"), str(data))

@@ -6,6 +6,7 @@ import pytest
 from scipy.linalg import expm
 
 from pipeline import kb as kbmod
+from pipeline import kb_store
 from pipeline.config import (
     AlignConfig,
     CalibrationConfig,
@@ -102,19 +103,22 @@ def test_text_queries_retrieve_symmetrically(built):
 
 
 def test_save_and_load_round_trip(built, tmp_path):
-    version = kbmod.save(built, str(tmp_path / "kb"))
-    loaded = kbmod.load(str(tmp_path / "kb"))
+    version = kb_store.save(built, str(tmp_path / "kb"))
+    loaded = kb_store.load(str(tmp_path / "kb"))
     assert loaded.version == version == built.version
-    assert loaded.entries.equals(built.entries)
+    # Stored by reference: every column but the in-memory image bytes, which a KB folder never holds.
+    assert loaded.entries.equals(kb_store.entries_by_reference(built.entries))
+    assert "image" not in loaded.entries.column_names
+    assert not list((tmp_path / "kb").rglob("*.png")) and built.entries.column("image").null_count == 0
     q = built.shards[0].image.vectors[:10]
     np.testing.assert_array_equal(loaded.retrieve(q, "image").ids, built.retrieve(q, "image").ids)
-    only = kbmod.load(str(tmp_path / "kb"), shards=[0], with_entries=False)
+    only = kb_store.load(str(tmp_path / "kb"), shards=[0], with_entries=False)
     assert len(only.shards) == 1
 
 
 def test_loading_a_missing_kb_says_how_to_make_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="rag4dmc kb build"):
-        kbmod.load(str(tmp_path / "nothing"))
+        kb_store.load(str(tmp_path / "nothing"))
 
 
 def test_kb_without_external_corpus_is_internal_only():
@@ -124,27 +128,27 @@ def test_kb_without_external_corpus_is_internal_only():
 
 
 def test_entries_are_memory_mapped_not_copied(tmp_path):
-    """A KB's entries (images included) can be far larger than an actor's memory: opening them reads nothing."""
+    """A KB's entries can be far larger than an actor's memory: opening them reads nothing."""
     rng = np.random.default_rng(0)
     n, size = 2000, 50_000
     images = [rng.bytes(size) for _ in range(n)]
     table = pa.table({"id": [f"e{i}" for i in range(n)], "source": ["internal"] * n,
                       "text": [f"t{i}" for i in range(n)], "image": pa.array(images, pa.binary())})
-    kbmod.write_entries(table, tmp_path / kbmod.ENTRIES_FILE)
+    kb_store.write_entries(table, tmp_path / kb_store.ENTRIES_FILE)
     del table
     before = pa.total_allocated_bytes()
-    entries = kbmod.open_entries(tmp_path / kbmod.ENTRIES_FILE)
+    entries = kb_store.open_entries(tmp_path / kb_store.ENTRIES_FILE)
     assert entries.num_rows == n
     assert pa.total_allocated_bytes() - before < size * 10  # not the 100 MB of image bytes
-    picked = kbmod.take_entries(entries, np.array([1999, 0, 7, 7]))
+    picked = kb_store.take_entries(entries, np.array([1999, 0, 7, 7]))
     assert picked["id"] == ["e1999", "e0", "e7", "e7"]
     assert picked["image"][0] == images[1999] and picked["image"][2] == images[7]
 
 
 def test_a_retrieval_actor_loads_only_the_index_it_searches(built, tmp_path):
-    kbmod.save(built, str(tmp_path / "kb"))
-    full = kbmod.load(str(tmp_path / "kb"), with_entries=False)
-    only_image = kbmod.load(str(tmp_path / "kb"), with_entries=False, searched="image")
+    kb_store.save(built, str(tmp_path / "kb"))
+    full = kb_store.load(str(tmp_path / "kb"), with_entries=False)
+    only_image = kb_store.load(str(tmp_path / "kb"), with_entries=False, searched="image")
     assert all(s.text.index is None and s.image.index is not None for s in only_image.shards)
     q = built.shards[0].image.vectors[:10]
     want, got = full.retrieve(q, "image"), only_image.retrieve(q, "image")  # the text vectors still fuse
@@ -160,11 +164,11 @@ def test_a_retrieval_actor_loads_only_the_index_it_searches(built, tmp_path):
 def test_a_kb_of_another_format_asks_for_a_rebuild(built, tmp_path):
     import json
 
-    kbmod.save(built, str(tmp_path / "kb"))
+    kb_store.save(built, str(tmp_path / "kb"))
     manifest = json.loads((tmp_path / "kb" / "manifest.json").read_text())
     (tmp_path / "kb" / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
     with pytest.raises(ValueError, match="rebuild it with `rag4dmc kb build`"):
-        kbmod.load(str(tmp_path / "kb"))
+        kb_store.load(str(tmp_path / "kb"))
 
 
 def test_an_actor_downloads_only_its_part_of_a_remote_kb(built, s3_server, s3_bucket, tmp_path, monkeypatch):
@@ -176,11 +180,11 @@ def test_an_actor_downloads_only_its_part_of_a_remote_kb(built, s3_server, s3_bu
                                              for i, s in enumerate(shards)]}
     kb = kbmod.KnowledgeBase(built.entries, built.mapping, shards, built.report, manifest)
     uri, opts = f"{s3_bucket}/kb", s3_server.storage_options
-    kbmod.save(kb, uri, opts)
-    monkeypatch.setattr(kbmod.tempfile, "gettempdir", lambda: str(tmp_path))
+    kb_store.save(kb, uri, opts)
+    monkeypatch.setattr(kb_store.tempfile, "gettempdir", lambda: str(tmp_path))
     cache = tmp_path / "rag4dmc-kb-cache" / kb.version
 
-    part = kbmod.load(uri, opts, shards=[1], with_entries=False, searched="text")
+    part = kb_store.load(uri, opts, shards=[1], with_entries=False, searched="text")
     files = {p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file()}
     assert files == {"manifest.json", "mapping.pt", "report.json", "shard-00001/image/meta.json",
                      "shard-00001/image/vectors.npy", "shard-00001/text/meta.json",
@@ -190,6 +194,6 @@ def test_an_actor_downloads_only_its_part_of_a_remote_kb(built, s3_server, s3_bu
     want = shard_candidates(shards[1], q, kb.pseudo(q, "text"), "text", RetrievalConfig())
     np.testing.assert_array_equal(got.ids, want.ids)
 
-    entries = kbmod.load_entries(uri, opts)
-    assert (cache / kbmod.ENTRIES_FILE).is_file() and not (cache / "shard-00000").exists()
-    assert entries.equals(built.entries)
+    entries = kb_store.load_entries(uri, opts)
+    assert (cache / kb_store.ENTRIES_FILE).is_file() and not (cache / "shard-00000").exists()
+    assert entries.equals(kb_store.entries_by_reference(built.entries))

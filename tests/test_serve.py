@@ -309,9 +309,9 @@ def _samples(n: int, seed: int) -> tuple[list[bytes], list[str]]:
 
 
 def _kb_rows(kb: str) -> dict[str, dict]:
-    from pipeline import kb as kbmod
+    from pipeline import kb_store
 
-    entries = kbmod.load(kb, shards=[], with_entries=True).entries.to_pylist()
+    entries = kb_store.load(kb, shards=[], with_entries=True).entries.to_pylist()
     return {e["id"]: e for e in entries}
 
 
@@ -320,12 +320,12 @@ def test_health_and_completions_carry_the_jobs_provenance(service):
     import requests
 
     from actors.encoders import create_encoder
-    from pipeline import kb as kbmod
+    from pipeline import kb_store
     from pipeline.calibrate import effective_settings
     from pipeline.config import EncoderConfig
 
     health = requests.get(f"{service.url}{HEALTH_PATH}", timeout=HTTP_TIMEOUT_S)  # no key needed
-    kb = kbmod.load(service.kb, shards=None, with_entries=True)
+    kb = kb_store.load(service.kb, shards=None, with_entries=True)
     assert health.status_code == 200
     assert health.json() == {"status": "ok", "kb_version": kb.version,
                              "config_hash": service.cfg.job_config().config_hash()}

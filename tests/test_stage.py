@@ -126,6 +126,7 @@ def three_shard_kb(tmp_path_factory):
     from actors.encoders import encoder_image_size
     from actors.preprocess import FetchAndDecode
     from pipeline import kb as kbmod
+    from pipeline import kb_store
     from pipeline.config import EncoderConfig
     from pipeline.datasets import ShardResult
     from pipeline.datasource import keyed_rows
@@ -143,7 +144,7 @@ def three_shard_kb(tmp_path_factory):
 
     kb = kbmod.build_knowledge_base(pairs, vectors, cfg=cfg, encoder_info=describe_encoder(enc))
     out = str(tmp_path_factory.mktemp("kb3") / "kb")
-    kbmod.save(kb, out)
+    kb_store.save(kb, out)
     return out
 
 
@@ -160,14 +161,14 @@ def _as_batch(table: pa.Table) -> dict[str, np.ndarray]:
 
 
 def test_the_whole_chain_over_three_shard_groups_equals_one_shard_retrieval(three_shard_kb):
-    from pipeline import kb as kbmod
+    from pipeline import kb_store
     from pipeline.datasets import ShardResult
     from pipeline.datasource import keyed_rows
     from pipeline.demo_data import make_incomplete
     from pipeline.plan import direction_stages
     from pipeline.retrieval import retrieve
 
-    kb = kbmod.load(three_shard_kb)
+    kb = kb_store.load(three_shard_kb)
     assert len(kb.shards) == 3
     queries = make_incomplete(40, seed=3, missing_rate=1.0).select(["id", "image", "text"])
     batch = _as_batch(keyed_rows("in", ShardResult(_canonical(queries), []), ""))

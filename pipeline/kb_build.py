@@ -1,0 +1,631 @@
+"""The knowledge-base build out of core: from embeddings in the clip-retrieval layout to a saved KB.
+
+Every step reads bounded pieces, so the driver's memory does not grow with the corpus (the plan follows
+autofaiss, NeMo Curator's semantic k-means and FAISS's recipe for indexes that do not fit in RAM):
+
+1. **fit** (one Ray task): on bounded random samples, train the mapping MLP on internal pairs, fit the
+   filter's k-means on both sides (:func:`pipeline.purify.fit_filter`), and the CSLS/Procrustes rotation W
+   on a sample of the external rows the filter keeps; the calibration runs on the same samples.
+2. **purify** (a streaming Ray Data pass, one task per layout shard): assign every external row to its
+   cluster, drop what the filter drops, rotate the rest by W; internal rows pass through. Each task writes
+   one purified part (float16 vectors, entries by reference) in the same layout, and skips a part already
+   written (resume).
+3. **index** (one Ray task per index shard, over a range of global row ids): each modality's index is
+   trained once on a random sample, then populated from the parts, written with its rows' float16 vectors
+   (memory-mapped by the readers, for the exact rerank and the fusion cross term), and its recall@10
+   against exact search measured on sampled queries.
+4. **entries**: the parts' metadata streamed into one memory-mapped Arrow file (id, source, text and where
+   the image is: ``image_uri``, or ``image_shard`` + ``image_row``; never the image bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import layout
+from pipeline.config import KBConfig
+from pipeline.kb_store import PARTS_DIR
+from pipeline.knn import normalize_rows
+from pipeline.purify import (
+    EXTERNAL_CLUSTER_CAP,
+    align_candidate_ids,
+    align_with_report,
+    default_clusters,
+    external_sample_ids,
+    first_kept,
+    fit_filter,
+    kmeans_sample_size,
+    sample_ids,
+    threshold,
+)
+from pipeline.retrieval import MODALITIES
+
+log = logging.getLogger(__name__)
+
+INTERNAL, EXTERNAL = "internal", "external"
+LOCATION_SCHEMA = pa.schema([("image_shard", pa.string()), ("image_row", pa.int64())])
+PART_SCHEMA = pa.schema([("source", pa.string()), *LOCATION_SCHEMA])
+RECALL_K = 10
+BASE_PROCESS_BYTES = 600 * 2**20  # a Python process with torch, faiss and Ray imported
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of the KB's input: its layout shards and their global row offsets."""
+
+    name: str
+    root: str
+    shards: list[layout.EmbeddingShard]
+
+    @property
+    def rows(self) -> int:
+        return layout.total_rows(self.shards)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return layout.shard_offsets(self.shards)
+
+    def read(self, ids: np.ndarray, modality: str, storage_options: dict | None) -> np.ndarray:
+        """Unit-norm float32 vectors of these side-global row ids."""
+        return normalize_rows(layout.read_rows(self.shards, self.offsets, ids, modality, storage_options),
+                              f"{self.name} {modality} embeddings")
+
+
+def open_side(name: str, root: str, storage_options: dict | None, dims: tuple[int, int] | None = None) -> Side:
+    """The layout at ``root``, checked against the encoder's (image, text) dims when they are known."""
+    shards = layout.list_embedding_shards(root, storage_options)
+    if dims is not None:
+        layout.check_dims(shards, dims[0], dims[1], f"{name} embeddings at {root}")
+    return Side(name, root, shards)
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory you can state in advance
+# ------------------------------------------------------------------------------------------------
+
+
+def plan_sizes(n_int: int, n_ext: int, dims: tuple[int, int], cfg: KBConfig) -> dict:
+    """The build's sample sizes, piece size and index shards for these corpus sizes (all bounded)."""
+    from pipeline.index import choose_kind, code_bytes
+
+    f, a = cfg.filter, cfg.align
+    k_int = f.n_clusters_internal or default_clusters(min(n_int, cfg.mapping.max_rows), 1024)
+    k_ext = f.n_clusters_external or default_clusters(n_ext, EXTERNAL_CLUSTER_CAP)
+    rows = n_int + n_ext
+    shards = max(cfg.index.shards, math.ceil(rows / cfg.index.shard_rows))
+    kind = choose_kind(rows, cfg.index, max(dims))
+    return {
+        "internal_sample": min(n_int, cfg.mapping.max_rows),
+        "kmeans_internal": kmeans_sample_size(min(n_int, cfg.mapping.max_rows), k_int, f.points_per_centroid),
+        "kmeans_external": kmeans_sample_size(n_ext, k_ext, f.points_per_centroid) if n_ext else 0,
+        "align_rows": min(n_ext, a.max_rows or n_ext),
+        "piece_rows": cfg.build.piece_rows,
+        "shards": shards,
+        "shard_rows": math.ceil(rows / shards) if rows else 0,
+        "kind": kind,
+        "code_bytes": {m: code_bytes(kind, d, cfg.index) for m, d in zip(MODALITIES, dims)},
+    }
+
+
+def estimate_memory(n_int: int, n_ext: int, dims: tuple[int, int], cfg: KBConfig) -> dict:
+    """Peak bytes of the driver and of each kind of task, from row counts, dims and config (before starting)."""
+    s = plan_sizes(n_int, n_ext, dims, cfg)
+    d_sum, d_max = sum(dims), max(dims)
+    f4 = 4  # float32 bytes
+    fit = (s["internal_sample"] * d_sum * f4 * 2  # internal sample, and the mapping's training copies
+           + s["kmeans_external"] * d_max * f4 * 2  # one modality's external k-means sample, and its normalised copy
+           + min(n_ext, layout_align_candidates(s, cfg)) * 0  # streamed in pieces of piece_rows (below)
+           + s["piece_rows"] * d_sum * f4 * 2
+           + s["align_rows"] * d_max * f4 * 4)  # aligned sample, W applied, CSLS blocks
+    purify = s["piece_rows"] * d_sum * f4 * 4  # read (float32), normalised, rotated, float16 out
+    index = max(s["shard_rows"] * s["code_bytes"][m] for m in MODALITIES) * 2 \
+        + s["piece_rows"] * d_max * f4 * 3 + cfg.index.recall_queries * (RECALL_K + 1) * 16 * 4
+    driver = s["piece_rows"] * 256  # one part's metadata at a time (ids, texts, locations)
+    return {"driver": BASE_PROCESS_BYTES + driver, "fit": BASE_PROCESS_BYTES + fit,
+            "purify": BASE_PROCESS_BYTES + purify, "index": BASE_PROCESS_BYTES + index, "sizes": s}
+
+
+def layout_align_candidates(sizes: dict, cfg: KBConfig) -> int:
+    """External rows the alignment sample is drawn from (streamed, never held whole)."""
+    from pipeline.purify import ALIGN_OVERSAMPLE
+
+    return ALIGN_OVERSAMPLE * sizes["align_rows"]
+
+
+SETTING_FOR = {"fit": "mapping.max_rows, filter.points_per_centroid, align.max_rows or build.piece_rows",
+               "purify": "build.piece_rows", "index": "index.shard_rows (more, smaller shards) or index.bytes_per_row",
+               "driver": "build.piece_rows"}
+
+
+def check_memory(estimate: dict, node_bytes: int, driver_bytes: int) -> None:
+    """Refuse a build whose estimated task or driver peak exceeds what one node (or the driver's host) has."""
+    gib = 2**30
+    over = [(k, v, driver_bytes if k == "driver" else node_bytes) for k, v in estimate.items()
+            if k != "sizes" and v > (driver_bytes if k == "driver" else node_bytes)]
+    if over:
+        raise MemoryError("; ".join(
+            f"the {k} step needs about {v / gib:.1f} GiB but {'the driver host' if k == 'driver' else 'the largest node'}"
+            f" has {limit / gib:.1f} GiB: lower {SETTING_FOR[k]}" for k, v, limit in over))
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. fit: mapping, filter k-means, rotation W (and calibration), on bounded samples
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Fitted:
+    """What the fit step hands the streaming passes: small, whatever the corpus size."""
+
+    mapping: object  # CrossModalMapper
+    filters: dict | None  # modality -> FilterModel (None: no external part or purification off)
+    rotations: dict | None  # modality -> W (None where alignment was skipped)
+    cfg: KBConfig  # with the calibration's chosen purification settings
+    report: dict
+    calibration: dict | None
+    peak_rss: int = 0
+
+
+def kept_mask(filters: dict, block: dict[str, np.ndarray], cfg: KBConfig) -> tuple[np.ndarray, dict]:
+    """keep of each row (both modalities' filters, or the configured one), and per-modality drop counts."""
+    f = cfg.filter
+    masks, counts = {}, {}
+    for m in MODALITIES:
+        cluster_of, inst = filters[m].assign(block[m])
+        keep, by_cluster, by_instance = threshold(filters[m].centroid_similarity, cluster_of, inst, f.tau_cent,
+                                                  f.tau_inst)
+        masks[m] = keep
+        counts[m] = {"instances_kept": int(keep.sum()), "instances_dropped_by_cluster": int(by_cluster.sum()),
+                     "instances_dropped_by_instance": int(by_instance.sum())}
+    keep = masks["image"] & masks["text"] if f.modality == "both" else masks[f.modality]
+    return keep, counts
+
+
+def fit(internal: Side, external: Side | None, cfg: KBConfig, storage_options: dict | None) -> Fitted:
+    """Step 1, run as one task: everything the streaming passes need, fitted on bounded random samples."""
+    from pipeline.calibrate import calibrate
+    from pipeline.mapping import train_mapping
+
+    t0 = time.perf_counter()
+    int_ids = sample_ids(internal.rows, cfg.mapping.max_rows, cfg.mapping.seed)
+    inner = {m: internal.read(int_ids, m, storage_options) for m in MODALITIES}
+    report: dict = {"internal_rows": internal.rows, "internal_sample_rows": len(int_ids)}
+    use_external = external is not None and external.rows > 0 and cfg.use_external
+    calibration = None
+    if cfg.calibration.enabled:
+        ext_cal = None
+        if use_external:
+            cal_ids = sample_ids(external.rows, cfg.calibration.max_rows, cfg.calibration.seed)
+            ext_cal = {m: external.read(cal_ids, m, storage_options) for m in MODALITIES}
+        calibration = calibrate(_texts(internal, int_ids, storage_options), None, inner,
+                                _texts(external, cal_ids, storage_options) if use_external else None, None,
+                                ext_cal, cfg)
+        if calibration is not None and calibration["purification"] is not None:
+            chosen = calibration["purification"]
+            cfg = cfg.model_copy(update={"filter": cfg.filter.model_copy(update=chosen["filter"]),
+                                         "align": cfg.align.model_copy(update=chosen["align"])})
+    mapping, map_report = train_mapping(inner["image"], inner["text"], cfg.mapping)
+    report["mapping"] = map_report.to_dict()
+    filters = rotations = None
+    if use_external and cfg.purify:
+        f = cfg.filter
+        ext_ids = external_sample_ids(external.rows, f.n_clusters_external, f.points_per_centroid, f.seed)
+        filters = {}
+        for m in MODALITIES:  # one modality's sample in memory at a time
+            filters[m] = fit_filter(inner[m], external.read(ext_ids, m, storage_options), external.rows,
+                                    n_clusters_internal=f.n_clusters_internal,
+                                    n_clusters_external=f.n_clusters_external,
+                                    points_per_centroid=f.points_per_centroid, niter=f.niter, nredo=f.nredo,
+                                    seed=f.seed, block_size=cfg.align.block_size)
+        rotations, report["align"], report["align_sample_rows"] = _fit_rotations(inner, external, filters, cfg,
+                                                                                 storage_options)
+    report["fit_seconds"] = round(time.perf_counter() - t0, 3)
+    return Fitted(mapping, filters, rotations, cfg, report, calibration, _peak_rss())
+
+
+def alignment_rows(external: Side, filters: dict, cfg: KBConfig, storage_options: dict | None) -> np.ndarray:
+    """The external rows W is fitted on: the first ``align.max_rows`` kept ones of a random order, read in pieces."""
+    a = cfg.align
+    candidates = align_candidate_ids(external.rows, a.max_rows, a.seed)
+    kept, found = [], 0
+    for start in range(0, len(candidates), cfg.build.piece_rows):
+        piece = candidates[start:start + cfg.build.piece_rows]
+        keep, _ = kept_mask(filters, {m: external.read(piece, m, storage_options) for m in MODALITIES}, cfg)
+        kept.append(keep)
+        found += int(keep.sum())
+        if a.max_rows is not None and found >= a.max_rows:
+            break
+    mask = np.concatenate(kept) if kept else np.zeros(0, bool)
+    return first_kept(candidates[:len(mask)], mask, a.max_rows)
+
+
+def _fit_rotations(inner: dict, external: Side, filters: dict, cfg: KBConfig,
+                   storage_options: dict | None) -> tuple[dict, dict, int]:
+    rows = alignment_rows(external, filters, cfg, storage_options)
+    a = cfg.align
+    rotations, report = {}, {}
+    for m in MODALITIES:
+        if len(rows) < 2:
+            rotations[m], report[m] = None, {"skipped": "fewer than 2 external rows left after filtering"}
+            continue
+        result = align_with_report(
+            inner[m], external.read(rows, m, storage_options), k=a.csls_k, max_rounds=a.max_rounds, eps=a.eps,
+            init=a.init, criterion_pairs=a.criterion_pairs, max_rows=a.max_rows, proximal=a.proximal, pick=a.pick,
+            seed=a.seed, block_size=a.block_size)
+        rotations[m], report[m] = result.W, result.report.to_dict()
+    return rotations, report, len(rows)
+
+
+def _texts(side: Side, ids: np.ndarray, storage_options: dict | None) -> list[str]:
+    """Texts of side-global row ids (for the calibration's BLEU), read shard by shard."""
+    out: list[str] = []
+    offsets = side.offsets
+    for i, shard in enumerate(side.shards):
+        local = ids[(ids >= offsets[i]) & (ids < offsets[i + 1])] - offsets[i]
+        if len(local):
+            meta = layout.read_metadata(shard, storage_options, int(local.min()), int(local.max()) + 1)
+            out += [t or "" for t in meta.column("text").take(pa.array(local - local.min())).to_pylist()]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. purify: the streaming pass over every row, one task per layout shard
+# ------------------------------------------------------------------------------------------------
+
+
+def purify_shard(item: dict) -> dict:
+    """One layout shard -> one purified part (kept rows, rotated, float16; entries by reference); resumable."""
+    side, shard, out, opts = item["side"], item["shard"], item["out"], item["storage_options"]
+    fitted: Fitted = item["fitted"]
+    part_root = f"{out}/{PARTS_DIR}/{side}"
+    counts_uri = f"{part_root}/counts/counts_{shard.number}.json"
+    fs, counts_path = layout.url_to_fs(counts_uri, opts)
+    if shard.number in layout.written_numbers(part_root, opts) and fs.exists(counts_path):
+        return json.loads(fs.cat_file(counts_path)) | {"resumed": True}
+    piece = fitted.cfg.build.piece_rows
+    vectors = {m: [] for m in MODALITIES}
+    metas, totals = [], {m: {} for m in MODALITIES}
+    for start in range(0, shard.rows, piece):
+        stop = min(shard.rows, start + piece)
+        block = {m: normalize_rows(layout.read_vectors(getattr(shard, m), start, stop, opts),
+                                   f"{side} {m} embeddings of shard {shard.number}") for m in MODALITIES}
+        keep = np.ones(stop - start, bool)
+        if side == EXTERNAL and fitted.filters is not None:
+            keep, counts = kept_mask(fitted.filters, block, fitted.cfg)
+            for m in MODALITIES:
+                for k, v in counts[m].items():
+                    totals[m][k] = totals[m].get(k, 0) + v
+        for m in MODALITIES:
+            x = block[m][keep]
+            w = (fitted.rotations or {}).get(m) if side == EXTERNAL else None
+            vectors[m].append((normalize_rows(x @ w, f"aligned {m}") if w is not None and len(x) else x)
+                              .astype(np.float16))
+        meta = layout.read_metadata(shard, opts, start, stop, extra=LOCATION_SCHEMA).filter(pa.array(keep))
+        metas.append(meta)
+    meta = pa.concat_tables(metas) if metas else layout.METADATA_SCHEMA.empty_table()
+    part_meta = pa.table({"id": meta["id"], "caption": meta["text"], "image_uri": meta["image_uri"],
+                          "source": pa.array([side] * meta.num_rows, pa.string()),
+                          "image_shard": meta["image_shard"], "image_row": meta["image_row"]})
+    dims = {"image": shard.image_dim, "text": shard.text_dim}
+    stacked = {m: np.concatenate(vectors[m]) if vectors[m] else np.zeros((0, dims[m]), np.float16)
+               for m in MODALITIES}
+    result = {"side": side, "number": shard.number, "rows": shard.rows, "kept": meta.num_rows,
+              "filter": totals, "peak_rss": _peak_rss()}
+    fs.makedirs(counts_path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe_file(counts_path, json.dumps(result).encode())  # before the metadata, which marks the part complete
+    layout.write_embedding_shard(part_root, shard.number, stacked["image"], stacked["text"], part_meta, opts)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. index: trained once on a random sample, populated per shard over a range of global row ids
+# ------------------------------------------------------------------------------------------------
+
+
+def train_indexes(parts: Side, kind: str, cfg: KBConfig, storage_options: dict | None) -> dict:
+    """Per modality, an empty index trained on a random sample of every KB row, serialised (small)."""
+    import faiss
+
+    from pipeline.index import train_empty, train_rows
+
+    n = parts.rows
+    ids = sample_ids(n, train_rows(n, kind, cfg.index), cfg.filter.seed + 7)
+    out = {"peak_rss": 0, "train_rows": int(len(ids))}
+    for m in MODALITIES:
+        dim = getattr(parts.shards[0], f"{m}_dim")
+        sample = parts.read(ids, m, storage_options) if len(ids) else np.zeros((0, dim), np.float32)
+        out[m] = faiss.serialize_index(train_empty(sample, n, kind, cfg.index))
+    out["peak_rss"] = _peak_rss()
+    return out
+
+
+def _ranges(parts: Side, start: int, stop: int, piece: int):
+    """(shard, local start, local stop) pieces of global rows [start, stop) over the parts, in order."""
+    offsets = parts.offsets
+    for i, shard in enumerate(parts.shards):
+        a, b = max(start, offsets[i]), min(stop, offsets[i + 1])
+        for s in range(a, b, piece):
+            yield shard, int(s - offsets[i]), int(min(b, s + piece) - offsets[i])
+
+
+def topk_merge(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise top-k of concatenated candidate lists (scores descending)."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def build_index_shard(task: dict) -> dict:
+    """One index shard: rows [start, stop) of the KB added to copies of the trained indexes, with their float16
+    vectors, saved to ``KB/shard-i/<modality>``; and the exact and approximate top-k of the recall queries."""
+    import tempfile
+    from pathlib import Path
+
+    import faiss
+
+    from pipeline.index import VectorIndex, set_search_params
+
+    parts: Side = task["parts"]
+    start, stop, cfg, opts = task["start"], task["stop"], task["cfg"], task["storage_options"]
+    k = RECALL_K + 1  # the query itself is among the KB rows: leave-one-out
+    result = {"shard": task["shard"], "start": start, "stop": stop}
+    with tempfile.TemporaryDirectory(prefix="rag4dmc-index-") as tmp:
+        for m in MODALITIES:
+            dim = getattr(parts.shards[0], f"{m}_dim")
+            index = faiss.deserialize_index(task["trained"][m])
+            set_search_params(index, task["kind"], cfg.index)
+            folder = Path(tmp) / m
+            folder.mkdir()
+            vectors = np.lib.format.open_memmap(folder / "vectors.npy", mode="w+", dtype=np.float16,
+                                                shape=(stop - start, dim))
+            queries = task["queries"][m]
+            exact_s = np.full((len(queries), 0), -np.inf, np.float32)
+            exact_i = np.zeros((len(queries), 0), np.int64)
+            at = 0
+            for shard, a, b in _ranges(parts, start, stop, cfg.build.piece_rows):
+                x = layout.read_vectors(getattr(shard, m), a, b, opts)
+                vectors[at:at + len(x)] = x
+                x16 = np.asarray(vectors[at:at + len(x)], np.float32)  # what the KB keeps: float16
+                index.add(x16)
+                sims = queries @ x16.T
+                top = np.argsort(-sims, axis=1)[:, :k]
+                exact_s, exact_i = topk_merge(np.hstack([exact_s, np.take_along_axis(sims, top, 1)]),
+                                              np.hstack([exact_i, top + start + at]), k)
+                at += len(x)
+            vectors.flush()
+            vi = VectorIndex(vectors, index, task["kind"], cfg.index.rerank_factor, offset=start)
+            approx_s, approx_i = vi.search(queries, k)
+            vi.save_index(folder)
+            _upload(folder, f"{task['out']}/{task['path']}/{m}", opts)
+            result[m] = {"exact": (exact_s, exact_i), "approx": (approx_s, approx_i)}
+            del vi, vectors, index
+    result["peak_rss"] = _peak_rss()
+    return result
+
+
+def _upload(folder, dest: str, storage_options: dict | None) -> None:
+    """Copy a local folder's files to ``dest`` (a local folder or an object-storage prefix)."""
+    fs, path = layout.url_to_fs(dest, storage_options)
+    fs.makedirs(path, exist_ok=True)
+    for f in sorted(folder.iterdir()):
+        fs.put_file(str(f), f"{path}/{f.name}")
+
+
+def recall_report(results: list[dict], query_ids: np.ndarray, min_recall: float) -> dict:
+    """recall@10 per modality of the approximate search against exact search, the query itself left out."""
+    out = {"queries": int(len(query_ids)), "k": RECALL_K, "min_recall": min_recall}
+    for m in MODALITIES:
+        merged = {}
+        for which in ("exact", "approx"):
+            s = np.hstack([r[m][which][0] for r in results])
+            i = np.hstack([r[m][which][1] for r in results])
+            s = np.where(i == query_ids[:, None], -np.inf, s)  # leave the query out
+            merged[which] = topk_merge(s, i, RECALL_K)[1]
+        from pipeline.index import recall_at_k
+
+        out[m] = round(recall_at_k(merged["approx"], merged["exact"], RECALL_K), 4)
+    out["below_min"] = any(out[m] < min_recall for m in MODALITIES)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. entries, and the whole build
+# ------------------------------------------------------------------------------------------------
+
+
+def write_entries(parts: Side, uri: str, storage_options: dict | None) -> int:
+    """The parts' metadata, in KB row order, as the memory-mapped entries file; one part in memory at a time."""
+    import tempfile
+    from pathlib import Path
+
+    from pipeline.kb_store import ENTRIES_BATCH_ROWS, ENTRY_SCHEMA
+
+    with tempfile.TemporaryDirectory(prefix="rag4dmc-entries-") as tmp:
+        path = Path(tmp) / "entries.arrow"
+        rows = 0
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, ENTRY_SCHEMA) as writer:
+            for shard in parts.shards:
+                meta = layout.read_metadata(shard, storage_options, extra=PART_SCHEMA)
+                table = pa.table({c: meta[c] for c in ENTRY_SCHEMA.names}).cast(ENTRY_SCHEMA)
+                writer.write_table(table, max_chunksize=ENTRIES_BATCH_ROWS)
+                rows += table.num_rows
+        fs, dest = layout.url_to_fs(uri, storage_options)
+        fs.put_file(str(path), dest)
+    return rows
+
+
+@dataclass
+class BuildInputs:
+    """Where the build's embeddings are, and what they must match."""
+
+    internal: str  # a layout folder
+    external: str | None
+    out: str
+    dims: tuple[int, int]  # (image, text) of the KB's encoder
+    encoder_info: dict
+    storage_options: dict | None = None
+    columns: dict | None = None  # the input columns (where image_shard rows keep their image), for the manifest
+    report: dict | None = None  # more for report.json (e.g. the embedding stage's counts)
+
+
+def _stage(report: dict, name: str, t0: float, peaks: list[int]) -> None:
+    report.setdefault("stages", {})[name] = {"seconds": round(time.perf_counter() - t0, 3),
+                                             "task_peak_rss_bytes": int(max(peaks, default=0))}
+
+
+def build(inputs: BuildInputs, cfg: KBConfig = KBConfig()) -> dict:
+    """Fit, purify, index and save the knowledge base at ``inputs.out``; returns its manifest and report."""
+    import ray
+
+    from pipeline import kb_store
+    from pipeline.index import choose_kind
+
+    opts = inputs.storage_options
+    t_all = time.perf_counter()
+    internal = open_side(INTERNAL, inputs.internal, opts, inputs.dims)
+    if internal.rows < 4:
+        raise ValueError(f"{inputs.internal} has {internal.rows} complete image-text pairs; the mapping needs at "
+                         "least 4 (the internal part of the KB is the complete pairs)")
+    external = open_side(EXTERNAL, inputs.external, opts, inputs.dims) if inputs.external else None
+    n_ext = external.rows if external is not None and cfg.use_external else 0
+    estimate = estimate_memory(internal.rows, n_ext, inputs.dims, cfg)
+    check_memory(estimate, _largest_node_bytes(), _host_bytes())
+    log.info("kb build: %d internal and %d external rows; estimated peaks %s", internal.rows, n_ext,
+             {k: f"{v / 2**30:.2f} GiB" for k, v in estimate.items() if k != "sizes"})
+    cpus = cfg.build.task_cpus
+    # 1. fit
+    t0 = time.perf_counter()
+    fitted: Fitted = ray.get(ray.remote(num_cpus=cpus, max_calls=1)(fit).remote(
+        internal, external if n_ext else None, cfg, opts))
+    cfg = fitted.cfg
+    report = {**(inputs.report or {}), **fitted.report, "memory_estimate_bytes": {k: int(v) for k, v in estimate.items() if k != "sizes"},
+              "sizes": estimate["sizes"]}
+    _stage(report, "fit", t0, [fitted.peak_rss])
+    # 2. purify (streaming: one Ray Data task per layout shard; a written part is skipped)
+    t0 = time.perf_counter()
+    fitted_ref = ray.put(fitted)
+    items = [{"side": s.name, "shard": sh, "out": inputs.out, "storage_options": opts, "fitted": fitted_ref}
+             for s in (internal, *([external] if n_ext else [])) for sh in s.shards]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    counts = list(ds.map(_purify_row, num_cpus=cpus, max_calls=1).iter_rows())
+    _stage(report, "purify", t0, [c["peak_rss"] for c in counts])
+    report["resumed_parts"] = sum(bool(c.get("resumed")) for c in counts)
+    if n_ext:
+        report["external_rows"] = n_ext
+        report.update(_purification_report(fitted, [c for c in counts if c["side"] == EXTERNAL]))
+    parts = Side("kb", inputs.out, _parts(inputs.out, opts, n_ext > 0))
+    n = parts.rows
+    # 3. index
+    t0 = time.perf_counter()
+    kind = choose_kind(n, cfg.index, max(inputs.dims))
+    trained = ray.get(ray.remote(num_cpus=cpus, max_calls=1)(train_indexes).remote(parts, kind, cfg, opts))
+    query_ids = sample_ids(n, cfg.index.recall_queries, cfg.filter.seed + 11)
+    queries = {m: parts.read(query_ids, m, opts) for m in MODALITIES}
+    n_shards = max(1, min(estimate["sizes"]["shards"], n))
+    bounds = np.linspace(0, n, n_shards + 1).astype(int)
+    shard_fn = ray.remote(num_cpus=cpus, max_calls=1)(build_index_shard)
+    tasks = [shard_fn.remote({"parts": parts, "start": int(a), "stop": int(b), "shard": i, "kind": kind,
+                              "path": kb_store.shard_dir(i), "trained": {m: trained[m] for m in MODALITIES},
+                              "queries": queries, "cfg": cfg, "out": inputs.out, "storage_options": opts})
+             for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+    results = ray.get(tasks)
+    _stage(report, "index", t0, [trained["peak_rss"], *(r["peak_rss"] for r in results)])
+    report["index_kind"] = kind
+    report["index_train_rows"] = trained["train_rows"]
+    report["recall"] = recall_report(results, query_ids, cfg.index.min_recall)
+    if report["recall"]["below_min"]:
+        log.warning("index recall@%d %s is below index.min_recall %.2f: raise index.nprobe, index.rerank_factor or "
+                    "index.bytes_per_row and rebuild", RECALL_K, {m: report["recall"][m] for m in MODALITIES},
+                    cfg.index.min_recall)
+    # 4. entries, mapping, report, manifest (last: it marks the KB complete)
+    t0 = time.perf_counter()
+    rows = write_entries(parts, f"{inputs.out}/{kb_store.ENTRIES_FILE}", opts)
+    _stage(report, "entries", t0, [])
+    report["kb_rows"] = rows
+    report["calibration"] = fitted.calibration if fitted.calibration is not None else (
+        "disabled" if not cfg.calibration.enabled else "skipped: too few internal pairs to hold any out")
+    report["build_seconds"] = round(time.perf_counter() - t_all, 3)
+    report["driver_peak_rss_bytes"] = _peak_rss()
+    manifest = kb_store.new_manifest(
+        encoder=inputs.encoder_info, rows=rows, dims=inputs.dims, cfg=cfg, calibration=fitted.calibration,
+        shards=[{"start": int(a), "stop": int(b), "path": kb_store.shard_dir(i)}
+                for i, (a, b) in enumerate(zip(bounds, bounds[1:]))],
+        content=[json.dumps([(p.number, p.rows) for p in parts.shards]).encode(),
+                 *(np.ascontiguousarray(w).tobytes() for w in (fitted.rotations or {}).values() if w is not None)],
+        input_columns=inputs.columns)
+    kb_store.write_small(inputs.out, fitted.mapping, report, manifest, opts)
+    kb_store.remove_parts(inputs.out, opts)
+    log.info("knowledge base %s: %d rows in %d shards (%s), recall@10 %s", manifest["version"], rows, n_shards,
+             kind, {m: report["recall"][m] for m in MODALITIES})
+    return {"version": manifest["version"], "rows": rows, "report": report, "out": inputs.out}
+
+
+def _purify_row(item: dict) -> dict:
+    """Ray Data map function of the purify pass: the fitted object travels by reference."""
+    import ray
+
+    item = dict(item)
+    item["fitted"] = ray.get(item["fitted"])
+    result = purify_shard(item)
+    result["filter"] = json.dumps(result["filter"])  # a nested dict of counts, as one column
+    return result
+
+
+def _parts(out: str, storage_options: dict | None, with_external: bool) -> list[layout.EmbeddingShard]:
+    """The purified parts in KB row order: internal ones, then external ones, each by shard number."""
+    shards = layout.list_embedding_shards(f"{out}/{PARTS_DIR}/{INTERNAL}", storage_options)
+    if with_external:
+        try:
+            shards += layout.list_embedding_shards(f"{out}/{PARTS_DIR}/{EXTERNAL}", storage_options)
+        except layout.LayoutError:
+            pass  # every external shard lost all its rows to the filter: no external part files
+    return shards
+
+
+def _purification_report(fitted: Fitted, counts: list[dict]) -> dict:
+    """The filter's report per modality (the in-memory build's fields, from the fit and the streamed counts)."""
+    f = fitted.cfg.filter
+    report: dict = {"filter": {}}
+    for m in MODALITIES:
+        model = fitted.filters[m]
+        ok = model.centroid_similarity >= f.tau_cent
+        summed = {k: sum(json.loads(c["filter"])[m][k] if isinstance(c["filter"], str) else c["filter"][m][k]
+                         for c in counts) for k in ("instances_kept", "instances_dropped_by_cluster",
+                                                     "instances_dropped_by_instance")}
+        report["filter"][m] = {"n_internal_clusters": len(model.internal_centroids),
+                               "n_external_clusters": len(model.external_centroids),
+                               "clusters_kept": int(ok.sum()), "clusters_dropped": int((~ok).sum()), **summed,
+                               "tau_cent": f.tau_cent, "tau_inst": f.tau_inst,
+                               "kmeans_rows_internal": model.sample_internal,
+                               "kmeans_rows_external": model.sample_external}
+    kept = sum(c["kept"] for c in counts)
+    report["filter"]["kept_pairs"] = kept
+    report["filter"]["dropped_pairs"] = sum(c["rows"] for c in counts) - kept
+    report["align"] = {**fitted.report.get("align", {}), "sample_rows": fitted.report.get("align_sample_rows")}
+    return report
+
+
+def _largest_node_bytes() -> int:
+    """Memory of the largest node in the Ray cluster (what one task can have at most)."""
+    import ray
+
+    return int(max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)) or \
+        _host_bytes()
+
+
+def _host_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().total)
