@@ -82,13 +82,13 @@ class _Complete(Stage):
             sc, cr = np.asarray(s)[k], np.asarray(c)[k]
             out.append([Example(id=rows["id"][at + j], text=rows["text"][at + j] or "",
                                 image=held[at + j] if held is not None else None, score=float(sc[j]),
-                                cross=float(cr[j]), fetch=None if held is not None else self._fetcher(rows, at + j))
+                                cross=float(cr[j]), fetch=self._fetcher(rows, at + j))
                         for j in range(len(sc))])
             at += len(sc)
         return out
 
     def _fetcher(self, rows: dict, i: int):
-        """Fetches entry ``i``'s image by reference when (if) a generator asks for it."""
+        """Fetches entry ``i``'s image by reference when (if) a generator asks for it and it is not held."""
         uri, shard, row = (rows.get(c, [None] * (i + 1))[i] for c in ("image_uri", "image_shard", "image_row"))
         return lambda: self.images.get(uri, shard, row)
 

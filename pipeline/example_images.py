@@ -73,7 +73,10 @@ class ExampleImages:
         if not data:
             self.failures += 1
             return None, f"image {where} is empty"
-        self._put(path, data)
+        try:
+            self._put(path, data)
+        except OSError as exc:  # a full or read-only cache costs a refetch later, never the example
+            log.warning("could not cache example image %s: %s", where, exc)
         return data, None
 
     def _fetch_uri(self, uri: str) -> bytes:
@@ -112,7 +115,10 @@ class ExampleImages:
         images = result.table.column("image").to_pylist()
         for i, data in enumerate(images):
             if data and i != row:
-                self._put(self.cache / hashlib.sha1(f"{shard}#{i}".encode()).hexdigest(), data)
+                try:
+                    self._put(self.cache / hashlib.sha1(f"{shard}#{i}".encode()).hexdigest(), data)
+                except OSError:
+                    break
         if images[row] is None and result.table.column("image_uri")[row].as_py():
             return self._fetch_uri(result.table.column("image_uri")[row].as_py())
         return images[row]

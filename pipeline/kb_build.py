@@ -20,9 +20,11 @@ autofaiss, NeMo Curator's semantic k-means and FAISS's recipe for indexes that d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import pickle
 import resource
 import time
 from dataclasses import dataclass
@@ -55,6 +57,7 @@ LOCATION_SCHEMA = pa.schema([("image_shard", pa.string()), ("image_row", pa.int6
 PART_SCHEMA = pa.schema([("source", pa.string()), *LOCATION_SCHEMA])
 RECALL_K = 10
 BASE_PROCESS_BYTES = 600 * 2**20  # a Python process with torch, faiss and Ray imported
+METADATA_BYTES_PER_ROW = 256  # an entry's id, caption and image location in Arrow (LAION captions: ~60 bytes)
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,11 @@ def open_side(name: str, root: str, storage_options: dict | None, dims: tuple[in
     """The layout at ``root``, checked against the encoder's (image, text) dims when they are known."""
     shards = layout.list_embedding_shards(root, storage_options)
     if dims is not None:
-        layout.check_dims(shards, dims[0], dims[1], f"{name} embeddings at {root}")
+        try:
+            layout.check_dims(shards, dims[0], dims[1], f"{name} embeddings at {root}")
+        except layout.LayoutError as exc:
+            raise layout.LayoutError(f"{exc} (the encoder is chosen with --encoder / --model-name, e.g. "
+                                     "--encoder open_clip --model-name ViT-L-14 for LAION's 768-d embeddings)") from None
     return Side(name, root, shards)
 
 
@@ -99,7 +106,7 @@ def _peak_rss() -> int:
 
 def plan_sizes(n_int: int, n_ext: int, dims: tuple[int, int], cfg: KBConfig) -> dict:
     """The build's sample sizes, piece size and index shards for these corpus sizes (all bounded)."""
-    from pipeline.index import choose_kind, code_bytes
+    from pipeline.index import choose_kind, code_bytes, train_rows
 
     f, a = cfg.filter, cfg.align
     k_int = f.n_clusters_internal or default_clusters(min(n_int, cfg.mapping.max_rows), 1024)
@@ -116,37 +123,35 @@ def plan_sizes(n_int: int, n_ext: int, dims: tuple[int, int], cfg: KBConfig) -> 
         "shards": shards,
         "shard_rows": math.ceil(rows / shards) if rows else 0,
         "kind": kind,
+        "train_rows": train_rows(rows, kind, cfg.index),
         "code_bytes": {m: code_bytes(kind, d, cfg.index) for m, d in zip(MODALITIES, dims)},
     }
 
 
-def estimate_memory(n_int: int, n_ext: int, dims: tuple[int, int], cfg: KBConfig) -> dict:
-    """Peak bytes of the driver and of each kind of task, from row counts, dims and config (before starting)."""
+def estimate_memory(n_int: int, n_ext: int, dims: tuple[int, int], cfg: KBConfig, max_shard_rows: int = 0) -> dict:
+    """Peak bytes of the driver and of each kind of task, from row counts, dims and config (before starting).
+
+    ``max_shard_rows``: the largest input layout shard (a purify task holds its kept rows as float16)."""
     s = plan_sizes(n_int, n_ext, dims, cfg)
     d_sum, d_max = sum(dims), max(dims)
     f4 = 4  # float32 bytes
     fit = (s["internal_sample"] * d_sum * f4 * 2  # internal sample, and the mapping's training copies
            + s["kmeans_external"] * d_max * f4 * 2  # one modality's external k-means sample, and its normalised copy
-           + min(n_ext, layout_align_candidates(s, cfg)) * 0  # streamed in pieces of piece_rows (below)
            + s["piece_rows"] * d_sum * f4 * 2
            + s["align_rows"] * d_max * f4 * 4)  # aligned sample, W applied, CSLS blocks
-    purify = s["piece_rows"] * d_sum * f4 * 4  # read (float32), normalised, rotated, float16 out
+    purify = s["piece_rows"] * d_sum * f4 * 4 + max_shard_rows * d_sum * 2  # a piece's work, the part's float16
     index = max(s["shard_rows"] * s["code_bytes"][m] for m in MODALITIES) * 2 \
         + s["piece_rows"] * d_max * f4 * 3 + cfg.index.recall_queries * (RECALL_K + 1) * 16 * 4
-    driver = s["piece_rows"] * 256  # one part's metadata at a time (ids, texts, locations)
+    driver = max(s["piece_rows"], max_shard_rows) * METADATA_BYTES_PER_ROW  # one part's entries at a time
+    train = s["train_rows"] * d_max * f4 * 3  # the sample, its normalised copy, FAISS's k-means
     return {"driver": BASE_PROCESS_BYTES + driver, "fit": BASE_PROCESS_BYTES + fit,
-            "purify": BASE_PROCESS_BYTES + purify, "index": BASE_PROCESS_BYTES + index, "sizes": s}
-
-
-def layout_align_candidates(sizes: dict, cfg: KBConfig) -> int:
-    """External rows the alignment sample is drawn from (streamed, never held whole)."""
-    from pipeline.purify import ALIGN_OVERSAMPLE
-
-    return ALIGN_OVERSAMPLE * sizes["align_rows"]
+            "purify": BASE_PROCESS_BYTES + purify + max_shard_rows * METADATA_BYTES_PER_ROW,
+            "train": BASE_PROCESS_BYTES + train, "index": BASE_PROCESS_BYTES + index, "sizes": s}
 
 
 SETTING_FOR = {"fit": "mapping.max_rows, filter.points_per_centroid, align.max_rows or build.piece_rows",
-               "purify": "build.piece_rows", "index": "index.shard_rows (more, smaller shards) or index.bytes_per_row",
+               "train": "index.train_points_per_list or index.nlist",
+               "purify": "build.piece_rows (or split the input's layout shards)", "index": "index.shard_rows (more, smaller shards) or index.bytes_per_row",
                "driver": "build.piece_rows"}
 
 
@@ -298,6 +303,7 @@ def purify_shard(item: dict) -> dict:
     piece = fitted.cfg.build.piece_rows
     vectors = {m: [] for m in MODALITIES}
     metas, totals = [], {m: {} for m in MODALITIES}
+    shard_meta = layout.read_metadata(shard, opts, extra=LOCATION_SCHEMA)  # once: its row groups may be large
     for start in range(0, shard.rows, piece):
         stop = min(shard.rows, start + piece)
         block = {m: normalize_rows(layout.read_vectors(getattr(shard, m), start, stop, opts),
@@ -313,8 +319,7 @@ def purify_shard(item: dict) -> dict:
             w = (fitted.rotations or {}).get(m) if side == EXTERNAL else None
             vectors[m].append((normalize_rows(x @ w, f"aligned {m}") if w is not None and len(x) else x)
                               .astype(np.float16))
-        meta = layout.read_metadata(shard, opts, start, stop, extra=LOCATION_SCHEMA).filter(pa.array(keep))
-        metas.append(meta)
+        metas.append(shard_meta.slice(start, stop - start).filter(pa.array(keep)))
     meta = pa.concat_tables(metas) if metas else layout.METADATA_SCHEMA.empty_table()
     part_meta = pa.table({"id": meta["id"], "caption": meta["text"], "image_uri": meta["image_uri"],
                           "source": pa.array([side] * meta.num_rows, pa.string()),
@@ -393,14 +398,15 @@ def build_index_shard(task: dict) -> dict:
             queries = task["queries"][m]
             exact_s = np.full((len(queries), 0), -np.inf, np.float32)
             exact_i = np.zeros((len(queries), 0), np.int64)
-            at = 0
+            at, digest = 0, hashlib.sha256()
             for shard, a, b in _ranges(parts, start, stop, cfg.build.piece_rows):
                 x = layout.read_vectors(getattr(shard, m), a, b, opts)
                 vectors[at:at + len(x)] = x
+                digest.update(np.ascontiguousarray(vectors[at:at + len(x)]).tobytes())
                 x16 = np.asarray(vectors[at:at + len(x)], np.float32)  # what the KB keeps: float16
                 index.add(x16)
                 sims = queries @ x16.T
-                top = np.argsort(-sims, axis=1)[:, :k]
+                top = np.argpartition(-sims, min(k, sims.shape[1]) - 1, axis=1)[:, :k]
                 exact_s, exact_i = topk_merge(np.hstack([exact_s, np.take_along_axis(sims, top, 1)]),
                                               np.hstack([exact_i, top + start + at]), k)
                 at += len(x)
@@ -409,7 +415,7 @@ def build_index_shard(task: dict) -> dict:
             approx_s, approx_i = vi.search(queries, k)
             vi.save_index(folder)
             _upload(folder, f"{task['out']}/{task['path']}/{m}", opts)
-            result[m] = {"exact": (exact_s, exact_i), "approx": (approx_s, approx_i)}
+            result[m] = {"exact": (exact_s, exact_i), "approx": (approx_s, approx_i), "sha256": digest.hexdigest()}
             del vi, vectors, index
     result["peak_rss"] = _peak_rss()
     return result
@@ -445,8 +451,9 @@ def recall_report(results: list[dict], query_ids: np.ndarray, min_recall: float)
 # ------------------------------------------------------------------------------------------------
 
 
-def write_entries(parts: Side, uri: str, storage_options: dict | None) -> int:
-    """The parts' metadata, in KB row order, as the memory-mapped entries file; one part in memory at a time."""
+def write_entries(parts: Side, uri: str, storage_options: dict | None) -> tuple[int, str]:
+    """The parts' metadata, in KB row order, as the memory-mapped entries file; one part in memory at a time.
+    Returns the rows and the file's sha256."""
     import tempfile
     from pathlib import Path
 
@@ -461,9 +468,42 @@ def write_entries(parts: Side, uri: str, storage_options: dict | None) -> int:
                 table = pa.table({c: meta[c] for c in ENTRY_SCHEMA.names}).cast(ENTRY_SCHEMA)
                 writer.write_table(table, max_chunksize=ENTRIES_BATCH_ROWS)
                 rows += table.num_rows
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
         fs, dest = layout.url_to_fs(uri, storage_options)
         fs.put_file(str(path), dest)
-    return rows
+    return rows, digest.hexdigest()
+
+
+def fingerprint(internal: Side, external: Side | None, cfg: KBConfig) -> str:
+    """What the purified parts depend on: the inputs' shards and the config (not how the build runs)."""
+    sides = [(s.name, s.root, [(sh.number, sh.rows) for sh in s.shards]) for s in (internal, external) if s]
+    payload = {"sides": sides, "cfg": cfg.model_dump(mode="json", exclude={"build"})}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resumed_fit(out: str, key: str, storage_options: dict | None) -> Fitted | None:
+    """The fit of an interrupted build of the same inputs and config; otherwise its leftover parts are cleared."""
+    fs, path = layout.url_to_fs(f"{out}/{PARTS_DIR}", storage_options)
+    try:
+        if json.loads(fs.cat_file(f"{path}/fit.json"))["fingerprint"] == key:
+            return pickle.loads(fs.cat_file(f"{path}/fitted.pkl"))
+    except (FileNotFoundError, KeyError, ValueError, pickle.UnpicklingError):
+        pass
+    if fs.exists(path):
+        log.info("removing the parts of an interrupted build of other inputs or settings at %s", path)
+        fs.rm(path, recursive=True)
+    return None
+
+
+def save_fit(out: str, key: str, fitted: Fitted, storage_options: dict | None) -> None:
+    """Keep the fit beside the parts, so a resumed build purifies its remaining shards with the same W."""
+    fs, path = layout.url_to_fs(f"{out}/{PARTS_DIR}", storage_options)
+    fs.makedirs(path, exist_ok=True)
+    fs.pipe_file(f"{path}/fitted.pkl", pickle.dumps(fitted))
+    fs.pipe_file(f"{path}/fit.json", json.dumps({"fingerprint": key}).encode())  # last: marks the fit saved
 
 
 @dataclass
@@ -500,47 +540,64 @@ def build(inputs: BuildInputs, cfg: KBConfig = KBConfig()) -> dict:
                          "least 4 (the internal part of the KB is the complete pairs)")
     external = open_side(EXTERNAL, inputs.external, opts, inputs.dims) if inputs.external else None
     n_ext = external.rows if external is not None and cfg.use_external else 0
-    estimate = estimate_memory(internal.rows, n_ext, inputs.dims, cfg)
-    check_memory(estimate, _largest_node_bytes(), _host_bytes())
+    largest = max(sh.rows for side in (internal, external) if side is not None for sh in side.shards)
+    estimate = estimate_memory(internal.rows, n_ext, inputs.dims, cfg, largest)
+    node = _largest_node_bytes()
+    check_memory(estimate, node, _host_bytes())
     log.info("kb build: %d internal and %d external rows; estimated peaks %s", internal.rows, n_ext,
              {k: f"{v / 2**30:.2f} GiB" for k, v in estimate.items() if k != "sizes"})
-    cpus = cfg.build.task_cpus
-    # 1. fit
+    _unmark(inputs.out, opts)  # a KB folder being rebuilt is not a KB until its new manifest is written
+
+    def task(fn, step: str):
+        return ray.remote(num_cpus=cfg.build.task_cpus, memory=min(estimate[step], node), max_calls=1)(fn)
+
+    # 1. fit (or the fit of an interrupted build of the same inputs and config)
     t0 = time.perf_counter()
-    fitted: Fitted = ray.get(ray.remote(num_cpus=cpus, max_calls=1)(fit).remote(
-        internal, external if n_ext else None, cfg, opts))
+    key = fingerprint(internal, external if n_ext else None, cfg)
+    fitted = resumed_fit(inputs.out, key, opts)
+    resumed = fitted is not None
+    if fitted is None:
+        fitted = ray.get(task(fit, "fit").remote(internal, external if n_ext else None, cfg, opts))
+        save_fit(inputs.out, key, fitted, opts)
     cfg = fitted.cfg
-    report = {**(inputs.report or {}), **fitted.report, "memory_estimate_bytes": {k: int(v) for k, v in estimate.items() if k != "sizes"},
+    report = {**(inputs.report or {}), **fitted.report, "fit_resumed": resumed,
+              "memory_estimate_bytes": {k: int(v) for k, v in estimate.items() if k != "sizes"},
               "sizes": estimate["sizes"]}
     _stage(report, "fit", t0, [fitted.peak_rss])
     # 2. purify (streaming: one Ray Data task per layout shard; a written part is skipped)
     t0 = time.perf_counter()
     fitted_ref = ray.put(fitted)
+    sides = (internal, *([external] if n_ext else []))
     items = [{"side": s.name, "shard": sh, "out": inputs.out, "storage_options": opts, "fitted": fitted_ref}
-             for s in (internal, *([external] if n_ext else [])) for sh in s.shards]
+             for s in sides for sh in s.shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    counts = list(ds.map(_purify_row, num_cpus=cpus, max_calls=1).iter_rows())
+    counts = list(ds.map(_purify_row, num_cpus=cfg.build.task_cpus, memory=min(estimate["purify"], node),
+                         max_calls=1).iter_rows())
     _stage(report, "purify", t0, [c["peak_rss"] for c in counts])
     report["resumed_parts"] = sum(bool(c.get("resumed")) for c in counts)
     if n_ext:
         report["external_rows"] = n_ext
-        report.update(_purification_report(fitted, [c for c in counts if c["side"] == EXTERNAL]))
-    parts = Side("kb", inputs.out, _parts(inputs.out, opts, n_ext > 0))
+        if fitted.filters is not None:
+            report.update(_purification_report(fitted, [c for c in counts if c["side"] == EXTERNAL]))
+        else:
+            report["purification"] = "disabled"
+    parts = Side("kb", inputs.out, _parts(inputs.out, opts, sides))
     n = parts.rows
-    # 3. index
+    # 3. index: trained once, then one task per shard over a range of global row ids
     t0 = time.perf_counter()
     kind = choose_kind(n, cfg.index, max(inputs.dims))
-    trained = ray.get(ray.remote(num_cpus=cpus, max_calls=1)(train_indexes).remote(parts, kind, cfg, opts))
+    parts_ref = ray.put(parts)
+    trained = ray.get(task(train_indexes, "train").remote(parts_ref, kind, cfg, opts))
     query_ids = sample_ids(n, cfg.index.recall_queries, cfg.filter.seed + 11)
-    queries = {m: parts.read(query_ids, m, opts) for m in MODALITIES}
+    queries = ray.put({m: parts.read(query_ids, m, opts) for m in MODALITIES})
+    trained_ref = ray.put({m: trained[m] for m in MODALITIES})
     n_shards = max(1, min(estimate["sizes"]["shards"], n))
     bounds = np.linspace(0, n, n_shards + 1).astype(int)
-    shard_fn = ray.remote(num_cpus=cpus, max_calls=1)(build_index_shard)
-    tasks = [shard_fn.remote({"parts": parts, "start": int(a), "stop": int(b), "shard": i, "kind": kind,
-                              "path": kb_store.shard_dir(i), "trained": {m: trained[m] for m in MODALITIES},
-                              "queries": queries, "cfg": cfg, "out": inputs.out, "storage_options": opts})
-             for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
-    results = ray.get(tasks)
+    shard_fn = task(build_index_shard, "index")
+    results = ray.get([shard_fn.remote({"parts": parts_ref, "start": int(a), "stop": int(b), "shard": i,
+                                        "kind": kind, "path": kb_store.shard_dir(i), "trained": trained_ref,
+                                        "queries": queries, "cfg": cfg, "out": inputs.out, "storage_options": opts})
+                       for i, (a, b) in enumerate(zip(bounds, bounds[1:]))])
     _stage(report, "index", t0, [trained["peak_rss"], *(r["peak_rss"] for r in results)])
     report["index_kind"] = kind
     report["index_train_rows"] = trained["train_rows"]
@@ -551,7 +608,7 @@ def build(inputs: BuildInputs, cfg: KBConfig = KBConfig()) -> dict:
                     cfg.index.min_recall)
     # 4. entries, mapping, report, manifest (last: it marks the KB complete)
     t0 = time.perf_counter()
-    rows = write_entries(parts, f"{inputs.out}/{kb_store.ENTRIES_FILE}", opts)
+    rows, entries_sha = write_entries(parts, f"{inputs.out}/{kb_store.ENTRIES_FILE}", opts)
     _stage(report, "entries", t0, [])
     report["kb_rows"] = rows
     report["calibration"] = fitted.calibration if fitted.calibration is not None else (
@@ -562,8 +619,7 @@ def build(inputs: BuildInputs, cfg: KBConfig = KBConfig()) -> dict:
         encoder=inputs.encoder_info, rows=rows, dims=inputs.dims, cfg=cfg, calibration=fitted.calibration,
         shards=[{"start": int(a), "stop": int(b), "path": kb_store.shard_dir(i)}
                 for i, (a, b) in enumerate(zip(bounds, bounds[1:]))],
-        content=[json.dumps([(p.number, p.rows) for p in parts.shards]).encode(),
-                 *(np.ascontiguousarray(w).tobytes() for w in (fitted.rotations or {}).values() if w is not None)],
+        content=[entries_sha.encode(), *(r[m]["sha256"].encode() for r in results for m in MODALITIES)],
         input_columns=inputs.columns)
     kb_store.write_small(inputs.out, fitted.mapping, report, manifest, opts)
     kb_store.remove_parts(inputs.out, opts)
@@ -583,15 +639,24 @@ def _purify_row(item: dict) -> dict:
     return result
 
 
-def _parts(out: str, storage_options: dict | None, with_external: bool) -> list[layout.EmbeddingShard]:
-    """The purified parts in KB row order: internal ones, then external ones, each by shard number."""
-    shards = layout.list_embedding_shards(f"{out}/{PARTS_DIR}/{INTERNAL}", storage_options)
-    if with_external:
-        try:
-            shards += layout.list_embedding_shards(f"{out}/{PARTS_DIR}/{EXTERNAL}", storage_options)
-        except layout.LayoutError:
-            pass  # every external shard lost all its rows to the filter: no external part files
-    return shards
+def _parts(out: str, storage_options: dict | None, sides: tuple[Side, ...]) -> list[layout.EmbeddingShard]:
+    """The purified parts of these inputs in KB row order: internal ones, then external ones, by shard number."""
+    found = []
+    for side in sides:
+        parts = {p.number: p for p in layout.list_embedding_shards(f"{out}/{PARTS_DIR}/{side.name}", storage_options)}
+        missing = [sh.number for sh in side.shards if sh.number not in parts]
+        if missing:
+            raise RuntimeError(f"the purify pass left no part for {side.name} shards {missing[:5]}: rerun the build")
+        found += [parts[sh.number] for sh in side.shards]
+    return found
+
+
+def _unmark(out: str, storage_options: dict | None) -> None:
+    """Remove an earlier KB's manifest at ``out`` before its files are rewritten."""
+    fs, path = layout.url_to_fs(f"{out}/manifest.json", storage_options)
+    if fs.exists(path):
+        log.info("rebuilding the knowledge base at %s", out)
+        fs.rm(path)
 
 
 def _purification_report(fitted: Fitted, counts: list[dict]) -> dict:

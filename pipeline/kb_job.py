@@ -11,6 +11,7 @@ then fits, purifies and indexes out of core.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDINGS_DIR = "embeddings"  # KB/embeddings/<side>/: the layout of the sides this build embedded
 ROWS_PER_PART = 10_000  # rows per layout shard the embedding stage writes (Ray Data bundles blocks up to it)
-SHARD_DIGITS, ROW_DIGITS = 6, 9  # a part's number: input shard index, then its first row
+SHARD_DIGITS, ROW_DIGITS = 12, 9  # a part's number: a hash of its input shard's name, then its first row
 
 
 @dataclass
@@ -53,17 +54,22 @@ class KBBuildSpec:
     accelerators: str = "auto"  # as JobConfig.accelerators: auto, gpu or cpu
 
 
-def part_number(shard_index: int, first_row: int) -> str:
+def shard_code(name: str) -> str:
+    """A stable number for an input shard (its name hashed): a shard added to the input changes no other's."""
+    return f"{int(hashlib.sha1(name.encode()).hexdigest(), 16) % 10**SHARD_DIGITS:0{SHARD_DIGITS}d}"
+
+
+def part_number(name: str, first_row: int) -> str:
     """The layout number of a part: unique, since the parts of one input shard hold disjoint rows."""
-    return f"{shard_index:0{SHARD_DIGITS}d}{first_row:0{ROW_DIGITS}d}"
+    return f"{shard_code(name)}{first_row:0{ROW_DIGITS}d}"
 
 
 class LayoutSink(Datasink):
     """Ray Data sink of embedded pairs: each write's rows of each input shard become one layout shard."""
 
-    def __init__(self, dest: str, shard_index: dict[str, int], shard_uri: dict[str, str],
-                 storage_options: dict | None, rows_per_part: int = ROWS_PER_PART):
-        self.dest, self.shard_index, self.shard_uri = dest, shard_index, shard_uri
+    def __init__(self, dest: str, shard_uri: dict[str, str], storage_options: dict | None,
+                 rows_per_part: int = ROWS_PER_PART):
+        self.dest, self.shard_uri = dest, shard_uri
         self.storage_options, self.rows_per_part = storage_options, rows_per_part
         self.written = self.failed = 0  # summed on the driver when the writes are done
 
@@ -105,24 +111,22 @@ class LayoutSink(Datasink):
             ROW_KEY: pa.array(keys, pa.string())})
         image = np.stack(part.column("image_emb").to_numpy(zero_copy_only=False))
         text = np.stack(part.column("text_emb").to_numpy(zero_copy_only=False))
-        layout.write_embedding_shard(self.dest, part_number(self.shard_index[name], min(rows)), image, text, meta,
-                                     self.storage_options)
+        layout.write_embedding_shard(self.dest, part_number(name, min(rows)), image, text, meta, self.storage_options)
         return part.num_rows
 
 
-def committed_rows(dest: str, storage_options: dict | None) -> dict[str, set[str]]:
-    """Row keys already written to the layout at ``dest``, per input shard name (for resuming)."""
-    out: dict[str, set[str]] = {}
-    numbers = layout.written_numbers(dest, storage_options)
-    if not numbers:
-        return out
-    fs, path = layout.url_to_fs(dest, storage_options)
-    for number in numbers:
-        with fs.open(f"{path}/{layout.METADATA_DIR}/metadata_{number}.parquet", "rb") as f:
-            keys = pq.read_table(f, columns=[ROW_KEY]).column(ROW_KEY).to_pylist()
-        for k in keys:
-            out.setdefault(k.rsplit(":", 1)[0], set()).add(k)
-    return out
+def committed_rows(dest: str, name: str, storage_options: dict | None) -> set[str]:
+    """Row keys of input shard ``name`` already written to the layout at ``dest`` (read in that shard's read
+    task, from that shard's parts only: the cost of resuming does not grow with the rest of the corpus)."""
+    fs, path = layout.url_to_fs(f"{dest}/{layout.METADATA_DIR}", storage_options)
+    if not fs.exists(path):
+        return set()
+    keys: set[str] = set()
+    for f in fs.glob(f"{path}/metadata_{shard_code(name)}*.parquet"):
+        with fs.open(f, "rb") as fh:
+            keys.update(k for k in pq.read_table(fh, columns=[ROW_KEY]).column(ROW_KEY).to_pylist()
+                        if k.rsplit(":", 1)[0] == name)
+    return keys
 
 
 def embed_to_layout(path: str, dest: str, spec: KBBuildSpec, storage: Storage) -> dict:
@@ -140,18 +144,20 @@ def embed_to_layout(path: str, dest: str, spec: KBBuildSpec, storage: Storage) -
     shards = list_shards(path, storage.options, spec.data_format)
     root = path.rstrip("/")
     names = {shard_name(s, root): s for s in shards}
-    done = committed_rows(dest, storage.options)
-    resumed = sum(len(v) for v in done.values())
+    layout.remove_incomplete(dest, storage.options)  # vectors of a part whose metadata was never written
+    before = layout.total_rows(layout.list_embedding_shards(dest, storage.options)) \
+        if layout.written_numbers(dest, storage.options) else 0
+    opts = storage.options
     # Only complete pairs (and rows failed at read, to count them) are read: half-rows are not KB entries.
-    source = ShardDatasource(path, spec.columns, storage.options, spec.data_format, shards=shards,
-                             tasks=(TASK_OBSERVED, TASK_FAILED), committed=lambda name: done.get(name, set()))
+    source = ShardDatasource(path, spec.columns, opts, spec.data_format, shards=shards,
+                             tasks=(TASK_OBSERVED, TASK_FAILED), committed=lambda name: committed_rows(dest, name, opts))
     ds = ray.data.read_datasource(source, num_cpus=CPU_TASK.num_cpus)
     ds = ds.map_batches(stage_task, fn_kwargs={"stage": decode}, **cpu)
     ds = ds.map_batches(actor_class(embed), fn_constructor_kwargs={"stage": embed}, batch_format="numpy",
                         **res.map_batches_kwargs())
-    sink = LayoutSink(dest, {n: i for i, n in enumerate(names)}, names, storage.options)
+    sink = LayoutSink(dest, names, storage.options)
     ds.write_datasink(sink)
-    return {"rows": resumed + sink.written, "resumed_rows": resumed, "skipped": sink.failed}
+    return {"rows": before + sink.written, "resumed_rows": before, "skipped": sink.failed}
 
 
 def side_layout(side: str, data: str | None, embeddings: str | None, spec: KBBuildSpec, storage: Storage) -> tuple[

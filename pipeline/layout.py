@@ -525,6 +525,23 @@ def write_embedding_shard(root: str, number: str, image: np.ndarray, text: np.nd
                           image_dim=image.shape[1], text_dim=text.shape[1], image_dtype=dtype, text_dtype=dtype)
 
 
+def remove_incomplete(root: str, storage_options: dict | None = None) -> list[str]:
+    """Delete the .npy files of shards whose metadata was never written (an interrupted write); their paths."""
+    fs, path = url_to_fs(root, storage_options)
+    done = written_numbers(root, storage_options)
+    removed = []
+    for modality in MODALITIES:
+        folder = f"{path}/{FOLDERS[modality]}"
+        if not fs.exists(folder):
+            continue
+        for number in _listing(fs, folder, FILE_PATTERNS[modality]):
+            if number not in done:
+                target = f"{folder}/{_file_name(modality, number)}"
+                fs.rm(target)
+                removed.append(target)
+    return removed
+
+
 def written_numbers(root: str, storage_options: dict | None = None) -> set[str]:
     """Numbers of the shards whose metadata parquet exists (complete shards); empty if ``root`` does not exist."""
     fs, path = url_to_fs(root, storage_options)

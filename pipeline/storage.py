@@ -14,6 +14,7 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 from pipeline.config import StorageConfig
 
 LOCAL_PROTOCOLS = ("file", "local")
+OPTIONED_PROTOCOLS = ("s3", "s3a")  # StorageConfig's options are s3fs's; http(s) URLs take none
 
 
 def is_remote(uri: str) -> bool:
@@ -24,9 +25,11 @@ def is_remote(uri: str) -> bool:
 
 
 def url_to_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem of ``uri`` and its path there; the storage options go to remote filesystems only
-    (the one rule every reader and writer of rag4dmc follows)."""
-    return fsspec.core.url_to_fs(uri, **((storage_options or {}) if is_remote(uri) else {}))
+    """The fsspec filesystem of ``uri`` and its path there; the storage options go to object storage only, not to
+    local paths or http(s) URLs (the one rule every reader and writer of rag4dmc follows)."""
+    from fsspec.utils import get_protocol
+
+    return fsspec.core.url_to_fs(uri, **((storage_options or {}) if get_protocol(uri) in OPTIONED_PROTOCOLS else {}))
 
 
 class Storage:
@@ -40,7 +43,7 @@ class Storage:
     def fs(self, path: str) -> fsspec.AbstractFileSystem:
         proto = path.split("://", 1)[0] if "://" in path else "file"
         if proto not in self._fs:
-            self._fs[proto] = fsspec.filesystem(proto, **(self.options if is_remote(path) else {}))
+            self._fs[proto] = fsspec.filesystem(proto, **(self.options if proto in OPTIONED_PROTOCOLS else {}))
         return self._fs[proto]
 
     def _strip(self, path: str) -> str:

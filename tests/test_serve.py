@@ -319,9 +319,12 @@ def _kb_rows(kb: str) -> dict[str, dict]:
 def test_health_and_completions_carry_the_jobs_provenance(service):
     import requests
 
+    import tempfile
+
     from actors.encoders import create_encoder
     from pipeline import kb_store
     from pipeline.calibrate import effective_settings
+    from pipeline.example_images import ExampleImages
     from pipeline.config import EncoderConfig
 
     health = requests.get(f"{service.url}{HEALTH_PATH}", timeout=HTTP_TIMEOUT_S)  # no key needed
@@ -360,7 +363,11 @@ def test_health_and_completions_carry_the_jobs_provenance(service):
     assert chosen_id in got["retrieved_ids"]
     served = Image.open(io.BytesIO(base64.b64decode(got["image"])))
     assert served.format == "PNG"
-    assert np.array_equal(np.asarray(served), np.asarray(load_image(_kb_rows(service.kb)[chosen_id]["image"])))
+    entry = _kb_rows(service.kb)[chosen_id]  # the KB says where the image is; the service fetched it from there
+    assert "image" not in entry and entry["image_shard"].endswith(".parquet")
+    stored, _ = ExampleImages(cache_dir=tempfile.mkdtemp()).get(entry["image_uri"], entry["image_shard"],
+                                                                entry["image_row"])
+    assert np.array_equal(np.asarray(served), np.asarray(load_image(stored)))
 
 
 @pytest.mark.timeout(600)

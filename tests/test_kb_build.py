@@ -1,0 +1,279 @@
+"""The out-of-core KB build: bounded samples, streaming purification equal to the in-memory build, parallel index
+population, images by reference, memory stated in advance, resume, and precomputed embeddings as input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from actors.generators import Example, grounding_image
+from pipeline import kb as kbmod
+from pipeline import kb_build, kb_store, layout
+from pipeline.config import (
+    AlignConfig,
+    BuildConfig,
+    CalibrationConfig,
+    FilterConfig,
+    IndexConfig,
+    KBConfig,
+    MappingConfig,
+)
+from pipeline.example_images import ExampleImages
+from pipeline.index import VectorIndex, train_empty, train_rows
+from pipeline.knn import knn, normalize_rows
+from pipeline.purify import kmeans_sample_size, sample_ids
+from tests.planted import clustered
+
+D = 32
+
+
+def _png(colour: tuple[int, int, int]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def world():
+    """Internal pairs in 4 clusters; external: the same clusters seen through a rotation, plus 2 far clusters the
+    filter must drop. Image and text are two noisy views of one latent."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, D)) * 3
+    latent_int, _ = clustered(rng, centres[:4], 1200, 0.4)
+    latent_ext, labels = clustered(rng, centres, 4000, 0.4)
+    rot = np.linalg.qr(rng.normal(size=(D, D)))[0].astype(np.float32)
+
+    def views(z):
+        return {"image": (z + 0.05 * rng.normal(size=z.shape)).astype(np.float32),
+                "text": (z @ rot.T + 0.05 * rng.normal(size=z.shape)).astype(np.float32)}
+
+    internal, external = views(latent_int), views(latent_ext)
+    q, r = np.linalg.qr(np.eye(D) + 0.15 * rng.normal(size=(D, D)))
+    tilt = (q * np.sign(np.diag(r))).astype(np.float32)  # a rotation near the identity
+    external = {m: (v @ tilt).astype(np.float32) for m, v in external.items()}  # a slightly turned space
+    return internal, external, labels
+
+
+CFG = KBConfig(
+    mapping=MappingConfig(max_epochs=5, hidden_dim=64),
+    filter=FilterConfig(tau_cent=0.5, tau_inst=0.2, points_per_centroid=39, n_clusters_external=30),
+    align=AlignConfig(max_rows=400, max_rounds=3),
+    index=IndexConfig(flat_max_rows=100, nlist=16, nprobe=16, recall_queries=50),
+    calibration=CalibrationConfig(enabled=False),
+    build=BuildConfig(piece_rows=700),  # several pieces per shard: the streaming code paths run
+)
+
+
+def _write_side(root: str, vectors: dict[str, np.ndarray], shards: int, name: str) -> None:
+    n = len(vectors["image"])
+    bounds = np.linspace(0, n, shards + 1).astype(int)
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        meta = pa.table({"key": [f"{name}{j:06d}" for j in range(a, b)], "caption": [f"{name} {j}" for j in range(a, b)],
+                         "url": [f"file:///nowhere/{name}/{j}.png" for j in range(a, b)]})
+        layout.write_embedding_shard(root, f"{i:03d}", vectors["image"][a:b], vectors["text"][a:b], meta,
+                                     dtype="float32")
+
+
+def test_kmeans_trains_on_a_uniform_random_sample_within_faiss_bounds():
+    assert kmeans_sample_size(1_000_000, 1000, 64) == 64_000
+    assert kmeans_sample_size(5_000, 1000, 64) == 5_000  # all rows of a small set
+    ids = sample_ids(1_000_000, 1000, seed=0)
+    assert len(np.unique(ids)) == 1000 and ids.min() < 20_000 and ids.max() > 980_000  # not the first rows
+    np.testing.assert_array_equal(ids, sample_ids(1_000_000, 1000, seed=0))
+    for bad in (38, 257):
+        with pytest.raises(ValueError):
+            FilterConfig(points_per_centroid=bad)
+
+
+def test_streaming_purification_equals_the_in_memory_build(world, tmp_path):
+    """Same data, same samples: the kept rows are the same and W agrees within 1e-4."""
+    internal, external, labels = world
+    _write_side(f"{tmp_path}/int", internal, 2, "i")
+    _write_side(f"{tmp_path}/ext", external, 3, "e")
+    inside, outside = kb_build.open_side("internal", f"{tmp_path}/int", None), \
+        kb_build.open_side("external", f"{tmp_path}/ext", None)
+
+    fitted = kb_build.fit(inside, outside, CFG, None)
+    counts = [kb_build.purify_shard({"side": "external", "shard": s, "out": str(tmp_path / "kb"),
+                                     "storage_options": None, "fitted": fitted}) for s in outside.shards]
+    parts = layout.list_embedding_shards(f"{tmp_path}/kb/{kb_store.PARTS_DIR}/external")
+    streamed_ids = [i for p in parts for i in layout.read_metadata(p).column("id").to_pylist()]
+
+    norm = {m: normalize_rows(v, m) for m, v in internal.items()}
+    keep, aligned, report = kbmod.purify_external(norm, {m: normalize_rows(v, m) for m, v in external.items()},
+                                                  CFG)
+    assert streamed_ids == [f"e{j:06d}" for j in np.flatnonzero(keep)]
+    assert 0 < keep.sum() < len(keep) and not keep[labels >= 4].any()  # the far clusters are dropped
+    assert sum(c["kept"] for c in counts) == keep.sum()
+    _, results = kbmod.align_external(norm, {m: normalize_rows(v, m) for m, v in external.items()}, keep, CFG)
+    for m in ("image", "text"):
+        np.testing.assert_allclose(fitted.rotations[m], results[m].W, atol=1e-4)
+        kept_vectors = np.vstack([layout.read_vectors(p.image if m == "image" else p.text, 0, p.rows) for p in parts])
+        np.testing.assert_allclose(kept_vectors, aligned[m], atol=2e-3)  # stored as float16
+    assert fitted.filters["image"].sample_external == kmeans_sample_size(4000, 30, 39) < 4000
+
+
+def test_a_purified_part_already_written_is_not_redone(world, tmp_path):
+    internal, external, _ = world
+    _write_side(f"{tmp_path}/ext", external, 1, "e")
+    _write_side(f"{tmp_path}/int", internal, 1, "i")
+    inside, outside = kb_build.open_side("internal", f"{tmp_path}/int", None), \
+        kb_build.open_side("external", f"{tmp_path}/ext", None)
+    fitted = kb_build.fit(inside, outside, CFG, None)
+    item = {"side": "external", "shard": outside.shards[0], "out": str(tmp_path / "kb"), "storage_options": None,
+            "fitted": fitted}
+    first = kb_build.purify_shard(item)
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "kb").rglob("*") if p.is_file()}
+    again = kb_build.purify_shard(item)
+    assert again["resumed"] and again["kept"] == first["kept"]
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "kb").rglob("*") if p.is_file()} == written
+
+
+def test_index_shards_populated_in_parallel_answer_as_one_index(tmp_path):
+    """Train once, populate two ranges of global ids as two shards: merged top-k equals one index's top-k."""
+    rng = np.random.default_rng(1)
+    base, _ = clustered(rng, rng.normal(size=(20, D)) * 3, 6000, 0.5)
+    base = normalize_rows(base, "base")
+    _write_side(f"{tmp_path}/parts", {"image": base, "text": base[::-1].copy()}, 3, "p")
+    parts = kb_build.Side("kb", str(tmp_path), layout.list_embedding_shards(f"{tmp_path}/parts"))
+    cfg = CFG.model_copy(update={"index": IndexConfig(nlist=32, nprobe=8, rerank_factor=10, recall_queries=50)})
+    trained = kb_build.train_indexes(parts, "ivfpq", cfg, None)
+    queries = {m: base[:40] for m in ("image", "text")}
+    common = {"parts": parts, "kind": "ivfpq", "trained": trained, "queries": queries, "cfg": cfg,
+              "out": str(tmp_path / "kb"), "storage_options": None}
+    results = [kb_build.build_index_shard({**common, "start": a, "stop": b, "shard": i, "path": f"shard-{i:05d}"})
+               for i, (a, b) in enumerate([(0, 3500), (3500, 6000)])]
+    shards = [VectorIndex.load(tmp_path / "kb" / f"shard-{i:05d}" / "image") for i in range(2)]
+    assert shards[0].vectors.dtype == np.float16 and shards[1].offset == 3500
+    answers = [s.search(base[:40], 10) for s in shards]
+    merged = kb_build.topk_merge(np.hstack([a[0] for a in answers]), np.hstack([a[1] for a in answers]), 10)[1]
+    one = train_empty(base[np.sort(rng.choice(6000, train_rows(6000, "ivfpq", cfg.index), replace=False))], 6000,
+                      "ivfpq", cfg.index)
+    whole = VectorIndex(base.astype(np.float16), one, "ivfpq", 10)
+    one.add(base.astype(np.float16).astype(np.float32))
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(merged, whole.search(base[:40], 10)[1])])
+    assert overlap >= 0.95  # two shards searched side by side = one index, up to quantisation ties
+    exact = knn(base[:40], base, 10)[1]
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(merged, exact)]) >= 0.9
+    report = kb_build.recall_report(results, np.arange(40), 0.9)
+    assert report["image"] >= 0.9 and not report["below_min"]
+
+
+def test_example_images_are_fetched_by_reference_and_a_broken_one_is_skipped(tmp_path):
+    good, other = _png((255, 0, 0)), _png((0, 0, 255))
+    (tmp_path / "good.png").write_bytes(good)
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "image": [b"x", other, b"y"], "text": ["1", "2", "3"]}),
+                   tmp_path / "shard.parquet", row_group_size=1)
+    images = ExampleImages(cache_dir=tmp_path / "cache")
+    assert images.get(str(tmp_path / "good.png")) == (good, None)
+    assert images.get(None, str(tmp_path / "shard.parquet"), 1) == (other, None)  # its own row group only
+    data, why = images.get(str(tmp_path / "missing.png"))
+    assert data is None and "could not be fetched" in why and "missing.png" in why
+    assert images.get(None, None, None)[1] == "the knowledge base has no image location for this entry"
+    images.get(str(tmp_path / "good.png"))
+    assert images.stats() == {"fetches": 3, "cache_hits": 1, "failures": 1}
+
+    def example(i: str, uri: str | None) -> Example:
+        return Example(id=i, text="", image=None, score=1.0, fetch=lambda: images.get(uri))
+
+    ranked = [example("missing", str(tmp_path / "missing.png")), example("broken", str(tmp_path / "broken.png")),
+              example("good", str(tmp_path / "good.png")), example("unused", str(tmp_path / "never.png"))]
+    picture = grounding_image(ranked, 4)
+    assert picture is not None and picture.getpixel((0, 0))[:3] == (255, 0, 0)
+    assert "could not be fetched" in ranked[0].problem and "does not decode" in ranked[1].problem
+    assert ranked[2].problem is None and ranked[3].fetch is not None  # the fourth was never fetched
+
+
+def test_the_memory_estimate_refuses_what_no_node_holds():
+    cfg = KBConfig(build=BuildConfig(piece_rows=5_000_000))
+    est = kb_build.estimate_memory(100_000, 1_000_000_000, (768, 768), cfg)
+    assert est["sizes"]["shards"] == 101 and est["sizes"]["kind"] == "ivfpq"
+    with pytest.raises(MemoryError, match="build.piece_rows"):
+        kb_build.check_memory(est, node_bytes=16 * 2**30, driver_bytes=16 * 2**30)
+    fine = kb_build.estimate_memory(100_000, 10_000_000, (512, 512), KBConfig())
+    assert fine["driver"] < 2 * 2**30 and max(fine[k] for k in ("fit", "purify", "index")) < 6 * 2**30
+    kb_build.check_memory(fine, node_bytes=16 * 2**30, driver_bytes=16 * 2**30)
+    # The driver's share does not grow with the corpus.
+    assert kb_build.estimate_memory(100_000, 10**9, (512, 512), KBConfig())["driver"] == fine["driver"]
+
+
+@pytest.mark.timeout(900)
+def test_precomputed_embeddings_build_the_same_kb_that_complete_uses(ray_local, tmp_path):
+    """kb build from images writes the clip-retrieval layout; a second build from that layout
+    (--internal-embeddings / --external-embeddings) gives the same KB, and the job completes against it."""
+    from pipeline.datasets import write_parquet
+    from pipeline.demo_data import make_external, make_incomplete, make_internal
+    from pipeline.job import JobSpec, read_output, run_job
+    from pipeline.kb_job import KBBuildSpec, run_kb_build
+    from pipeline.storage import Storage
+
+    cfg = KBConfig(mapping=MappingConfig(max_epochs=20, hidden_dim=128), calibration=CalibrationConfig(enabled=False))
+    write_parquet(make_internal(120, seed=0).select(["id", "image", "text"]), f"{tmp_path}/internal/part-0.parquet")
+    write_parquet(make_external(160, seed=0).select(["id", "image", "text"]), f"{tmp_path}/external/part-0.parquet")
+    first = run_kb_build(KBBuildSpec(internal=f"{tmp_path}/internal", external=f"{tmp_path}/external",
+                                     out=f"{tmp_path}/kb", cfg=cfg))
+    emb = f"{tmp_path}/kb/embeddings"
+    assert layout.total_rows(layout.list_embedding_shards(f"{emb}/external")) == 160
+    assert not [p for p in (tmp_path / "kb").rglob("*") if p.suffix in (".png", ".jpg")]
+    meta = pq.read_table(next((tmp_path / "kb" / "embeddings" / "external" / "metadata").iterdir()))
+    assert meta.column("image_shard")[0].as_py().endswith("external/part-0.parquet")
+
+    again = run_kb_build(KBBuildSpec(internal=f"{tmp_path}/internal", external=f"{tmp_path}/external",
+                                     out=f"{tmp_path}/kb", cfg=cfg))  # a rerun: nothing embedded twice
+    assert again["report"]["embedding"]["external"]["resumed_rows"] == 160
+    second = run_kb_build(KBBuildSpec(internal=None, internal_embeddings=f"{emb}/internal",
+                                      external_embeddings=f"{emb}/external", out=f"{tmp_path}/kb2", cfg=cfg))
+    assert second["rows"] == first["rows"]
+    a = kb_store.load(f"{tmp_path}/kb").entries.to_pydict()
+    b = kb_store.load(f"{tmp_path}/kb2").entries.to_pydict()
+    assert a == b  # same entries, same order, same image locations
+
+    write_parquet(make_incomplete(30, seed=3, missing_rate=0.8).select(["id", "image", "text"]),
+                  f"{tmp_path}/data/part-0.parquet")
+    summary = run_job(JobSpec(data=f"{tmp_path}/data", kb=f"{tmp_path}/kb2", out=f"{tmp_path}/out"))
+    out = read_output(Storage(), f"{tmp_path}/out").to_pandas()
+    assert len(out) == 30 == summary["rows_out"] and out.row_key.is_unique
+    assert summary["failed"] == 0
+    manifest = json.loads((tmp_path / "kb2" / "manifest.json").read_text())
+    assert manifest["format"] == kb_store.FORMAT_VERSION == 3
+
+
+def test_http_image_urls_get_no_object_storage_options():
+    """LAION's metadata holds http(s) urls: s3fs's options (anon, key, endpoint) must not reach aiohttp."""
+    from pipeline.storage import url_to_fs
+
+    fs, _ = url_to_fs("https://example.com/a.png", {"anon": False, "key": "k", "client_kwargs": {}})
+    assert not {"anon", "key", "client_kwargs"} & set(fs.storage_options)
+    s3, _ = url_to_fs("s3://bucket/a.png", {"anon": True})
+    assert s3.storage_options["anon"] is True
+
+
+def test_a_resumed_build_reuses_its_fit_and_clears_the_parts_of_other_settings(world, tmp_path):
+    internal, external, _ = world
+    _write_side(f"{tmp_path}/int", internal, 1, "i")
+    _write_side(f"{tmp_path}/ext", external, 2, "e")
+    inside, outside = kb_build.open_side("internal", f"{tmp_path}/int", None), \
+        kb_build.open_side("external", f"{tmp_path}/ext", None)
+    out = str(tmp_path / "kb")
+    key = kb_build.fingerprint(inside, outside, CFG)
+    fitted = kb_build.fit(inside, outside, CFG, None)
+    kb_build.save_fit(out, key, fitted, None)
+    kb_build.purify_shard({"side": "external", "shard": outside.shards[0], "out": out, "storage_options": None,
+                           "fitted": fitted})
+    again = kb_build.resumed_fit(out, key, None)
+    np.testing.assert_array_equal(again.rotations["image"], fitted.rotations["image"])  # the same W, not refitted
+    assert (tmp_path / "kb" / kb_store.PARTS_DIR / "external").exists()
+    assert kb_build.fingerprint(inside, outside, CFG.model_copy(update={"build": BuildConfig(piece_rows=5)})) == key
+    other = kb_build.fingerprint(inside, outside, CFG.model_copy(
+        update={"filter": CFG.filter.model_copy(update={"tau_cent": 0.6})}))
+    assert other != key
+    assert kb_build.resumed_fit(out, other, None) is None  # other settings: the old parts are not mixed in
+    assert not (tmp_path / "kb" / kb_store.PARTS_DIR).exists()
