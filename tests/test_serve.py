@@ -317,15 +317,15 @@ def _kb_rows(kb: str) -> dict[str, dict]:
 
 @pytest.mark.timeout(900)
 def test_health_and_completions_carry_the_jobs_provenance(service):
-    import requests
-
     import tempfile
+
+    import requests
 
     from actors.encoders import create_encoder
     from pipeline import kb_store
     from pipeline.calibrate import effective_settings
-    from pipeline.example_images import ExampleImages
     from pipeline.config import EncoderConfig
+    from pipeline.example_images import ExampleImages
 
     health = requests.get(f"{service.url}{HEALTH_PATH}", timeout=HTTP_TIMEOUT_S)  # no key needed
     kb = kb_store.load(service.kb, shards=None, with_entries=True)
