@@ -372,9 +372,10 @@ def topk_merge(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray,
     return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
 
 
-def build_index_shard(task: dict) -> dict:
-    """One index shard: rows [start, stop) of the KB added to copies of the trained indexes, with their float16
-    vectors, saved to ``KB/shard-i/<modality>``; and the exact and approximate top-k of the recall queries."""
+def build_index_shard(task: dict, parts: Side, trained: dict, queries: dict) -> dict:
+    """One index shard: rows [start, stop) of the KB added to copies of the ``trained`` (serialised) indexes,
+    with their float16 vectors, saved to ``KB/shard-i/<modality>``; and the exact and approximate top-k of the
+    recall ``queries``. ``parts``, ``trained`` and ``queries`` are shared by every shard's task (put once)."""
     import tempfile
     from pathlib import Path
 
@@ -382,22 +383,21 @@ def build_index_shard(task: dict) -> dict:
 
     from pipeline.index import VectorIndex, set_search_params
 
-    parts: Side = task["parts"]
     start, stop, cfg, opts = task["start"], task["stop"], task["cfg"], task["storage_options"]
     k = RECALL_K + 1  # the query itself is among the KB rows: leave-one-out
     result = {"shard": task["shard"], "start": start, "stop": stop}
     with tempfile.TemporaryDirectory(prefix="rag4dmc-index-") as tmp:
         for m in MODALITIES:
             dim = getattr(parts.shards[0], f"{m}_dim")
-            index = faiss.deserialize_index(task["trained"][m])
+            index = faiss.deserialize_index(trained[m])
             set_search_params(index, task["kind"], cfg.index)
             folder = Path(tmp) / m
             folder.mkdir()
             vectors = np.lib.format.open_memmap(folder / "vectors.npy", mode="w+", dtype=np.float16,
                                                 shape=(stop - start, dim))
-            queries = task["queries"][m]
-            exact_s = np.full((len(queries), 0), -np.inf, np.float32)
-            exact_i = np.zeros((len(queries), 0), np.int64)
+            q = queries[m]
+            exact_s = np.full((len(q), 0), -np.inf, np.float32)
+            exact_i = np.zeros((len(q), 0), np.int64)
             at, digest = 0, hashlib.sha256()
             for shard, a, b in _ranges(parts, start, stop, cfg.build.piece_rows):
                 x = layout.read_vectors(getattr(shard, m), a, b, opts)
@@ -405,14 +405,14 @@ def build_index_shard(task: dict) -> dict:
                 digest.update(np.ascontiguousarray(vectors[at:at + len(x)]).tobytes())
                 x16 = np.asarray(vectors[at:at + len(x)], np.float32)  # what the KB keeps: float16
                 index.add(x16)
-                sims = queries @ x16.T
+                sims = q @ x16.T
                 top = np.argpartition(-sims, min(k, sims.shape[1]) - 1, axis=1)[:, :k]
                 exact_s, exact_i = topk_merge(np.hstack([exact_s, np.take_along_axis(sims, top, 1)]),
                                               np.hstack([exact_i, top + start + at]), k)
                 at += len(x)
             vectors.flush()
             vi = VectorIndex(vectors, index, task["kind"], cfg.index.rerank_factor, offset=start)
-            approx_s, approx_i = vi.search(queries, k)
+            approx_s, approx_i = vi.search(q, k)
             vi.save_index(folder)
             _upload(folder, f"{task['out']}/{task['path']}/{m}", opts)
             result[m] = {"exact": (exact_s, exact_i), "approx": (approx_s, approx_i), "sha256": digest.hexdigest()}
@@ -594,9 +594,9 @@ def build(inputs: BuildInputs, cfg: KBConfig = KBConfig()) -> dict:
     n_shards = max(1, min(estimate["sizes"]["shards"], n))
     bounds = np.linspace(0, n, n_shards + 1).astype(int)
     shard_fn = task(build_index_shard, "index")
-    results = ray.get([shard_fn.remote({"parts": parts_ref, "start": int(a), "stop": int(b), "shard": i,
-                                        "kind": kind, "path": kb_store.shard_dir(i), "trained": trained_ref,
-                                        "queries": queries, "cfg": cfg, "out": inputs.out, "storage_options": opts})
+    results = ray.get([shard_fn.remote({"start": int(a), "stop": int(b), "shard": i, "kind": kind,
+                                         "path": kb_store.shard_dir(i), "cfg": cfg, "out": inputs.out,
+                                         "storage_options": opts}, parts_ref, trained_ref, queries)
                        for i, (a, b) in enumerate(zip(bounds, bounds[1:]))])
     _stage(report, "index", t0, [trained["peak_rss"], *(r["peak_rss"] for r in results)])
     report["index_kind"] = kind

@@ -146,9 +146,9 @@ def test_index_shards_populated_in_parallel_answer_as_one_index(tmp_path):
     cfg = CFG.model_copy(update={"index": IndexConfig(nlist=32, nprobe=8, rerank_factor=10, recall_queries=50)})
     trained = kb_build.train_indexes(parts, "ivfpq", cfg, None)
     queries = {m: base[:40] for m in ("image", "text")}
-    common = {"parts": parts, "kind": "ivfpq", "trained": trained, "queries": queries, "cfg": cfg,
-              "out": str(tmp_path / "kb"), "storage_options": None}
-    results = [kb_build.build_index_shard({**common, "start": a, "stop": b, "shard": i, "path": f"shard-{i:05d}"})
+    common = {"kind": "ivfpq", "cfg": cfg, "out": str(tmp_path / "kb"), "storage_options": None}
+    results = [kb_build.build_index_shard({**common, "start": a, "stop": b, "shard": i, "path": f"shard-{i:05d}"},
+                                          parts, trained, queries)
                for i, (a, b) in enumerate([(0, 3500), (3500, 6000)])]
     shards = [VectorIndex.load(tmp_path / "kb" / f"shard-{i:05d}" / "image") for i in range(2)]
     assert shards[0].vectors.dtype == np.float16 and shards[1].offset == 3500
