@@ -93,6 +93,8 @@ def _sample(mix: LatentMixture, n: int, rng: np.random.Generator, components: ra
 
 def link_prefix(big: Path, small: Path, rows: int) -> None:
     """``small``: the first shards of ``big`` holding ``rows`` rows, as symbolic links."""
+    if rows % SHARD_ROWS:
+        raise SystemExit(f"--sizes below the largest must be multiples of {SHARD_ROWS:,} rows (got {rows:,})")
     if small.exists():
         return
     for folder in ("img_emb", "text_emb", "metadata"):

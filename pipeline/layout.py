@@ -132,7 +132,7 @@ def _listing(fs: fsspec.AbstractFileSystem, folder: str, pattern: re.Pattern) ->
     found = {}
     for entry in entries:
         match = pattern.match(entry["name"].rstrip("/").rsplit("/", 1)[-1])
-        if match and entry.get("type", "file") == "file":
+        if match and entry.get("type", "file") != "directory":  # files, and links to them
             found[match.group(1)] = entry.get("size")
     return found
 
