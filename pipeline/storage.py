@@ -14,7 +14,16 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 from pipeline.config import StorageConfig
 
 LOCAL_PROTOCOLS = ("file", "local")
-OPTIONED_PROTOCOLS = ("s3", "s3a")  # StorageConfig's options are s3fs's; http(s) URLs take none
+UNOPTIONED_PROTOCOLS = (*LOCAL_PROTOCOLS, "http", "https")  # the storage options are not for these (aiohttp
+# refuses s3fs's keywords: a LAION url would fail to fetch)
+
+
+def takes_options(uri: str) -> bool:
+    """Whether the storage options apply to ``uri``: object storage and other remote filesystems, not local
+    paths or http(s) URLs."""
+    from fsspec.utils import get_protocol
+
+    return get_protocol(uri) not in UNOPTIONED_PROTOCOLS
 
 
 def is_remote(uri: str) -> bool:
@@ -27,9 +36,7 @@ def is_remote(uri: str) -> bool:
 def url_to_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem of ``uri`` and its path there; the storage options go to object storage only, not to
     local paths or http(s) URLs (the one rule every reader and writer of rag4dmc follows)."""
-    from fsspec.utils import get_protocol
-
-    return fsspec.core.url_to_fs(uri, **((storage_options or {}) if get_protocol(uri) in OPTIONED_PROTOCOLS else {}))
+    return fsspec.core.url_to_fs(uri, **((storage_options or {}) if takes_options(uri) else {}))
 
 
 class Storage:
@@ -43,7 +50,7 @@ class Storage:
     def fs(self, path: str) -> fsspec.AbstractFileSystem:
         proto = path.split("://", 1)[0] if "://" in path else "file"
         if proto not in self._fs:
-            self._fs[proto] = fsspec.filesystem(proto, **(self.options if proto in OPTIONED_PROTOCOLS else {}))
+            self._fs[proto] = fsspec.filesystem(proto, **(self.options if takes_options(path) else {}))
         return self._fs[proto]
 
     def _strip(self, path: str) -> str:
