@@ -124,7 +124,9 @@ class IndexConfig(_Strict):
     shards: int = Field(1, ge=1, description="index shards at least; each retrieval actor holds one")
     shard_rows: int = Field(
         10_000_000, ge=1, description="rows per index shard at most (one build task each); more rows, more shards")
-    rerank_factor: int = Field(10, ge=1, description="approximate candidates per result, reranked exactly")
+    rerank_factor: int = Field(
+        20, ge=1, description="approximate candidates per result, reranked exactly with the float16 vectors (at 495k "
+        "rows of IVF-PQ64: recall@10 0.86 at 10, 0.94 at 20; nprobe 32 -> 128 adds under 0.01)")
     min_recall: float = Field(
         0.9, ge=0, le=1, description="recall@10 against exact search measured at build time: below it the build "
         "warns and the report marks the index")
