@@ -46,7 +46,6 @@ from pipeline.purify import (
     fit_filter,
     kmeans_sample_size,
     sample_ids,
-    threshold,
 )
 from pipeline.retrieval import MODALITIES
 
@@ -189,9 +188,7 @@ def kept_mask(filters: dict, block: dict[str, np.ndarray], cfg: KBConfig) -> tup
     f = cfg.filter
     masks, counts = {}, {}
     for m in MODALITIES:
-        cluster_of, inst = filters[m].assign(block[m])
-        keep, by_cluster, by_instance = threshold(filters[m].centroid_similarity, cluster_of, inst, f.tau_cent,
-                                                  f.tau_inst)
+        keep, by_cluster, by_instance = filters[m].threshold(block[m], f.tau_cent, f.tau_inst)
         masks[m] = keep
         counts[m] = {"instances_kept": int(keep.sum()), "instances_dropped_by_cluster": int(by_cluster.sum()),
                      "instances_dropped_by_instance": int(by_instance.sum())}

@@ -417,10 +417,11 @@ class FilterModel:
         inst_sim = np.einsum("nd,nd->n", x, self.internal_centroids[self.matched[cluster_of]])
         return cluster_of, inst_sim
 
-    def keep(self, external: np.ndarray, tau_cent: float, tau_inst: float) -> np.ndarray:
-        """The rows kept at these thresholds (:func:`threshold`)."""
+    def threshold(self, external: np.ndarray, tau_cent: float, tau_inst: float
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(keep, by_cluster, by_instance) of a block of rows at these thresholds (:func:`threshold`)."""
         cluster_of, inst_sim = self.assign(external)
-        return threshold(self.centroid_similarity, cluster_of, inst_sim, tau_cent, tau_inst)[0]
+        return threshold(self.centroid_similarity, cluster_of, inst_sim, tau_cent, tau_inst)
 
 
 def fit_filter(
