@@ -26,6 +26,7 @@ import logging
 import math
 import pickle
 import resource
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -380,16 +381,24 @@ def build_index_shard(task: dict, parts: Side, trained: dict, queries: dict) -> 
 
     from pipeline.index import VectorIndex, set_search_params
 
+    from pipeline.storage import is_remote
+
     start, stop, cfg, opts = task["start"], task["stop"], task["cfg"], task["storage_options"]
     k = RECALL_K + 1  # the query itself is among the KB rows: leave-one-out
     result = {"shard": task["shard"], "start": start, "stop": stop}
+    remote = is_remote(task["out"])
     with tempfile.TemporaryDirectory(prefix="rag4dmc-index-") as tmp:
         for m in MODALITIES:
             dim = getattr(parts.shards[0], f"{m}_dim")
             index = faiss.deserialize_index(trained[m])
             set_search_params(index, task["kind"], cfg.index)
-            folder = Path(tmp) / m
-            folder.mkdir()
+            dest = f"{task['out']}/{task['path']}/{m}"
+            # a local KB is written in place (its vectors are the largest files: no second copy on disk);
+            # object storage gets a local folder, one modality at a time, uploaded when complete
+            folder = Path(tmp) / m if remote else Path(layout.url_to_fs(dest, opts)[1])
+            if folder.exists():
+                shutil.rmtree(folder)  # an interrupted build's files of this shard
+            folder.mkdir(parents=True)
             vectors = np.lib.format.open_memmap(folder / "vectors.npy", mode="w+", dtype=np.float16,
                                                 shape=(stop - start, dim))
             q = queries[m]
@@ -411,7 +420,9 @@ def build_index_shard(task: dict, parts: Side, trained: dict, queries: dict) -> 
             vi = VectorIndex(vectors, index, task["kind"], cfg.index.rerank_factor, offset=start)
             approx_s, approx_i = vi.search(q, k)
             vi.save_index(folder)
-            _upload(folder, f"{task['out']}/{task['path']}/{m}", opts)
+            if remote:
+                _upload(folder, dest, opts)
+                shutil.rmtree(folder)
             result[m] = {"exact": (exact_s, exact_i), "approx": (approx_s, approx_i), "sha256": digest.hexdigest()}
             del vi, vectors, index
     result["peak_rss"] = _peak_rss()

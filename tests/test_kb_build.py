@@ -166,6 +166,38 @@ def test_index_shards_populated_in_parallel_answer_as_one_index(tmp_path):
     assert report["image"] >= 0.9 and not report["below_min"]
 
 
+def test_an_index_shard_is_written_in_place_locally_and_uploaded_whole_to_object_storage(
+        tmp_path, s3_server, s3_bucket):
+    """A local KB's shard is written where it stays (a stale file of an interrupted build is gone); on S3 the
+    same shard arrives file for file."""
+    import s3fs
+
+    rng = np.random.default_rng(2)
+    base = normalize_rows(rng.normal(size=(1500, D)).astype(np.float32), "base")
+    _write_side(f"{tmp_path}/parts", {"image": base, "text": base[::-1].copy()}, 2, "p")
+    parts = kb_build.Side("kb", str(tmp_path), layout.list_embedding_shards(f"{tmp_path}/parts"))
+    cfg = CFG.model_copy(update={"index": IndexConfig(nlist=8, nprobe=8, recall_queries=20)})
+    trained = kb_build.train_indexes(parts, "ivf", cfg, None)
+    queries = {m: base[:20] for m in ("image", "text")}
+    stale = tmp_path / "kb" / "shard-00000" / "image" / "left-by-a-killed-build.npy"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"x")
+    task = {"start": 0, "stop": 1500, "shard": 0, "path": "shard-00000", "kind": "ivf", "cfg": cfg}
+    local = kb_build.build_index_shard({**task, "out": str(tmp_path / "kb"), "storage_options": None},
+                                      parts, trained, queries)
+    assert not stale.exists()
+    remote = kb_build.build_index_shard({**task, "out": f"{s3_bucket}/kb", "storage_options": s3_server.storage_options},
+                                       parts, trained, queries)
+    fs = s3fs.S3FileSystem(**s3_server.storage_options)
+    for m in ("image", "text"):
+        assert local[m]["sha256"] == remote[m]["sha256"]
+        files = sorted(p.name for p in (tmp_path / "kb" / "shard-00000" / m).iterdir())
+        assert files == sorted(VectorIndex.files())
+        for name in files:
+            assert fs.cat_file(f"{s3_bucket}/kb/shard-00000/{m}/{name}") == \
+                (tmp_path / "kb" / "shard-00000" / m / name).read_bytes()
+
+
 def test_example_images_are_fetched_by_reference_and_a_broken_one_is_skipped(tmp_path):
     good, other = _png((255, 0, 0)), _png((0, 0, 255))
     (tmp_path / "good.png").write_bytes(good)
