@@ -98,3 +98,28 @@ def fit_to_cpus(pools: Sequence[Resources], budget: float) -> list[Resources]:
         return list(pools)
     scale = budget / need
     return [replace(p, num_cpus=p.num_cpus * scale) for p in pools]
+
+
+def use_assigned_cpus() -> int:
+    """Set torch's, FAISS's and the BLAS libraries' threads to the CPUs Ray assigned to this task or actor.
+
+    Ray starts its workers with one thread per library (``OMP_NUM_THREADS=1``), whatever the task reserved: a
+    task that reserves 8 CPUs still multiplies matrices on one core unless it says otherwise. Returns the count,
+    or 0 (and changes nothing) where no CPUs are assigned: outside Ray, or on the driver."""
+    import ray
+
+    if not ray.is_initialized():
+        return 0
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if not cpus:
+        return 0
+    import faiss
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    n = max(1, int(cpus))
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
+    threadpool_limits(n)
+    return n
+

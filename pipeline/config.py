@@ -300,7 +300,12 @@ class BuildConfig(_Strict):
     """How the out-of-core KB build runs (pieces and task sizes); not what it builds."""
 
     piece_rows: int = Field(100_000, ge=1, description="rows a build task reads and processes at a time")
-    task_cpus: float = Field(1.0, gt=0, description="CPUs each build task (fit, purify, index) reserves")
+    task_cpus: float = Field(
+        1.0, gt=0, description="CPUs each task of a parallel step (purify, index shards) reserves at least; an "
+        "index step with fewer shards than the cluster has CPUs gives each shard's task more, up to a node")
+    single_task_cpus: float | None = Field(
+        None, gt=0, description="CPUs of the steps that run as one task (fit, index training); None: every CPU "
+        "of the largest node (nothing else runs beside them)")
 
 
 class KBConfig(_Strict):

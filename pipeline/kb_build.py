@@ -20,6 +20,7 @@ autofaiss, NeMo Curator's semantic k-means and FAISS's recipe for indexes that d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from actors.resources import use_assigned_cpus
 from pipeline import layout
 from pipeline.config import KBConfig
 from pipeline.kb_store import PARTS_DIR
@@ -552,12 +554,17 @@ def build(inputs: BuildInputs, cfg: KBConfig = KBConfig()) -> dict:
     estimate = estimate_memory(internal.rows, n_ext, inputs.dims, cfg, largest)
     node = _largest_node_bytes()
     check_memory(estimate, node, _host_bytes())
+    node_cpus, cluster_cpus = _cpus()
+    single = cfg.build.single_task_cpus or node_cpus
+    if max(single, cfg.build.task_cpus) > node_cpus:
+        raise ValueError(f"build.single_task_cpus {single} / build.task_cpus {cfg.build.task_cpus}: the largest Ray "
+                         f"node has {node_cpus:g} CPUs, so such a task would never be scheduled; lower them")
     log.info("kb build: %d internal and %d external rows; estimated peaks %s", internal.rows, n_ext,
              {k: f"{v / 2**30:.2f} GiB" for k, v in estimate.items() if k != "sizes"})
     _unmark(inputs.out, opts)  # a KB folder being rebuilt is not a KB until its new manifest is written
 
-    def task(fn, step: str):
-        return ray.remote(num_cpus=cfg.build.task_cpus, memory=min(estimate[step], node), max_calls=1)(fn)
+    def task(fn, step: str, cpus: float):
+        return ray.remote(num_cpus=cpus, memory=min(estimate[step], node), max_calls=1)(_with_assigned_cpus(fn))
 
     # 1. fit (or the fit of an interrupted build of the same inputs and config)
     t0 = time.perf_counter()
@@ -565,7 +572,7 @@ def build(inputs: BuildInputs, cfg: KBConfig = KBConfig()) -> dict:
     fitted = resumed_fit(inputs.out, key, opts)
     resumed = fitted is not None
     if fitted is None:
-        fitted = ray.get(task(fit, "fit").remote(internal, external if n_ext else None, cfg, opts))
+        fitted = ray.get(task(fit, "fit", single).remote(internal, external if n_ext else None, cfg, opts))
         save_fit(inputs.out, key, fitted, opts)
     cfg = fitted.cfg
     report = {**(inputs.report or {}), **fitted.report, "fit_resumed": resumed,
@@ -579,7 +586,8 @@ def build(inputs: BuildInputs, cfg: KBConfig = KBConfig()) -> dict:
     items = [{"side": s.name, "shard": sh, "out": inputs.out, "storage_options": opts, "fitted": fitted_ref}
              for s in sides for sh in s.shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    counts = list(ds.map(_purify_row, num_cpus=cfg.build.task_cpus, memory=min(estimate["purify"], node),
+    counts = list(ds.map(_purify_row, num_cpus=spread_cpus(len(items), cfg.build.task_cpus, node_cpus, cluster_cpus),
+                         memory=min(estimate["purify"], node),
                          max_calls=1).iter_rows())
     _stage(report, "purify", t0, [c["peak_rss"] for c in counts])
     report["resumed_parts"] = sum(bool(c.get("resumed")) for c in counts)
@@ -595,13 +603,13 @@ def build(inputs: BuildInputs, cfg: KBConfig = KBConfig()) -> dict:
     t0 = time.perf_counter()
     kind = choose_kind(n, cfg.index, max(inputs.dims))
     parts_ref = ray.put(parts)
-    trained = ray.get(task(train_indexes, "train").remote(parts_ref, kind, cfg, opts))
+    trained = ray.get(task(train_indexes, "train", single).remote(parts_ref, kind, cfg, opts))
     query_ids = sample_ids(n, cfg.index.recall_queries, cfg.filter.seed + 11)
     queries = ray.put({m: parts.read(query_ids, m, opts) for m in MODALITIES})
     trained_ref = ray.put({m: trained[m] for m in MODALITIES})
     n_shards = max(1, min(estimate["sizes"]["shards"], n))
     bounds = np.linspace(0, n, n_shards + 1).astype(int)
-    shard_fn = task(build_index_shard, "index")
+    shard_fn = task(build_index_shard, "index", spread_cpus(n_shards, cfg.build.task_cpus, node_cpus, cluster_cpus))
     results = ray.get([shard_fn.remote({"start": int(a), "stop": int(b), "shard": i, "kind": kind,
                                          "path": kb_store.shard_dir(i), "cfg": cfg, "out": inputs.out,
                                          "storage_options": opts}, parts_ref, trained_ref, queries)
@@ -640,6 +648,7 @@ def _purify_row(item: dict) -> dict:
     """Ray Data map function of the purify pass: the fitted object travels by reference."""
     import ray
 
+    use_assigned_cpus()
     item = dict(item)
     item["fitted"] = ray.get(item["fitted"])
     result = purify_shard(item)
@@ -688,6 +697,30 @@ def _purification_report(fitted: Fitted, counts: list[dict]) -> dict:
     report["filter"]["dropped_pairs"] = sum(c["rows"] for c in counts) - kept
     report["align"] = {**fitted.report.get("align", {}), "sample_rows": fitted.report.get("align_sample_rows")}
     return report
+
+
+def spread_cpus(n_tasks: int, floor: float, node_cpus: float, cluster_cpus: float) -> float:
+    """CPUs per task of a step of ``n_tasks`` parallel tasks: the cluster's CPUs shared out, at least ``floor``
+    (``build.task_cpus``) and at most one node's (a single index shard gets the whole node, not one core)."""
+    return max(floor, min(node_cpus, cluster_cpus // max(1, n_tasks)))
+
+
+def _with_assigned_cpus(fn):
+    """``fn`` run with as many BLAS/torch/FAISS threads as the Ray task reserved CPUs."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        use_assigned_cpus()
+        return fn(*args, **kwargs)
+
+    return run
+
+
+def _cpus() -> tuple[float, float]:
+    """CPUs of the largest alive Ray node, and of the whole cluster."""
+    import ray
+
+    alive = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    return float(max(alive, default=1) or 1), float(sum(alive) or 1)
 
 
 def _largest_node_bytes() -> int:

@@ -198,6 +198,34 @@ def test_an_index_shard_is_written_in_place_locally_and_uploaded_whole_to_object
                 (tmp_path / "kb" / "shard-00000" / m / name).read_bytes()
 
 
+def test_each_step_gets_the_cluster_cpus_shared_out_between_its_tasks():
+    """A lone index shard takes a whole node, many shards take build.task_cpus each, never more than a node."""
+    assert kb_build.spread_cpus(1, 1.0, node_cpus=8, cluster_cpus=32) == 8
+    assert kb_build.spread_cpus(4, 1.0, node_cpus=8, cluster_cpus=16) == 4
+    assert kb_build.spread_cpus(100, 1.0, node_cpus=8, cluster_cpus=16) == 1.0
+    assert kb_build.spread_cpus(3, 0.5, node_cpus=2, cluster_cpus=2) == 0.5
+
+
+def test_a_build_task_computes_on_every_cpu_it_reserved(ray_local):
+    """A worker Ray reuses keeps the threads of the task it started for (one, for a 1-CPU task): a build task
+    sets BLAS/torch/FAISS threads to the CPUs it reserved, whatever the worker held before."""
+    def threads():
+        import faiss
+        import torch
+        from threadpoolctl import threadpool_info, threadpool_limits
+
+        torch.set_num_threads(1)  # a worker started for a 1-CPU task
+        faiss.omp_set_num_threads(1)
+        threadpool_limits(1)
+        from actors.resources import use_assigned_cpus
+
+        n = use_assigned_cpus()
+        return n, torch.get_num_threads(), faiss.omp_get_max_threads(), min(i["num_threads"] for i in threadpool_info())
+
+    assert ray_local.get(ray_local.remote(num_cpus=2)(threads).remote()) == (2, 2, 2, 2)
+    assert ray_local.get(ray_local.remote(num_cpus=0.5)(threads).remote()) == (1, 1, 1, 1)
+
+
 def test_example_images_are_fetched_by_reference_and_a_broken_one_is_skipped(tmp_path):
     good, other = _png((255, 0, 0)), _png((0, 0, 255))
     (tmp_path / "good.png").write_bytes(good)
