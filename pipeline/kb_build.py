@@ -275,15 +275,17 @@ def _fit_rotations(inner: dict, external: Side, filters: dict, cfg: KBConfig,
 
 
 def _texts(side: Side, ids: np.ndarray, storage_options: dict | None) -> list[str]:
-    """Texts of side-global row ids (for the calibration's BLEU), read shard by shard."""
-    out: list[str] = []
+    """Texts of side-global row ids in their order (for the calibration's BLEU), from the metadata row groups that
+    hold them."""
+    ids = np.asarray(ids, np.int64)
+    texts = np.empty(len(ids), object)
     offsets = side.offsets
     for i, shard in enumerate(side.shards):
-        local = ids[(ids >= offsets[i]) & (ids < offsets[i + 1])] - offsets[i]
-        if len(local):
-            meta = layout.read_metadata(shard, storage_options, int(local.min()), int(local.max()) + 1)
-            out += [t or "" for t in meta.column("text").take(pa.array(local - local.min())).to_pylist()]
-    return out
+        where = np.flatnonzero((ids >= offsets[i]) & (ids < offsets[i + 1]))
+        if len(where):
+            meta = layout.read_metadata(shard, storage_options, rows=ids[where] - offsets[i])
+            texts[where] = [t or "" for t in meta.column("text").to_pylist()]
+    return texts.tolist()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -338,14 +338,33 @@ def _row_groups(parquet: pq.ParquetFile, start: int, stop: int) -> tuple[list[in
     return groups, (first_row or 0)
 
 
+def _take_rows(parquet: pq.ParquetFile, rows: np.ndarray, columns: list[str]) -> pa.Table:
+    """``rows`` (local, any order) of a parquet file, reading only the row groups that hold them."""
+    sizes = np.array([parquet.metadata.row_group(i).num_rows for i in range(parquet.metadata.num_row_groups)],
+                     np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    group_of = np.searchsorted(starts, rows, side="right") - 1
+    groups = np.unique(group_of)
+    at = dict(zip(groups.tolist(), np.concatenate([[0], np.cumsum(sizes[groups])])[:-1].tolist()))
+    table = parquet.read_row_groups(groups.tolist(), columns=columns)
+    return table.take(pa.array(rows - starts[group_of] + np.array([at[g] for g in group_of.tolist()], np.int64)))
+
+
 def read_metadata(shard: EmbeddingShard, storage_options: dict | None = None, start: int = 0,
-                  stop: int | None = None, extra: pa.Schema | None = None) -> pa.Table:
+                  stop: int | None = None, extra: pa.Schema | None = None, rows: np.ndarray | None = None) -> pa.Table:
     """Canonical metadata (id, text, image_uri, row) of rows [start, stop), from the needed columns and row groups.
 
-    ``extra``: more columns passed through after the canonical ones, cast to their type (nulls where absent)."""
+    ``extra``: more columns passed through after the canonical ones, cast to their type (nulls where absent).
+    ``rows``: these local rows instead (in their order), from the row groups that hold them only (a sample's
+    texts without reading the whole shard's metadata)."""
     stop = shard.rows if stop is None else stop
     if not 0 <= start <= stop <= shard.rows:
         raise ValueError(f"rows [{start}, {stop}) are outside shard {shard.number}, which has {shard.rows} rows")
+    if rows is not None:
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= shard.rows):
+            raise ValueError(f"row {int(rows.max() if rows.max() >= shard.rows else rows.min())} is outside shard "
+                             f"{shard.number}, which has {shard.rows} rows")
     fs, path = url_to_fs(shard.metadata, storage_options)
 
     def read() -> tuple[pa.Table, list[str], int]:
@@ -355,19 +374,23 @@ def read_metadata(shard: EmbeddingShard, storage_options: dict | None = None, st
             wanted = [c for c in (_text_column(names, shard.metadata), _pick(names, IMAGE_COLUMNS),
                                   _pick(names, ID_COLUMNS)) if c]
             wanted += [f.name for f in (extra or []) if f.name in names and f.name not in wanted]
+            if rows is not None:
+                table = _take_rows(parquet, rows, wanted) if rows.size else \
+                    parquet.schema_arrow.empty_table().select(wanted)
+                return table, names, parquet.metadata.num_rows
             groups, first_row = _row_groups(parquet, start, stop)
             table = parquet.read_row_groups(groups, columns=wanted) if groups else \
                 parquet.schema_arrow.empty_table().select(wanted)
             return table.slice(start - first_row, stop - start), names, parquet.metadata.num_rows
     try:
-        table, names, rows = with_retries(read)
+        table, names, file_rows = with_retries(read)
     except pa.ArrowInvalid as exc:
         raise LayoutError(f"{shard.metadata} is not a readable parquet file ({exc}): rewrite the shard's "
                           f"metadata") from None
-    if rows != shard.rows:
-        raise LayoutError(f"{shard.metadata} now has {rows} rows, but shard {shard.number} was listed with "
+    if file_rows != shard.rows:
+        raise LayoutError(f"{shard.metadata} now has {file_rows} rows, but shard {shard.number} was listed with "
                           f"{shard.rows}: the layout changed since it was listed; list it again")
-    row = pa.array(np.arange(start, stop, dtype=np.int64))
+    row = pa.array(np.arange(start, stop, dtype=np.int64) if rows is None else rows)
     root = shard.metadata.rsplit("/", 2)[0] if shard.metadata.count("/") >= 2 else "."
     text = _blank_to_null(pc.cast(table[_text_column(names, shard.metadata)].combine_chunks(), pa.string()))
     out = pa.Table.from_arrays([_canonical_ids(table, _pick(names, ID_COLUMNS), shard.number, row), text,

@@ -120,6 +120,15 @@ def test_streaming_purification_equals_the_in_memory_build(world, tmp_path):
     assert fitted.filters["image"].sample_external == kmeans_sample_size(4000, 30, 39) < 4000
 
 
+def test_a_samples_texts_come_in_its_order_from_every_shard(tmp_path):
+    """The calibration's BLEU reads the texts of sampled ids: in the sample's order, across shards."""
+    v = normalize_rows(np.random.default_rng(3).normal(size=(90, D)).astype(np.float32), "v")
+    _write_side(f"{tmp_path}/side", {"image": v, "text": v}, 3, "s")
+    side = kb_build.open_side("external", f"{tmp_path}/side", None)
+    ids = np.array([75, 2, 31, 89, 30, 0])
+    assert kb_build._texts(side, ids, None) == [f"s {j}" for j in ids]
+
+
 def test_a_purified_part_already_written_is_not_redone(world, tmp_path):
     internal, external, _ = world
     _write_side(f"{tmp_path}/ext", external, 1, "e")

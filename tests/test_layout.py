@@ -224,6 +224,27 @@ def test_read_metadata_of_a_row_range_across_row_groups(tmp_path: Path):
         read_metadata(shard, start=0, stop=31)
 
 
+def test_read_metadata_of_sampled_rows_reads_only_their_row_groups(tmp_path: Path, monkeypatch):
+    rows = 40
+    _plant(tmp_path, "0", _vectors(rows, IMAGE_DIM, 0), _vectors(rows, TEXT_DIM, 1), _metadata("0", rows),
+           row_group_size=4)
+    shard = list_embedding_shards(str(tmp_path))[0]
+    every_id = read_metadata(shard)["id"]
+    read_groups = []
+    original = pq.ParquetFile.read_row_groups
+    monkeypatch.setattr(pq.ParquetFile, "read_row_groups",
+                        lambda self, groups, **kw: read_groups.extend(groups) or original(self, groups, **kw))
+    sample = np.array([33, 5, 6, 21, 5])  # any order, repeats allowed
+    meta = read_metadata(shard, rows=sample)
+    assert meta["row"].to_pylist() == sample.tolist()
+    assert meta["text"].to_pylist() == [f"caption 0/{i}" for i in sample]
+    assert meta["id"].to_pylist() == every_id.take(pa.array(sample)).to_pylist()
+    assert sorted(read_groups) == [1, 5, 8]  # rows 5-6, 21 and 33: three of the ten row groups
+    assert read_metadata(shard, rows=np.array([], np.int64)).num_rows == 0
+    with pytest.raises(ValueError, match="40 rows"):
+        read_metadata(shard, rows=np.array([40]))
+
+
 def test_misaligned_shard_is_refused_naming_the_shard_and_counts(tmp_path: Path):
     _write_layout(str(tmp_path), {"0": 4})
     _plant(tmp_path, "3", _vectors(10, IMAGE_DIM, 0), _vectors(10, TEXT_DIM, 1), _metadata("3", 9))
