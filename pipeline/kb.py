@@ -161,7 +161,8 @@ def build_knowledge_base(
     if use_external:
         report["external_rows"] = external_entries.num_rows
         if cfg.purify:
-            keep, aligned, purification = purify_external(internal, external, cfg)
+            # fitted on the mapping's sample of the internal pairs, as the out-of-core build fits them
+            keep, aligned, purification = purify_external({m: internal[m][rows] for m in MODALITIES}, external, cfg)
             report.update(purification)
         else:
             keep, aligned = np.ones(external_entries.num_rows, bool), external

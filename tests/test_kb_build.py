@@ -120,6 +120,35 @@ def test_streaming_purification_equals_the_in_memory_build(world, tmp_path):
     assert fitted.filters["image"].sample_external == kmeans_sample_size(4000, 30, 39) < 4000
 
 
+def test_a_mapping_sample_smaller_than_the_internal_pairs_purifies_the_same_in_memory_and_streamed(world, tmp_path):
+    """More internal pairs than mapping.max_rows: both builds fit the filter and W on the same internal sample."""
+    internal, external, _ = world
+    cfg = CFG.model_copy(update={"mapping": CFG.mapping.model_copy(update={"max_rows": 500})})
+    _write_side(f"{tmp_path}/int", internal, 2, "i")
+    _write_side(f"{tmp_path}/ext", external, 3, "e")
+    fitted = kb_build.fit(kb_build.open_side("internal", f"{tmp_path}/int", None),
+                          kb_build.open_side("external", f"{tmp_path}/ext", None), cfg, None)
+    assert fitted.report["internal_sample_rows"] == 500 < len(internal["image"])
+    for s in kb_build.open_side("external", f"{tmp_path}/ext", None).shards:
+        kb_build.purify_shard({"side": "external", "shard": s, "out": str(tmp_path / "kb"), "storage_options": None,
+                               "fitted": fitted})
+    parts = layout.list_embedding_shards(f"{tmp_path}/kb/{kb_store.PARTS_DIR}/external")
+    streamed = [i for p in parts for i in layout.read_metadata(p).column("id").to_pylist()]
+
+    def entries(n, prefix):
+        return pa.table({"id": [f"{prefix}{j:06d}" for j in range(n)], "text": [f"{prefix} {j}" for j in range(n)],
+                         "image": [b"x"] * n})
+
+    kb = kbmod.build_knowledge_base(entries(len(internal["image"]), "i"), internal,
+                                    entries(len(external["image"]), "e"), external, cfg)
+    external_rows = np.flatnonzero(np.asarray(kb.entries["source"].to_pylist()) == "external")
+    assert streamed == kb.entries["id"].take(pa.array(external_rows)).to_pylist()
+    for m in ("image", "text"):  # the rotated vectors: W is the same
+        in_memory = np.vstack([sh.vectors(m) for sh in kb.shards])[external_rows]
+        streamed_vectors = np.vstack([layout.read_vectors(getattr(p, m), 0, p.rows) for p in parts])
+        np.testing.assert_allclose(streamed_vectors, in_memory, atol=2e-3)  # the parts are float16
+
+
 def test_a_samples_texts_come_in_its_order_from_every_shard(tmp_path):
     """The calibration's BLEU reads the texts of sampled ids: in the sample's order, across shards."""
     v = normalize_rows(np.random.default_rng(3).normal(size=(90, D)).astype(np.float32), "v")
