@@ -156,6 +156,8 @@ def main() -> None:
         link_prefix(work / f"external-{max(args.sizes)}", ext, n)
         kb = work / f"kb-{n}"
         shutil.rmtree(kb, ignore_errors=True)
+        if last_kb is not None:
+            shutil.rmtree(last_kb)  # measured: only the largest KB is kept (for completion); disk for this one
         print(f"building the KB over {n:,} external rows", flush=True)
         wall, driver = run_sampled([rag4dmc, "kb", "build", "--internal-embeddings", str(work / "internal"),
                                     "--external-embeddings", str(ext), "--out", str(kb), "--config",
@@ -178,8 +180,6 @@ def main() -> None:
                            unit=" GiB"),
                     Target(f"image recall@10 at {n:,} rows", row["recall@10 image"], 0.9),
                     Target(f"text recall@10 at {n:,} rows", row["recall@10 text"], 0.9)]
-        if last_kb is not None:
-            shutil.rmtree(last_kb)  # measured: only the largest KB is kept (for completion), the disk holds little more
         last_kb = kb
     if len(rows) > 1:
         targets.append(Target(f"build time per row at {rows[-1]['external rows']:,} / at {rows[0]['external rows']:,}",
