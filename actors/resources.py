@@ -51,8 +51,10 @@ class Resources:
     def effective_batch_size(self) -> int:
         return self.gpu_batch_size if (self.num_gpus > 0 and self.gpu_batch_size) else self.batch_size
 
-    def map_batches_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``Dataset.map_batches`` with a callable class."""
+    def map_batches_kwargs(self, restarts: int = -1) -> dict[str, Any]:
+        """Keyword arguments for ``Dataset.map_batches`` with a callable class. An actor whose process dies is
+        restarted up to ``restarts`` times (-1: always) and its batch retried on the new one (``JobConfig.
+        actor_restarts``; Ray Data's own default, stated here so the job's choice is in one place)."""
         from ray.data import ActorPoolStrategy
 
         kwargs: dict[str, Any] = {
@@ -60,6 +62,8 @@ class Resources:
             "compute": ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors),
             "batch_size": self.effective_batch_size(),
             "memory": int(self.memory_gb * 1024**3),
+            "max_restarts": restarts,
+            "max_task_retries": -1 if restarts else 0,
         }
         if self.num_gpus:
             kwargs["num_gpus"] = self.num_gpus

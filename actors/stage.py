@@ -20,6 +20,7 @@ an exception into the failure of the rows it came from (alone, when a batch-wide
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,8 +28,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from actors import faults
 from actors.resources import Resources
-from pipeline.schema import TASK_FAILED
+from pipeline.schema import RETRIES, TASK_FAILED
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,25 @@ Batch = dict[str, np.ndarray]
 
 class ChainError(ValueError):
     """A chain of stages whose declared inputs and outputs do not connect."""
+
+
+TRANSIENT_ERRORS = (ConnectionError, TimeoutError)  # worth retrying as they are: a dropped connection, a slow peer
+
+
+class BatchTimeout(Exception):
+    """A stage's call on one batch ran past ``StagePolicy.timeout_s``."""
+
+
+@dataclass(frozen=True)
+class StagePolicy:
+    """How :func:`apply` treats a failing call (``JobConfig.batch_timeout_s``, ``transient_retries``,
+    ``retry_backoff_s``): transient errors are retried on the whole batch, with exponential backoff; then a
+    batch that still raises is retried row by row, so only the rows that raise fail; a call past the timeout
+    fails its rows with the reason."""
+
+    timeout_s: float | None = None
+    retries: int = 2
+    backoff_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +91,7 @@ class Stage:
     accounts: ClassVar[str | None] = None  # seconds_<accounts> collects its actor-seconds per row
     RESOURCES: ClassVar[Resources] = Resources()
     ACTOR: ClassVar[bool] = True  # an actor pool (a model, a KB shard to hold); False: a stateless CPU task
+    policy: StagePolicy = StagePolicy()  # set per job by the plan (``JobConfig.stage_policy``)
     tasks: tuple[str, ...] = ()
     reads: tuple[str, ...] = ()
     writes: tuple[Column, ...] = ()
@@ -107,13 +129,72 @@ def _column(values: Any, m: int) -> np.ndarray:
     return out
 
 
+def _call(stage: Stage, rows: Batch, new_batch: bool) -> Produced:
+    """``stage.process(rows)`` (after the planned faults, ``actors.faults``), bounded by the policy's timeout.
+
+    With a timeout the call runs in a thread that is waited for at most that long: a call that never returns
+    cannot be stopped from Python, so it is left behind (logged) and its rows fail instead of the job hanging."""
+    def run() -> Produced:
+        faults.inject(stage.name, rows["row_key"], new_batch)
+        return stage.process(rows)
+
+    timeout = stage.policy.timeout_s
+    if timeout is None:
+        return run()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = run()
+        except BaseException as exc:  # noqa: BLE001: re-raised in the caller's thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, name=f"{stage.name}-batch", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        log.error("%s: a call on %d rows is still running after %g s; its rows fail and the call is left behind",
+                  stage.name, len(rows["row_key"]), timeout)
+        raise BatchTimeout(f"{stage.name} timed out after {timeout:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _with_retries(stage: Stage, rows: Batch, m: int) -> tuple[Produced, int]:
+    """The batch call, its transient errors retried (``StagePolicy``); then row by row if it still raises.
+    Returns what it produced and how many times the batch was retried."""
+    policy = stage.policy
+    for attempt in range(policy.retries + 1):
+        try:
+            return _call(stage, rows, new_batch=attempt == 0), attempt
+        except BatchTimeout as exc:
+            return Produced({}, [str(exc)] * m), attempt
+        except TRANSIENT_ERRORS as exc:
+            if attempt == policy.retries:
+                log.warning("%s: transient error on a batch of %d rows after %d retries (%s); retrying its rows one "
+                            "by one", stage.name, m, attempt, exc)
+                return _one_by_one(stage, rows, m), attempt
+            wait = policy.backoff_s * 2 ** attempt
+            log.warning("%s: transient error on a batch of %d rows (%s); retry %d of %d in %.1f s", stage.name, m, exc,
+                        attempt + 1, policy.retries, wait)
+            time.sleep(wait)
+        except Exception as exc:  # noqa: BLE001: isolate the row(s) that raised
+            log.warning("%s failed on a batch of %d rows (%s); retrying its rows one by one", stage.name, m, exc)
+            return _one_by_one(stage, rows, m), attempt
+    raise AssertionError("unreachable")
+
+
 def _one_by_one(stage: Stage, rows: Batch, m: int) -> Produced:
     """``process`` row by row after a batch-wide call raised: each row's own exception fails that row only."""
     columns = {c.name: c.empty(m) for c in stage.writes}
     errors: list[str | None] = []
     for j in range(m):
         try:
-            got = stage.process({k: v[j:j + 1] for k, v in rows.items()})
+            got = _call(stage, {k: v[j:j + 1] for k, v in rows.items()}, new_batch=False)
+        except BatchTimeout as exc:
+            errors.append(str(exc))
+            continue
         except Exception as exc:  # noqa: BLE001: the row's failure, with the reason, is the contract
             log.warning("%s failed on row %s: %s", stage.name, rows["row_key"][j], exc)
             errors.append(f"{stage.name} failed: {type(exc).__name__}: {exc}")
@@ -133,14 +214,10 @@ def apply(stage: Stage, batch: Batch) -> Batch:
     m = idx.size
     out = {k: v for k, v in batch.items() if k not in stage.drops}
     t0 = time.perf_counter()
-    produced = Produced({}, None)
+    produced, retried = Produced({}, None), 0
     if m:
         rows = {c: np.asarray(batch[c])[idx] for c in ("row_key", "task", *stage.reads)}
-        try:
-            produced = stage.process(rows)
-        except Exception as exc:  # noqa: BLE001: isolate the row(s) that raised
-            log.warning("%s failed on a batch of %d rows (%s); retrying its rows one by one", stage.name, m, exc)
-            produced = _one_by_one(stage, rows, m)
+        produced, retried = _with_retries(stage, rows, m)
     spent = time.perf_counter() - t0
     errors = produced.errors or [None] * m
     if len(errors) != m:
@@ -160,6 +237,9 @@ def apply(stage: Stage, batch: Batch) -> Batch:
         for j in failed:
             new_error[idx[j]] = errors[j]
         out["task"], out["error"] = new_task, new_error
+    count = np.array(batch[RETRIES], dtype=np.int32, copy=True) if RETRIES in batch else np.zeros(n, np.int32)
+    count[idx] += retried
+    out[RETRIES] = count  # every block carries it: one schema whatever was retried
     if stage.accounts and m:
         key = f"seconds_{stage.accounts}"
         seconds = np.array(batch[key], dtype=np.float32, copy=True) if key in batch else np.zeros(n, np.float32)

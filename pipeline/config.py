@@ -351,11 +351,22 @@ class JobConfig(_Strict):
         "parquet", description="committed output files: parquet (one per block), or webdataset: one tar per block "
         "in img2dataset's layout (<key>.jpg|png|webp, <key>.txt, <key>.json); a run keeps the format it began with"
     )
+    batch_timeout_s: float | None = Field(
+        1800.0, gt=0, description="a stage's call on one batch that runs longer fails its rows with 'timed out "
+        "after N s' and the job goes on (raise it for generation on CPU); None: no limit")
+    transient_retries: int = Field(
+        2, ge=0, description="retries of a batch whose stage raised a transient error (connection dropped, "
+        "timeout), before its rows are retried one by one")
+    retry_backoff_s: float = Field(1.0, ge=0, description="wait before the first retry; doubled for each next one")
+    actor_restarts: int = Field(
+        -1, ge=-1, description="restarts of an actor whose process died (preempted node, OOM kill); its batch "
+        "is retried on the new one. -1: no limit")
 
     def config_hash(self) -> str:
-        """Stable hash of what changes the output (resources and storage do not)."""
-        payload = self.model_dump(mode="json", exclude={"resources", "storage", "accelerators", "block_rows",
-                                                       "max_blocks_in_flight", "read_concurrency", "output_format"})
+        """Stable hash of what changes the output (resources, storage and fault handling do not)."""
+        payload = self.model_dump(mode="json", exclude={
+            "resources", "storage", "accelerators", "block_rows", "max_blocks_in_flight", "read_concurrency",
+            "output_format", "batch_timeout_s", "transient_retries", "retry_backoff_s", "actor_restarts"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from actors.resources import use_gpus
 from pipeline import datasets, kb_store
@@ -31,7 +32,7 @@ from pipeline.output import (
     write_file,
 )
 from pipeline.plan import build_plan, write
-from pipeline.schema import STAGES
+from pipeline.schema import RETRIES, STAGES
 from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ def _plan(spec: JobSpec, manifest: dict, storage: Storage, out: str, shards: lis
 
 def summarize(storage: Storage, out: str, elapsed: float, rows_this_run: int | None) -> dict:
     """Counts, throughput and actor-seconds per completed row per stage, over the whole output."""
-    cols = ["row_key", "status", "generated", *[f"seconds_{s}" for s in STAGES]]
+    cols = ["row_key", "status", "generated", RETRIES, *[f"seconds_{s}" for s in STAGES]]
     table = read_output(storage, out, cols)
     status = np.asarray(table.column("status").to_pylist(), dtype=object) if table.num_rows else np.array([])
     completed = int((status == "completed").sum())
@@ -154,6 +155,10 @@ def summarize(storage: Storage, out: str, elapsed: float, rows_this_run: int | N
         "seconds": round(elapsed, 3),
         "rows_this_run": rows_this_run,
     }
+    retries = pc.fill_null(table.column(RETRIES), 0).to_numpy() if table.num_rows else np.zeros(0)  # null: older file
+    # batch retries after transient errors: rows whose batch was retried, and the retries summed over rows
+    summary["rows_retried"] = int((retries > 0).sum())
+    summary["row_retries"] = int(retries.sum())
     done = rows_this_run if rows_this_run is not None else table.num_rows
     summary["rows_per_second"] = round(done / elapsed, 2) if elapsed > 0 else None
     summary["actor_seconds_per_completed_row"] = {

@@ -17,8 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
+from actors import faults
 from pipeline.schema import (
     OUTPUT_SCHEMA,
+    RETRIES,
     STAGES,
     STATUS_COMPLETED,
     STATUS_FAILED,
@@ -81,6 +83,7 @@ def finalize(batch: dict[str, np.ndarray], *, kb_version: str, config_hash: str)
     }
     for s in STAGES:
         data[f"seconds_{s}"] = [float(v) for v in _column(batch, f"seconds_{s}", n, 0.0)]
+    data[RETRIES] = [int(v) for v in _column(batch, RETRIES, n, 0)]
     return pa.table(data, schema=OUTPUT_SCHEMA)
 
 
@@ -165,6 +168,19 @@ def _tar_members(fh, wanted: Callable[[str], bool]):
                 yield key, ext, tar.extractfile(member).read()
 
 
+def read_parquet(fh, columns: list[str] | None = None) -> pa.Table:
+    """A committed parquet file's rows (``columns`` only, when given); a column that a file from an earlier version
+    lacks is read as nulls."""
+    parquet = pq.ParquetFile(fh)
+    names = set(parquet.schema_arrow.names)
+    table = parquet.read(columns=None if columns is None else [c for c in columns if c in names])
+    for name in (columns or []):
+        if name not in names:
+            table = table.append_column(OUTPUT_SCHEMA.field(name), pa.nulls(table.num_rows,
+                                                                          OUTPUT_SCHEMA.field(name).type))
+    return table if columns is None else table.select(columns)
+
+
 def read_tar(fh, columns: list[str] | None = None) -> pa.Table:
     """A tar written by :func:`tar_bytes` as ``OUTPUT_SCHEMA`` rows (``columns`` only, when given); the image and
     text members are read only when those columns are asked for."""
@@ -208,7 +224,7 @@ class OutputFormat:
 
 OUTPUT_FORMATS: dict[str, OutputFormat] = {
     PARQUET: OutputFormat(
-        ".parquet", _parquet_bytes, lambda fh, columns=None: pq.read_table(fh, columns=columns),
+        ".parquet", _parquet_bytes, lambda fh, columns=None: read_parquet(fh, columns),
         lambda fh: pq.read_table(fh, columns=["row_key"]).column("row_key").to_pylist(),
         lambda fh: pq.read_metadata(fh).num_rows),  # the footer only
     WEBDATASET: OutputFormat(".tar", tar_bytes, read_tar, _tar_row_keys, _tar_rows),  # the json members only
@@ -345,4 +361,5 @@ class OutputSink(Datasink):
                 written += part.num_rows
             if self.flow is not None:  # committed: room for the reads again
                 self.flow.release.remote(table.num_rows)
+            faults.inject("commit", table.column("row_key").to_pylist())  # a testing aid; nothing when off
         return written

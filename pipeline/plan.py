@@ -24,7 +24,7 @@ from actors.embed import EmbedQueries
 from actors.preprocess import CPU_TASK, CheckTexts, FetchAndDecode
 from actors.resources import Resources, fit_to_cpus
 from actors.retrieve import RetrieveNeighbours, role_of
-from actors.stage import Stage, apply, check_chain
+from actors.stage import Stage, StagePolicy, apply, check_chain
 from pipeline import flow
 from pipeline.calibrate import effective_settings
 from pipeline.config import EncoderConfig, JobConfig, StorageConfig
@@ -85,6 +85,9 @@ def direction_stages(task: str, cfg: JobConfig, kb_uri: str, kb_manifest: dict, 
     complete = CompleteTexts if task == TASK_I2T else CompleteImages
     stages.append(complete(cfg.generator, selection, encoder, entries if entries is not None else kb_uri,
                            storage_options, settings=settings, example_cache_mb=cfg.storage.example_cache_mb))
+    policy = StagePolicy(cfg.batch_timeout_s, cfg.transient_retries, cfg.retry_backoff_s)
+    for stage in stages:
+        stage.policy = policy
     return stages
 
 
@@ -234,7 +237,7 @@ def build_plan(cfg: JobConfig, data: str, kb_uri: str, kb_manifest: dict, out: s
             position = groups if isinstance(stage, RetrieveNeighbours) else 0
             groups += isinstance(stage, RetrieveNeighbours)
             ds = ds.map_batches(actor_class(stage), fn_constructor_kwargs={"stage": stage}, batch_format="numpy",
-                                **pools[pool_name(stage, task, position)].map_batches_kwargs())
+                                **pools[pool_name(stage, task, position)].map_batches_kwargs(cfg.actor_restarts))
         branches.append(ds.map_batches(finalize, **fin))
     branches.append(read(PASS_TASKS, "ReadComplete").map_batches(finalize, **fin))
     return Plan(branches[0].union(*branches[1:]), counter, limit)

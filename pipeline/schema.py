@@ -24,6 +24,7 @@ INPUT_SCHEMA = pa.schema([
 ])
 
 STAGES = ("embed", "retrieve", "generate")
+RETRIES = "retries"  # times a row's batch was retried after a transient error, all stages together
 
 OUTPUT_SCHEMA = pa.schema([
     ("row_key", pa.string()),
@@ -46,6 +47,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("kb_version", pa.string()),
     ("config_hash", pa.string()),
     ("source_shard", pa.string()),
+    (RETRIES, pa.int32()),
     *[(f"seconds_{s}", pa.float32()) for s in STAGES],  # actor-seconds spent on this row per stage
 ])
 
