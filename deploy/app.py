@@ -67,6 +67,7 @@ job's ``retrieval`` / ``generator`` / ``selection`` / ``storage`` keys, plus ``k
 import asyncio
 import logging
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -379,20 +380,59 @@ def build_app(args: dict[str, Any]) -> Application:
     return compose(validate(args, ServeConfig, source="application args"))
 
 
+SHUTDOWN_S = 8.0  # ``rag4dmc serve`` exits this long after SIGINT/SIGTERM at most, its Ray processes with it
+
+
 def run_local(cfg: ServeConfig, host: str, port: int) -> None:
-    """Serve ``cfg`` at http://host:port until interrupted (``rag4dmc serve``); Serve is shut down after."""
+    """Serve ``cfg`` at http://host:port until SIGINT (Ctrl-C) or SIGTERM (``rag4dmc serve``).
+
+    Then the application is deleted and Ray shut down (the local cluster ``ray.init`` started goes with it),
+    within ``SHUTDOWN_S``; past that the process exits anyway."""
     import ray
 
     if "://" not in cfg.kb:  # a replica resolves a relative path in its own working directory
         cfg = cfg.model_copy(update={"kb": os.path.abspath(cfg.kb)})
-    if not ray.is_initialized():
-        ray.init()
-    serve.start(http_options={"host": host, "port": port})
+    stop = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        if not serving.is_set():  # still starting: stop right there
+            raise KeyboardInterrupt
+        stop.set()
+
+    serving = threading.Event()
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        if not ray.is_initialized():
+            ray.init()
+        serve.start(http_options={"host": host, "port": port})
         serve.run(compose(cfg), name=APP_NAME, route_prefix="/")  # returns once every replica is up
+        serving.set()
         print(f"rag4dmc: serving {cfg.kb} at http://{host}:{port}{COMPLETE_PATH} (Ctrl-C stops)", flush=True)
-        threading.Event().wait()
+        while not stop.wait(0.5):
+            pass
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _shutdown(ray)
+
+
+def _shutdown(ray) -> None:
+    """Delete the app and shut Ray down, bounded by ``SHUTDOWN_S`` (a replica stuck in a request must not keep
+    the process alive: past the bound it exits, and the local cluster's processes die with it)."""
+    done = threading.Event()
+
+    def watchdog() -> None:
+        if not done.wait(SHUTDOWN_S):
+            log.warning("shutdown took over %.0f s; exiting", SHUTDOWN_S)
+            os._exit(0)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    print("rag4dmc: stopping", flush=True)
+    try:
+        if ray.is_initialized():
+            serve.delete(APP_NAME, _blocking=False)
+            ray.shutdown()
+    finally:
+        done.set()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +20,7 @@ import pyarrow.compute as pc
 
 from actors.resources import use_gpus
 from pipeline import datasets, kb_store
-from pipeline.config import JobConfig
+from pipeline.config import ConfigError, JobConfig
 from pipeline.datasource import shard_name
 from pipeline.output import (
     count_output_rows,
@@ -44,6 +45,23 @@ RETRY_DIR = "_retry"
 
 class RunMismatch(RuntimeError):
     """The output folder holds a run made with another config or knowledge base."""
+
+
+class OutputNotWritable(ConfigError):
+    """``--out`` cannot be written (a missing bucket, no permission): found before any actor starts."""
+
+
+def check_output(storage: Storage, out: str) -> None:
+    """Write and remove a probe object under ``out``: a missing bucket or a denied write fails here, on the
+    driver, with the URI, not in a commit after hours of generation; nothing is left behind."""
+    probe = f"{out.rstrip('/')}/.write-check-{uuid.uuid4().hex[:12]}"
+    try:
+        storage.write_bytes(probe, b"")
+        storage.remove(probe)
+    except Exception as exc:  # noqa: BLE001: any failure to write is the output's; the message says which
+        raise OutputNotWritable(
+            f"cannot write to --out {out} ({type(exc).__name__}: {exc}): check that the bucket or folder exists "
+            "and that these credentials may write and delete there") from None
 
 
 @dataclass
@@ -106,6 +124,7 @@ def run_job(spec: JobSpec) -> dict:
     storage = Storage(spec.cfg.storage)
     kb = kb_store.load(spec.kb, storage.options, shards=[], with_entries=False)  # the manifest only
     preflight(spec.cfg, kb.manifest)
+    check_output(storage, spec.out)
     _check_run(storage, spec, kb.version)
     summary_path = f"{spec.out}/{SUMMARY_FILE}"
     if storage.exists(summary_path) and not spec.retry_failed:

@@ -13,7 +13,12 @@ import asyncio
 import base64
 import io
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -418,3 +423,50 @@ def test_a_concurrent_burst_is_batched_and_each_request_gets_its_own_answer(serv
     assert max(a["batch_sizes"]["embed"] for a in alone) == 1
     for stage in ("embed", "retrieve", "generate"):
         assert max(b["batch_sizes"][stage] for b in burst) > 1, stage
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_rag4dmc_serve_stops_within_ten_seconds_of_a_signal_with_its_ray_processes(kb, sig):
+    """`rag4dmc serve` in a session of its own (its own local Ray): once it answers /healthz, a signal ends it
+    and every process of its group within 10 s."""
+    import psutil
+    import requests
+
+    port = _free_port()
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--kb", kb, "--host", LOOPBACK,
+                             "--port", str(port), "--image-quality", "none"], cwd=repo,
+                            env={**os.environ, "PYTHONPATH": str(repo)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def group() -> list[psutil.Process]:
+        out = []
+        for p in psutil.process_iter():
+            try:
+                if os.getpgid(p.pid) == proc.pid:
+                    out.append(p)
+            except (ProcessLookupError, psutil.Error):
+                continue
+        return out
+
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if requests.get(f"http://{LOOPBACK}:{port}{HEALTH_PATH}", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert len(group()) > 1  # the server and its Ray processes
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        proc.wait(timeout=10)
+        while group() and time.monotonic() - t0 < 10:
+            time.sleep(0.2)
+        assert time.monotonic() - t0 < 10 and not group(), [p.name() for p in group()]
+    finally:
+        if proc.poll() is None or group():
+            os.killpg(proc.pid, signal.SIGKILL)

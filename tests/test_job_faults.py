@@ -1,0 +1,142 @@
+"""Faults through the whole job on local Ray (2 CPUs), each injected deterministically (``actors.faults``):
+every input row comes out exactly once, completed or failed with the reason.
+
+Each job runs as ``rag4dmc complete`` in a process (and a session) of its own, so its Ray cluster inherits
+the fault plan and a job-wide kill takes nothing else with it. Timeouts only guard against hangs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from actors import faults
+from pipeline.job import read_output
+from pipeline.storage import Storage
+from tests.test_job import REPO, _incomplete, _write_shards, kb  # noqa: F401: kb is the module's KB fixture
+
+N, SHARDS = 48, 3
+# small blocks and batches: every stage sees several batches, so "batch 2" lands mid-job
+CONFIG = {"block_rows": 8, "resources": {s: {"batch_size": 8} for s in ("embed", "retrieve", "generate")}}
+
+
+def _job(kb: str, tmp_path: Path, plan: list[dict], config: dict | None = None,
+         name: str = "out") -> tuple[subprocess.CompletedProcess, Path, Path]:
+    data = tmp_path / "data"
+    if not data.exists():
+        _write_shards(_incomplete(N, seed=7), data, SHARDS)
+    out, state = tmp_path / name, tmp_path / "faults"
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(yaml.safe_dump({**CONFIG, **(config or {})}))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+           faults.ENV: json.dumps({"dir": str(state), "faults": plan})}
+    cmd = [sys.executable, "-m", "pipeline.cli", "complete", "--data", str(data), "--kb", kb, "--out", str(out),
+           "--config", str(cfg)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=540)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(cmd, proc.returncode, log, None), out, state
+
+
+def _rows(out: Path) -> dict[str, dict]:
+    table = read_output(Storage(), str(out), ["row_key", "status", "error", "retries"])
+    rows = table.to_pylist()
+    keys = [r["row_key"] for r in rows]
+    assert len(keys) == len(set(keys)), "a row came out twice"
+    return {r["row_key"]: r for r in rows}
+
+
+def _fired(state: Path) -> int:
+    return len(list(state.glob("fault-*")))
+
+
+def _all_keys() -> set[str]:
+    bounds = np.linspace(0, N, SHARDS + 1).astype(int)  # as _write_shards splits the rows
+    return {f"part-{j:03d}.parquet:{i}" for j in range(SHARDS) for i in range(bounds[j + 1] - bounds[j])}
+
+
+@pytest.mark.timeout(600)
+def test_an_actor_killed_mid_batch_is_restarted_and_every_row_comes_out_once(kb, tmp_path):
+    done, out, state = _job(kb, tmp_path, [{"stage": "embed", "kind": "exit", "batch": 2}])
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert _fired(state) == 1  # the embedding actor's process did die
+    rows = _rows(out)
+    assert set(rows) == _all_keys()
+    assert all(r["status"] != "failed" for r in rows.values())  # its batch was redone on the new actor
+
+
+@pytest.mark.timeout(600)
+def test_a_transient_error_is_retried_and_counted_in_the_summary(kb, tmp_path):
+    done, out, state = _job(kb, tmp_path, [{"stage": "generate", "kind": "transient", "batch": 1}],
+                            {"retry_backoff_s": 0.1})
+    assert done.returncode == 0, done.stdout[-3000:]
+    rows = _rows(out)
+    assert set(rows) == _all_keys() and all(r["status"] != "failed" for r in rows.values())
+    retried = [k for k, r in rows.items() if r["retries"]]
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 < len(retried) <= 8 and summary["rows_retried"] == len(retried)
+
+
+@pytest.mark.timeout(600)
+def test_a_poison_row_fails_alone_with_the_reason(kb, tmp_path):
+    poison = "part-001.parquet:3"
+    done, out, _ = _job(kb, tmp_path, [{"stage": "embed", "kind": "permanent", "row_key": poison}])
+    assert done.returncode == 0, done.stdout[-3000:]
+    rows = _rows(out)
+    assert set(rows) == _all_keys()
+    assert rows[poison]["status"] == "failed" and "injected permanent fault in embed" in rows[poison]["error"]
+    assert all(r["status"] != "failed" for k, r in rows.items() if k != poison)  # its batch-mates completed
+
+
+@pytest.mark.timeout(600)
+def test_a_hung_batch_fails_its_rows_after_the_timeout_and_the_job_finishes(kb, tmp_path):
+    done, out, _ = _job(kb, tmp_path, [{"stage": "generate", "kind": "hang", "batch": 1, "seconds": 3600}],
+                        {"batch_timeout_s": 5})
+    assert done.returncode == 0, done.stdout[-3000:]
+    rows = _rows(out)
+    assert set(rows) == _all_keys()
+    timed_out = [k for k, r in rows.items() if r["error"] == "generate timed out after 5 s"]
+    assert 0 < len(timed_out) <= 8
+    assert all(r["status"] != "failed" for k, r in rows.items() if k not in timed_out)
+
+
+@pytest.mark.timeout(900)
+def test_a_job_killed_after_two_committed_blocks_resumes_without_recomputing_them(kb, tmp_path):
+    killed, out, _ = _job(kb, tmp_path, [{"stage": "commit", "kind": "kill_job", "batch": 2}])
+    assert killed.returncode == -signal.SIGKILL
+    committed = set(_rows(out))
+    assert 2 <= len(committed) < N  # the two blocks committed before the kill (and any committed beside them)
+    resumed, _, _ = _job(kb, tmp_path, [])
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    rows = _rows(out)
+    assert set(rows) == _all_keys()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows_this_run"] == N - len(committed)  # the committed rows were not computed again
+
+
+def test_an_output_bucket_that_does_not_exist_fails_before_any_actor_starts(kb, s3_server, monkeypatch):
+    import s3fs
+
+    from pipeline import job
+    from pipeline.config import JobConfig
+
+    def no_plan(*args, **kwargs):
+        raise AssertionError("the job planned actors for an output it cannot write")
+
+    monkeypatch.setattr(job, "write", no_plan)
+    cfg = JobConfig(storage=s3_server.storage_config)
+    with pytest.raises(job.OutputNotWritable, match="cannot write to --out s3://no-such-bucket-7f3a/out"):
+        job.run_job(job.JobSpec(data="unused", kb=kb, out="s3://no-such-bucket-7f3a/out", cfg=cfg))
+    assert not s3fs.S3FileSystem(**s3_server.storage_options).exists("no-such-bucket-7f3a")
