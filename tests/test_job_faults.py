@@ -140,3 +140,28 @@ def test_an_output_bucket_that_does_not_exist_fails_before_any_actor_starts(kb, 
     with pytest.raises(job.OutputNotWritable, match="cannot write to --out s3://no-such-bucket-7f3a/out"):
         job.run_job(job.JobSpec(data="unused", kb=kb, out="s3://no-such-bucket-7f3a/out", cfg=cfg))
     assert not s3fs.S3FileSystem(**s3_server.storage_options).exists("no-such-bucket-7f3a")
+
+
+@pytest.mark.timeout(900)
+def test_object_storage_errors_and_resets_are_retried_and_every_row_comes_out_once(kb, s3_bucket, s3_server,
+                                                                                   tmp_path):
+    """Input, KB and output on S3 behind a proxy that answers every 5th request with 500, 503 SlowDown or a
+    connection reset: the job completes every row exactly once (botocore retries them: storage.retries)."""
+    from pipeline.config import JobConfig, StorageConfig
+    from pipeline.job import JobSpec, run_job
+    from tests.faulty_s3 import FaultyProxy
+
+    direct = Storage(s3_server.storage_config)
+    data, kb_uri, out = f"{s3_bucket}/incomplete", f"{s3_bucket}/kb", f"{s3_bucket}/out"
+    _write_shards(_incomplete(N, seed=7), data, SHARDS, s3_server.storage_options)
+    direct.fs(kb_uri).put(kb.rstrip("/") + "/", kb_uri.split("://")[1], recursive=True)
+    with FaultyProxy(s3_server.endpoint_url, every=5) as proxy:
+        cfg = JobConfig(storage=s3_server.storage_config.model_copy(update={"endpoint_url": proxy.url,
+                                                                              "retries": 5}))
+        summary = run_job(JobSpec(data=data, kb=kb_uri, out=out, cfg=cfg))
+    assert all(proxy.injected[k] > 0 for k in ("500", "503", "reset")), proxy.injected
+    assert summary["rows_out"] == summary["unique_row_keys"] == N
+    table = read_output(direct, out, ["row_key", "status"])
+    keys = table.column("row_key").to_pylist()
+    assert len(keys) == len(set(keys)) == N and set(keys) == _all_keys()
+    assert "failed" not in table.column("status").to_pylist()
