@@ -384,7 +384,6 @@ def build_index_shard(task: dict, parts: Side, trained: dict, queries: dict) -> 
     import faiss
 
     from pipeline.index import VectorIndex, set_search_params
-
     from pipeline.storage import is_remote
 
     start, stop, cfg, opts = task["start"], task["stop"], task["cfg"], task["storage_options"]
@@ -573,9 +572,16 @@ def build(inputs: BuildInputs, cfg: KBConfig = KBConfig()) -> dict:
     key = fingerprint(internal, external if n_ext else None, cfg)
     fitted = resumed_fit(inputs.out, key, opts)
     resumed = fitted is not None
+    sizes = estimate["sizes"]
     if fitted is None:
+        log.info("fit (one task, %g CPUs; minutes): the mapping on %d internal pairs, k-means on %d internal + %d "
+                 "external rows, W on up to %d rows per side", single, sizes["internal_sample"],
+                 sizes["kmeans_internal"], sizes["kmeans_external"], sizes["align_rows"])
         fitted = ray.get(task(fit, "fit", single).remote(internal, external if n_ext else None, cfg, opts))
         save_fit(inputs.out, key, fitted, opts)
+        log.info("fit done in %.0f s", time.perf_counter() - t0)
+    else:
+        log.info("fit: reusing the fit of an interrupted build of the same inputs and settings")
     cfg = fitted.cfg
     report = {**(inputs.report or {}), **fitted.report, "fit_resumed": resumed,
               "memory_estimate_bytes": {k: int(v) for k, v in estimate.items() if k != "sizes"},
@@ -601,15 +607,18 @@ def build(inputs: BuildInputs, cfg: KBConfig = KBConfig()) -> dict:
             report["purification"] = "disabled"
     parts = Side("kb", inputs.out, _parts(inputs.out, opts, sides))
     n = parts.rows
+    log.info("purify done in %.0f s: %d rows in the KB", report["stages"]["purify"]["seconds"], n)
     # 3. index: trained once, then one task per shard over a range of global row ids
     t0 = time.perf_counter()
     kind = choose_kind(n, cfg.index, max(inputs.dims))
+    n_shards = max(1, min(estimate["sizes"]["shards"], n))
+    log.info("index (%s): trained on a random sample in one task, then populated by %d shard task(s)", kind,
+             n_shards)
     parts_ref = ray.put(parts)
     trained = ray.get(task(train_indexes, "train", single).remote(parts_ref, kind, cfg, opts))
     query_ids = sample_ids(n, cfg.index.recall_queries, cfg.filter.seed + 11)
     queries = ray.put({m: parts.read(query_ids, m, opts) for m in MODALITIES})
     trained_ref = ray.put({m: trained[m] for m in MODALITIES})
-    n_shards = max(1, min(estimate["sizes"]["shards"], n))
     bounds = np.linspace(0, n, n_shards + 1).astype(int)
     shard_fn = task(build_index_shard, "index", spread_cpus(n_shards, cfg.build.task_cpus, node_cpus, cluster_cpus))
     results = ray.get([shard_fn.remote({"start": int(a), "stop": int(b), "shard": i, "kind": kind,
@@ -620,6 +629,8 @@ def build(inputs: BuildInputs, cfg: KBConfig = KBConfig()) -> dict:
     report["index_kind"] = kind
     report["index_train_rows"] = trained["train_rows"]
     report["recall"] = recall_report(results, query_ids, cfg.index.min_recall)
+    log.info("index done in %.0f s: recall@%d %s", report["stages"]["index"]["seconds"], RECALL_K,
+             {m: report["recall"][m] for m in MODALITIES})
     if report["recall"]["below_min"]:
         log.warning("index recall@%d %s is below index.min_recall %.2f: raise index.nprobe, index.rerank_factor or "
                     "index.bytes_per_row and rebuild", RECALL_K, {m: report["recall"][m] for m in MODALITIES},

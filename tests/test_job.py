@@ -47,13 +47,17 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def kb(ray_local, tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("kb")
+def build_job_kb(root: Path) -> str:
+    """The small KB the job's tests complete against (generated pairs, lite encoders, no calibration)."""
     write_parquet(make_internal(150, seed=0).select(["id", "image", "text"]), f"{root}/internal/part-0.parquet")
     write_parquet(make_external(150, seed=0).select(["id", "image", "text"]), f"{root}/external/part-0.parquet")
     run_kb_build(KBBuildSpec(internal=f"{root}/internal", external=f"{root}/external", out=f"{root}/kb", cfg=FAST_KB))
     return f"{root}/kb"
+
+
+@pytest.fixture(scope="module")
+def kb(ray_local, tmp_path_factory) -> str:
+    return build_job_kb(tmp_path_factory.mktemp("kb"))
 
 
 def _incomplete(n: int, seed: int = 1) -> pa.Table:

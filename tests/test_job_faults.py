@@ -21,11 +21,16 @@ import yaml
 from actors import faults
 from pipeline.job import read_output
 from pipeline.storage import Storage
-from tests.test_job import REPO, _incomplete, _write_shards, kb  # noqa: F401: kb is the module's KB fixture
+from tests.test_job import REPO, _incomplete, _write_shards, build_job_kb
 
 N, SHARDS = 48, 3
 # small blocks and batches: every stage sees several batches, so "batch 2" lands mid-job
 CONFIG = {"block_rows": 8, "resources": {s: {"batch_size": 8} for s in ("embed", "retrieve", "generate")}}
+
+
+@pytest.fixture(scope="module")
+def kb(ray_local, tmp_path_factory) -> str:
+    return build_job_kb(tmp_path_factory.mktemp("kb"))
 
 
 def _job(kb: str, tmp_path: Path, plan: list[dict], config: dict | None = None,
@@ -147,7 +152,7 @@ def test_object_storage_errors_and_resets_are_retried_and_every_row_comes_out_on
                                                                                    tmp_path):
     """Input, KB and output on S3 behind a proxy that answers every 5th request with 500, 503 SlowDown or a
     connection reset: the job completes every row exactly once (botocore retries them: storage.retries)."""
-    from pipeline.config import JobConfig, StorageConfig
+    from pipeline.config import JobConfig
     from pipeline.job import JobSpec, run_job
     from tests.faulty_s3 import FaultyProxy
 
