@@ -9,8 +9,8 @@ given key, and what happens then:
   ``times`` does not apply); with ``batch`` on that batch's rows, whichever way they are called again;
 * ``exit``: kill the worker process (``os._exit``), as a preempted node or an OOM kill would;
 * ``hang``: sleep ``seconds`` (past ``job.batch_timeout_s``);
-* ``kill_job``: SIGKILL the worker's whole process group: a job started in a session of its own (its driver
-  and its local Ray cluster) dies at once, as on a power cut. The output sink's stage is ``commit``: its
+* ``kill_job``: SIGKILL the job's process group (the driver's, :func:`register_job`): a job started in a
+  session of its own, its driver and its local Ray cluster, dies at once, as on a power cut. The output sink's stage is ``commit``: its
   batch N is the Nth block committed, so a job can be killed after exactly N committed blocks.
 
 ``RAG4DMC_FAULTS`` holds JSON: a list of faults, or ``{"dir": DIR, "faults": [...]}``. With ``dir`` (a folder
@@ -39,6 +39,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 ENV = "RAG4DMC_FAULTS"
+JOB_GROUP_ENV = "RAG4DMC_FAULTS_JOB_PGID"  # the driver's process group, for ``kill_job`` (``register_job``)
 KINDS = ("transient", "permanent", "exit", "hang", "kill_job")
 EXIT_CODE = 17  # what an injected ``exit`` leaves in the worker's log
 
@@ -147,6 +148,13 @@ def _claim(plan: Plan, index: int, fault: Fault) -> bool:
     return False
 
 
+def register_job() -> None:
+    """On the driver, before it starts Ray: name its process group for ``kill_job`` (the workers of a local
+    cluster inherit the variable; Ray may put them in process groups of their own)."""
+    if ENV in os.environ:
+        os.environ[JOB_GROUP_ENV] = str(os.getpgid(0))
+
+
 def inject(stage: str, row_keys: Sequence[str], new_batch: bool = True) -> None:
     """Fire the faults planned for this call of ``stage`` on these rows (``new_batch``: a batch, not one of
     its rows retried alone). Returns at once when no faults are planned."""
@@ -177,7 +185,7 @@ def inject(stage: str, row_keys: Sequence[str], new_batch: bool = True) -> None:
         if fault.kind == "kill_job":
             import signal
 
-            os.killpg(os.getpgid(0), signal.SIGKILL)
+            os.killpg(int(os.environ.get(JOB_GROUP_ENV) or os.getpgid(0)), signal.SIGKILL)
         if fault.kind == "hang":
             time.sleep(fault.seconds)
         elif fault.kind == "transient":

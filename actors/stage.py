@@ -20,6 +20,7 @@ an exception into the failure of the rows it came from (alone, when a batch-wide
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -48,16 +49,24 @@ class BatchTimeout(Exception):
     """A stage's call on one batch ran past ``StagePolicy.timeout_s``."""
 
 
+STUCK_EXIT_CODE = 18  # a worker that left a call running past the timeout exits with this before its next one
+
+
 @dataclass(frozen=True)
 class StagePolicy:
     """How :func:`apply` treats a failing call (``JobConfig.batch_timeout_s``, ``transient_retries``,
     ``retry_backoff_s``): transient errors are retried on the whole batch, with exponential backoff; then a
     batch that still raises is retried row by row, so only the rows that raise fail; a call past the timeout
-    fails its rows with the reason."""
+    fails its rows with the reason. The default (Serve, the evaluation, tests) retries nothing and never times out.
+
+    ``replace_stuck_worker``: a call past the timeout cannot be stopped, and it still holds the model (and the
+    GPU); the worker then exits before its next call, so that Ray replaces it (``JobConfig.actor_restarts``)
+    and reruns that next batch on a fresh one. The job sets it; a process that must not exit does not."""
 
     timeout_s: float | None = None
-    retries: int = 2
-    backoff_s: float = 1.0
+    retries: int = 0
+    backoff_s: float = 0.0
+    replace_stuck_worker: bool = False
 
 
 @dataclass(frozen=True)
@@ -139,6 +148,11 @@ def _call(stage: Stage, rows: Batch, new_batch: bool) -> Produced:
         return stage.process(rows)
 
     timeout = stage.policy.timeout_s
+    stuck = getattr(stage, "_stuck", None)
+    if stuck is not None and stuck.is_alive() and stage.policy.replace_stuck_worker:
+        log.error("%s: a call that timed out is still running; exiting so that Ray replaces this worker",
+                  stage.name)
+        os._exit(STUCK_EXIT_CODE)
     if timeout is None:
         return run()
     box: dict[str, Any] = {}
@@ -146,7 +160,7 @@ def _call(stage: Stage, rows: Batch, new_batch: bool) -> Produced:
     def target() -> None:
         try:
             box["result"] = run()
-        except BaseException as exc:  # noqa: BLE001: re-raised in the caller's thread
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             box["error"] = exc
 
     worker = threading.Thread(target=target, name=f"{stage.name}-batch", daemon=True)
@@ -155,6 +169,7 @@ def _call(stage: Stage, rows: Batch, new_batch: bool) -> Produced:
     if worker.is_alive():
         log.error("%s: a call on %d rows is still running after %g s; its rows fail and the call is left behind",
                   stage.name, len(rows["row_key"]), timeout)
+        stage._stuck = worker
         raise BatchTimeout(f"{stage.name} timed out after {timeout:g} s")
     if "error" in box:
         raise box["error"]
@@ -179,7 +194,7 @@ def _with_retries(stage: Stage, rows: Batch, m: int) -> tuple[Produced, int]:
             log.warning("%s: transient error on a batch of %d rows (%s); retry %d of %d in %.1f s", stage.name, m, exc,
                         attempt + 1, policy.retries, wait)
             time.sleep(wait)
-        except Exception as exc:  # noqa: BLE001: isolate the row(s) that raised
+        except Exception as exc:  # noqa: BLE001 - isolate the row(s) that raised
             log.warning("%s failed on a batch of %d rows (%s); retrying its rows one by one", stage.name, m, exc)
             return _one_by_one(stage, rows, m), attempt
     raise AssertionError("unreachable")
@@ -195,7 +210,7 @@ def _one_by_one(stage: Stage, rows: Batch, m: int) -> Produced:
         except BatchTimeout as exc:
             errors.append(str(exc))
             continue
-        except Exception as exc:  # noqa: BLE001: the row's failure, with the reason, is the contract
+        except Exception as exc:  # noqa: BLE001 - the row's failure, with the reason, is the contract
             log.warning("%s failed on row %s: %s", stage.name, rows["row_key"][j], exc)
             errors.append(f"{stage.name} failed: {type(exc).__name__}: {exc}")
             continue

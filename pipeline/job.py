@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from actors import faults
 from actors.resources import use_gpus
 from pipeline import datasets, kb_store
 from pipeline.config import ConfigError, JobConfig
@@ -58,7 +59,7 @@ def check_output(storage: Storage, out: str) -> None:
     try:
         storage.write_bytes(probe, b"")
         storage.remove(probe)
-    except Exception as exc:  # noqa: BLE001: any failure to write is the output's; the message says which
+    except Exception as exc:  # noqa: BLE001 - any failure to write is the output's; the message says which
         raise OutputNotWritable(
             f"cannot write to --out {out} ({type(exc).__name__}: {exc}): check that the bucket or folder exists "
             "and that these credentials may write and delete there") from None
@@ -124,13 +125,16 @@ def run_job(spec: JobSpec) -> dict:
     storage = Storage(spec.cfg.storage)
     kb = kb_store.load(spec.kb, storage.options, shards=[], with_entries=False)  # the manifest only
     preflight(spec.cfg, kb.manifest)
-    check_output(storage, spec.out)
-    _check_run(storage, spec, kb.version)
     summary_path = f"{spec.out}/{SUMMARY_FILE}"
-    if storage.exists(summary_path) and not spec.retry_failed:
+    finished = storage.exists(summary_path) and not spec.retry_failed
+    if not finished:
+        check_output(storage, spec.out)
+    _check_run(storage, spec, kb.version)
+    if finished:
         log.info("%s already holds a finished run; nothing to do (use --retry-failed to redo failed rows)", spec.out)
         return json.loads(storage.read_bytes(summary_path))
     if not ray.is_initialized():
+        faults.register_job()  # a testing aid: nothing unless RAG4DMC_FAULTS is set
         ray.init(log_to_driver=False)
 
     t0 = time.perf_counter()

@@ -178,3 +178,22 @@ def test_with_a_state_folder_batches_are_numbered_across_processes(plan):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert done.stdout.strip() == "fired: injected transient fault in double at batch 2", done.stderr
+
+
+def test_a_job_worker_left_with_a_stuck_call_exits_before_its_next_batch(plan):
+    """The job's policy: the stuck call still holds the model, so the worker exits (Ray replaces it) instead of
+    running the next batch beside it."""
+    plan({"stage": "double", "kind": "hang", "batch": 1, "seconds": 60})
+    code = ("import numpy as np\n"
+            "from actors.stage import StagePolicy, apply\n"
+            "from tests.test_faults import Double, _batch\n"
+            "stage = Double(StagePolicy(timeout_s=0.3, replace_stuck_worker=True))\n"
+            "print(apply(stage, _batch(2))['error'].tolist(), flush=True)\n"
+            "apply(stage, _batch(2, 2))\n"
+            "print('ran beside the stuck call')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    from actors.stage import STUCK_EXIT_CODE
+
+    assert done.returncode == STUCK_EXIT_CODE, done.stderr[-2000:]
+    assert done.stdout.strip() == str(["double timed out after 0.3 s"] * 2)

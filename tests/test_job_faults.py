@@ -96,7 +96,10 @@ def test_a_transient_error_is_retried_and_counted_in_the_summary(kb, tmp_path):
 
 @pytest.mark.timeout(600)
 def test_a_poison_row_fails_alone_with_the_reason(kb, tmp_path):
-    poison = "part-001.parquet:3"
+    table = _incomplete(N, seed=7)
+    first = int(np.linspace(0, N, SHARDS + 1).astype(int)[1])  # shard 1's first row; one it embeds (incomplete)
+    row = next(i for i in range(first, N) if table["image"][i].as_py() is None or table["text"][i].as_py() is None)
+    poison = f"part-001.parquet:{row - first}"
     done, out, _ = _job(kb, tmp_path, [{"stage": "embed", "kind": "permanent", "row_key": poison}])
     assert done.returncode == 0, done.stdout[-3000:]
     rows = _rows(out)
@@ -108,11 +111,11 @@ def test_a_poison_row_fails_alone_with_the_reason(kb, tmp_path):
 @pytest.mark.timeout(600)
 def test_a_hung_batch_fails_its_rows_after_the_timeout_and_the_job_finishes(kb, tmp_path):
     done, out, _ = _job(kb, tmp_path, [{"stage": "generate", "kind": "hang", "batch": 1, "seconds": 3600}],
-                        {"batch_timeout_s": 5})
+                        {"batch_timeout_s": 30})
     assert done.returncode == 0, done.stdout[-3000:]
     rows = _rows(out)
     assert set(rows) == _all_keys()
-    timed_out = [k for k, r in rows.items() if r["error"] == "generate timed out after 5 s"]
+    timed_out = [k for k, r in rows.items() if r["error"] == "generate timed out after 30 s"]
     assert 0 < len(timed_out) <= 8
     assert all(r["status"] != "failed" for k, r in rows.items() if k not in timed_out)
 

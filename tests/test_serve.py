@@ -427,7 +427,7 @@ def test_a_concurrent_burst_is_batched_and_each_request_gets_its_own_answer(serv
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_rag4dmc_serve_stops_within_ten_seconds_of_a_signal_with_its_ray_processes(kb, sig):
+def test_rag4dmc_serve_stops_within_ten_seconds_of_a_signal_with_its_ray_processes(kb, sig, tmp_path):
     """`rag4dmc serve` in a session of its own (its own local Ray): once it answers /healthz, a signal ends it
     and every process of its group within 10 s."""
     import psutil
@@ -435,31 +435,35 @@ def test_rag4dmc_serve_stops_within_ten_seconds_of_a_signal_with_its_ray_process
 
     port = _free_port()
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--kb", kb, "--host", LOOPBACK,
-                             "--port", str(port), "--image-quality", "none"], cwd=repo,
-                            env={**os.environ, "PYTHONPATH": str(repo)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--kb", kb, "--host", LOOPBACK,
+                                 "--port", str(port), "--image-quality", "none"], cwd=repo,
+                                env={**os.environ, "PYTHONPATH": str(repo)}, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
     def group() -> list[psutil.Process]:
+        """The live processes of the server's group (zombies are dead: a container's PID 1 may not reap them)."""
         out = []
         for p in psutil.process_iter():
             try:
-                if os.getpgid(p.pid) == proc.pid:
+                if os.getpgid(p.pid) == proc.pid and p.status() != psutil.STATUS_ZOMBIE:
                     out.append(p)
             except (ProcessLookupError, psutil.Error):
                 continue
         return out
 
+    def healthy() -> bool:
+        try:
+            return requests.get(f"http://{LOOPBACK}:{port}{HEALTH_PATH}", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
     try:
         deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if requests.get(f"http://{LOOPBACK}:{port}{HEALTH_PATH}", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
+        while not healthy():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(1)
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
         assert len(group()) > 1  # the server and its Ray processes
         t0 = time.monotonic()
         proc.send_signal(sig)
