@@ -126,10 +126,14 @@ class IndexConfig(_Strict):
         10_000_000, ge=1, description="rows per index shard at most (one build task each); more rows, more shards")
     rerank_factor: int = Field(
         20, ge=1, description="approximate candidates per result, reranked exactly with the float16 vectors (at 495k "
-        "rows of IVF-PQ64: recall@10 0.86 at 10, 0.94 at 20; nprobe 32 -> 128 adds under 0.01)")
+        "rows of IVF-PQ64: recall@10 0.86 at 10, 0.94 at 20; nprobe 32 -> 128 adds under 0.01); the least the "
+        "build tries")
+    max_rerank_factor: int = Field(
+        160, ge=1, description="the build doubles rerank_factor up to this until the measured recall@10 reaches "
+        "min_recall, and saves the factor it chose (deeper rerank: slower queries, the same index)")
     min_recall: float = Field(
-        0.9, ge=0, le=1, description="recall@10 against exact search measured at build time: below it the build "
-        "warns and the report marks the index")
+        0.9, ge=0, le=1, description="recall@10 against exact search measured at build time: below it even at "
+        "max_rerank_factor, the build warns and the report marks the index")
     recall_queries: int = Field(500, ge=10, description="held-out queries the build-time recall is measured on")
 
 

@@ -111,6 +111,23 @@ def build_faiss(vectors: np.ndarray, kind: str, cfg: IndexConfig, seed: int = 0)
     return index
 
 
+def rerank_factors(kind: str, cfg: IndexConfig) -> list[int]:
+    """The rerank depths a build measures, from ``rerank_factor`` doubling up to ``max_rerank_factor`` (one for
+    exact search: it reranks nothing)."""
+    if kind == "flat":
+        return [cfg.rerank_factor]
+    out = [cfg.rerank_factor]
+    while out[-1] * 2 <= cfg.max_rerank_factor:
+        out.append(out[-1] * 2)
+    return out
+
+
+def pick_rerank_factor(recall: dict[int, float], min_recall: float) -> int:
+    """The least rerank depth whose measured recall reaches ``min_recall``; the deepest when none does."""
+    enough = [f for f in sorted(recall) if recall[f] >= min_recall]
+    return enough[0] if enough else max(recall)
+
+
 def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int = 10) -> float:
     """Mean |approx top-k & exact top-k| / k over queries (padding ids < 0 never match)."""
     hits = [len(set(a[:k][a[:k] >= 0]) & set(e[:k][e[:k] >= 0])) for a, e in zip(approx, exact)]
@@ -178,12 +195,14 @@ class VectorIndex:
         np.save(folder / VECTORS_FILE, self.vectors)
         self.save_index(folder)
 
+    def meta(self) -> dict:
+        return {"kind": self.kind, "rerank_factor": self.rerank_factor, "offset": self.offset}
+
     def save_index(self, folder: str | Path) -> None:
         """The FAISS index and the metadata only (the vectors are already in ``folder``, memory-mapped)."""
         folder = Path(folder)
         faiss.write_index(self.index, str(folder / INDEX_FILE))
-        meta = {"kind": self.kind, "rerank_factor": self.rerank_factor, "offset": self.offset}
-        (folder / META_FILE).write_text(json.dumps(meta))
+        (folder / META_FILE).write_text(json.dumps(self.meta()))
 
     @staticmethod
     def files(with_index: bool = True) -> list[str]:

@@ -383,7 +383,7 @@ def build_index_shard(task: dict, parts: Side, trained: dict, queries: dict) -> 
 
     import faiss
 
-    from pipeline.index import VectorIndex, set_search_params
+    from pipeline.index import VectorIndex, rerank_factors, set_search_params
     from pipeline.storage import is_remote
 
     start, stop, cfg, opts = task["start"], task["stop"], task["cfg"], task["storage_options"]
@@ -420,13 +420,18 @@ def build_index_shard(task: dict, parts: Side, trained: dict, queries: dict) -> 
                                               np.hstack([exact_i, top + start + at]), k)
                 at += len(x)
             vectors.flush()
-            vi = VectorIndex(vectors, index, task["kind"], cfg.index.rerank_factor, offset=start)
-            approx_s, approx_i = vi.search(q, k)
+            factors = rerank_factors(task["kind"], cfg.index)
+            vi = VectorIndex(vectors, index, task["kind"], factors[0], offset=start)
+            approx = {}
+            for f in factors:  # the recall of each rerank depth; the build keeps the least that is enough
+                vi.rerank_factor = f
+                approx[f] = vi.search(q, k)
+            vi.rerank_factor = factors[0]
             vi.save_index(folder)
             if remote:
                 _upload(folder, dest, opts)
                 shutil.rmtree(folder)
-            result[m] = {"exact": (exact_s, exact_i), "approx": (approx_s, approx_i), "sha256": digest.hexdigest()}
+            result[m] = {"exact": (exact_s, exact_i), "approx": approx, "sha256": digest.hexdigest()}
             del vi, vectors, index
     result["peak_rss"] = _peak_rss()
     return result
@@ -440,21 +445,40 @@ def _upload(folder, dest: str, storage_options: dict | None) -> None:
         fs.put_file(str(f), f"{path}/{f.name}")
 
 
-def recall_report(results: list[dict], query_ids: np.ndarray, min_recall: float) -> dict:
-    """recall@10 per modality of the approximate search against exact search, the query itself left out."""
-    out = {"queries": int(len(query_ids)), "k": RECALL_K, "min_recall": min_recall}
-    for m in MODALITIES:
-        merged = {}
-        for which in ("exact", "approx"):
-            s = np.hstack([r[m][which][0] for r in results])
-            i = np.hstack([r[m][which][1] for r in results])
-            s = np.where(i == query_ids[:, None], -np.inf, s)  # leave the query out
-            merged[which] = topk_merge(s, i, RECALL_K)[1]
-        from pipeline.index import recall_at_k
+def _merged_top(parts: list[tuple[np.ndarray, np.ndarray]], query_ids: np.ndarray) -> np.ndarray:
+    """The global top-k ids of per-shard (scores, ids), the query itself left out."""
+    s = np.hstack([p[0] for p in parts])
+    i = np.hstack([p[1] for p in parts])
+    s = np.where(i == query_ids[:, None], -np.inf, s)
+    return topk_merge(s, i, RECALL_K)[1]
 
-        out[m] = round(recall_at_k(merged["approx"], merged["exact"], RECALL_K), 4)
+
+def recall_report(results: list[dict], query_ids: np.ndarray, min_recall: float) -> dict:
+    """recall@10 per modality of the approximate search against exact search, the query itself left out, at each
+    rerank depth measured; each modality's ``rerank_factor`` is the least depth that reaches ``min_recall``."""
+    from pipeline.index import pick_rerank_factor, recall_at_k
+
+    out: dict = {"queries": int(len(query_ids)), "k": RECALL_K, "min_recall": min_recall, "rerank_factor": {},
+                 "by_rerank_factor": {}}
+    for m in MODALITIES:
+        exact = _merged_top([r[m]["exact"] for r in results], query_ids)
+        by_factor = {f: round(recall_at_k(_merged_top([r[m]["approx"][f] for r in results], query_ids), exact,
+                                          RECALL_K), 4) for f in results[0][m]["approx"]}
+        chosen = pick_rerank_factor(by_factor, min_recall)
+        out[m], out["rerank_factor"][m], out["by_rerank_factor"][m] = by_factor[chosen], chosen, by_factor
     out["below_min"] = any(out[m] < min_recall for m in MODALITIES)
     return out
+
+
+def save_rerank_factors(out: str, shard_paths: list[str], kind: str, factors: dict[str, int], offsets: list[int],
+                        storage_options: dict | None) -> None:
+    """Each index's saved metadata with the rerank depth the build chose for its modality."""
+    from pipeline.index import META_FILE
+
+    for path, offset in zip(shard_paths, offsets):
+        for m in MODALITIES:
+            fs, p = layout.url_to_fs(f"{out}/{path}/{m}/{META_FILE}", storage_options)
+            fs.pipe_file(p, json.dumps({"kind": kind, "rerank_factor": factors[m], "offset": int(offset)}).encode())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -629,12 +653,14 @@ def build(inputs: BuildInputs, cfg: KBConfig = KBConfig()) -> dict:
     report["index_kind"] = kind
     report["index_train_rows"] = trained["train_rows"]
     report["recall"] = recall_report(results, query_ids, cfg.index.min_recall)
-    log.info("index done in %.0f s: recall@%d %s", report["stages"]["index"]["seconds"], RECALL_K,
-             {m: report["recall"][m] for m in MODALITIES})
+    save_rerank_factors(inputs.out, [kb_store.shard_dir(i) for i in range(n_shards)], kind,
+                        report["recall"]["rerank_factor"], [int(a) for a in bounds[:-1]], opts)
+    log.info("index done in %.0f s: recall@%d %s at rerank_factor %s", report["stages"]["index"]["seconds"], RECALL_K,
+             {m: report["recall"][m] for m in MODALITIES}, report["recall"]["rerank_factor"])
     if report["recall"]["below_min"]:
-        log.warning("index recall@%d %s is below index.min_recall %.2f: raise index.nprobe, index.rerank_factor or "
-                    "index.bytes_per_row and rebuild", RECALL_K, {m: report["recall"][m] for m in MODALITIES},
-                    cfg.index.min_recall)
+        log.warning("index recall@%d %s is below index.min_recall %.2f even at rerank_factor %d: raise "
+                    "index.max_rerank_factor, index.nprobe or index.bytes_per_row and rebuild", RECALL_K,
+                    {m: report["recall"][m] for m in MODALITIES}, cfg.index.min_recall, cfg.index.max_rerank_factor)
     # 4. entries, mapping, report, manifest (last: it marks the KB complete)
     t0 = time.perf_counter()
     rows, entries_sha = write_entries(parts, f"{inputs.out}/{kb_store.ENTRIES_FILE}", opts)

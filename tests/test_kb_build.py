@@ -204,6 +204,30 @@ def test_index_shards_populated_in_parallel_answer_as_one_index(tmp_path):
     assert report["image"] >= 0.9 and not report["below_min"]
 
 
+def test_the_build_keeps_the_least_rerank_depth_that_reaches_min_recall(tmp_path):
+    """Coarse PQ codes (4 bytes a row): reranking 1 candidate per result misses neighbours; the build measures
+    each depth, keeps the least one with recall@10 >= min_recall, and saves it with the shard's index."""
+    rng = np.random.default_rng(4)
+    base, _ = clustered(rng, rng.normal(size=(10, D)) * 2, 6000, 0.6)
+    base = normalize_rows(base, "base")
+    _write_side(f"{tmp_path}/parts", {"image": base, "text": base.copy()}, 2, "p")
+    parts = kb_build.Side("kb", str(tmp_path), layout.list_embedding_shards(f"{tmp_path}/parts"))
+    cfg = CFG.model_copy(update={"index": IndexConfig(nlist=16, nprobe=16, pq_m=4, rerank_factor=1,
+                                                      max_rerank_factor=64, recall_queries=60)})
+    trained = kb_build.train_indexes(parts, "ivfpq", cfg, None)
+    queries = {m: base[:60] for m in ("image", "text")}
+    result = kb_build.build_index_shard({"start": 0, "stop": 6000, "shard": 0, "path": "shard-00000", "kind": "ivfpq",
+                                         "cfg": cfg, "out": str(tmp_path / "kb"), "storage_options": None},
+                                        parts, trained, queries)
+    report = kb_build.recall_report([result], np.arange(60), 0.9)
+    by_factor, chosen = report["by_rerank_factor"]["image"], report["rerank_factor"]["image"]
+    assert sorted(by_factor) == [1, 2, 4, 8, 16, 32, 64]
+    assert by_factor[1] < 0.9 <= by_factor[chosen] == report["image"]
+    assert all(by_factor[f] < 0.9 for f in by_factor if f < chosen)  # the least depth that is enough
+    kb_build.save_rerank_factors(str(tmp_path / "kb"), ["shard-00000"], "ivfpq", report["rerank_factor"], [0], None)
+    assert VectorIndex.load(tmp_path / "kb" / "shard-00000" / "image").rerank_factor == chosen
+
+
 def test_an_index_shard_is_written_in_place_locally_and_uploaded_whole_to_object_storage(
         tmp_path, s3_server, s3_bucket):
     """A local KB's shard is written where it stays (a stale file of an interrupted build is gone); on S3 the
