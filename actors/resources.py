@@ -53,8 +53,8 @@ class Resources:
 
     def map_batches_kwargs(self, restarts: int = -1) -> dict[str, Any]:
         """Keyword arguments for ``Dataset.map_batches`` with a callable class. An actor whose process dies is
-        restarted up to ``restarts`` times (-1: always) and its batch retried on the new one (``JobConfig.
-        actor_restarts``; Ray Data's own default, stated here so the job's choice is in one place)."""
+        restarted up to ``restarts`` times (``JobConfig.actor_restarts``) and its batch retried on the new one.
+        -1 (always) is Ray Data's own default, so only another value is passed on."""
         from ray.data import ActorPoolStrategy
 
         kwargs: dict[str, Any] = {
@@ -62,9 +62,9 @@ class Resources:
             "compute": ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors),
             "batch_size": self.effective_batch_size(),
             "memory": int(self.memory_gb * 1024**3),
-            "max_restarts": restarts,
-            "max_task_retries": -1 if restarts else 0,
         }
+        if restarts != -1:
+            kwargs.update(max_restarts=restarts, max_task_retries=-1 if restarts else 0)
         if self.num_gpus:
             kwargs["num_gpus"] = self.num_gpus
         return kwargs
