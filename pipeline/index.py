@@ -21,6 +21,7 @@ from pipeline.knn import DEFAULT_BLOCK, EmbeddingError, normalize_rows
 log = logging.getLogger(__name__)
 
 MIN_ROWS_PER_LIST = 39  # FAISS's own lower bound for a meaningful k-means
+RERANK_GATHER_BYTES = 256 * 2**20  # candidate vectors a search holds at once for its exact rerank
 INDEX_FILE, VECTORS_FILE, META_FILE = "index.faiss", "vectors.npy", "meta.json"  # a saved index folder
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 PQ_CENTROIDS = 256  # 8-bit PQ codes
@@ -168,6 +169,8 @@ class VectorIndex:
         fetch = k_eff if self.kind == "flat" else min(len(self), k_eff * self.rerank_factor)
         scores = np.full((len(q), k), -np.inf, dtype=np.float32)
         ids = np.full((len(q), k), -1, dtype=np.int64)
+        # the rerank gathers (queries x fetch x dim) float32 vectors: bound that, whatever the depth
+        block_size = max(1, min(block_size, RERANK_GATHER_BYTES // max(1, fetch * self.dim * 4)))
         for s in range(0, len(q), block_size):
             block = q[s : s + block_size]
             _, cand = self.index.search(block, fetch)
