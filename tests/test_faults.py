@@ -45,6 +45,12 @@ class Double(Stage):
         return Produced({"out": 2 * rows["v"]})
 
 
+def _child(code: str) -> subprocess.CompletedProcess:
+    """``code`` in a new Python process (the fault plan in its environment): another worker."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
 @pytest.fixture
 def plan(monkeypatch, tmp_path):
     """Set RAG4DMC_FAULTS for this test (with a fresh state folder)."""
@@ -129,8 +135,7 @@ def test_a_fault_fires_at_most_times_in_all_processes_together(plan, tmp_path):
     code = ("from actors import faults\n"
             "faults.inject('double', ['s:0'])\n"  # the same row in a new process: already fired
             "print('no fault')")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    done = _child(code)
     assert done.stdout.strip() == "no fault", done.stderr
     assert sorted(p.name for p in (tmp_path / "state").glob("fault-*")) == ["fault-0-0"]
 
@@ -142,8 +147,7 @@ def test_an_exit_fault_kills_its_process(plan, tmp_path):
             "print('batch 1 done', flush=True)\n"
             "faults.inject('double', ['s:1'])\n"
             "print('batch 2 done')")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    done = _child(code)
     assert done.returncode == faults.EXIT_CODE and done.stdout.strip() == "batch 1 done"
 
 
@@ -175,8 +179,7 @@ def test_with_a_state_folder_batches_are_numbered_across_processes(plan):
             "    faults.inject('double', ['s:1'])\n"
             "except faults.TransientFault as exc:\n"
             "    print('fired:', exc)\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    done = _child(code)
     assert done.stdout.strip() == "fired: injected transient fault in double at batch 2", done.stderr
 
 
@@ -191,8 +194,7 @@ def test_a_job_worker_left_with_a_stuck_call_exits_before_its_next_batch(plan):
             "print(apply(stage, _batch(2))['error'].tolist(), flush=True)\n"
             "apply(stage, _batch(2, 2))\n"
             "print('ran beside the stuck call')\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    done = _child(code)
     from actors.stage import STUCK_EXIT_CODE
 
     assert done.returncode == STUCK_EXIT_CODE, done.stderr[-2000:]
