@@ -34,7 +34,7 @@ import psutil
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import LatentMixture, Target, count, counts, report  # noqa: E402
+from bench.common import LatentMixture, Target, count, counts, report, write_results  # noqa: E402
 from pipeline import layout  # noqa: E402
 
 DIM = 512  # open_clip ViT-B-32's embedding size (the encoder the KB is declared with; no weights are needed)
@@ -175,6 +175,9 @@ def main() -> None:
                "recall@10 text": rep["recall"]["text"], "disk B/row": round(du(kb) / kb_rows, 1),
                "kept external": rep["filter"]["kept_pairs"]}
         rows.append(row)
+        # on disk as soon as measured: a run stopped during a later size keeps this one's figures
+        write_results("kb_scale", {"benchmark": "kb_scale", "partial": True, "internal_rows": args.internal,
+                                   "builds": rows, "stages": stage_rows})
         targets += [Target(f"driver peak RSS at {n:,} rows", row["driver peak GiB"], 2.0, at_least=False, unit=" GiB"),
                     Target(f"largest task's peak RSS at {n:,} rows", row["task peak GiB"], 6.0, at_least=False,
                            unit=" GiB"),
