@@ -37,6 +37,7 @@ import pyarrow as pa
 from actors.resources import use_assigned_cpus
 from pipeline import layout
 from pipeline.config import KBConfig
+from pipeline.index import RERANK_GATHER_BYTES
 from pipeline.kb_store import PARTS_DIR
 from pipeline.knn import normalize_rows
 from pipeline.purify import (
@@ -142,8 +143,12 @@ def estimate_memory(n_int: int, n_ext: int, dims: tuple[int, int], cfg: KBConfig
            + s["piece_rows"] * d_sum * f4 * 2
            + s["align_rows"] * d_max * f4 * 4)  # aligned sample, W applied, CSLS blocks
     purify = s["piece_rows"] * d_sum * f4 * 4 + max_shard_rows * d_sum * 2  # a piece's work, the part's float16
+    # codes (and the add's copy), a piece as float32, the recall queries' similarities to a piece, the exact
+    # rerank's gathered candidates and their product (``VectorIndex.search`` bounds the gather); the float16
+    # vectors are a memory-mapped file (page cache, not the task's own memory)
     index = max(s["shard_rows"] * s["code_bytes"][m] for m in MODALITIES) * 2 \
-        + s["piece_rows"] * d_max * f4 * 3 + cfg.index.recall_queries * (RECALL_K + 1) * 16 * 4
+        + s["piece_rows"] * d_max * f4 * 3 + cfg.index.recall_queries * s["piece_rows"] * f4 \
+        + RERANK_GATHER_BYTES * 2 + cfg.index.recall_queries * (RECALL_K + 1) * 16 * 4
     driver = max(s["piece_rows"], max_shard_rows) * METADATA_BYTES_PER_ROW  # one part's entries at a time
     train = s["train_rows"] * d_max * f4 * 3  # the sample, its normalised copy, FAISS's k-means
     return {"driver": BASE_PROCESS_BYTES + driver, "fit": BASE_PROCESS_BYTES + fit,
