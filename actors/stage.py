@@ -61,7 +61,8 @@ class StagePolicy:
 
     ``replace_stuck_worker``: a call past the timeout cannot be stopped, and it still holds the model (and the
     GPU); the worker then exits before its next call, so that Ray replaces it (``JobConfig.actor_restarts``)
-    and reruns that next batch on a fresh one. The job sets it; a process that must not exit does not."""
+    and reruns that next batch on a fresh one. Off by default, and the job leaves it off: Ray may recompute
+    blocks the dead worker had returned, so a timed-out batch's rows would fail or complete by chance."""
 
     timeout_s: float | None = None
     retries: int = 0
