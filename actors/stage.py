@@ -20,7 +20,6 @@ an exception into the failure of the rows it came from (alone, when a batch-wide
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -49,8 +48,6 @@ class BatchTimeout(Exception):
     """A stage's call on one batch ran past ``StagePolicy.timeout_s``."""
 
 
-STUCK_EXIT_CODE = 18  # a worker that left a call running past the timeout exits with this before its next one
-
 
 @dataclass(frozen=True)
 class StagePolicy:
@@ -59,15 +56,14 @@ class StagePolicy:
     batch that still raises is retried row by row, so only the rows that raise fail; a call past the timeout
     fails its rows with the reason. The default (Serve, the evaluation, tests) retries nothing and never times out.
 
-    ``replace_stuck_worker``: a call past the timeout cannot be stopped, and it still holds the model (and the
-    GPU); the worker then exits before its next call, so that Ray replaces it (``JobConfig.actor_restarts``)
-    and reruns that next batch on a fresh one. Off by default, and the job leaves it off: Ray may recompute
-    blocks the dead worker had returned, so a timed-out batch's rows would fail or complete by chance."""
+    A call past the timeout cannot be stopped from Python: it stays behind in its worker, holding the model,
+    while the worker goes on with its next batch. Exiting the worker instead (so that Ray replaces it) was
+    tried and dropped: Ray may recompute the blocks a dead worker had returned, so the timed-out rows would
+    then complete or fail by chance."""
 
     timeout_s: float | None = None
     retries: int = 0
     backoff_s: float = 0.0
-    replace_stuck_worker: bool = False
 
 
 @dataclass(frozen=True)
@@ -149,11 +145,6 @@ def _call(stage: Stage, rows: Batch, new_batch: bool) -> Produced:
         return stage.process(rows)
 
     timeout = stage.policy.timeout_s
-    stuck = getattr(stage, "_stuck", None)
-    if stuck is not None and stuck.is_alive() and stage.policy.replace_stuck_worker:
-        log.error("%s: a call that timed out is still running; exiting so that Ray replaces this worker",
-                  stage.name)
-        os._exit(STUCK_EXIT_CODE)
     if timeout is None:
         return run()
     box: dict[str, Any] = {}
@@ -170,7 +161,6 @@ def _call(stage: Stage, rows: Batch, new_batch: bool) -> Produced:
     if worker.is_alive():
         log.error("%s: a call on %d rows is still running after %g s; its rows fail and the call is left behind",
                   stage.name, len(rows["row_key"]), timeout)
-        stage._stuck = worker
         raise BatchTimeout(f"{stage.name} timed out after {timeout:g} s")
     if "error" in box:
         raise box["error"]

@@ -85,8 +85,6 @@ def direction_stages(task: str, cfg: JobConfig, kb_uri: str, kb_manifest: dict, 
     complete = CompleteTexts if task == TASK_I2T else CompleteImages
     stages.append(complete(cfg.generator, selection, encoder, entries if entries is not None else kb_uri,
                            storage_options, settings=settings, example_cache_mb=cfg.storage.example_cache_mb))
-    # a stuck call stays behind in its worker (replace_stuck_worker off): a replaced worker's returned blocks can be
-    # lost and recomputed by Ray, so the timed-out rows would complete or fail by chance
     policy = StagePolicy(cfg.batch_timeout_s, cfg.transient_retries, cfg.retry_backoff_s)
     for stage in stages:
         stage.policy = policy
