@@ -29,10 +29,15 @@ Endpoints
     stage batched this one with. Errors are JSON ``{"error": what was wrong, "hint": what to do}``: 400 (no body, both
     modalities, neither, bad JSON / base64 / multipart, undecodable image, text too long), 401 (API key
     missing or wrong), 413 (body over ``max_upload_bytes``), 415 (not JSON or multipart), 422 (completion
-    failed: the row's error and provenance), 500 (a deployment failed), 504 (over ``request_timeout_s``).
+    failed: the row's error and provenance), 500 (a deployment failed, e.g. a replica crashed: the body's
+    ``error_id`` is in the log line with the traceback; Serve restarts the replica), 503 with ``Retry-After``
+    (overload: every ingress replica holds ``max_ongoing_requests`` and the proxy's queue holds
+    ``max_queued_requests``; or a deployment restarting), 504 (over ``request_timeout_s``).
 
 ``GET /healthz``
-    ``{"status": "ok", "kb_version": ..., "config_hash": ...}``; needs no API key.
+    ``{"status": "ok", "kb_version": ..., "config_hash": ...}`` once every deployment has answered (a replica of
+    each is up: the ingress alone can be up minutes before the models are loaded); 503 with ``Retry-After``
+    before. Needs no API key.
 
 Graph
 -----
@@ -56,7 +61,8 @@ Configuration
 -------------
 ``build_app(args)`` is the application builder: ``args`` are ``pipeline.config.ServeConfig`` keys (the
 job's ``retrieval`` / ``generator`` / ``selection`` / ``storage`` keys, plus ``kb``, ``api_key``,
-``max_upload_bytes``, ``max_text_chars``, ``batch_wait_timeout_s``, ``request_timeout_s``, ...).
+``max_upload_bytes``, ``max_text_chars``, ``batch_wait_timeout_s``, ``request_timeout_s``,
+``max_ongoing_requests``, ``max_queued_requests``, ``retry_after_s``, ...).
 ``deploy/serve_config.yaml`` holds them with the HTTP options and each deployment's autoscaling::
 
     serve run deploy/serve_config.yaml       # or: serve deploy deploy/serve_config.yaml (a running cluster)
@@ -78,6 +84,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import Application
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from actors.complete import CompleteImages, CompleteTexts
@@ -92,9 +99,11 @@ from deploy.protocol import (
     answer,
     check_api_key,
     check_declared_length,
+    internal_error,
     parse_request,
     prepare_query,
     read_body,
+    unavailable,
 )
 from pipeline import kb_store
 from pipeline.calibrate import effective_settings
@@ -113,6 +122,8 @@ from pipeline.schema import TASK_I2T, TASK_T2I
 from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
+# Serve's replica logger: its lines go to the replica's log file and stderr (the driver's output, `serve` logs)
+replica_log = logging.getLogger("ray.serve")
 
 APP_NAME = "rag4dmc"
 COMPLETE_PATH, HEALTH_PATH = "/v1/complete", "/healthz"
@@ -123,13 +134,21 @@ DEPLOYMENTS = (INGRESS, ENCODER, RETRIEVER, TEXT_GENERATOR, IMAGE_GENERATOR)
 ONGOING_PER_BATCH = 2
 # The ingress parses requests and decodes images (no model): a quarter CPU, like the job's CPU tasks.
 INGRESS_RESOURCES = Resources(num_cpus=0.25, memory_gb=1.0)
+HEALTH_PING_S = 2.0  # /healthz waits this long for every deployment's ping before it answers 503
+
+
+class Pingable:
+    """A deployment /healthz can ping: its replica is up once ``ping`` answers."""
+
+    def ping(self) -> bool:
+        return True
 
 api = FastAPI(title="rag4dmc", summary="Complete the missing modality of an image-text sample (RAG4DMC).")
 
 
 @api.exception_handler(RequestError)
 async def _refuse(request: Request, exc: RequestError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 # ------------------------------------------------------------------------------- messages between deployments
@@ -180,7 +199,7 @@ def configure_batching(method, max_batch_size: int, wait_timeout_s: float) -> No
 
 
 @serve.deployment(name=ENCODER)
-class Encoder:
+class Encoder(Pingable):
     """The knowledge base's frozen encoders (``create_encoder``): one batch of image and text queries at a time."""
 
     def __init__(self, encoder: EncoderConfig, max_batch_size: int, wait_timeout_s: float):
@@ -189,6 +208,9 @@ class Encoder:
 
     @serve.batch
     async def embed(self, queries: list[Query]) -> list[Embedded]:
+        return await asyncio.to_thread(self._embed, queries)
+
+    def _embed(self, queries: list[Query]) -> list[Embedded]:
         start = time.perf_counter()
         vectors: list[np.ndarray | None] = [None] * len(queries)
         images = [i for i, q in enumerate(queries) if q.modality == "image"]
@@ -204,7 +226,7 @@ class Encoder:
 
 
 @serve.deployment(name=RETRIEVER)
-class Retriever:
+class Retriever(Pingable):
     """Two-stage fusion retrieval over every shard of the knowledge base (``pipeline.kb``), as the job's
     retrieval stage does: each shard's stage-1 candidates, merged, then the fused rerank."""
 
@@ -216,6 +238,9 @@ class Retriever:
 
     @serve.batch
     async def search(self, observed: list[str], vectors: list[np.ndarray]) -> list[Retrieved]:
+        return await asyncio.to_thread(self._search, observed, vectors)
+
+    def _search(self, observed: list[str], vectors: list[np.ndarray]) -> list[Retrieved]:
         start = time.perf_counter()
         out: list[tuple[np.ndarray, ...] | None] = [None] * len(vectors)
         for modality in sorted(set(observed)):
@@ -230,7 +255,7 @@ class Retriever:
 
 
 @serve.deployment
-class Generator:
+class Generator(Pingable):
     """Generation and selection of one direction: the job's ``CompleteTexts`` (``task`` i2t) or
     ``CompleteImages`` (t2i) on a batch of requests, finalized to the job's output rows."""
 
@@ -246,6 +271,10 @@ class Generator:
     @serve.batch
     async def generate(self, requests: list[CompletionRequest], retrieved: list[Retrieved],
                        seconds_embed: list[float]) -> list[Completed]:
+        return await asyncio.to_thread(self._generate, requests, retrieved, seconds_embed)
+
+    def _generate(self, requests: list[CompletionRequest], retrieved: list[Retrieved],
+                  seconds_embed: list[float]) -> list[Completed]:
         start = time.perf_counter()
         out = self.complete(generation_batch(self.task, requests, retrieved, seconds_embed))
         rows = finalize(out, kb_version=self.kb_version, config_hash=self.config_hash).to_pylist()
@@ -288,9 +317,19 @@ class Completion:
         self.generators = {TASK_I2T: text_generator, TASK_T2I: image_generator}
         self.cfg, self.image_size, self.max_pixels = cfg, image_size, max_pixels
         self.health = {"status": "ok", "kb_version": kb_version, "config_hash": cfg.job_config().config_hash()}
+        self.ready = False  # every deployment has answered /healthz's ping
 
     @api.get(HEALTH_PATH)
     async def healthz(self) -> dict[str, str]:
+        """Ready once each deployment has answered a ping: checked until it has, never again after (a probe
+        must not queue behind a busy generator's batches)."""
+        if not self.ready:
+            pings = [h.ping.remote() for h in (self.encoder, self.retriever, *self.generators.values())]
+            try:
+                await asyncio.wait_for(asyncio.gather(*pings), HEALTH_PING_S)
+            except Exception:  # noqa: BLE001 - not up yet (or restarting): say so, never hang the probe
+                raise unavailable("its models are still loading", self.cfg.retry_after_s) from None
+            self.ready = True
         return self.health
 
     @api.post(COMPLETE_PATH)
@@ -307,11 +346,14 @@ class Completion:
             raise RequestError(504, f"no answer within request_timeout_s={self.cfg.request_timeout_s:g} s",
                                "retry later (the service is busy or still starting), or raise request_timeout_s"
                                ) from None
-        except Exception as exc:  # a deployment failed: say so, keep serving
-            log.exception("request %s failed", sample.id)
-            raise RequestError(500, f"the service failed on this request ({type(exc).__name__})",
-                               "retry; if it persists, the replica logs say why (serve status; Ray's logs)"
-                               ) from None
+        except BackPressureError as exc:  # a deployment's queue is full
+            raise unavailable(f"a deployment's queue is full ({exc.message})", self.cfg.retry_after_s) from None
+        except DeploymentUnavailableError as exc:
+            raise unavailable(f"a deployment is unavailable ({exc.message})", self.cfg.retry_after_s) from None
+        except Exception as exc:  # a deployment failed (a replica crashed, a bug): say so with an id, keep serving
+            failure = internal_error(exc)
+            replica_log.exception("request %s failed: error id %s", sample.id, failure.error_id)
+            raise failure from None
         status, answer_body = answer(done.row, image_format=self.cfg.generator.image_format,
                                      batch_sizes=batch_sizes)
         return JSONResponse(answer_body, status_code=status)
@@ -369,6 +411,9 @@ def compose(cfg: ServeConfig) -> Application:
             cfg.kb, storage_options, task, cfg.generator, selection, encoder, cfg.job_config().config_hash(),
             gen_batch, wait, settings))
     ingress_opts, _ = options("ingress", INGRESS_RESOURCES, cfg.max_ongoing_requests)
+    # overload: past max_ongoing_requests per replica and max_queued_requests per proxy, 503 + Retry-After
+    ingress_opts |= {"max_queued_requests": cfg.max_queued_requests,
+                     "backpressure_config": {"status_code": 503, "retry_after_s": cfg.retry_after_s}}
     return Completion.options(**ingress_opts).bind(
         Encoder.options(**enc_opts).bind(encoder, enc_batch, wait),
         Retriever.options(**ret_opts).bind(cfg.kb, storage_options, retrieval, ret_batch, wait),

@@ -14,6 +14,7 @@ import base64
 import binascii
 import hmac
 import json
+import math
 import re
 import uuid
 from collections.abc import AsyncIterable
@@ -42,14 +43,42 @@ USAGE = ('send JSON {"text": "..."} or {"image": "<base64>"}, or multipart/form-
 
 
 class RequestError(Exception):
-    """A request the service refuses: HTTP ``status``, what was wrong (``error``) and what to do (``hint``)."""
+    """A request the service refuses or fails: HTTP ``status``, what was wrong (``error``), what to do (``hint``),
+    the response's extra ``headers`` (Retry-After) and, for a failure of the service itself, the ``error_id``
+    its log line carries."""
 
-    def __init__(self, status: int, error: str, hint: str):
+    def __init__(self, status: int, error: str, hint: str, *, headers: dict[str, str] | None = None,
+                 error_id: str | None = None):
         super().__init__(f"{status}: {error}")
         self.status, self.error, self.hint = status, error, hint
+        self.headers, self.error_id = headers or {}, error_id
 
     def body(self) -> dict[str, str]:
-        return {"error": self.error, "hint": self.hint}
+        body = {"error": self.error, "hint": self.hint}
+        if self.error_id is not None:
+            body["error_id"] = self.error_id
+        return body
+
+
+def retry_after(seconds: float) -> dict[str, str]:
+    """The Retry-After header: whole seconds (RFC 9110), rounded up so a client never retries too early."""
+    return {"Retry-After": str(max(0, math.ceil(seconds)))}
+
+
+def unavailable(what: str, retry_after_s: float) -> RequestError:
+    """503 for a request the service cannot take now (a full queue, a deployment restarting)."""
+    return RequestError(503, f"the service cannot take this request now: {what}",
+                        f"retry after {max(0, math.ceil(retry_after_s))} s (the Retry-After header); if it "
+                        "persists, add replicas (autoscaling max_replicas) or raise max_queued_requests",
+                        headers=retry_after(retry_after_s))
+
+
+def internal_error(exc: BaseException) -> RequestError:
+    """500 for a request a deployment failed on, with a fresh error id (log it beside the traceback)."""
+    error_id = uuid.uuid4().hex[:16]
+    return RequestError(500, f"the service failed on this request ({type(exc).__name__}; error id {error_id})",
+                        "retry (a crashed replica is restarted); if it persists, search the service's log for the "
+                        "error id", error_id=error_id)
 
 
 @dataclass(frozen=True)

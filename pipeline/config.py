@@ -411,6 +411,14 @@ class ServeConfig(_Strict):
         64, ge=1, description="requests an ingress replica holds at once (each up to max_upload_bytes)"
     )
     request_timeout_s: float = Field(60.0, gt=0, description="a request not answered within this gets 504")
+    max_queued_requests: int = Field(
+        128, ge=1, description="requests each HTTP proxy holds waiting for an ingress replica once every replica has "
+        "max_ongoing_requests; the next ones get 503 at once, with Retry-After (overload never hangs a client)"
+    )
+    retry_after_s: float = Field(
+        1.0, ge=0, description="the Retry-After (seconds, rounded up) a 503 sends: overload, or a deployment "
+        "still starting"
+    )
 
     def job_config(self) -> JobConfig:
         """The batch job's config with the same output-deciding settings (its hash is the answers' config_hash)."""

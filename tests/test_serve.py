@@ -425,52 +425,163 @@ def test_a_concurrent_burst_is_batched_and_each_request_gets_its_own_answer(serv
         assert max(b["batch_sizes"][stage] for b in burst) > 1, stage
 
 
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_rag4dmc_serve_stops_within_ten_seconds_of_a_signal_with_its_ray_processes(kb, sig, tmp_path):
-    """`rag4dmc serve` in a session of its own (its own local Ray): once it answers /healthz, a signal ends it
-    and every process of its group within 10 s."""
-    import psutil
-    import requests
+class ServeProcess:
+    """`rag4dmc serve` as an operator runs it: a process in a session of its own, with its own local Ray (which
+    inherits its environment: a fault plan reaches the replicas), its output in a log file."""
 
-    port = _free_port()
-    repo = Path(__file__).resolve().parents[1]
-    log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--kb", kb, "--host", LOOPBACK,
-                                 "--port", str(port), "--image-quality", "none"], cwd=repo,
-                                env={**os.environ, "PYTHONPATH": str(repo)}, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    def __init__(self, kb: str, log: Path, *, config: dict | None = None, env: dict | None = None):
+        self.port, self.log = _free_port(), log
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--kb", kb, "--host", LOOPBACK, "--port",
+               str(self.port), "--image-quality", "none"]
+        if config:
+            path = log.with_suffix(".yaml")
+            path.write_text(yaml.safe_dump(config))
+            cmd += ["--config", str(path)]
+        with log.open("w") as out:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def group() -> list[psutil.Process]:
+    def healthy(self) -> bool:
+        import requests
+
+        try:
+            return requests.get(f"{self.url}{HEALTH_PATH}", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def wait_healthy(self, timeout_s: float = 600) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.healthy():
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()[-3000:]
+            time.sleep(1)
+
+    def group(self) -> list:
         """The live processes of the server's group (zombies are dead: a container's PID 1 may not reap them)."""
+        import psutil
+
         out = []
         for p in psutil.process_iter():
             try:
-                if os.getpgid(p.pid) == proc.pid and p.status() != psutil.STATUS_ZOMBIE:
+                if os.getpgid(p.pid) == self.proc.pid and p.status() != psutil.STATUS_ZOMBIE:
                     out.append(p)
             except (ProcessLookupError, psutil.Error):
                 continue
         return out
 
-    def healthy() -> bool:
-        try:
-            return requests.get(f"http://{LOOPBACK}:{port}{HEALTH_PATH}", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
+    def kill(self) -> None:
+        if self.proc.poll() is None or self.group():
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_rag4dmc_serve_stops_within_ten_seconds_of_a_signal_with_its_ray_processes(kb, sig, tmp_path):
+    """Once `rag4dmc serve` answers /healthz, a signal ends it and every process of its group within 10 s."""
+    server = ServeProcess(kb, tmp_path / "serve.log")
     try:
-        deadline = time.monotonic() + 600
-        while not healthy():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(1)
-        assert len(group()) > 1  # the server and its Ray processes
+        server.wait_healthy()
+        assert len(server.group()) > 1  # the server and its Ray processes
         t0 = time.monotonic()
-        proc.send_signal(sig)
-        proc.wait(timeout=10)
-        while group() and time.monotonic() - t0 < 10:
+        server.proc.send_signal(sig)
+        server.proc.wait(timeout=10)
+        while server.group() and time.monotonic() - t0 < 10:
             time.sleep(0.2)
-        assert time.monotonic() - t0 < 10 and not group(), [p.name() for p in group()]
+        assert time.monotonic() - t0 < 10 and not server.group(), [p.name() for p in server.group()]
     finally:
-        if proc.poll() is None or group():
-            os.killpg(proc.pid, signal.SIGKILL)
+        server.kill()
+
+
+# ------------------------------------------------------------------------ Serve under faults and overload
+
+CRASH_ID, SLOW_ID = "crash-me", "slow-me"
+FAULTY_TIMEOUT_S = 5.0  # request_timeout_s of the faulty service: the hung generation passes it
+HANG_S = 25.0  # the hung generation's length: past FAULTY_TIMEOUT_S, and it ends (the replica recovers)
+RETRY_AFTER_S = 2
+
+
+@dataclass(frozen=True)
+class FaultyService:
+    server: ServeProcess
+    state: Path  # the fault plan's state folder: a fault's marker file appears when it fires
+
+
+@pytest.fixture(scope="module")
+def faulty(kb, tmp_path_factory) -> Iterator[FaultyService]:
+    """`rag4dmc serve` with a fault plan: the caption generator's process exits on the request ``CRASH_ID``,
+    the image generator hangs ``HANG_S`` on ``SLOW_ID``; one ingress replica taking one request at a time
+    with one more queued, so a handful of concurrent requests overloads it."""
+    root = tmp_path_factory.mktemp("faulty-serve")
+    plan = {"dir": str(root / "state"), "faults": [
+        {"stage": "generate", "kind": "exit", "row_key": CRASH_ID},
+        {"stage": "generate", "kind": "hang", "row_key": SLOW_ID, "seconds": HANG_S}]}
+    config = {"request_timeout_s": FAULTY_TIMEOUT_S, "max_ongoing_requests": 1, "max_queued_requests": 1,
+              "retry_after_s": RETRY_AFTER_S, "resources": {"ingress": {"max_actors": 1}}}
+    server = ServeProcess(kb, root / "serve.log", config=config, env={"RAG4DMC_FAULTS": json.dumps(plan)})
+    try:
+        server.wait_healthy()
+        yield FaultyService(server, root / "state")
+    finally:
+        server.kill()
+
+
+def _send(url: str, body: dict, timeout: float = HTTP_TIMEOUT_S):
+    import requests
+
+    t0 = time.monotonic()
+    response = requests.post(f"{url}{COMPLETE_PATH}", json=body, timeout=timeout)
+    return response, time.monotonic() - t0
+
+
+def _image_body(i: int, request_id: str) -> dict:
+    (image,), _ = _samples(1, seed=100 + i)
+    return {"image": base64.b64encode(image).decode(), "id": request_id}
+
+
+def _until(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.timeout(600)
+def test_a_hung_generation_gets_504_and_requests_past_the_queue_get_503_with_retry_after(faulty):
+    url = faulty.server.url
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        slow = pool.submit(_send, url, {"text": "a slow red circle", "id": SLOW_ID})
+        # the hang fault's marker: the request holds the ingress's only slot, waiting for its generator
+        _until(lambda: any(faulty.state.glob("fault-1-*")), 60, "the slow request to reach its generator")
+        burst = [pool.submit(_send, url, _image_body(i, f"burst-{i}")) for i in range(5)]
+        answers = [f.result(timeout=HTTP_TIMEOUT_S) for f in burst]
+        timed_out, slow_s = slow.result(timeout=HTTP_TIMEOUT_S)
+    assert timed_out.status_code == 504, timed_out.text
+    assert f"request_timeout_s={FAULTY_TIMEOUT_S:g} s" in timed_out.json()["error"]
+    assert slow_s < HANG_S  # answered at the timeout, not when the generation ended
+    refused = [(r, s) for r, s in answers if r.status_code == 503]
+    # one slot, one queued: at least 3 of the 5 are refused; the others are answered once the slot frees
+    assert len(refused) >= 3, [r.status_code for r, _ in answers]
+    assert {r.status_code for r, _ in answers} <= {200, 503}, [r.text for r, _ in answers]
+    for response, seconds in refused:
+        assert response.headers["Retry-After"] == str(RETRY_AFTER_S)
+        assert seconds < FAULTY_TIMEOUT_S  # refused at once: not queued behind the slow request
+
+
+@pytest.mark.timeout(600)
+def test_a_replica_that_crashes_mid_request_gives_a_json_500_with_an_error_id_and_is_restarted(faulty):
+    crashed, _ = _send(faulty.server.url, _image_body(0, CRASH_ID))
+    assert any(faulty.state.glob("fault-0-*"))  # the caption generator's process exited during the request
+    assert crashed.status_code == 500, crashed.text
+    body = crashed.json()
+    assert body["error_id"] in body["error"] and body["hint"]
+    _until(lambda: body["error_id"] in faulty.server.log.read_text(), 60, "the error id in the service's log")
+    # Serve replaces the dead replica; until it is up, requests fail or time out (a JSON 5xx), afterwards they succeed
+    statuses: list[int] = []
+
+    def answered() -> bool:
+        response, _ = _send(faulty.server.url, _image_body(len(statuses) + 1, f"after-crash-{len(statuses)}"))
+        statuses.append(response.status_code)
+        return response.status_code == 200
+
+    _until(answered, 300, "a request answered after the crash")
+    assert set(statuses[:-1]) <= {500, 503, 504}, statuses
