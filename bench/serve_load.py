@@ -10,7 +10,8 @@ Two phases, each against ``rag4dmc serve --kb KB`` started here (a process with 
    ``--seconds`` (30). Reports requests/s, p50/p95/p99 latency and the answers by status. Target: no 5xx.
 2. **overload**: one ingress replica holding ``--overload-ongoing`` requests (2) with ``--overload-queued``
    (2) more waiting, and ``--overload-clients`` (32) clients: most requests are refused. Reports how fast the
-   refusals come and whether each carries ``Retry-After``. Targets: every answer is a 200 or a 503 with
+   refusals come and whether each carries ``Retry-After``; the clients wait the Retry-After before their next
+   request, as a well-behaved client does (``--ignore-retry-after``: they flood). Targets: every answer is a 200 or a 503 with
    ``Retry-After``, and the slowest 503 comes within a second.
 
 The clients are threads of this process and share the 2 cores with the service: the figures are those of
@@ -129,8 +130,9 @@ class Server:
             pass
 
 
-def drive(url: str, bodies: list[dict], clients: int, seconds: float) -> list[dict]:
-    """``clients`` threads sending requests back to back for ``seconds``; one record per answer."""
+def drive(url: str, bodies: list[dict], clients: int, seconds: float, honour_retry_after: bool = True) -> list[dict]:
+    """``clients`` threads sending requests back to back for ``seconds`` (after a 503, waiting its Retry-After
+    as a well-behaved client does, unless told not to); one record per answer."""
     import requests
 
     records: list[dict] = []
@@ -154,6 +156,8 @@ def drive(url: str, bodies: list[dict], clients: int, seconds: float) -> list[di
             with lock:
                 records.append(rec)
             i += clients
+            if honour_retry_after and rec["status"] == 503 and rec["retry_after"]:
+                time.sleep(min(float(rec["retry_after"]), max(0.0, stop_at - time.monotonic())))
 
     threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
     t0 = time.monotonic()
@@ -178,6 +182,7 @@ def summarize(phase: str, clients: int, records: list[dict]) -> dict:
         row[f"p{p} ms (200)"] = round(1e3 * float(np.percentile(ok, p)), 1) if ok else None
     refused = [r for r in records if r["status"] == 503]
     if refused:
+        row["503 p50 ms"] = round(1e3 * float(np.percentile([r["seconds"] for r in refused], 50)), 1)
         row["503 p99 ms"] = round(1e3 * float(np.percentile([r["seconds"] for r in refused], 99)), 1)
         row["503 max ms"] = round(1e3 * max(r["seconds"] for r in refused), 1)
         row["503 with Retry-After"] = sum(1 for r in refused if r["retry_after"])
@@ -195,6 +200,9 @@ def main() -> None:
     ap.add_argument("--overload-ongoing", type=int, default=2, help="max_ongoing_requests of the overload phase")
     ap.add_argument("--overload-queued", type=int, default=2, help="max_queued_requests of the overload phase")
     ap.add_argument("--skip-overload", action="store_true")
+    ap.add_argument("--skip-load", action="store_true")
+    ap.add_argument("--ignore-retry-after", action="store_true",
+                    help="overload clients retry at once after a 503 (a flood) instead of waiting its Retry-After")
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     if args.kb:
@@ -208,17 +216,19 @@ def main() -> None:
     base = {"kb": kb} if _installed_niqe() else {"kb": kb, "selection": {"image_quality": "none"}}
     rows, targets, starts = [], [], {}
 
-    print(f"load: {args.clients} clients for {args.seconds:g} s, the service's defaults", flush=True)
-    server = Server(kb, base, WORK / "serve-load.log")
-    starts["load"] = server.start_s
-    try:
-        drive(server.url, bodies[:8], 2, 5.0)  # warm-up: first batches through every deployment
-        load = summarize("load", args.clients, drive(server.url, bodies, args.clients, args.seconds))
-    finally:
-        server.stop()
-    rows.append(load)
-    targets += [Target(f"5xx at {args.clients} clients", load["5xx"], 0, at_least=False),
-                Target(f"requests without an answer at {args.clients} clients", load["no answer"], 0, at_least=False)]
+    if not args.skip_load:
+        print(f"load: {args.clients} clients for {args.seconds:g} s, the service's defaults", flush=True)
+        server = Server(kb, base, WORK / "serve-load.log")
+        starts["load"] = server.start_s
+        try:
+            drive(server.url, bodies[:8], 2, 5.0)  # warm-up: first batches through every deployment
+            load = summarize("load", args.clients, drive(server.url, bodies, args.clients, args.seconds))
+        finally:
+            server.stop()
+        rows.append(load)
+        targets += [Target(f"5xx at {args.clients} clients", load["5xx"], 0, at_least=False),
+                    Target(f"requests without an answer at {args.clients} clients", load["no answer"], 0,
+                           at_least=False)]
 
     if not args.skip_overload:
         print(f"overload: {args.overload_clients} clients against max_ongoing_requests={args.overload_ongoing}, "
@@ -228,10 +238,13 @@ def main() -> None:
         server = Server(kb, cfg, WORK / "serve-overload.log")
         starts["overload"] = server.start_s
         try:
-            records = drive(server.url, bodies, args.overload_clients, args.overload_seconds)
+            drive(server.url, bodies[:8], 2, 5.0)
+            records = drive(server.url, bodies, args.overload_clients, args.overload_seconds,
+                            honour_retry_after=not args.ignore_retry_after)
         finally:
             server.stop()
-        over = summarize("overload", args.overload_clients, records)
+        over = summarize("overload (flood)" if args.ignore_retry_after else "overload", args.overload_clients,
+                         records)
         rows.append(over)
         unexpected = sum(1 for r in records if not (r["status"] == 200 or (r["status"] == 503 and r["retry_after"])))
         targets += [Target("overload answers other than 200 or 503 with Retry-After", unexpected, 0, at_least=False),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import uuid
 
 import fsspec
@@ -13,9 +14,37 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from pipeline.config import StorageConfig
 
+log = logging.getLogger(__name__)
+
 LOCAL_PROTOCOLS = ("file", "local")
 UNOPTIONED_PROTOCOLS = (*LOCAL_PROTOCOLS, "http", "https")  # the storage options are not for these (aiohttp
 # refuses s3fs's keywords: a LAION url would fail to fetch)
+
+
+# botocore decides each retry of an object-storage request (storage.retries, standard mode) and says so at DEBUG only
+RETRY_LOGGER = "botocore.retries.standard"
+RETRY_LINES = ("Retry needed", "Max attempts")
+
+
+class _RetriesAsWarnings(logging.Filter):
+    """On botocore's retry logger: its retry lines become this module's warnings; its other DEBUG lines (one per
+    request: "Not retrying request.") are dropped here, before any handler formats them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.DEBUG:
+            return True
+        message = record.getMessage()
+        if message.startswith(RETRY_LINES):
+            log.warning("object storage: %s (a transient error: 500, 503 SlowDown or a dropped connection)", message)
+        return False
+
+
+def log_storage_retries() -> None:
+    """Make object-storage retries visible in the logs (idempotent; every process that does I/O calls it)."""
+    logger = logging.getLogger(RETRY_LOGGER)
+    if not any(isinstance(f, _RetriesAsWarnings) for f in logger.filters):
+        logger.addFilter(_RetriesAsWarnings())
+        logger.setLevel(logging.DEBUG)
 
 
 def takes_options(uri: str) -> bool:
@@ -36,6 +65,7 @@ def is_remote(uri: str) -> bool:
 def url_to_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem of ``uri`` and its path there; the storage options go to object storage only, not to
     local paths or http(s) URLs (the one rule every reader and writer of rag4dmc follows)."""
+    log_storage_retries()
     return fsspec.core.url_to_fs(uri, **((storage_options or {}) if takes_options(uri) else {}))
 
 
@@ -43,6 +73,7 @@ class Storage:
     """Reads and writes paths that are local or ``s3://``, with the job's storage options."""
 
     def __init__(self, cfg: StorageConfig = StorageConfig()):
+        log_storage_retries()
         self.cfg = cfg
         self.options = cfg.fsspec_options()
         self._fs: dict[str, fsspec.AbstractFileSystem] = {}

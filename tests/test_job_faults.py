@@ -150,6 +150,26 @@ def test_an_output_bucket_that_does_not_exist_fails_before_any_actor_starts(kb, 
     assert not s3fs.S3FileSystem(**s3_server.storage_options).exists("no-such-bucket-7f3a")
 
 
+@pytest.mark.timeout(120)
+def test_object_storage_retries_are_logged_as_warnings(s3_bucket, s3_server, caplog):
+    """botocore decides the retries and logs them at DEBUG; they reach the job's logs as warnings, and nothing
+    else of botocore's per-request chatter does."""
+    import logging
+
+    from tests.faulty_s3 import FaultyProxy
+
+    with FaultyProxy(s3_server.endpoint_url, every=2, kinds=("503",)) as proxy, caplog.at_level(logging.DEBUG):
+        store = Storage(s3_server.storage_config.model_copy(update={"endpoint_url": proxy.url, "retries": 5}))
+        for i in range(4):
+            store.write_bytes(f"{s3_bucket}/retried/{i}.bin", b"x" * 100)
+        assert [store.read_bytes(f"{s3_bucket}/retried/{i}.bin") for i in range(4)] == [b"x" * 100] * 4
+    assert proxy.injected["503"] > 0
+    retries = [r for r in caplog.records if r.name == "pipeline.storage" and "retry" in r.getMessage().lower()]
+    assert retries and all(r.levelno == logging.WARNING for r in retries)
+    assert len(retries) == proxy.injected["503"]  # one warning per injected error, each retried
+    assert not [r for r in caplog.records if r.name == "botocore.retries.standard"]
+
+
 @pytest.mark.timeout(900)
 def test_object_storage_errors_and_resets_are_retried_and_every_row_comes_out_once(kb, s3_bucket, s3_server,
                                                                                    tmp_path):
