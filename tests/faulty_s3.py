@@ -3,7 +3,8 @@
 Every ``every``-th request gets a fault instead of an answer, the kinds in turn: ``500`` (InternalError),
 ``503`` (SlowDown, S3's throttling answer) and ``reset`` (the connection closed with a TCP RST before any
 byte of an answer). Everything else is forwarded to the real server as it came and its answer relayed.
-The faults are counted, so a test can tell that they happened.
+With ``deny_writes``, writes under a prefix get 403 AccessDenied, as a read-only grant answers. The faults
+are counted, so a test can tell that they happened.
 """
 
 from __future__ import annotations
@@ -17,17 +18,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 KINDS = ("500", "503", "reset")
-S3_ERRORS = {"500": ("InternalError", "We encountered an internal error. Please try again."),
+S3_ERRORS = {"403": ("AccessDenied", "Access Denied"),
+             "500": ("InternalError", "We encountered an internal error. Please try again."),
              "503": ("SlowDown", "Please reduce your request rate.")}
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
 
 
 class FaultyProxy:
-    def __init__(self, target: str, every: int = 5, kinds: tuple[str, ...] = KINDS):
+    def __init__(self, target: str, every: int = 5, kinds: tuple[str, ...] = KINDS, deny_writes: str | None = None):
+        """``deny_writes``: a path (``/bucket/prefix``) under which every write or delete gets 403 AccessDenied,
+        as a read-only grant answers; other requests are forwarded (and faulted every ``every``-th)."""
         if every < 2:
             raise ValueError("every must be >= 2: a proxy that fails every request lets no retry succeed")
         self.target = urlsplit(target)
-        self.every, self.kinds = every, kinds
+        self.every, self.kinds, self.deny_writes = every, kinds, deny_writes
         self.requests, self.injected = 0, Counter()
         self.lock = threading.Lock()
         proxy = self
@@ -40,7 +44,12 @@ class FaultyProxy:
 
             def _handle(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                fault = proxy._next_fault()
+                denied = (proxy.deny_writes is not None and self.command in ("PUT", "POST", "DELETE")
+                          and self.path.startswith(proxy.deny_writes))
+                fault = "403" if denied else proxy._next_fault()
+                if denied:
+                    with proxy.lock:
+                        proxy.injected["403"] += 1
                 if fault == "reset":
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.close_connection = True

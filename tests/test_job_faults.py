@@ -150,6 +150,30 @@ def test_an_output_bucket_that_does_not_exist_fails_before_any_actor_starts(kb, 
     assert not s3fs.S3FileSystem(**s3_server.storage_options).exists("no-such-bucket-7f3a")
 
 
+@pytest.mark.timeout(900)
+def test_an_output_prefix_these_credentials_may_not_write_fails_before_any_actor_starts(kb, s3_bucket, s3_server,
+                                                                                        monkeypatch):
+    """A read-only grant (403 AccessDenied on writes under --out, behind the proxy): refused in preflight with
+    the URI, before any actor is planned, and nothing is written."""
+    from pipeline import job
+    from pipeline.config import JobConfig
+    from tests.faulty_s3 import FaultyProxy
+
+    def no_plan(*args, **kwargs):
+        raise AssertionError("the job planned actors for an output it cannot write")
+
+    monkeypatch.setattr(job, "write", no_plan)
+    out = f"{s3_bucket}/denied/out"
+    with FaultyProxy(s3_server.endpoint_url, every=10**9, deny_writes=f"/{out.split('://')[1].split('/')[0]}/denied"
+                     ) as proxy:
+        cfg = JobConfig(storage=s3_server.storage_config.model_copy(update={"endpoint_url": proxy.url}))
+        with pytest.raises(job.OutputNotWritable, match=f"cannot write to --out {out} .*AccessDenied|"
+                           f"cannot write to --out {out} .*PermissionError"):
+            job.run_job(job.JobSpec(data="unused", kb=kb, out=out, cfg=cfg))
+    assert proxy.injected["403"] >= 1
+    assert not Storage(s3_server.storage_config).fs(out).find(out.split("://")[1])  # no half-written run
+
+
 @pytest.mark.timeout(120)
 def test_object_storage_retries_are_logged_as_warnings(s3_bucket, s3_server, caplog):
     """botocore decides the retries and logs them at DEBUG; they reach the job's logs as warnings, and nothing
