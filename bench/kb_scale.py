@@ -167,12 +167,16 @@ def main() -> None:
         for stage, s in rep["stages"].items():
             stage_rows.append({"external rows": n, "stage": stage, "seconds": s["seconds"],
                                "us/row": round(1e6 * s["seconds"] / (n + args.internal), 2),
-                               "task peak GiB": round(s["task_peak_rss_bytes"] / 2**30, 2)})
+                               "task peak GiB": round(s["task_peak_rss_bytes"] / 2**30, 2),
+                               "task peak anon GiB": round(s.get("task_peak_anon_bytes", 0) / 2**30, 2) or ""})
         task_peak = max(s["task_peak_rss_bytes"] for s in rep["stages"].values())
+        index_anon = rep["stages"]["index"].get("task_peak_anon_bytes", 0)
         row = {"external rows": n, "kb rows": kb_rows, "kind": rep["index_kind"], "wall s": round(wall, 1),
                "us/row": round(1e6 * wall / (n + args.internal), 2), "driver peak GiB": round(driver / 2**30, 2),
-               "task peak GiB": round(task_peak / 2**30, 2), "recall@10 image": rep["recall"]["image"],
-               "recall@10 text": rep["recall"]["text"], "disk B/row": round(du(kb) / kb_rows, 1),
+               "task peak GiB": round(task_peak / 2**30, 2), "index task anon GiB": round(index_anon / 2**30, 2),
+               "recall@10 image": rep["recall"]["image"], "recall@10 text": rep["recall"]["text"],
+               "nprobe": rep["recall"].get("nprobe"), "rerank": rep["recall"]["rerank_factor"],
+               "disk B/row": round(du(kb) / kb_rows, 1),
                "kept external": rep["filter"]["kept_pairs"]}
         rows.append(row)
         # on disk as soon as measured: a run stopped during a later size keeps this one's figures
@@ -181,6 +185,8 @@ def main() -> None:
         targets += [Target(f"driver peak RSS at {n:,} rows", row["driver peak GiB"], 2.0, at_least=False, unit=" GiB"),
                     Target(f"largest task's peak RSS at {n:,} rows", row["task peak GiB"], 6.0, at_least=False,
                            unit=" GiB"),
+                    Target(f"index task's peak anonymous memory at {n:,} rows (RSS less mapped files)",
+                           row["index task anon GiB"], 6.0, at_least=False, unit=" GiB"),
                     Target(f"image recall@10 at {n:,} rows", row["recall@10 image"], 0.9),
                     Target(f"text recall@10 at {n:,} rows", row["recall@10 text"], 0.9)]
         last_kb = kb

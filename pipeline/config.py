@@ -115,7 +115,15 @@ class IndexConfig(_Strict):
         "flat one costs rows x lists)")
     train_points_per_list: int = Field(
         64, ge=39, le=256, description="random training rows per IVF list (FAISS's k-means wants 39 to 256)")
-    nprobe: int = Field(32, ge=1)
+    nprobe: int = Field(
+        32, ge=1, description="IVF lists probed per query: the least the build tries (it doubles nprobe up to "
+        "max_nprobe and keeps the least that reaches min_recall at some rerank depth)")
+    max_nprobe: int = Field(
+        256, ge=1, description="the most IVF lists the build tries per query (at 9.6M rows of IVF6196-PQ64: recall@10 "
+        "0.69 at nprobe 32, 0.95 at 128, 0.96 at 256, rerank depth 40)")
+    quantizer_ef_per_probe: int = Field(
+        2, ge=1, description="an HNSW coarse quantiser's efSearch, per list probed (FAISS's default of 16 finds "
+        "the nearest lists only approximately: at 9.6M rows 0.93 -> 0.95 recall@10)")
     pq_m: int | None = Field(None, ge=1, description="IVF-PQ sub-quantisers; None: from bytes_per_row")
     opq: bool = Field(False, description="IVF-PQ: learn an OPQ rotation first (better recall per byte, but its "
                       "training takes minutes per modality on a few cores)")
@@ -126,14 +134,13 @@ class IndexConfig(_Strict):
         10_000_000, ge=1, description="rows per index shard at most (one build task each); more rows, more shards")
     rerank_factor: int = Field(
         20, ge=1, description="approximate candidates per result, reranked exactly with the float16 vectors (at 495k "
-        "rows of IVF-PQ64: recall@10 0.86 at 10, 0.94 at 20; nprobe 32 -> 128 adds under 0.01); the least the "
-        "build tries")
+        "rows of IVF-PQ64: recall@10 0.86 at 10, 0.94 at 20); the least the build tries")
     max_rerank_factor: int = Field(
-        160, ge=1, description="the build doubles rerank_factor up to this until the measured recall@10 reaches "
-        "min_recall, and saves the factor it chose (deeper rerank: slower queries, the same index)")
+        160, ge=1, description="the build doubles rerank_factor up to this, at each nprobe, and saves the pair it "
+        "chose (more lists or a deeper rerank: slower queries, the same index)")
     min_recall: float = Field(
         0.9, ge=0, le=1, description="recall@10 against exact search measured at build time: below it even at "
-        "max_rerank_factor, the build warns and the report marks the index")
+        "max_nprobe and max_rerank_factor, the build warns and the report marks the index")
     recall_queries: int = Field(500, ge=10, description="held-out queries the build-time recall is measured on")
 
 

@@ -94,13 +94,34 @@ def train_empty(sample: np.ndarray, n: int, kind: str, cfg: IndexConfig) -> fais
     return index
 
 
-def set_search_params(index: faiss.Index, kind: str, cfg: IndexConfig) -> None:
-    """nprobe of an IVF index (inside any OPQ transform), efSearch of an HNSW one."""
-    if kind in ("ivf", "ivfpq"):
-        ivf = faiss.extract_index_ivf(index)
-        ivf.nprobe = min(cfg.nprobe, ivf.nlist)
-    elif kind == "hnsw":
+def set_search_params(index: faiss.Index, kind: str, cfg: IndexConfig, nprobe: int | None = None) -> int:
+    """efSearch of an HNSW index; nprobe of an IVF one (inside any OPQ transform; ``cfg.nprobe`` unless given),
+    with an HNSW coarse quantiser searched ``quantizer_ef_per_probe`` deep per list. Returns the nprobe set (0:
+    not an IVF index)."""
+    if kind == "hnsw":
         faiss.downcast_index(index).hnsw.efSearch = cfg.hnsw_ef_search
+    if kind not in ("ivf", "ivfpq"):
+        return 0
+    ivf = faiss.extract_index_ivf(index)
+    ivf.nprobe = min(nprobe or cfg.nprobe, ivf.nlist)
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = quantizer_ef_for(ivf.nprobe, cfg)
+    return int(ivf.nprobe)
+
+
+def quantizer_ef_for(nprobe: int, cfg: IndexConfig) -> int:
+    """An HNSW coarse quantiser's efSearch for ``nprobe`` lists: ``quantizer_ef_per_probe`` per list, at least
+    FAISS's default of 16."""
+    return max(nprobe * cfg.quantizer_ef_per_probe, 16)
+
+
+def index_nprobe(index: faiss.Index | None) -> int:
+    """The nprobe an index searches with (0: not an IVF index)."""
+    try:
+        return int(faiss.extract_index_ivf(index).nprobe)
+    except RuntimeError:  # FAISS: "could not extract IVF index"
+        return 0
 
 
 def build_faiss(vectors: np.ndarray, kind: str, cfg: IndexConfig, seed: int = 0) -> faiss.Index:
@@ -112,21 +133,40 @@ def build_faiss(vectors: np.ndarray, kind: str, cfg: IndexConfig, seed: int = 0)
     return index
 
 
-def rerank_factors(kind: str, cfg: IndexConfig) -> list[int]:
-    """The rerank depths a build measures, from ``rerank_factor`` doubling up to ``max_rerank_factor`` (one for
-    exact search: it reranks nothing)."""
-    if kind == "flat":
-        return [cfg.rerank_factor]
-    out = [cfg.rerank_factor]
-    while out[-1] * 2 <= cfg.max_rerank_factor:
+def _doubling(least: int, most: int) -> list[int]:
+    out = [least]
+    while out[-1] * 2 <= most:
         out.append(out[-1] * 2)
     return out
 
 
-def pick_rerank_factor(recall: dict[int, float], min_recall: float) -> int:
-    """The least rerank depth whose measured recall reaches ``min_recall``; the deepest when none does."""
-    enough = [f for f in sorted(recall) if recall[f] >= min_recall]
-    return enough[0] if enough else max(recall)
+def rerank_factors(kind: str, cfg: IndexConfig) -> list[int]:
+    """The rerank depths a build measures, from ``rerank_factor`` doubling up to ``max_rerank_factor`` (one for
+    exact search: it reranks nothing)."""
+    return [cfg.rerank_factor] if kind == "flat" else _doubling(cfg.rerank_factor, cfg.max_rerank_factor)
+
+
+def nprobes(kind: str, cfg: IndexConfig, nlist: int) -> list[int]:
+    """The nprobe values a build measures, from ``nprobe`` doubling up to ``max_nprobe`` and the lists there are
+    ([0] for an index that is not IVF)."""
+    if kind not in ("ivf", "ivfpq"):
+        return [0]
+    return _doubling(min(cfg.nprobe, nlist), min(cfg.max_nprobe, nlist))
+
+
+def search_grid(kind: str, cfg: IndexConfig, nlist: int) -> list[tuple[int, int]]:
+    """The (nprobe, rerank depth) pairs a build measures the recall of."""
+    return [(p, f) for p in nprobes(kind, cfg, nlist) for f in rerank_factors(kind, cfg)]
+
+
+def pick_search(recall: dict[tuple[int, int], float], min_recall: float) -> tuple[int, int]:
+    """The (nprobe, rerank depth) a KB searches with: the least nprobe at which some depth reaches ``min_recall``
+    (probing finds the neighbours), then the least such depth there (reranking orders them); when no pair
+    reaches it, the pair of highest recall (the cheaper of equals)."""
+    enough = sorted(pf for pf, r in recall.items() if r >= min_recall)
+    if enough:
+        return enough[0]
+    return min(recall, key=lambda pf: (-recall[pf], pf))
 
 
 def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int = 10) -> float:
@@ -141,6 +181,17 @@ class VectorIndex:
     def __init__(self, vectors: np.ndarray, index: faiss.Index, kind: str, rerank_factor: int, offset: int = 0):
         self.vectors, self.index, self.kind = vectors, index, kind
         self.rerank_factor, self.offset = rerank_factor, offset
+        self.quantizer_ef = _quantizer_ef(index)  # an HNSW coarse quantiser's efSearch (0: none), for the metadata
+
+    @property
+    def nprobe(self) -> int:
+        """IVF lists probed per query (0: not an IVF index)."""
+        return index_nprobe(self.index) if self.index is not None else 0
+
+    def set_nprobe(self, nprobe: int, cfg: IndexConfig = IndexConfig()) -> None:
+        """Probe ``nprobe`` lists (an HNSW coarse quantiser ``cfg.quantizer_ef_per_probe`` deep per list)."""
+        set_search_params(self.index, self.kind, cfg, nprobe)
+        self.quantizer_ef = _quantizer_ef(self.index)
 
     @classmethod
     def build(cls, vectors: np.ndarray, cfg: IndexConfig = IndexConfig(), offset: int = 0,
@@ -199,7 +250,10 @@ class VectorIndex:
         self.save_index(folder)
 
     def meta(self) -> dict:
-        return {"kind": self.kind, "rerank_factor": self.rerank_factor, "offset": self.offset}
+        """What :meth:`load` restores beside the FAISS file: the kind, the search settings the build chose, the
+        first global row id."""
+        return {"kind": self.kind, "rerank_factor": self.rerank_factor, "nprobe": self.nprobe,
+                "quantizer_ef": self.quantizer_ef, "offset": self.offset}
 
     def save_index(self, folder: str | Path) -> None:
         """The FAISS index and the metadata only (the vectors are already in ``folder``, memory-mapped)."""
@@ -219,7 +273,22 @@ class VectorIndex:
         meta = json.loads((folder / META_FILE).read_text())
         vectors = np.load(folder / VECTORS_FILE, mmap_mode="r" if mmap else None)
         index = faiss.read_index(str(folder / INDEX_FILE)) if with_index else None
-        return cls(vectors, index, meta["kind"], meta["rerank_factor"], meta["offset"])
+        out = cls(vectors, index, meta["kind"], meta["rerank_factor"], meta["offset"])
+        if index is not None and meta.get("nprobe"):  # the build's choice (older KBs: what the FAISS file holds)
+            ivf = faiss.extract_index_ivf(index)
+            ivf.nprobe = meta["nprobe"]
+            if meta.get("quantizer_ef"):
+                faiss.downcast_index(ivf.quantizer).hnsw.efSearch = meta["quantizer_ef"]
+            out.quantizer_ef = _quantizer_ef(index)
+        return out
+
+
+def _quantizer_ef(index: faiss.Index | None) -> int:
+    """efSearch of an IVF index's HNSW coarse quantiser (0: none)."""
+    if not index_nprobe(index):
+        return 0
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    return int(quantizer.hnsw.efSearch) if isinstance(quantizer, faiss.IndexHNSW) else 0
 
 
 def build_shards(vectors: np.ndarray, cfg: IndexConfig = IndexConfig(), kind: str | None = None) -> list[VectorIndex]:

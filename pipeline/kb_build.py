@@ -28,6 +28,7 @@ import math
 import pickle
 import resource
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 
@@ -61,6 +62,7 @@ PART_SCHEMA = pa.schema([("source", pa.string()), *LOCATION_SCHEMA])
 RECALL_K = 10
 BASE_PROCESS_BYTES = 600 * 2**20  # a Python process with torch, faiss and Ray imported
 METADATA_BYTES_PER_ROW = 256  # an entry's id, caption and image location in Arrow (LAION captions: ~60 bytes)
+MEMORY_SAMPLE_S = 0.25  # how often a task's anonymous memory is sampled for its peak
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,44 @@ def open_side(name: str, root: str, storage_options: dict | None, dims: tuple[in
 
 
 def _peak_rss() -> int:
-    """This process's peak resident memory in bytes (Linux reports KiB)."""
+    """This process's peak resident memory in bytes (Linux reports KiB): with the pages of memory-mapped files
+    it has touched, which are page cache the kernel reclaims, not memory the process holds."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _anon_bytes() -> int:
+    """This process's resident anonymous memory now (``RssAnon``: what it holds, mapped files left out); 0 where
+    /proc does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class PeakAnon:
+    """The peak of :func:`_anon_bytes` while the block runs, sampled by a thread every ``interval`` seconds."""
+
+    def __init__(self, interval: float = MEMORY_SAMPLE_S):
+        self.interval, self.peak = interval, _anon_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True, name="rag4dmc-peak-anon")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _anon_bytes())
+
+    def __enter__(self) -> PeakAnon:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _anon_bytes())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -143,11 +181,12 @@ def estimate_memory(n_int: int, n_ext: int, dims: tuple[int, int], cfg: KBConfig
            + s["piece_rows"] * d_sum * f4 * 2
            + s["align_rows"] * d_max * f4 * 4)  # aligned sample, W applied, CSLS blocks
     purify = s["piece_rows"] * d_sum * f4 * 4 + max_shard_rows * d_sum * 2  # a piece's work, the part's float16
-    # codes (and the add's copy), a piece as float32, the recall queries' similarities to a piece, the exact
-    # rerank's gathered candidates and their product (``VectorIndex.search`` bounds the gather); the float16
-    # vectors are a memory-mapped file (page cache, not the task's own memory)
+    # codes (and the add's copy), a piece as float32, the recall queries' similarities to a piece (and their
+    # argpartition's int64 positions), the exact rerank's gathered candidates and their product
+    # (``VectorIndex.search`` bounds the gather), the grid's answers; the float16 vectors are streamed to a file
+    # and read back memory-mapped (page cache, not the task's own memory)
     index = max(s["shard_rows"] * s["code_bytes"][m] for m in MODALITIES) * 2 \
-        + s["piece_rows"] * d_max * f4 * 3 + cfg.index.recall_queries * s["piece_rows"] * f4 \
+        + s["piece_rows"] * d_max * f4 * 3 + cfg.index.recall_queries * s["piece_rows"] * (f4 + 8) \
         + RERANK_GATHER_BYTES * 2 + cfg.index.recall_queries * (RECALL_K + 1) * 16 * 4
     driver = max(s["piece_rows"], max_shard_rows) * METADATA_BYTES_PER_ROW  # one part's entries at a time
     train = s["train_rows"] * d_max * f4 * 3  # the sample, its normalised copy, FAISS's k-means
@@ -381,21 +420,22 @@ def topk_merge(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray,
 
 def build_index_shard(task: dict, parts: Side, trained: dict, queries: dict) -> dict:
     """One index shard: rows [start, stop) of the KB added to copies of the ``trained`` (serialised) indexes,
-    with their float16 vectors, saved to ``KB/shard-i/<modality>``; and the exact and approximate top-k of the
-    recall ``queries``. ``parts``, ``trained`` and ``queries`` are shared by every shard's task (put once)."""
+    with their float16 vectors, saved to ``KB/shard-i/<modality>``; and the exact top-k of the recall ``queries``
+    and their approximate top-k at each (nprobe, rerank depth) of the search grid. ``parts``, ``trained`` and
+    ``queries`` are shared by every shard's task (put once)."""
     import tempfile
     from pathlib import Path
 
     import faiss
 
-    from pipeline.index import VectorIndex, rerank_factors, set_search_params
+    from pipeline.index import VECTORS_FILE, VectorIndex, search_grid, set_search_params
     from pipeline.storage import is_remote
 
     start, stop, cfg, opts = task["start"], task["stop"], task["cfg"], task["storage_options"]
     k = RECALL_K + 1  # the query itself is among the KB rows: leave-one-out
     result = {"shard": task["shard"], "start": start, "stop": stop}
     remote = is_remote(task["out"])
-    with tempfile.TemporaryDirectory(prefix="rag4dmc-index-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="rag4dmc-index-") as tmp, PeakAnon() as anon:
         for m in MODALITIES:
             dim = getattr(parts.shards[0], f"{m}_dim")
             index = faiss.deserialize_index(trained[m])
@@ -407,38 +447,47 @@ def build_index_shard(task: dict, parts: Side, trained: dict, queries: dict) -> 
             if folder.exists():
                 shutil.rmtree(folder)  # an interrupted build's files of this shard
             folder.mkdir(parents=True)
-            vectors = np.lib.format.open_memmap(folder / "vectors.npy", mode="w+", dtype=np.float16,
-                                                shape=(stop - start, dim))
             q = queries[m]
             exact_s = np.full((len(q), 0), -np.inf, np.float32)
             exact_i = np.zeros((len(q), 0), np.int64)
             at, digest = 0, hashlib.sha256()
-            for shard, a, b in _ranges(parts, start, stop, cfg.build.piece_rows):
-                x = layout.read_vectors(getattr(shard, m), a, b, opts)
-                vectors[at:at + len(x)] = x
-                digest.update(np.ascontiguousarray(vectors[at:at + len(x)]).tobytes())
-                x16 = np.asarray(vectors[at:at + len(x)], np.float32)  # what the KB keeps: float16
-                index.add(x16)
-                sims = q @ x16.T
-                top = np.argpartition(-sims, min(k, sims.shape[1]) - 1, axis=1)[:, :k]
-                exact_s, exact_i = topk_merge(np.hstack([exact_s, np.take_along_axis(sims, top, 1)]),
-                                              np.hstack([exact_i, top + start + at]), k)
-                at += len(x)
-            vectors.flush()
-            factors = rerank_factors(task["kind"], cfg.index)
-            vi = VectorIndex(vectors, index, task["kind"], factors[0], offset=start)
+            # the float16 vectors are written as a stream, not through a writable memory map, whose dirty pages
+            # would count in this task's resident memory for the whole shard
+            with open(folder / VECTORS_FILE, "wb") as f:
+                np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+                                                          "fortran_order": False, "shape": (stop - start, dim)})
+                for shard, a, b in _ranges(parts, start, stop, cfg.build.piece_rows):
+                    x16 = np.ascontiguousarray(layout.read_vectors(getattr(shard, m), a, b, opts), np.float16)
+                    f.write(x16.data)
+                    digest.update(x16.data)
+                    x = x16.astype(np.float32)  # what the KB keeps: float16
+                    index.add(x)
+                    sims = q @ x.T
+                    kk = min(k, sims.shape[1])
+                    top = np.argpartition(sims, sims.shape[1] - kk, axis=1)[:, -kk:]
+                    exact_s, exact_i = topk_merge(np.hstack([exact_s, np.take_along_axis(sims, top, 1)]),
+                                                  np.hstack([exact_i, top + start + at]), k)
+                    at += len(x)
+                    del x16, x, sims
+            if at != stop - start:
+                raise RuntimeError(f"index shard {task['shard']}: read {at} rows of the KB's [{start}, {stop}): the "
+                                   "build's parts changed while it ran; rerun kb build")
+            vectors = np.load(folder / VECTORS_FILE, mmap_mode="r")
+            vi = VectorIndex(vectors, index, task["kind"], cfg.index.rerank_factor, offset=start)
             approx = {}
-            for f in factors:  # the recall of each rerank depth; the build keeps the least that is enough
-                vi.rerank_factor = f
-                approx[f] = vi.search(q, k)
-            vi.rerank_factor = factors[0]
-            vi.save_index(folder)
+            grid = search_grid(task["kind"], cfg.index, faiss.extract_index_ivf(index).nlist if vi.nprobe else 1)
+            for nprobe, factor in grid:  # ``recall_report`` keeps the cheapest pair that is enough
+                if nprobe:
+                    vi.set_nprobe(nprobe, cfg.index)
+                vi.rerank_factor = factor
+                approx[(nprobe, factor)] = vi.search(q, k)
+            vi.save_index(folder)  # its metadata gets the chosen pair once every shard's recall is known
             if remote:
                 _upload(folder, dest, opts)
                 shutil.rmtree(folder)
             result[m] = {"exact": (exact_s, exact_i), "approx": approx, "sha256": digest.hexdigest()}
             del vi, vectors, index
-    result["peak_rss"] = _peak_rss()
+    result["peak_rss"], result["peak_anon"] = _peak_rss(), anon.peak
     return result
 
 
@@ -460,30 +509,35 @@ def _merged_top(parts: list[tuple[np.ndarray, np.ndarray]], query_ids: np.ndarra
 
 def recall_report(results: list[dict], query_ids: np.ndarray, min_recall: float) -> dict:
     """recall@10 per modality of the approximate search against exact search, the query itself left out, at each
-    rerank depth measured; each modality's ``rerank_factor`` is the least depth that reaches ``min_recall``."""
-    from pipeline.index import pick_rerank_factor, recall_at_k
+    (nprobe, rerank depth) measured; each modality keeps the pair ``index.pick_search`` chooses."""
+    from pipeline.index import pick_search, recall_at_k
 
-    out: dict = {"queries": int(len(query_ids)), "k": RECALL_K, "min_recall": min_recall, "rerank_factor": {},
-                 "by_rerank_factor": {}}
+    out: dict = {"queries": int(len(query_ids)), "k": RECALL_K, "min_recall": min_recall, "nprobe": {},
+                 "rerank_factor": {}, "by_search": {}}
     for m in MODALITIES:
         exact = _merged_top([r[m]["exact"] for r in results], query_ids)
-        by_factor = {f: round(recall_at_k(_merged_top([r[m]["approx"][f] for r in results], query_ids), exact,
-                                          RECALL_K), 4) for f in results[0][m]["approx"]}
-        chosen = pick_rerank_factor(by_factor, min_recall)
-        out[m], out["rerank_factor"][m], out["by_rerank_factor"][m] = by_factor[chosen], chosen, by_factor
+        grid = {pf: round(recall_at_k(_merged_top([r[m]["approx"][pf] for r in results], query_ids), exact,
+                                      RECALL_K), 4) for pf in results[0][m]["approx"]}
+        nprobe, factor = pick_search(grid, min_recall)
+        out[m], out["nprobe"][m], out["rerank_factor"][m] = grid[(nprobe, factor)], nprobe, factor
+        out["by_search"][m] = [{"nprobe": p, "rerank_factor": f, "recall": r} for (p, f), r in grid.items()]
     out["below_min"] = any(out[m] < min_recall for m in MODALITIES)
     return out
 
 
-def save_rerank_factors(out: str, shard_paths: list[str], kind: str, factors: dict[str, int], offsets: list[int],
-                        storage_options: dict | None) -> None:
-    """Each index's saved metadata with the rerank depth the build chose for its modality."""
-    from pipeline.index import META_FILE
+def save_search_params(out: str, shard_paths: list[str], recall: dict, cfg: KBConfig,
+                       storage_options: dict | None) -> None:
+    """Each index's saved metadata with the (nprobe, rerank depth) the build chose for its modality."""
+    from pipeline.index import META_FILE, quantizer_ef_for
 
-    for path, offset in zip(shard_paths, offsets):
+    for path in shard_paths:
         for m in MODALITIES:
             fs, p = layout.url_to_fs(f"{out}/{path}/{m}/{META_FILE}", storage_options)
-            fs.pipe_file(p, json.dumps({"kind": kind, "rerank_factor": factors[m], "offset": int(offset)}).encode())
+            meta = json.loads(fs.cat_file(p))
+            meta.update(rerank_factor=recall["rerank_factor"][m], nprobe=recall["nprobe"][m])
+            if meta.get("quantizer_ef"):
+                meta["quantizer_ef"] = quantizer_ef_for(meta["nprobe"], cfg.index)
+            fs.pipe_file(p, json.dumps(meta).encode())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -560,9 +614,13 @@ class BuildInputs:
     report: dict | None = None  # more for report.json (e.g. the embedding stage's counts)
 
 
-def _stage(report: dict, name: str, t0: float, peaks: list[int]) -> None:
-    report.setdefault("stages", {})[name] = {"seconds": round(time.perf_counter() - t0, 3),
-                                             "task_peak_rss_bytes": int(max(peaks, default=0))}
+def _stage(report: dict, name: str, t0: float, peaks: list[int], anon: list[int] = ()) -> None:
+    """A stage's wall time and its largest task's peak RSS (and peak anonymous memory, where sampled: RSS also
+    counts the page cache of memory-mapped files the task read)."""
+    stage = {"seconds": round(time.perf_counter() - t0, 3), "task_peak_rss_bytes": int(max(peaks, default=0))}
+    if anon:
+        stage["task_peak_anon_bytes"] = int(max(anon))
+    report.setdefault("stages", {})[name] = stage
 
 
 def build(inputs: BuildInputs, cfg: KBConfig = KBConfig()) -> dict:
@@ -654,18 +712,20 @@ def build(inputs: BuildInputs, cfg: KBConfig = KBConfig()) -> dict:
                                          "path": kb_store.shard_dir(i), "cfg": cfg, "out": inputs.out,
                                          "storage_options": opts}, parts_ref, trained_ref, queries)
                        for i, (a, b) in enumerate(zip(bounds, bounds[1:]))])
-    _stage(report, "index", t0, [trained["peak_rss"], *(r["peak_rss"] for r in results)])
+    _stage(report, "index", t0, [trained["peak_rss"], *(r["peak_rss"] for r in results)],
+           [r["peak_anon"] for r in results])
     report["index_kind"] = kind
     report["index_train_rows"] = trained["train_rows"]
     report["recall"] = recall_report(results, query_ids, cfg.index.min_recall)
-    save_rerank_factors(inputs.out, [kb_store.shard_dir(i) for i in range(n_shards)], kind,
-                        report["recall"]["rerank_factor"], [int(a) for a in bounds[:-1]], opts)
-    log.info("index done in %.0f s: recall@%d %s at rerank_factor %s", report["stages"]["index"]["seconds"], RECALL_K,
-             {m: report["recall"][m] for m in MODALITIES}, report["recall"]["rerank_factor"])
+    save_search_params(inputs.out, [kb_store.shard_dir(i) for i in range(n_shards)], report["recall"], cfg, opts)
+    log.info("index done in %.0f s: recall@%d %s at nprobe %s, rerank_factor %s", report["stages"]["index"]["seconds"],
+             RECALL_K, {m: report["recall"][m] for m in MODALITIES}, report["recall"]["nprobe"],
+             report["recall"]["rerank_factor"])
     if report["recall"]["below_min"]:
-        log.warning("index recall@%d %s is below index.min_recall %.2f even at rerank_factor %d: raise "
-                    "index.max_rerank_factor, index.nprobe or index.bytes_per_row and rebuild", RECALL_K,
-                    {m: report["recall"][m] for m in MODALITIES}, cfg.index.min_recall, cfg.index.max_rerank_factor)
+        log.warning("index recall@%d %s is below index.min_recall %.2f even at nprobe %d and rerank_factor %d: raise "
+                    "index.max_nprobe, index.max_rerank_factor or index.bytes_per_row and rebuild", RECALL_K,
+                    {m: report["recall"][m] for m in MODALITIES}, cfg.index.min_recall, cfg.index.max_nprobe,
+                    cfg.index.max_rerank_factor)
     # 4. entries, mapping, report, manifest (last: it marks the KB complete)
     t0 = time.perf_counter()
     rows, entries_sha = write_entries(parts, f"{inputs.out}/{kb_store.ENTRIES_FILE}", opts)

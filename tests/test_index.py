@@ -11,8 +11,11 @@ from pipeline.index import (
     choose_kind,
     code_bytes,
     factory_string,
+    nprobes,
+    pick_search,
     pq_subquantizers,
     recall_at_k,
+    search_grid,
     train_empty,
     train_rows,
 )
@@ -62,6 +65,33 @@ def test_an_index_trained_once_and_filled_in_pieces_equals_one_index_built_whole
         pieces.add(base[a:b])
     for x, y in zip(whole.search(queries, 10), pieces.search(queries, 10)):
         np.testing.assert_array_equal(x, y)
+
+
+def test_the_search_pair_is_the_least_nprobe_that_reaches_min_recall_then_the_least_rerank_depth_there():
+    recall = {(32, 20): 0.65, (32, 160): 0.69, (64, 20): 0.80, (64, 160): 0.91, (128, 20): 0.89, (128, 40): 0.95,
+              (256, 20): 0.90}
+    assert pick_search(recall, 0.9) == (64, 160)  # probing finds the neighbours; reranking orders them
+    assert pick_search(recall, 0.93) == (128, 40)
+    assert pick_search(recall, 0.99) == (128, 40)  # none is enough: the highest recall
+    assert pick_search({(0, 1): 1.0}, 0.9) == (0, 1)  # exact search: nothing to choose
+    assert nprobes("ivfpq", IndexConfig(nprobe=32, max_nprobe=256), nlist=6196) == [32, 64, 128, 256]
+    assert nprobes("ivf", IndexConfig(nprobe=32, max_nprobe=256), nlist=100) == [32, 64]  # no more than the lists
+    assert nprobes("flat", IndexConfig(), nlist=1) == [0]
+    assert search_grid("ivf", IndexConfig(nprobe=8, max_nprobe=16, rerank_factor=10, max_rerank_factor=20), 64) == \
+        [(8, 10), (8, 20), (16, 10), (16, 20)]
+
+
+def test_an_hnsw_coarse_quantiser_is_searched_deeper_than_the_lists_probed(tmp_path, world):
+    base, _ = world
+    cfg = IndexConfig(kind="ivf", nlist=64, hnsw_quantizer_min_lists=64, nprobe=8, quantizer_ef_per_probe=3)
+    index = VectorIndex.build(base, cfg)
+    assert (index.nprobe, index.quantizer_ef) == (8, 24)
+    index.set_nprobe(40, cfg)
+    assert (index.nprobe, index.quantizer_ef) == (40, 120)
+    index.save(tmp_path / "ix")
+    loaded = VectorIndex.load(tmp_path / "ix")
+    assert (loaded.nprobe, loaded.quantizer_ef) == (40, 120)
+    assert VectorIndex.build(base, IndexConfig(kind="flat")).nprobe == 0
 
 
 def test_recall_counts_the_shared_neighbours_and_ignores_padding():

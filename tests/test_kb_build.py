@@ -4,6 +4,7 @@ population, images by reference, memory stated in advance, resume, and precomput
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -205,8 +206,9 @@ def test_index_shards_populated_in_parallel_answer_as_one_index(tmp_path):
 
 
 def test_the_build_keeps_the_least_rerank_depth_that_reaches_min_recall(tmp_path):
-    """Coarse PQ codes (4 bytes a row): reranking 1 candidate per result misses neighbours; the build measures
-    each depth, keeps the least one with recall@10 >= min_recall, and saves it with the shard's index."""
+    """Coarse PQ codes (4 bytes a row), every list probed: reranking 1 candidate per result misses neighbours;
+    the build measures each depth, keeps the least one with recall@10 >= min_recall, and saves it with the
+    shard's index."""
     rng = np.random.default_rng(4)
     base, _ = clustered(rng, rng.normal(size=(10, D)) * 2, 6000, 0.6)
     base = normalize_rows(base, "base")
@@ -220,12 +222,43 @@ def test_the_build_keeps_the_least_rerank_depth_that_reaches_min_recall(tmp_path
                                          "cfg": cfg, "out": str(tmp_path / "kb"), "storage_options": None},
                                         parts, trained, queries)
     report = kb_build.recall_report([result], np.arange(60), 0.9)
-    by_factor, chosen = report["by_rerank_factor"]["image"], report["rerank_factor"]["image"]
-    assert sorted(by_factor) == [1, 2, 4, 8, 16, 32, 64]
+    by_factor = {e["rerank_factor"]: e["recall"] for e in report["by_search"]["image"]}
+    chosen = report["rerank_factor"]["image"]
+    assert sorted(by_factor) == [1, 2, 4, 8, 16, 32, 64] and report["nprobe"]["image"] == 16
     assert by_factor[1] < 0.9 <= by_factor[chosen] == report["image"]
     assert all(by_factor[f] < 0.9 for f in by_factor if f < chosen)  # the least depth that is enough
-    kb_build.save_rerank_factors(str(tmp_path / "kb"), ["shard-00000"], "ivfpq", report["rerank_factor"], [0], None)
+    kb_build.save_search_params(str(tmp_path / "kb"), ["shard-00000"], report, cfg, None)
     assert VectorIndex.load(tmp_path / "kb" / "shard-00000" / "image").rerank_factor == chosen
+
+
+def test_the_build_probes_as_many_lists_as_recall_needs_and_the_kb_searches_with_them(tmp_path):
+    """Spread-out rows over 64 lists, exact codes: one probed list misses most true neighbours, whatever the
+    rerank depth. The build doubles nprobe from 1, keeps the least that reaches min_recall (at the least depth
+    there), and the saved index searches with it, its HNSW coarse quantiser searched 2 deep per list."""
+    rng = np.random.default_rng(5)
+    base = normalize_rows(rng.normal(size=(6000, D)).astype(np.float32), "base")
+    _write_side(f"{tmp_path}/parts", {"image": base, "text": base.copy()}, 2, "p")
+    parts = kb_build.Side("kb", str(tmp_path), layout.list_embedding_shards(f"{tmp_path}/parts"))
+    cfg = CFG.model_copy(update={"index": IndexConfig(nlist=64, hnsw_quantizer_min_lists=64, nprobe=1, max_nprobe=64,
+                                                      rerank_factor=1, max_rerank_factor=4, recall_queries=60,
+                                                      quantizer_ef_per_probe=2)})
+    trained = kb_build.train_indexes(parts, "ivf", cfg, None)
+    queries = {m: base[:60] for m in ("image", "text")}
+    result = kb_build.build_index_shard({"start": 0, "stop": 6000, "shard": 0, "path": "shard-00000", "kind": "ivf",
+                                         "cfg": cfg, "out": str(tmp_path / "kb"), "storage_options": None},
+                                        parts, trained, queries)
+    report = kb_build.recall_report([result], np.arange(60), 0.9)
+    grid = {(e["nprobe"], e["rerank_factor"]): e["recall"] for e in report["by_search"]["image"]}
+    assert sorted({p for p, _ in grid}) == [1, 2, 4, 8, 16, 32, 64]
+    assert max(grid[(1, f)] for f in (1, 2, 4)) < 0.5  # a deeper rerank cannot find what no probed list holds
+    nprobe, factor = report["nprobe"]["image"], report["rerank_factor"]["image"]
+    assert grid[(nprobe, factor)] >= 0.9 and nprobe > 1
+    assert all(r < 0.9 for (p, _), r in grid.items() if p < nprobe)  # the least nprobe that is enough
+    kb_build.save_search_params(str(tmp_path / "kb"), ["shard-00000"], report, cfg, None)
+    saved = VectorIndex.load(tmp_path / "kb" / "shard-00000" / "image")
+    assert (saved.nprobe, saved.rerank_factor, saved.quantizer_ef) == (nprobe, factor, max(2 * nprobe, 16))
+    exact = knn(base[60:120], base, 10)[1]
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(saved.search(base[60:120], 10)[1], exact)]) >= 0.85
 
 
 def test_an_index_shard_is_written_in_place_locally_and_uploaded_whole_to_object_storage(
@@ -399,3 +432,22 @@ def test_a_resumed_build_reuses_its_fit_and_clears_the_parts_of_other_settings(w
     assert other != key
     assert kb_build.resumed_fit(out, other, None) is None  # other settings: the old parts are not mixed in
     assert not (tmp_path / "kb" / kb_store.PARTS_DIR).exists()
+
+
+def test_a_tasks_anonymous_peak_counts_the_memory_it_held_and_not_the_files_it_mapped(tmp_path):
+    """The index task reads its float16 vectors back memory-mapped: their page cache counts in peak RSS but is
+    not memory the task holds. The sampled peak of RssAnon sees a 256 MiB array that was freed, and not a
+    256 MiB file read through a map."""
+    mib = 2**20
+    path = tmp_path / "vectors.npy"
+    np.save(path, np.ones(256 * mib // 2, np.float16))
+    with kb_build.PeakAnon(interval=0.01) as mapped:
+        start = kb_build._anon_bytes()
+        assert float(np.load(path, mmap_mode="r").sum(dtype=np.float64)) == 128 * mib  # every page read
+    assert mapped.peak - start < 64 * mib
+    with kb_build.PeakAnon(interval=0.01) as held:
+        start = kb_build._anon_bytes()
+        block = np.ones(256 * mib, np.uint8)
+        time.sleep(0.2)  # held a while (the sampler runs when this thread lets go of the GIL)
+        del block
+    assert held.peak - start >= 200 * mib
