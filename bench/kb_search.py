@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -63,7 +64,10 @@ def main() -> None:
     k = kb_build.RECALL_K + 1  # leave-one-out: the query is a KB row
     first = kb.shards[0].index("image")
     saved = {m: (kb.shards[0].index(m).nprobe, kb.shards[0].index(m).rerank_factor) for m in MODALITIES}
-    grid = [(p, f) for p in (args.nprobes if first.nprobe else [0]) for f in args.factors]
+    nlist = min(faiss.extract_index_ivf(sh.index(m).index).nlist for sh in kb.shards for m in MODALITIES) \
+        if first.nprobe else 0
+    probes = list(dict.fromkeys(min(p, nlist) for p in args.nprobes)) if nlist else [0]  # at most every list
+    grid = [(p, f) for p in probes for f in args.factors]
     results, speed = [{} for _ in kb.shards], {m: {} for m in MODALITIES}
     for m in MODALITIES:
         q = np.vstack([np.asarray(sh.vectors(m)[query_ids[(query_ids >= sh.start) & (query_ids < sh.stop)]

@@ -154,7 +154,7 @@ def bench_size(n: int, args, gen: LatentMixture, cfg: RetrievalConfig, sweep: bo
                            lambda kind=kind: [VectorIndex.build(image, icfg, kind=kind)])
         if sweep and kind in ("ivf", "ivfpq"):
             for nprobe in args.nprobe_sweep:
-                shards[0].image.index.nprobe = nprobe
+                shards[0].image.set_nprobe(nprobe, icfg)
                 ids = run_queries(shards, queries, pseudo, cfg, REFERENCE_BATCH)[0]
                 row = {"rows": n, "kind": kind, "nprobe": nprobe, f"recall@{RECALL_AT}": recall(ids, ref["ids"], RECALL_AT)}
                 for t in args.threads:

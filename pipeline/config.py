@@ -143,6 +143,14 @@ class IndexConfig(_Strict):
         "max_nprobe and max_rerank_factor, the build warns and the report marks the index")
     recall_queries: int = Field(500, ge=10, description="held-out queries the build-time recall is measured on")
 
+    @model_validator(mode="after")
+    def _grid_bounds(self) -> IndexConfig:
+        for least, most in (("nprobe", "max_nprobe"), ("rerank_factor", "max_rerank_factor")):
+            if getattr(self, most) < getattr(self, least):
+                raise ValueError(f"index.{most} ({getattr(self, most)}) must be at least index.{least} "
+                                 f"({getattr(self, least)}): the build tries {least} doubling up to {most}")
+        return self
+
 
 class RetrievalConfig(_Strict):
     """Two-stage fusion retrieval (sim_fuse = alpha*cos(z_q, z_r) + (1-alpha)*cos(z_hat, z_r_other))."""

@@ -147,11 +147,13 @@ def rerank_factors(kind: str, cfg: IndexConfig) -> list[int]:
 
 
 def nprobes(kind: str, cfg: IndexConfig, nlist: int) -> list[int]:
-    """The nprobe values a build measures, from ``nprobe`` doubling up to ``max_nprobe`` and the lists there are
-    ([0] for an index that is not IVF)."""
+    """The nprobe values a build measures: from ``nprobe`` doubling, up to and including the lesser of
+    ``max_nprobe`` and the lists there are ([0] for an index that is not IVF)."""
     if kind not in ("ivf", "ivfpq"):
         return [0]
-    return _doubling(min(cfg.nprobe, nlist), min(cfg.max_nprobe, nlist))
+    most = min(cfg.max_nprobe, nlist)
+    out = _doubling(min(cfg.nprobe, nlist), most)
+    return out if out[-1] == most else [*out, most]  # every list, when max_nprobe allows it, is tried
 
 
 def search_grid(kind: str, cfg: IndexConfig, nlist: int) -> list[tuple[int, int]]:

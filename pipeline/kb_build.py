@@ -481,7 +481,10 @@ def build_index_shard(task: dict, parts: Side, trained: dict, queries: dict) -> 
                     vi.set_nprobe(nprobe, cfg.index)
                 vi.rerank_factor = factor
                 approx[(nprobe, factor)] = vi.search(q, k)
-            vi.save_index(folder)  # its metadata gets the chosen pair once every shard's recall is known
+            if grid[0][0]:  # saved at the cheapest pair; ``save_search_params`` writes the chosen one
+                vi.set_nprobe(grid[0][0], cfg.index)
+            vi.rerank_factor = grid[0][1]
+            vi.save_index(folder)
             if remote:
                 _upload(folder, dest, opts)
                 shutil.rmtree(folder)
@@ -722,10 +725,12 @@ def build(inputs: BuildInputs, cfg: KBConfig = KBConfig()) -> dict:
              RECALL_K, {m: report["recall"][m] for m in MODALITIES}, report["recall"]["nprobe"],
              report["recall"]["rerank_factor"])
     if report["recall"]["below_min"]:
-        log.warning("index recall@%d %s is below index.min_recall %.2f even at nprobe %d and rerank_factor %d: raise "
-                    "index.max_nprobe, index.max_rerank_factor or index.bytes_per_row and rebuild", RECALL_K,
-                    {m: report["recall"][m] for m in MODALITIES}, cfg.index.min_recall, cfg.index.max_nprobe,
-                    cfg.index.max_rerank_factor)
+        tried = [(e["nprobe"], e["rerank_factor"]) for e in report["recall"]["by_search"]["image"]]
+        log.warning("index recall@%d %s is below index.min_recall %.2f even at nprobe %d and rerank_factor %d (0: "
+                    "not an IVF index): raise index.max_nprobe (up to the lists there are), "
+                    "index.max_rerank_factor or index.bytes_per_row and rebuild", RECALL_K,
+                    {m: report["recall"][m] for m in MODALITIES}, cfg.index.min_recall, max(p for p, _ in tried),
+                    max(f for _, f in tried))
     # 4. entries, mapping, report, manifest (last: it marks the KB complete)
     t0 = time.perf_counter()
     rows, entries_sha = write_entries(parts, f"{inputs.out}/{kb_store.ENTRIES_FILE}", opts)

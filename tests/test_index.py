@@ -75,7 +75,10 @@ def test_the_search_pair_is_the_least_nprobe_that_reaches_min_recall_then_the_le
     assert pick_search(recall, 0.99) == (128, 40)  # none is enough: the highest recall
     assert pick_search({(0, 1): 1.0}, 0.9) == (0, 1)  # exact search: nothing to choose
     assert nprobes("ivfpq", IndexConfig(nprobe=32, max_nprobe=256), nlist=6196) == [32, 64, 128, 256]
-    assert nprobes("ivf", IndexConfig(nprobe=32, max_nprobe=256), nlist=100) == [32, 64]  # no more than the lists
+    assert nprobes("ivf", IndexConfig(nprobe=32, max_nprobe=256), nlist=100) == [32, 64, 100]  # up to every list
+    assert nprobes("ivf", IndexConfig(nprobe=32, max_nprobe=100), nlist=6196) == [32, 64, 100]
+    with pytest.raises(ValueError, match="max_nprobe"):
+        IndexConfig(nprobe=64, max_nprobe=32)
     assert nprobes("flat", IndexConfig(), nlist=1) == [0]
     assert search_grid("ivf", IndexConfig(nprobe=8, max_nprobe=16, rerank_factor=10, max_rerank_factor=20), 64) == \
         [(8, 10), (8, 20), (16, 10), (16, 20)]
@@ -92,6 +95,23 @@ def test_an_hnsw_coarse_quantiser_is_searched_deeper_than_the_lists_probed(tmp_p
     loaded = VectorIndex.load(tmp_path / "ix")
     assert (loaded.nprobe, loaded.quantizer_ef) == (40, 120)
     assert VectorIndex.build(base, IndexConfig(kind="flat")).nprobe == 0
+
+
+def test_the_saved_nprobe_reaches_an_ivf_index_under_opq_and_older_metadata_keeps_the_files_own(tmp_path, world):
+    import json
+
+    base, _ = world
+    cfg = IndexConfig(kind="ivfpq", nlist=64, nprobe=4, pq_m=8, opq=True)
+    index = VectorIndex.build(base, cfg)
+    index.set_nprobe(16, cfg)
+    index.save(tmp_path / "opq")
+    assert VectorIndex.load(tmp_path / "opq").nprobe == 16
+    meta = json.loads((tmp_path / "opq" / "meta.json").read_text())
+    index.set_nprobe(8, cfg)
+    index.save_index(tmp_path / "opq")  # the FAISS file now searches 8 lists
+    (tmp_path / "opq" / "meta.json").write_text(json.dumps({k: meta[k] for k in ("kind", "rerank_factor", "offset")}))
+    assert VectorIndex.load(tmp_path / "opq").nprobe == 8  # a KB built before nprobe was saved
+    assert VectorIndex.load(tmp_path / "opq", with_index=False).nprobe == 0
 
 
 def test_recall_counts_the_shared_neighbours_and_ignores_padding():

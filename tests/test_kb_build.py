@@ -189,19 +189,23 @@ def test_index_shards_populated_in_parallel_answer_as_one_index(tmp_path):
     results = [kb_build.build_index_shard({**common, "start": a, "stop": b, "shard": i, "path": f"shard-{i:05d}"},
                                           parts, trained, queries)
                for i, (a, b) in enumerate([(0, 3500), (3500, 6000)])]
+    report = kb_build.recall_report(results, np.arange(40), 0.9)
+    kb_build.save_search_params(str(tmp_path / "kb"), ["shard-00000", "shard-00001"], report, cfg, None)
     shards = [VectorIndex.load(tmp_path / "kb" / f"shard-{i:05d}" / "image") for i in range(2)]
     assert shards[0].vectors.dtype == np.float16 and shards[1].offset == 3500
+    assert {(s.nprobe, s.rerank_factor) for s in shards} == {(report["nprobe"]["image"],
+                                                              report["rerank_factor"]["image"])}
     answers = [s.search(base[:40], 10) for s in shards]
     merged = kb_build.topk_merge(np.hstack([a[0] for a in answers]), np.hstack([a[1] for a in answers]), 10)[1]
     one = train_empty(base[np.sort(rng.choice(6000, train_rows(6000, "ivfpq", cfg.index), replace=False))], 6000,
                       "ivfpq", cfg.index)
-    whole = VectorIndex(base.astype(np.float16), one, "ivfpq", 10)
+    whole = VectorIndex(base.astype(np.float16), one, "ivfpq", report["rerank_factor"]["image"])
+    whole.set_nprobe(report["nprobe"]["image"], cfg.index)
     one.add(base.astype(np.float16).astype(np.float32))
     overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(merged, whole.search(base[:40], 10)[1])])
     assert overlap >= 0.95  # two shards searched side by side = one index, up to quantisation ties
     exact = knn(base[:40], base, 10)[1]
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(merged, exact)]) >= 0.9
-    report = kb_build.recall_report(results, np.arange(40), 0.9)
     assert report["image"] >= 0.9 and not report["below_min"]
 
 
