@@ -209,6 +209,18 @@ def test_index_shards_populated_in_parallel_answer_as_one_index(tmp_path):
     assert report["image"] >= 0.9 and not report["below_min"]
 
 
+def _one_index_shard(tmp_path, base: np.ndarray, kind: str, index: IndexConfig) -> tuple[KBConfig, dict]:
+    """``base`` as both modalities' parts, one index shard of it built with its first 60 rows as recall queries."""
+    _write_side(f"{tmp_path}/parts", {"image": base, "text": base.copy()}, 2, "p")
+    parts = kb_build.Side("kb", str(tmp_path), layout.list_embedding_shards(f"{tmp_path}/parts"))
+    cfg = CFG.model_copy(update={"index": index})
+    trained = kb_build.train_indexes(parts, kind, cfg, None)
+    queries = {m: base[:60] for m in ("image", "text")}
+    task = {"start": 0, "stop": len(base), "shard": 0, "path": "shard-00000", "kind": kind, "cfg": cfg,
+            "out": str(tmp_path / "kb"), "storage_options": None}
+    return cfg, kb_build.build_index_shard(task, parts, trained, queries)
+
+
 def test_the_build_keeps_the_least_rerank_depth_that_reaches_min_recall(tmp_path):
     """Coarse PQ codes (4 bytes a row), every list probed: reranking 1 candidate per result misses neighbours;
     the build measures each depth, keeps the least one with recall@10 >= min_recall, and saves it with the
@@ -216,15 +228,8 @@ def test_the_build_keeps_the_least_rerank_depth_that_reaches_min_recall(tmp_path
     rng = np.random.default_rng(4)
     base, _ = clustered(rng, rng.normal(size=(10, D)) * 2, 6000, 0.6)
     base = normalize_rows(base, "base")
-    _write_side(f"{tmp_path}/parts", {"image": base, "text": base.copy()}, 2, "p")
-    parts = kb_build.Side("kb", str(tmp_path), layout.list_embedding_shards(f"{tmp_path}/parts"))
-    cfg = CFG.model_copy(update={"index": IndexConfig(nlist=16, nprobe=16, pq_m=4, rerank_factor=1,
-                                                      max_rerank_factor=64, recall_queries=60)})
-    trained = kb_build.train_indexes(parts, "ivfpq", cfg, None)
-    queries = {m: base[:60] for m in ("image", "text")}
-    result = kb_build.build_index_shard({"start": 0, "stop": 6000, "shard": 0, "path": "shard-00000", "kind": "ivfpq",
-                                         "cfg": cfg, "out": str(tmp_path / "kb"), "storage_options": None},
-                                        parts, trained, queries)
+    cfg, result = _one_index_shard(tmp_path, base, "ivfpq", IndexConfig(
+        nlist=16, nprobe=16, pq_m=4, rerank_factor=1, max_rerank_factor=64, recall_queries=60))
     report = kb_build.recall_report([result], np.arange(60), 0.9)
     by_factor = {e["rerank_factor"]: e["recall"] for e in report["by_search"]["image"]}
     chosen = report["rerank_factor"]["image"]
@@ -241,16 +246,9 @@ def test_the_build_probes_as_many_lists_as_recall_needs_and_the_kb_searches_with
     there), and the saved index searches with it, its HNSW coarse quantiser searched 2 deep per list."""
     rng = np.random.default_rng(5)
     base = normalize_rows(rng.normal(size=(6000, D)).astype(np.float32), "base")
-    _write_side(f"{tmp_path}/parts", {"image": base, "text": base.copy()}, 2, "p")
-    parts = kb_build.Side("kb", str(tmp_path), layout.list_embedding_shards(f"{tmp_path}/parts"))
-    cfg = CFG.model_copy(update={"index": IndexConfig(nlist=64, hnsw_quantizer_min_lists=64, nprobe=1, max_nprobe=64,
-                                                      rerank_factor=1, max_rerank_factor=4, recall_queries=60,
-                                                      quantizer_ef_per_probe=2)})
-    trained = kb_build.train_indexes(parts, "ivf", cfg, None)
-    queries = {m: base[:60] for m in ("image", "text")}
-    result = kb_build.build_index_shard({"start": 0, "stop": 6000, "shard": 0, "path": "shard-00000", "kind": "ivf",
-                                         "cfg": cfg, "out": str(tmp_path / "kb"), "storage_options": None},
-                                        parts, trained, queries)
+    cfg, result = _one_index_shard(tmp_path, base, "ivf", IndexConfig(
+        nlist=64, hnsw_quantizer_min_lists=64, nprobe=1, max_nprobe=64, rerank_factor=1, max_rerank_factor=4,
+        recall_queries=60, quantizer_ef_per_probe=2))
     report = kb_build.recall_report([result], np.arange(60), 0.9)
     grid = {(e["nprobe"], e["rerank_factor"]): e["recall"] for e in report["by_search"]["image"]}
     assert sorted({p for p, _ in grid}) == [1, 2, 4, 8, 16, 32, 64]
