@@ -102,12 +102,19 @@ def set_search_params(index: faiss.Index, kind: str, cfg: IndexConfig, nprobe: i
         faiss.downcast_index(index).hnsw.efSearch = cfg.hnsw_ef_search
     if kind not in ("ivf", "ivfpq"):
         return 0
+    probes = min(nprobe or cfg.nprobe, faiss.extract_index_ivf(index).nlist)
+    apply_probe(index, probes, quantizer_ef_for(probes, cfg))
+    return probes
+
+
+def apply_probe(index: faiss.Index, nprobe: int, quantizer_ef: int) -> None:
+    """Search ``nprobe`` lists of an IVF index (inside any OPQ transform), and its coarse quantiser, if an HNSW
+    graph, ``quantizer_ef`` deep (0: as it is)."""
     ivf = faiss.extract_index_ivf(index)
-    ivf.nprobe = min(nprobe or cfg.nprobe, ivf.nlist)
+    ivf.nprobe = nprobe
     quantizer = faiss.downcast_index(ivf.quantizer)
-    if isinstance(quantizer, faiss.IndexHNSW):
-        quantizer.hnsw.efSearch = quantizer_ef_for(ivf.nprobe, cfg)
-    return int(ivf.nprobe)
+    if quantizer_ef and isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = quantizer_ef
 
 
 def quantizer_ef_for(nprobe: int, cfg: IndexConfig) -> int:
@@ -277,10 +284,7 @@ class VectorIndex:
         index = faiss.read_index(str(folder / INDEX_FILE)) if with_index else None
         out = cls(vectors, index, meta["kind"], meta["rerank_factor"], meta["offset"])
         if index is not None and meta.get("nprobe"):  # the build's choice (older KBs: what the FAISS file holds)
-            ivf = faiss.extract_index_ivf(index)
-            ivf.nprobe = meta["nprobe"]
-            if meta.get("quantizer_ef"):
-                faiss.downcast_index(ivf.quantizer).hnsw.efSearch = meta["quantizer_ef"]
+            apply_probe(index, meta["nprobe"], meta.get("quantizer_ef", 0))
             out.quantizer_ef = _quantizer_ef(index)
         return out
 
