@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pipeline import blas
+
 
 @dataclass(frozen=True)
 class Resources:
@@ -125,5 +127,6 @@ def use_assigned_cpus() -> int:
     torch.set_num_threads(n)
     faiss.omp_set_num_threads(n)
     threadpool_limits(n)
+    blas.warn_if_generic()
     return n
 

@@ -18,10 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-import faiss
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pipeline  # noqa: E402,F401  (before faiss: names the CPU to its OpenBLAS, pipeline/blas.py)
+
+# isort: split
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+
 from bench.common import report  # noqa: E402
 from pipeline import kb_build, kb_store  # noqa: E402
 from pipeline.config import IndexConfig  # noqa: E402

@@ -25,10 +25,13 @@ import logging
 import sys
 from pathlib import Path
 
-import faiss
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pipeline  # noqa: E402,F401  (before faiss: names the CPU to its OpenBLAS, pipeline/blas.py)
+
+# isort: split
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+
 from bench.common import LatentMixture, counts, measure, report, unit_rows  # noqa: E402
 from pipeline.config import FilterConfig  # noqa: E402
 from pipeline.knn import search_blocks  # noqa: E402

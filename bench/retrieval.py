@@ -32,10 +32,13 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-import faiss
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pipeline  # noqa: E402,F401  (before faiss: names the CPU to its OpenBLAS, pipeline/blas.py)
+
+# isort: split
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+
 from actors.retrieve import RetrieveNeighbours  # noqa: E402
 from bench.common import LatentMixture, Target, count, counts, measure, report  # noqa: E402
 from pipeline.config import IndexConfig, RetrievalConfig  # noqa: E402

@@ -26,6 +26,10 @@ BENCH = Path(__file__).resolve().parent
 # Sizes per script: the full run answers the questions of the benchmarks' issue; quick runs the same code
 # on small inputs.
 SIZES: dict[str, dict[str, list[str]]] = {
+    "blas": {
+        "full": ["--rows", "50000", "--kmeans-rows", "256000", "--clusters", "1000"],  # the 1M build's fit sizes
+        "quick": ["--rows", "5000", "--kmeans-rows", "20000", "--clusters", "256"],
+    },
     "purify": {
         "full": ["--internal", "100k", "--external", "1M", "--ref-internal", "20k", "--ref-external", "50k"],
         "quick": ["--internal", "10k", "--external", "50k", "--ref-internal", "5k", "--ref-external", "10k"],
