@@ -15,6 +15,8 @@ Reported per index: build seconds, index bytes (the FAISS index as written to di
 vectors every kind keeps for the exact rerank), queries/s, recall@10 of the fused top-10 and of the
 stage-1 top-k against exact. The pseudo-embeddings are given (the mapping MLP is not timed here).
 Queries are fresh draws from the same mixture, their pseudo-embeddings noisier than the KB's text side.
+For the exact index and the job's pick, the whole fusion retrieval is also timed against the bare FAISS index
+answering stage 1's top-k for the same queries, at each ``--batch-sweep`` query batch (the wrapper's cost).
 
     python bench/retrieval.py                                  # 100k and 1M, 2,000 queries
     python bench/retrieval.py --sizes 20k --queries 500 --kinds auto,ivf,hnsw
@@ -51,6 +53,7 @@ QUERY_SEED, KB_SEED = 1, 0
 TARGET_ROWS = 1_000_000
 TARGET_QPS = 2_000
 TARGET_RECALL = 0.95
+TARGET_WRAPPER_RATIO = 0.8  # fusion retrieval's queries/s against raw FAISS's at the job's batch size
 SCORE_TIE = 1e-5
 REFERENCE_BATCH = 4096  # queries per call for the (untimed) answers compared between indexes  # fused scores this close are a tie: either order is a correct answer
 
@@ -102,6 +105,36 @@ def queries_per_s(shards: list[Shard], queries: np.ndarray, pseudo: np.ndarray, 
     return statistics.median(rates), max(rates), peak
 
 
+def raw_faiss_per_s(index: faiss.Index, queries: np.ndarray, k: int, batch: int, repeats: int) -> float:
+    """Median queries/s of the bare FAISS index answering stage 1's top-k for unit queries: the physical reference."""
+    q = np.ascontiguousarray(queries / np.linalg.norm(queries, axis=1, keepdims=True), dtype=np.float32)
+    index.search(q[:batch], k)  # warm-up
+    rates = []
+    for _ in range(repeats):
+        with measure() as m:
+            for s in range(0, len(q), batch):
+                index.search(q[s : s + batch], k)
+        rates.append(len(q) / m.seconds)
+    return statistics.median(rates)
+
+
+def wrapper_cost(shards: list[Shard], queries: np.ndarray, pseudo: np.ndarray, cfg: RetrievalConfig, args,
+                 n: int, name: str) -> list[dict]:
+    """Fusion retrieval (search, gather, cross term, rerank) against raw FAISS on the same index and queries."""
+    threads = max(args.threads)
+    faiss.omp_set_num_threads(threads)
+    index = shards[0].image
+    tq = args.flat_timing_queries if index.kind == "flat" else len(queries)
+    rows = []
+    for batch in args.batch_sweep:
+        raw = raw_faiss_per_s(index.index, queries[:tq], cfg.top_k, batch, args.repeats)
+        fused = queries_per_s(shards, queries[:tq], pseudo[:tq], cfg, batch, threads, args.repeats)[0]
+        rows.append({"rows": n, "index": name, "kind": index.kind, "nprobe": index.nprobe, "batch": batch,
+                     "timed_queries": tq, "raw_faiss_qps": raw, "fusion_qps": fused, "fusion/raw": fused / raw})
+        logging.info("%s", rows[-1])
+    return rows
+
+
 def recall(found: np.ndarray, truth: np.ndarray, at: int) -> float:
     return float(np.mean([len(set(a[:at]) & set(b[:at])) / at for a, b in zip(found, truth)]))
 
@@ -120,7 +153,7 @@ def bench_size(n: int, args, gen: LatentMixture, cfg: RetrievalConfig, sweep: bo
         image, text = gen.sample(n, np.random.default_rng(KB_SEED))
         queries, pseudo = gen.sample(args.queries, np.random.default_rng(QUERY_SEED), other_noise=PSEUDO_NOISE)
     logging.info("generated %d x %d KB rows and %d queries in %.1f s", n, gen.dim, len(queries), m_gen.seconds)
-    rows, shard_rows, sweep_rows, ref = [], [], [], {}
+    rows, shard_rows, sweep_rows, wrapper_rows, ref = [], [], [], [], {}
 
     def one(name: str, build) -> tuple[dict, list[Shard], tuple[np.ndarray, ...]]:
         with measure() as m_build:
@@ -146,6 +179,8 @@ def bench_size(n: int, args, gen: LatentMixture, cfg: RetrievalConfig, sweep: bo
 
     _, shards, (ids, fused, stage1) = one("exact", lambda: [VectorIndex.build(image, icfg, kind="flat")])
     ref.update(ids=ids, fused=fused, stage1=stage1)
+    if args.batch_sweep:
+        wrapper_rows += wrapper_cost(shards, queries, pseudo, cfg, args, n, "exact")
     del shards
     gc.collect()
 
@@ -153,8 +188,10 @@ def bench_size(n: int, args, gen: LatentMixture, cfg: RetrievalConfig, sweep: bo
     for kind in dict.fromkeys(auto if k == "auto" else k for k in args.kinds):
         if kind == "flat":
             continue
-        _, shards, _ = one(f"{kind} (job's pick)" if kind == auto else kind,
-                           lambda kind=kind: [VectorIndex.build(image, icfg, kind=kind)])
+        name = f"{kind} (job's pick)" if kind == auto else kind
+        _, shards, _ = one(name, lambda kind=kind: [VectorIndex.build(image, icfg, kind=kind)])
+        if args.batch_sweep:
+            wrapper_rows += wrapper_cost(shards, queries, pseudo, cfg, args, n, name)
         if sweep and kind in ("ivf", "ivfpq"):
             for nprobe in args.nprobe_sweep:
                 shards[0].image.set_nprobe(nprobe, icfg)
@@ -182,7 +219,7 @@ def bench_size(n: int, args, gen: LatentMixture, cfg: RetrievalConfig, sweep: bo
                 raise AssertionError(f"{args.shards} merged flat shards differ from the single exact index on "
                                      f"{len(queries) - identical - tied} of {len(queries)} queries at {n} rows")
     logging.info("%d rows done", n)
-    return rows, shard_rows, sweep_rows
+    return rows, shard_rows, sweep_rows, wrapper_rows
 
 
 def main() -> None:
@@ -200,22 +237,28 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed passes per setting; the median is reported")
     ap.add_argument("--flat-timing-queries", type=count, default=256,
                     help="queries timed on exhaustive (flat) indexes, whose answers use every query")
+    ap.add_argument("--batch-sweep", type=lambda s: [int(x) for x in s.split(",") if x], default=[64, 256, 1024],
+                    help="query batch sizes at which fusion retrieval is timed against raw FAISS (empty: skip)")
     ap.add_argument("--nprobe-sweep", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
                     help="nprobe values to sweep for each IVF kind at the largest size (e.g. 8,16,32,64)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     gen = LatentMixture(dim=args.dim)
     cfg = RetrievalConfig(n_results=RECALL_AT)  # the job's retrieval with the top-10 kept, for recall@10
-    rows, shard_rows, sweep = [], [], []
+    rows, shard_rows, sweep, wrapper = [], [], [], []
     for n in args.sizes:
-        r, s, w = bench_size(n, args, gen, cfg, sweep=n == max(args.sizes))
-        rows, shard_rows, sweep = rows + r, shard_rows + s, sweep + w
+        r, s, w, c = bench_size(n, args, gen, cfg, sweep=n == max(args.sizes))
+        rows, shard_rows, sweep, wrapper = rows + r, shard_rows + s, sweep + w, wrapper + c
     t_max = max(args.threads)
     picks = [r for r in rows if r["rows"] == TARGET_ROWS and "job's pick" in r["index"]]
     targets = [Target(f"{r['index']} at {r['rows']:,} rows: queries/s ({t_max} FAISS threads, median)",
                       r[f"qps_{t_max}t"], TARGET_QPS) for r in picks]
     targets += [Target(f"{r['index']} at {r['rows']:,} rows: recall@{RECALL_AT}", r[f"recall@{RECALL_AT}"],
                        TARGET_RECALL) for r in picks]
+    job_batch = RetrieveNeighbours.RESOURCES.batch_size
+    targets += [Target(f"{r['index']} at {r['rows']:,} rows, batch {r['batch']}: fusion retrieval / raw FAISS",
+                       r["fusion/raw"], TARGET_WRAPPER_RATIO) for r in wrapper
+                if r["batch"] == job_batch and "job's pick" in r["index"]]
     qps = [f"qps_{t}t" for t in args.threads]
     cols = ["rows", "index", "kind", "shards", "build_s", "faiss_mib", "rerank_vectors_mib", "timed_queries", *qps,
             f"recall@{RECALL_AT}", f"stage1_recall@{cfg.top_k}", "peak_rss_gib"]
@@ -223,6 +266,9 @@ def main() -> None:
               f"qps_Nt: median queries/s with N FAISS threads over {args.repeats} passes)": (rows, cols),
               "sharded exact search against one exact index": (shard_rows, ["rows", "shards", "queries",
                                                                              "identical", "ties_only", "same_top_k"])}
+    if wrapper:
+        tables[f"fusion retrieval against raw FAISS top-{cfg.top_k} on the same index and queries, by query batch "
+               f"({max(args.threads)} threads; the job's batch: {job_batch})"] = (wrapper, list(wrapper[0]))
     if sweep:
         tables["nprobe sweep (each IVF kind at the largest size)"] = (
             sweep, ["rows", "kind", "nprobe", *qps, f"recall@{RECALL_AT}"])

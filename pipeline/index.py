@@ -21,6 +21,7 @@ from pipeline.knn import DEFAULT_BLOCK, EmbeddingError, normalize_rows
 log = logging.getLogger(__name__)
 
 MIN_ROWS_PER_LIST = 39  # FAISS's own lower bound for a meaningful k-means
+EXACT_SCORE_KINDS = ("flat", "ivf", "hnsw")  # FAISS stores full vectors: its scores are exact, only PQ reranks
 RERANK_GATHER_BYTES = 256 * 2**20  # candidate vectors a search holds at once for its exact rerank
 INDEX_FILE, VECTORS_FILE, META_FILE = "index.faiss", "vectors.npy", "meta.json"  # a saved index folder
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
@@ -149,8 +150,8 @@ def _doubling(least: int, most: int) -> list[int]:
 
 def rerank_factors(kind: str, cfg: IndexConfig) -> list[int]:
     """The rerank depths a build measures, from ``rerank_factor`` doubling up to ``max_rerank_factor`` (one for
-    exact search: it reranks nothing)."""
-    return [cfg.rerank_factor] if kind == "flat" else _doubling(cfg.rerank_factor, cfg.max_rerank_factor)
+    the kinds whose FAISS scores are exact already: they rerank nothing)."""
+    return [cfg.rerank_factor] if kind in EXACT_SCORE_KINDS else _doubling(cfg.rerank_factor, cfg.max_rerank_factor)
 
 
 def nprobes(kind: str, cfg: IndexConfig, nlist: int) -> list[int]:
@@ -226,23 +227,25 @@ class VectorIndex:
         if q.shape[1] != self.dim:
             raise EmbeddingError(f"queries have {q.shape[1]} dims, the index {self.dim}")
         k_eff = min(k, len(self))
-        fetch = k_eff if self.kind == "flat" else min(len(self), k_eff * self.rerank_factor)
         scores = np.full((len(q), k), -np.inf, dtype=np.float32)
         ids = np.full((len(q), k), -1, dtype=np.int64)
+        if self.kind in EXACT_SCORE_KINDS:  # FAISS's inner products are the exact cosines: nothing to rerank
+            top, cand = self.index.search(q, k_eff)
+            scores[:, :k_eff] = np.where(cand >= 0, top, -np.inf)
+            ids[:, :k_eff] = np.where(cand >= 0, cand + self.offset, -1)
+            return scores, ids
+        fetch = min(len(self), k_eff * self.rerank_factor)
         # the rerank gathers (queries x fetch x dim) float32 vectors: bound that, whatever the depth
         block_size = max(1, min(block_size, RERANK_GATHER_BYTES // max(1, fetch * self.dim * 4)))
         for s in range(0, len(q), block_size):
             block = q[s : s + block_size]
             _, cand = self.index.search(block, fetch)
-            if self.kind != "flat":  # exact rerank with full-precision vectors
-                valid = cand >= 0
-                exact = np.einsum("nd,nkd->nk", block, self.gather(np.where(valid, cand, 0)))
-                exact[~valid] = -np.inf
-                order = np.argsort(-exact, axis=1)[:, :k_eff]
-                cand = np.take_along_axis(cand, order, 1)
-                top = np.take_along_axis(exact, order, 1)
-            else:
-                top = np.einsum("nd,nkd->nk", block, self.gather(cand))
+            valid = cand >= 0  # exact rerank of the approximate candidates with the stored vectors
+            exact = np.einsum("nd,nkd->nk", block, self.gather(np.where(valid, cand, 0)))
+            exact[~valid] = -np.inf
+            order = np.argsort(-exact, axis=1)[:, :k_eff]
+            cand = np.take_along_axis(cand, order, 1)
+            top = np.take_along_axis(exact, order, 1)
             scores[s : s + len(block), :k_eff] = top
             ids[s : s + len(block), :k_eff] = np.where(cand >= 0, cand + self.offset, -1)
         return scores, ids

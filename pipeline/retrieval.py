@@ -96,13 +96,20 @@ def shard_candidates(shard: Shard, query: np.ndarray, pseudo: np.ndarray, observ
     check_mode(cfg, shard.index("image").dim, shard.index("text").dim)
     k = cfg.top_k if cfg.mode == "fusion" else cfg.n_results
     probe = {"mapped": pseudo, "cross": query}.get(cfg.mode, query)
-    stage1, ids = shard.index(searched_modality(observed, cfg)).search(probe, k)
-    local = np.where(ids >= 0, ids - shard.start, 0)
-    intra = np.einsum("nd,nkd->nk", query, shard.vectors(observed)[local]).astype(np.float32)
-    cross = np.einsum("nd,nkd->nk", pseudo, shard.vectors(other)[local]).astype(np.float32)
-    intra[ids < 0] = -np.inf
-    cross[ids < 0] = -np.inf
+    searched = searched_modality(observed, cfg)
+    stage1, ids = shard.index(searched).search(probe, k)
     stage1 = np.where(ids >= 0, stage1, -np.inf).astype(np.float32)
+    local = np.where(ids >= 0, ids - shard.start, 0)
+
+    def cosines(x: np.ndarray, modality: str) -> np.ndarray:
+        out = np.einsum("nd,nkd->nk", x, shard.index(modality).gather(local)).astype(np.float32)
+        out[ids < 0] = -np.inf
+        return out
+
+    # Stage 1's own score is one of the two terms when it searched with the query (intra) or the pseudo-embedding
+    # (mapped) in that vector's modality: only the other term gathers vectors.
+    intra = stage1 if cfg.mode in ("fusion", "intra") else cosines(query, observed)
+    cross = stage1 if cfg.mode == "mapped" else cosines(pseudo, other)
     return Neighbours(ids=ids, fused=stage1, intra=intra, cross=cross)
 
 

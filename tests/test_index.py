@@ -80,8 +80,9 @@ def test_the_search_pair_is_the_least_nprobe_that_reaches_min_recall_then_the_le
     with pytest.raises(ValueError, match="max_nprobe"):
         IndexConfig(nprobe=64, max_nprobe=32)
     assert nprobes("flat", IndexConfig(), nlist=1) == [0]
-    assert search_grid("ivf", IndexConfig(nprobe=8, max_nprobe=16, rerank_factor=10, max_rerank_factor=20), 64) == \
-        [(8, 10), (8, 20), (16, 10), (16, 20)]
+    grid_cfg = IndexConfig(nprobe=8, max_nprobe=16, rerank_factor=10, max_rerank_factor=20)
+    assert search_grid("ivfpq", grid_cfg, 64) == [(8, 10), (8, 20), (16, 10), (16, 20)]
+    assert search_grid("ivf", grid_cfg, 64) == [(8, 10), (16, 10)]  # exact scores: nothing to rerank
 
 
 def test_an_hnsw_coarse_quantiser_is_searched_deeper_than_the_lists_probed(tmp_path, world):

@@ -58,6 +58,16 @@ def test_scores_are_the_fused_cosines_in_descending_order(world):
     assert (np.diff(res.fused, axis=1) <= 1e-6).all()
 
 
+@pytest.mark.parametrize("mode", ["fusion", "intra", "mapped", "cross"])
+def test_both_terms_are_the_cosines_of_the_returned_rows_in_every_mode(world, mode):
+    # Stage 1's score stands in for one term where it is that term (fusion, intra: the query's; mapped: the
+    # pseudo-embedding's); every mode must still report both terms of each row as its true cosines.
+    kb_img, kb_txt, q, pseudo, _ = world
+    res = retrieve(q[:20], pseudo[:20], kb_img, kb_txt, RetrievalConfig(mode=mode, top_k=10, n_results=5))
+    np.testing.assert_allclose(res.intra, np.einsum("nd,nkd->nk", q[:20], kb_img[res.ids]), atol=1e-5)
+    np.testing.assert_allclose(res.cross, np.einsum("nd,nkd->nk", pseudo[:20], kb_txt[res.ids]), atol=1e-5)
+
+
 def test_alpha_one_reduces_to_intra_modal_ranking(world):
     kb_img, kb_txt, q, pseudo, _ = world
     a = retrieve(q, pseudo, kb_img, kb_txt, RetrievalConfig(alpha=1.0, top_k=4, n_results=4))
