@@ -51,22 +51,17 @@ FULL, REDUCED = Depth(True), Depth(False)
 # ------------------------------------------------------------------------------------------------ tokenizers
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte-to-printable-character table (the alphabet of every byte-level BPE vocabulary)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+def _byte_alphabet() -> list[str]:
+    """The 256 printable characters byte-level BPE vocabularies spell bytes with (GPT-2's table, from tokenizers)."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    return sorted(ByteLevel.alphabet())
 
 
 def save_opt_tokenizer(folder: Path) -> Path:
     """A GPT-2 BPE tokenizer with OPT's vocabulary size: OPT's special tokens, the 256 bytes, placeholders."""
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    for ch in _bytes_to_unicode().values():
+    for ch in _byte_alphabet():
         vocab[ch] = len(vocab)
     while len(vocab) < OPT_TOKENIZER_SIZE:
         vocab[f"<extra_{len(vocab)}>"] = len(vocab)
@@ -81,7 +76,7 @@ def clip_tokenizer(folder: Path):
     from transformers import CLIPTokenizer
 
     vocab: dict[str, int] = {}
-    alphabet = list(_bytes_to_unicode().values())
+    alphabet = _byte_alphabet()
     for ch in alphabet:
         vocab[ch] = len(vocab)
     for ch in alphabet:
