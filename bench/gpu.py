@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from actors.generators import Blip2TextGenerator, Example, SdxlImageGenerator  # noqa: E402
+from actors.generators import Blip2TextGenerator, Example, SdxlImageGenerator, torch_dtype  # noqa: E402
 from actors.images import encode_image  # noqa: E402
 from bench.gpu_models import FULL, REDUCED, Depth, save_blip2, save_sdxl  # noqa: E402
 from pipeline.config import GeneratorConfig  # noqa: E402
@@ -84,8 +84,8 @@ def run_blip2(args, device: torch.device, folder: Path, depth: Depth) -> dict:
     out: dict = {"model": "BLIP2-OPT-2.7b" + ("" if depth.full else " (reduced depth)"), "n": args.n,
                  "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "precision": args.precision}
     with timed(device, out, "build_s"):
-        path = save_blip2(folder, depth, device=str(device), dtype=torch.float16 if device.type == "cuda" else
-                          torch.float32, min_new_tokens=args.max_new_tokens)
+        path = save_blip2(folder, depth, device=str(device), dtype=torch_dtype(device, args.precision),
+                          min_new_tokens=args.max_new_tokens)
     with timed(device, out, "load_s"):
         gen = Blip2TextGenerator(str(path), device=str(device), precision=args.precision,
                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
@@ -106,8 +106,7 @@ def run_sdxl(args, device: torch.device, folder: Path, depth: Depth) -> dict:
                  "steps": args.steps, "strength": JOB.strength, "image_size": args.image_size,
                  "batch_size": args.sdxl_batch_size, "precision": args.precision}
     with timed(device, out, "build_s"):
-        path = save_sdxl(folder, depth, device=str(device),
-                         dtype=torch.float16 if device.type == "cuda" else torch.float32)
+        path = save_sdxl(folder, depth, device=str(device), dtype=torch_dtype(device, args.precision))
     with timed(device, out, "load_s"):
         gen = SdxlImageGenerator(str(path), device=str(device), precision=args.precision, mode="img2img",
                                  strength=JOB.strength, steps=args.steps, image_size=args.image_size,
