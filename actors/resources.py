@@ -121,12 +121,13 @@ def use_assigned_cpus() -> int:
         return 0
     import faiss
     import torch
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import ThreadpoolController
 
     n = max(1, int(cpus))
     torch.set_num_threads(n)
     faiss.omp_set_num_threads(n)
-    threadpool_limits(n)
-    blas.warn_if_generic()
+    controller = ThreadpoolController()  # inspects the loaded libraries once, for the limit and the warning
+    controller.limit(limits=n)
+    blas.warn_if_generic(controller.info())
     return n
 

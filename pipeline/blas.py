@@ -57,17 +57,21 @@ def name_cpu(environ: MutableMapping[str, str] = os.environ, flags: Iterable[str
     return core
 
 
-def openblas_cores() -> list[dict]:
-    """The OpenBLAS libraries loaded in this process, with their version and the kernel family each one chose."""
-    from threadpoolctl import threadpool_info
+def openblas_cores(info: list[dict] | None = None) -> list[dict]:
+    """The OpenBLAS libraries loaded in this process, with their version and the kernel family each one chose.
 
+    ``info`` is threadpoolctl's description of the loaded libraries, where the caller already has it."""
+    if info is None:
+        from threadpoolctl import threadpool_info
+
+        info = threadpool_info()
     return [{"filepath": i["filepath"], "version": i.get("version"), "architecture": i.get("architecture")}
-            for i in threadpool_info() if i.get("internal_api") == "openblas"]
+            for i in info if i.get("internal_api") == "openblas"]
 
 
-def warn_if_generic() -> list[dict]:
+def warn_if_generic(info: list[dict] | None = None) -> list[dict]:
     """Log a warning for each loaded OpenBLAS running kernels without AVX, saying what to set; return those."""
-    generic = [lib for lib in openblas_cores() if lib["architecture"] in FALLBACK_CORES]
+    generic = [lib for lib in openblas_cores(info) if lib["architecture"] in FALLBACK_CORES]
     for lib in generic:
         log.warning("OpenBLAS %s (%s) runs its generic %s kernels on this CPU, several times slower than it can: "
                     "set %s (e.g. SkylakeX or Haswell) before Python starts, or import pipeline before faiss",

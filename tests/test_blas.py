@@ -66,11 +66,14 @@ def test_faiss_loaded_after_pipeline_runs_the_kernels_of_this_cpu():
     assert [c["architecture"] for c in cores] == [expected] * len(cores)
 
 
-def test_a_generic_openblas_is_reported_with_the_setting_to_change(monkeypatch, caplog):
-    loaded = [{"filepath": "/x/faiss_cpu.libs/libopenblas.so", "version": "0.3.15", "architecture": "Prescott"},
-              {"filepath": "/x/numpy.libs/libopenblas.so", "version": "0.3.31", "architecture": "SkylakeX"}]
-    monkeypatch.setattr(blas, "openblas_cores", lambda: loaded)
+def test_a_generic_openblas_is_reported_with_the_setting_to_change(caplog):
+    # threadpoolctl's description of the loaded libraries, as ThreadpoolController().info() gives it
+    info = [{"internal_api": "openblas", "filepath": "/x/faiss_cpu.libs/libopenblas.so", "version": "0.3.15",
+             "architecture": "Prescott", "num_threads": 2},
+            {"internal_api": "openblas", "filepath": "/x/numpy.libs/libopenblas.so", "version": "0.3.31",
+             "architecture": "SkylakeX", "num_threads": 2},
+            {"internal_api": "openmp", "filepath": "/x/libgomp.so", "version": None, "num_threads": 2}]
     with caplog.at_level(logging.WARNING, logger="pipeline.blas"):
-        generic = blas.warn_if_generic()
-    assert generic == loaded[:1]
+        generic = blas.warn_if_generic(info)
+    assert generic == [{"filepath": "/x/faiss_cpu.libs/libopenblas.so", "version": "0.3.15", "architecture": "Prescott"}]
     assert len(caplog.records) == 1 and "OPENBLAS_CORETYPE" in caplog.text and "Prescott" in caplog.text
