@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -117,12 +116,11 @@ def test_a_permanent_batch_error_fails_that_batch_s_rows_with_the_reason(plan):
     assert all("injected permanent fault in double" in e for e in second["error"])
 
 
+@pytest.mark.timeout(15)  # the hang lasts 30 s: a stage that waited for it instead of its 0.5 s timeout fails here
 def test_a_hung_call_fails_its_rows_after_the_timeout_and_the_next_batch_runs(plan):
     plan({"stage": "double", "kind": "hang", "batch": 1, "seconds": 30})
     stage = Double(StagePolicy(timeout_s=0.5, retries=2, backoff_s=0.0))
-    t0 = time.perf_counter()
     hung = apply(stage, _batch(3))
-    assert time.perf_counter() - t0 < 5
     assert (hung["task"] == TASK_FAILED).all() and set(hung["error"]) == {"double timed out after 0.5 s"}
     assert hung[RETRIES].tolist() == [0, 0, 0]  # a timeout is not retried: it would hang again
     nxt = apply(stage, _batch(2, 3))

@@ -425,6 +425,15 @@ def test_a_concurrent_burst_is_batched_and_each_request_gets_its_own_answer(serv
         assert max(b["batch_sizes"][stage] for b in burst) > 1, stage
 
 
+def _until(predicate, timeout_s: float, what: str, interval_s: float = 0.2, detail=lambda: "") -> None:
+    """Poll ``predicate`` until it holds; a hang guard that raises TimeoutError (with ``detail()``) past ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"gave up waiting for {what} after {timeout_s:g} s: {detail()}")
+        time.sleep(interval_s)
+
+
 class ServeProcess:
     """`rag4dmc serve` as an operator runs it: a process in a session of its own, with its own local Ray (which
     inherits its environment: a fault plan reaches the replicas), its output in a log file."""
@@ -451,10 +460,14 @@ class ServeProcess:
             return False
 
     def wait_healthy(self, timeout_s: float = 600) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not self.healthy():
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()[-3000:]
-            time.sleep(1)
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"rag4dmc serve exited ({self.proc.returncode}) before answering {HEALTH_PATH}:\n"
+                                   + self.log.read_text()[-3000:])
+            return self.healthy()
+
+        _until(up, timeout_s, f"rag4dmc serve to answer {HEALTH_PATH}", interval_s=1,
+               detail=lambda: self.log.read_text()[-3000:])
 
     def group(self) -> list:
         """The live processes of the server's group (zombies are dead: a container's PID 1 may not reap them)."""
@@ -482,12 +495,12 @@ def test_rag4dmc_serve_stops_within_ten_seconds_of_a_signal_with_its_ray_process
     try:
         server.wait_healthy()
         assert len(server.group()) > 1  # the server and its Ray processes
-        t0 = time.monotonic()
+        deadline = time.monotonic() + 10
         server.proc.send_signal(sig)
         server.proc.wait(timeout=10)
-        while server.group() and time.monotonic() - t0 < 10:
-            time.sleep(0.2)
-        assert time.monotonic() - t0 < 10 and not server.group(), [p.name() for p in server.group()]
+        _until(lambda: not server.group(), max(0.0, deadline - time.monotonic()),
+               "the server's processes to exit within 10 s of the signal",
+               detail=lambda: str([p.name() for p in server.group()]))
     finally:
         server.kill()
 
@@ -536,13 +549,6 @@ def _send(url: str, body: dict, timeout: float = HTTP_TIMEOUT_S):
 def _image_body(i: int, request_id: str) -> dict:
     (image,), _ = _samples(1, seed=100 + i)
     return {"image": base64.b64encode(image).decode(), "id": request_id}
-
-
-def _until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.2)
 
 
 @pytest.mark.timeout(600)
