@@ -54,8 +54,8 @@ TARGET_ROWS = 1_000_000
 TARGET_QPS = 2_000
 TARGET_RECALL = 0.95
 TARGET_WRAPPER_RATIO = 0.8  # fusion retrieval's queries/s against raw FAISS's at the job's batch size
-SCORE_TIE = 1e-5
-REFERENCE_BATCH = 4096  # queries per call for the (untimed) answers compared between indexes  # fused scores this close are a tie: either order is a correct answer
+SCORE_TIE = 1e-5  # fused scores this close are a tie: either order is a correct answer
+REFERENCE_BATCH = 4096  # queries per call for the (untimed) answers compared between indexes
 
 
 def text_holder(vectors: np.ndarray, offset: int) -> VectorIndex:
