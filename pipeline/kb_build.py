@@ -528,6 +528,19 @@ def recall_report(results: list[dict], query_ids: np.ndarray, min_recall: float)
     return out
 
 
+def warn_if_below_min(recall: dict) -> bool:
+    """Warn, naming the knobs to turn, when ``recall_report``'s chosen recall is below ``index.min_recall``."""
+    if not recall["below_min"]:
+        return False
+    tried = [(e["nprobe"], e["rerank_factor"]) for e in recall["by_search"]["image"]]
+    log.warning("index recall@%d %s is below index.min_recall %.2f even at nprobe %d and rerank_factor %d (0: "
+                "not an IVF index): raise index.max_nprobe (up to the lists there are), "
+                "index.max_rerank_factor or index.bytes_per_row and rebuild", recall["k"],
+                {m: recall[m] for m in MODALITIES}, recall["min_recall"], max(p for p, _ in tried),
+                max(f for _, f in tried))
+    return True
+
+
 def save_search_params(out: str, shard_paths: list[str], recall: dict, cfg: KBConfig,
                        storage_options: dict | None) -> None:
     """Each index's saved metadata with the (nprobe, rerank depth) the build chose for its modality."""
@@ -724,13 +737,7 @@ def build(inputs: BuildInputs, cfg: KBConfig = KBConfig()) -> dict:
     log.info("index done in %.0f s: recall@%d %s at nprobe %s, rerank_factor %s", report["stages"]["index"]["seconds"],
              RECALL_K, {m: report["recall"][m] for m in MODALITIES}, report["recall"]["nprobe"],
              report["recall"]["rerank_factor"])
-    if report["recall"]["below_min"]:
-        tried = [(e["nprobe"], e["rerank_factor"]) for e in report["recall"]["by_search"]["image"]]
-        log.warning("index recall@%d %s is below index.min_recall %.2f even at nprobe %d and rerank_factor %d (0: "
-                    "not an IVF index): raise index.max_nprobe (up to the lists there are), "
-                    "index.max_rerank_factor or index.bytes_per_row and rebuild", RECALL_K,
-                    {m: report["recall"][m] for m in MODALITIES}, cfg.index.min_recall, max(p for p, _ in tried),
-                    max(f for _, f in tried))
+    warn_if_below_min(report["recall"])
     # 4. entries, mapping, report, manifest (last: it marks the KB complete)
     t0 = time.perf_counter()
     rows, entries_sha = write_entries(parts, f"{inputs.out}/{kb_store.ENTRIES_FILE}", opts)

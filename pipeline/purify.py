@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 
 INTERNAL_CLUSTER_CAP = 1024
 EXTERNAL_CLUSTER_CAP = 4096
-MAX_POINTS_PER_CENTROID = 256  # FAISS's k-means bounds: 39 to 256 training points per centroid
-MIN_POINTS_PER_CENTROID = 39
+MAX_POINTS_PER_CENTROID = 256  # FAISS's k-means bounds: 39 to 256 training points per centroid (the floor is
+# FilterConfig.points_per_centroid's; a set smaller than k x 39 trains on all its rows)
 SIMILARITY_INIT_ROWS = 4000  # VecMap's sample size for the rotation-invariant initial dictionary
 CSLS_FETCH_FACTOR = 10  # raw neighbours fetched per query: k * this; lets most CSLS argmaxes be certified
 CSLS_LOW_R_QUANTILES = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)  # splits tried by _csls_argmax's certificate

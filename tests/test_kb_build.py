@@ -209,6 +209,33 @@ def test_index_shards_populated_in_parallel_answer_as_one_index(tmp_path):
     assert report["image"] >= 0.9 and not report["below_min"]
 
 
+def test_recall_below_min_at_every_search_setting_marks_the_report_and_warns_with_the_knobs(caplog):
+    """A grid whose best (nprobe, depth) finds 6 of the 10 true neighbours: the best pair is kept, the report is
+    marked below_min, and the warning names the largest pair tried and the settings to raise."""
+    queries = np.arange(4)
+    exact_ids = np.tile(np.arange(100, 111), (4, 1))  # 11: the query's own id is left out of neither
+    scores = np.tile(np.linspace(1, 0, 11), (4, 1)).astype(np.float32)
+
+    def found(hits: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``hits`` true neighbours, then rows that are not neighbours."""
+        ids = np.hstack([exact_ids[:, :hits], np.tile(np.arange(900, 911 - hits), (4, 1))])
+        return scores, ids
+
+    grid = {(32, 20): found(3), (32, 40): found(4), (64, 20): found(5), (64, 40): found(6)}
+    result = {m: {"exact": (scores, exact_ids), "approx": grid} for m in ("image", "text")}
+    report = kb_build.recall_report([result], queries, 0.9)
+    assert report["image"] == report["text"] == 0.6 and report["below_min"]
+    assert (report["nprobe"]["image"], report["rerank_factor"]["image"]) == (64, 40)  # the best pair is kept
+    with caplog.at_level("WARNING", logger="pipeline.kb_build"):
+        assert kb_build.warn_if_below_min(report)
+    text = caplog.text
+    assert "below index.min_recall 0.90" in text and "nprobe 64 and rerank_factor 40" in text
+    assert all(knob in text for knob in ("index.max_nprobe", "index.max_rerank_factor", "index.bytes_per_row"))
+    caplog.clear()
+    report = kb_build.recall_report([result], queries, 0.5)  # met at (64, 20): no warning
+    assert not report["below_min"] and not kb_build.warn_if_below_min(report) and not caplog.text
+
+
 def _one_index_shard(tmp_path, base: np.ndarray, kind: str, index: IndexConfig) -> tuple[KBConfig, dict]:
     """``base`` as both modalities' parts, one index shard of it built with its first 60 rows as recall queries."""
     _write_side(f"{tmp_path}/parts", {"image": base, "text": base.copy()}, 2, "p")
