@@ -3,6 +3,7 @@ population, images by reference, memory stated in advance, resume, and precomput
 
 from __future__ import annotations
 
+import io
 import json
 import time
 
@@ -34,8 +35,6 @@ D = 32
 
 
 def _png(colour: tuple[int, int, int]) -> bytes:
-    import io
-
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), colour).save(buf, format="PNG")
     return buf.getvalue()
@@ -375,6 +374,32 @@ def test_example_images_are_fetched_by_reference_and_a_broken_one_is_skipped(tmp
     assert picture is not None and picture.getpixel((0, 0))[:3] == (255, 0, 0)
     assert "could not be fetched" in ranked[0].problem and "does not decode" in ranked[1].problem
     assert ranked[2].problem is None and ranked[3].fetch is not None  # the fourth was never fetched
+
+
+def test_a_completed_row_names_the_examples_whose_image_could_not_be_had_and_uses_the_next(tmp_path):
+    """t2i with the nearest-neighbour generator against a stored KB's entries (locations, no bytes): the
+    first-ranked example's file is missing, the second's does not decode, the third is the image written; the
+    row's ``skipped_examples`` provenance says which examples were skipped and why."""
+    from actors.complete import CompleteImages
+    from pipeline.config import EncoderConfig, GeneratorConfig, SelectionConfig
+
+    good = _png((0, 255, 0))
+    (tmp_path / "good.png").write_bytes(good)
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    entries = pa.table({"id": ["e-missing", "e-broken", "e-good"], "text": ["x", "y", "z"],
+                        "image_uri": [str(tmp_path / n) for n in ("missing.png", "broken.png", "good.png")],
+                        "image_shard": pa.nulls(3, pa.string()), "image_row": pa.nulls(3, pa.int64())})
+    stage = CompleteImages(GeneratorConfig(), SelectionConfig(image_quality="none"), EncoderConfig(), entries)
+    stage.setup()
+    out = stage.process({"row_key": ["r0"], "text": ["a green square"], "ret_ids": [np.array([0, 1, 2])],
+                         "ret_fused": [np.array([0.9, 0.8, 0.7], np.float32)],
+                         "ret_cross": [np.array([0.9, 0.8, 0.7], np.float32)], "pseudo": [np.zeros(4, np.float32)]})
+    cols = out.columns
+    assert out.errors == [None] and cols["candidate_ids"][0] == ["e-good"]
+    assert np.asarray(Image.open(io.BytesIO(cols["image"][0])).convert("RGB"))[0, 0].tolist() == [0, 255, 0]
+    missing, broken = cols["skipped_examples"][0]
+    assert missing.startswith("e-missing: ") and "could not be fetched" in missing
+    assert broken.startswith("e-broken: ") and "does not decode" in broken
 
 
 def test_the_memory_estimate_refuses_what_no_node_holds():
