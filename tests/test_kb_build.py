@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -487,6 +488,57 @@ def test_a_resumed_build_reuses_its_fit_and_clears_the_parts_of_other_settings(w
     assert other != key
     assert kb_build.resumed_fit(out, other, None) is None  # other settings: the old parts are not mixed in
     assert not (tmp_path / "kb" / kb_store.PARTS_DIR).exists()
+
+
+@pytest.mark.timeout(900)
+def test_a_killed_kb_build_resumes_without_redoing_the_parts_it_had_written(world, tmp_path):
+    """`rag4dmc kb build --internal-embeddings --external-embeddings` killed (SIGKILL, its whole process group)
+    once its first purified parts are written: the rerun reuses the fit, skips every part whose counts file was
+    written (their files untouched) and finishes the KB."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    internal, external, _ = world
+    lift = np.linalg.qr(np.random.default_rng(7).normal(size=(512, D)))[0].T.astype(np.float32)  # D -> 512, isometric
+    _write_side(f"{tmp_path}/int", {m: v @ lift for m, v in internal.items()}, 1, "i")
+    _write_side(f"{tmp_path}/ext", {m: v @ lift for m, v in external.items()}, 16, "e")
+    config = {**CFG.model_dump(mode="json"), "encoder": {"backend": "open_clip", "model_name": "ViT-B-32"}}
+    (tmp_path / "kb.yaml").write_text(yaml.safe_dump(config))
+    kb = tmp_path / "kb"
+    cmd = [sys.executable, "-m", "pipeline.cli", "kb", "build", "--internal-embeddings", f"{tmp_path}/int",
+           "--external-embeddings", f"{tmp_path}/ext", "--out", str(kb), "--config", str(tmp_path / "kb.yaml")]
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": repo, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    counts = kb / kb_store.PARTS_DIR
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and not list(counts.glob("external/counts/*.json")):
+            if time.monotonic() > deadline:
+                raise TimeoutError("no purified part was written within 600 s")
+            time.sleep(0.05)
+        assert proc.poll() is None, "the build finished before it could be interrupted; give it more shards"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not (kb / "manifest.json").exists()  # killed: not a KB yet
+    done = {(p.parent.parent.name, p.stem.rsplit("_", 1)[1]) for p in counts.glob("*/counts/*.json")}
+    assert any(side == "external" for side, _ in done)
+
+    resumed = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    report = json.loads((kb / "report.json").read_text())
+    assert report["fit_resumed"]  # the same W: the parts already written stay valid
+    assert report["resumed_parts"] == len(done)  # exactly the parts with a counts file were skipped, no more
+    assert len(kb_store.load(str(kb)).entries) == report["kb_rows"] > 0
+    assert not (kb / kb_store.PARTS_DIR).exists()  # the intermediates are gone once the KB is complete
 
 
 def test_a_tasks_anonymous_peak_counts_the_memory_it_held_and_not_the_files_it_mapped(tmp_path):
