@@ -107,8 +107,8 @@ class IndexConfig(_Strict):
     flat_max_rows: int = Field(200_000, ge=1, description="auto: exact search up to this many rows (search speed)")
     bytes_per_row: int = Field(
         64, ge=8, description="auto, above flat_max_rows: FAISS code bytes per row and modality. IVF-Flat when the "
-        "float32 vector fits (4 x dim), else OPQ + IVF-PQ with this many one-byte sub-quantisers (the largest "
-        "divisor of the dimension that fits)")
+        "float32 vector fits (4 x dim), else IVF-PQ (OPQ-rotated when index.opq) with this many one-byte "
+        "sub-quantisers (the largest divisor of the dimension that fits)")
     nlist: int | None = Field(None, ge=1, description="IVF lists; None: 2 * sqrt(rows)")
     hnsw_quantizer_min_lists: int = Field(
         4096, ge=1, description="from this many IVF lists the coarse quantiser is an HNSW graph (adding rows to a "
