@@ -7,9 +7,11 @@ contiguous row ranges (:func:`build_shards`); ``pipeline.retrieval.merge_candida
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import faiss
@@ -25,7 +27,14 @@ EXACT_SCORE_KINDS = ("flat", "ivf", "hnsw")  # FAISS stores full vectors: its sc
 RERANK_GATHER_BYTES = 256 * 2**20  # candidate vectors a search holds at once for its exact rerank
 INDEX_FILE, VECTORS_FILE, META_FILE = "index.faiss", "vectors.npy", "meta.json"  # a saved index folder
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
+
 PQ_CENTROIDS = 256  # 8-bit PQ codes
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """The threads an exact rerank runs on (one pool per size, kept for the process: actors search often)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="rag4dmc-rerank")
 
 
 def pq_subquantizers(dim: int, cfg: IndexConfig) -> int:
@@ -237,18 +246,29 @@ class VectorIndex:
         fetch = min(len(self), k_eff * self.rerank_factor)
         # the rerank gathers (queries x fetch x dim) float32 vectors: bound that, whatever the depth
         block_size = max(1, min(block_size, RERANK_GATHER_BYTES // max(1, fetch * self.dim * 4)))
+        threads = max(1, faiss.omp_get_max_threads())  # the CPUs this process was given (FAISS's own threads)
         for s in range(0, len(q), block_size):
             block = q[s : s + block_size]
             _, cand = self.index.search(block, fetch)
-            valid = cand >= 0  # exact rerank of the approximate candidates with the stored vectors
-            exact = np.einsum("nd,nkd->nk", block, self.gather(np.where(valid, cand, 0)))
-            exact[~valid] = -np.inf
-            order = np.argsort(-exact, axis=1)[:, :k_eff]
-            cand = np.take_along_axis(cand, order, 1)
-            top = np.take_along_axis(exact, order, 1)
-            scores[s : s + len(block), :k_eff] = top
-            ids[s : s + len(block), :k_eff] = np.where(cand >= 0, cand + self.offset, -1)
+            # the rerank is a gather of scattered rows (memory-latency bound, and numpy releases the GIL in it):
+            # split over the same threads as FAISS's search
+            bounds = np.linspace(0, len(block), min(threads, len(block)) + 1).astype(int)
+            pieces = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+            args = ([block[r] for r in pieces], [cand[r] for r in pieces], [k_eff] * len(pieces))
+            reranked = _pool(len(pieces)).map(self._rerank, *args) if len(pieces) > 1 else map(self._rerank, *args)
+            for r, (top, best) in zip(pieces, reranked):
+                rows = slice(s + r.start, s + r.stop)
+                scores[rows, :k_eff] = top
+                ids[rows, :k_eff] = np.where(best >= 0, best + self.offset, -1)
         return scores, ids
+
+    def _rerank(self, queries: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The exact top-k (scores, local ids) among approximate candidates, by the stored vectors."""
+        valid = cand >= 0
+        exact = np.einsum("nd,nkd->nk", queries, self.gather(np.where(valid, cand, 0)))
+        exact[~valid] = -np.inf
+        order = np.argsort(-exact, axis=1)[:, :k]
+        return np.take_along_axis(exact, order, 1), np.take_along_axis(cand, order, 1)
 
     def gather(self, local_ids: np.ndarray) -> np.ndarray:
         """float32 vectors of local row ids (any shape); the stored ones may be float16."""

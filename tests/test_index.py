@@ -176,3 +176,21 @@ def test_wrong_dimension_queries_are_refused(world):
     base, _ = world
     with pytest.raises(EmbeddingError, match="dims"):
         VectorIndex.build(base[:100]).search(np.ones((1, D + 1), np.float32), 1)
+
+
+def test_the_exact_rerank_split_over_threads_returns_what_one_thread_returns(world):
+    """IVF-PQ's rerank runs on as many threads as FAISS has; the pieces are reassembled in query order."""
+    base, queries = world
+    vi = VectorIndex.build(base.astype(np.float16), IndexConfig(nlist=64, nprobe=16, pq_m=8), kind="ivfpq")
+    before = faiss.omp_get_max_threads()
+    try:
+        answers = []
+        for threads in (1, 3):
+            faiss.omp_set_num_threads(threads)
+            answers.append(vi.search(queries[:7], 10, block_size=5))  # blocks of 5 and 2 queries, split in 3 / 2
+    finally:
+        faiss.omp_set_num_threads(before)
+    for one, many in zip(*answers):
+        np.testing.assert_array_equal(one, many)
+    exact = knn(queries[:7], base, 10)[1]
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(answers[1][1], exact)]) >= 0.9  # in query order
