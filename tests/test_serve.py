@@ -269,10 +269,17 @@ def kb(ray_local, tmp_path_factory) -> str:
     from pipeline.demo_data import make_external, make_internal
     from pipeline.kb_job import KBBuildSpec, run_kb_build
 
+    """The service's KB is built the way most users build theirs: from precomputed embeddings in the
+    clip-retrieval layout (here the layout a build from images wrote), its entries pointing at the images by
+    reference."""
     root = tmp_path_factory.mktemp("serve-kb")
     write_parquet(make_internal(120, seed=0).select(["id", "image", "text"]), f"{root}/internal/part-0.parquet")
     write_parquet(make_external(80, seed=0).select(["id", "image", "text"]), f"{root}/external/part-0.parquet")
-    run_kb_build(KBBuildSpec(internal=f"{root}/internal", external=f"{root}/external", out=f"{root}/kb", cfg=FAST_KB))
+    run_kb_build(KBBuildSpec(internal=f"{root}/internal", external=f"{root}/external", out=f"{root}/from-images",
+                             cfg=FAST_KB))
+    emb = f"{root}/from-images/embeddings"
+    run_kb_build(KBBuildSpec(internal=None, internal_embeddings=f"{emb}/internal", external_embeddings=f"{emb}/external",
+                             out=f"{root}/kb", cfg=FAST_KB))
     return f"{root}/kb"
 
 
