@@ -48,6 +48,10 @@ SIZES: dict[str, dict[str, list[str]]] = {
         "full": ["--images", "256", "--texts", "1000"],
         "quick": ["--images", "32", "--texts", "128"],
     },
+    "embed_stage": {
+        "full": ["--rows", "2000", "--baseline-rows", "200"],
+        "quick": ["--rows", "300", "--baseline-rows", "100"],
+    },
     "actors_generators": {
         "full": ["--queries", "32", "--n", "4"],
         "quick": ["--queries", "8", "--n", "2"],
