@@ -27,7 +27,6 @@ EXACT_SCORE_KINDS = ("flat", "ivf", "hnsw")  # FAISS stores full vectors: its sc
 RERANK_GATHER_BYTES = 256 * 2**20  # candidate vectors a search holds at once for its exact rerank
 INDEX_FILE, VECTORS_FILE, META_FILE = "index.faiss", "vectors.npy", "meta.json"  # a saved index folder
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
-
 PQ_CENTROIDS = 256  # 8-bit PQ codes
 
 
