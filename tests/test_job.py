@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,7 @@ from pipeline.demo_data import make_external, make_incomplete, make_internal
 from pipeline.job import JobSpec, RunMismatch, read_output, run_job
 from pipeline.kb_job import KBBuildSpec, run_kb_build
 from pipeline.storage import Storage
+from tests.processes import sigkill_when
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = JobConfig()  # defaults: NIQE's parameters found where `rag4dmc setup` (make env) installed them
@@ -195,20 +194,8 @@ def test_killed_job_resumes_without_duplicates_or_gaps(kb, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "pipeline.cli", "complete", "--data", str(data), "--kb", kb, "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if len(list((out / "data").glob("*/*.parquet"))) >= 2:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "the job finished before it could be interrupted; make it longer"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    sigkill_when(cmd, lambda: len(list((out / "data").glob("*/*.parquet"))) >= 2, "two output files were committed",
+                 cwd=REPO, env=env, timeout_s=300)
     partial = read_output(Storage(), str(out)).num_rows
     assert 0 < partial < n
     resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -32,6 +32,7 @@ from pipeline.index import VectorIndex
 from pipeline.knn import knn, normalize_rows
 from pipeline.purify import kmeans_sample_size, sample_ids
 from tests.planted import clustered
+from tests.processes import sigkill_when
 
 D = 32
 
@@ -495,7 +496,6 @@ def test_a_killed_kb_build_resumes_without_redoing_the_parts_it_had_written(worl
     once its first purified parts are written: the rerun reuses the fit, skips every part whose counts file was
     written (their files untouched) and finishes the KB."""
     import os
-    import signal
     import subprocess
     import sys
 
@@ -513,20 +513,8 @@ def test_a_killed_kb_build_resumes_without_redoing_the_parts_it_had_written(worl
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": repo, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     counts = kb / kb_store.PARTS_DIR
-    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 600
-        while proc.poll() is None and not list(counts.glob("external/counts/*.json")):
-            if time.monotonic() > deadline:
-                raise TimeoutError("no purified part was written within 600 s")
-            time.sleep(0.05)
-        assert proc.poll() is None, "the build finished before it could be interrupted; give it more shards"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    sigkill_when(cmd, lambda: any(counts.glob("external/counts/*.json")), "a purified part was written", cwd=repo,
+                 env=env, timeout_s=600, interval_s=0.05)
     assert not (kb / "manifest.json").exists()  # killed: not a KB yet
     done = {(p.parent.parent.name, p.stem.rsplit("_", 1)[1]) for p in counts.glob("*/counts/*.json")}
     assert any(side == "external" for side, _ in done)

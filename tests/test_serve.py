@@ -46,6 +46,7 @@ from deploy.protocol import (
 )
 from pipeline.config import ConfigError, JobConfig, KBConfig, MappingConfig, ServeConfig, validate
 from tests.conftest import LOOPBACK
+from tests.processes import until
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = REPO / "deploy" / "serve_config.yaml"
@@ -432,15 +433,6 @@ def test_a_concurrent_burst_is_batched_and_each_request_gets_its_own_answer(serv
         assert max(b["batch_sizes"][stage] for b in burst) > 1, stage
 
 
-def _until(predicate, timeout_s: float, what: str, interval_s: float = 0.2, detail=lambda: "") -> None:
-    """Poll ``predicate`` until it holds; a hang guard that raises TimeoutError (with ``detail()``) past ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"gave up waiting for {what} after {timeout_s:g} s: {detail()}")
-        time.sleep(interval_s)
-
-
 class ServeProcess:
     """`rag4dmc serve` as an operator runs it: a process in a session of its own, with its own local Ray (which
     inherits its environment: a fault plan reaches the replicas), its output in a log file."""
@@ -473,7 +465,7 @@ class ServeProcess:
                                    + self.log.read_text()[-3000:])
             return self.healthy()
 
-        _until(up, timeout_s, f"rag4dmc serve to answer {HEALTH_PATH}", interval_s=1,
+        until(up, timeout_s, f"rag4dmc serve to answer {HEALTH_PATH}", interval_s=1,
                detail=lambda: self.log.read_text()[-3000:])
 
     def group(self) -> list:
@@ -505,7 +497,7 @@ def test_rag4dmc_serve_stops_within_ten_seconds_of_a_signal_with_its_ray_process
         deadline = time.monotonic() + 10
         server.proc.send_signal(sig)
         server.proc.wait(timeout=10)
-        _until(lambda: not server.group(), max(0.0, deadline - time.monotonic()),
+        until(lambda: not server.group(), max(0.0, deadline - time.monotonic()),
                "the server's processes to exit within 10 s of the signal",
                detail=lambda: str([p.name() for p in server.group()]))
     finally:
@@ -546,11 +538,11 @@ def faulty(kb, tmp_path_factory) -> Iterator[FaultyService]:
 
 
 def _send(url: str, body: dict, timeout: float = HTTP_TIMEOUT_S):
+    """The response, and when it came (``time.monotonic()``)."""
     import requests
 
-    t0 = time.monotonic()
     response = requests.post(f"{url}{COMPLETE_PATH}", json=body, timeout=timeout)
-    return response, time.monotonic() - t0
+    return response, time.monotonic()
 
 
 def _image_body(i: int, request_id: str) -> dict:
@@ -562,22 +554,23 @@ def _image_body(i: int, request_id: str) -> dict:
 def test_a_hung_generation_gets_504_and_requests_past_the_queue_get_503_with_retry_after(faulty):
     url = faulty.server.url
     with ThreadPoolExecutor(max_workers=8) as pool:
+        sent = time.monotonic()
         slow = pool.submit(_send, url, {"text": "a slow red circle", "id": SLOW_ID})
         # the hang fault's marker: the request holds the ingress's only slot, waiting for its generator
-        _until(lambda: any(faulty.state.glob("fault-1-*")), 60, "the slow request to reach its generator")
+        until(lambda: any(faulty.state.glob("fault-1-*")), 60, "the slow request to reach its generator")
         burst = [pool.submit(_send, url, _image_body(i, f"burst-{i}")) for i in range(5)]
         answers = [f.result(timeout=HTTP_TIMEOUT_S) for f in burst]
-        timed_out, slow_s = slow.result(timeout=HTTP_TIMEOUT_S)
+        timed_out, slow_at = slow.result(timeout=HTTP_TIMEOUT_S)
     assert timed_out.status_code == 504, timed_out.text
     assert f"request_timeout_s={FAULTY_TIMEOUT_S:g} s" in timed_out.json()["error"]
-    assert slow_s < HANG_S  # answered at the timeout, not when the generation ended
+    assert slow_at - sent < HANG_S  # answered at the timeout, not when the generation ended
     refused = [(r, s) for r, s in answers if r.status_code == 503]
     # one slot, one queued: at least 3 of the 5 are refused; the others are answered once the slot frees
     assert len(refused) >= 3, [r.status_code for r, _ in answers]
     assert {r.status_code for r, _ in answers} <= {200, 503}, [r.text for r, _ in answers]
-    for response, seconds in refused:
+    for response, answered_at in refused:
         assert response.headers["Retry-After"] == str(RETRY_AFTER_S)
-        assert seconds < FAULTY_TIMEOUT_S  # refused at once: not queued behind the slow request
+        assert answered_at < slow_at  # refused at once: answered before the request ahead of it, not queued behind it
 
 
 @pytest.mark.timeout(600)
@@ -587,7 +580,7 @@ def test_a_replica_that_crashes_mid_request_gives_a_json_500_with_an_error_id_an
     assert crashed.status_code == 500, crashed.text
     body = crashed.json()
     assert body["error_id"] in body["error"] and body["hint"]
-    _until(lambda: body["error_id"] in faulty.server.log.read_text(), 60, "the error id in the service's log")
+    until(lambda: body["error_id"] in faulty.server.log.read_text(), 60, "the error id in the service's log")
     # Serve replaces the dead replica; until it is up, requests fail or time out (a JSON 5xx), afterwards they succeed
     statuses: list[int] = []
 
@@ -596,5 +589,5 @@ def test_a_replica_that_crashes_mid_request_gives_a_json_500_with_an_error_id_an
         statuses.append(response.status_code)
         return response.status_code == 200
 
-    _until(answered, 300, "a request answered after the crash")
+    until(answered, 300, "a request answered after the crash")
     assert set(statuses[:-1]) <= {500, 503, 504}, statuses
