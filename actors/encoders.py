@@ -131,7 +131,8 @@ class _BatchedEncoder:
         return np.concatenate(out)
 
 
-LITE_CPU_MICRO_BATCH = 8  # images per image-tower forward on CPU: activations stay in cache (docs/benchmarks.md 5)
+# Images per image-tower forward on CPU, torch or ONNX Runtime: activations stay in cache (bench/actors_encoders.py)
+LITE_CPU_MICRO_BATCH = 4
 
 
 class LiteEncoder(_BatchedEncoder):
@@ -143,12 +144,19 @@ class LiteEncoder(_BatchedEncoder):
     name = LITE_NAME
     image_dim, text_dim, image_size = LITE_IMAGE_DIM, LITE_TEXT_DIM, LITE_IMAGE_SIZE
 
-    def __init__(self, device: str = "auto", batch_size: int = 64):
+    def __init__(self, device: str = "auto", batch_size: int = 64, cpu_runtime: str = "onnxruntime"):
         from transformers import AutoModel, AutoTokenizer
 
         self.device, self.batch_size = pick_device(device), batch_size
+        tower = lite_image_tower().eval()
+        self.onnx = None  # the image tower in ONNX Runtime: on CPU, unless torch is asked for
+        if self.device.type == "cpu" and cpu_runtime == "onnxruntime":
+            from actors.onnx_module import OnnxModule
+
+            self.onnx = OnnxModule(tower, torch.zeros(2, 3, self.image_size, self.image_size))
+        self.micro_batch = LITE_CPU_MICRO_BATCH if self.device.type == "cpu" else None  # None: the whole batch
         # channels_last: oneDNN's depthwise convolutions run on NHWC without reordering each layer's input
-        self.image_model = lite_image_tower().eval().to(self.device, memory_format=torch.channels_last)
+        self.image_model = tower.to(self.device, memory_format=torch.channels_last)
         text_dir = minilm_dir()
         self.tokenizer = AutoTokenizer.from_pretrained(text_dir, local_files_only=True)
         self.text_model = AutoModel.from_pretrained(text_dir, local_files_only=True).eval().to(self.device)
@@ -157,8 +165,12 @@ class LiteEncoder(_BatchedEncoder):
 
     @torch.inference_mode()
     def _embed_pixels(self, x: torch.Tensor) -> np.ndarray:
+        step = self.micro_batch or len(x)
+        if self.onnx is not None:
+            x = x.numpy()
+            return _unit_rows(torch.from_numpy(np.concatenate([self.onnx(x[s : s + step])
+                                                               for s in range(0, len(x), step)])))
         x = x.contiguous(memory_format=torch.channels_last)
-        step = LITE_CPU_MICRO_BATCH if self.device.type == "cpu" else len(x)
         return _unit_rows(torch.cat([self.image_model(x[s : s + step]) for s in range(0, len(x), step)]))
 
     @torch.inference_mode()
@@ -348,6 +360,6 @@ def describe_encoder(cfg: EncoderConfig) -> dict:
 def create_encoder(cfg: EncoderConfig, storage_options: dict | None = None) -> Encoder:
     """The one place that turns an encoder configuration into a loaded encoder."""
     if cfg.backend == "lite":
-        return LiteEncoder(device=cfg.device, batch_size=cfg.batch_size)
+        return LiteEncoder(device=cfg.device, batch_size=cfg.batch_size, cpu_runtime=cfg.cpu_runtime)
     return OpenClipEncoder(cfg.model_name, cfg.pretrained, cfg.model_dir, device=cfg.device,
                            precision=cfg.precision, batch_size=cfg.batch_size, storage_options=storage_options)

@@ -122,10 +122,13 @@ def test_image_tower_is_the_checkpoints_imagenet_model(lite, subjects):
     np.testing.assert_allclose(lite.encode_images([cat, coffee]), expected, atol=TOL)
 
 
-def test_the_fast_image_path_keeps_the_float32_reference_embeddings_of_real_photos(subjects):
-    """channels_last and small CPU micro-batches change only the speed: on real photos and their augmented
-    views, in one 64-row batch, every embedding is within cosine 0.999 of the plain NCHW float32 forward."""
-    enc = LiteEncoder(device="cpu", batch_size=64)
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+def test_the_fast_image_path_keeps_the_float32_reference_embeddings_of_real_photos(subjects, runtime):
+    """ONNX Runtime (the CPU default), channels_last and small CPU micro-batches change only the speed: on real
+    photos and their augmented views, in one 64-row batch, every embedding is within cosine 0.999 of the plain
+    NCHW float32 torch forward."""
+    enc = LiteEncoder(device="cpu", batch_size=64, cpu_runtime=runtime)
+    assert (enc.onnx is not None) == (runtime == "onnxruntime")
     rng = np.random.default_rng(1)
     images = subjects + [view for img in subjects for view in augmented(img, rng)]
     pixels = np.stack([resize_for_model(im, enc.image_size) for im in images])

@@ -1,0 +1,72 @@
+"""A torch module run by ONNX Runtime: the same outputs as torch at any batch size, exported once per weights
+(a second actor loads the cached graph), a new graph when the weights change, and the threads it was given."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import actors.onnx_module as onnx_module
+from actors.onnx_module import OnnxModule, cache_key
+
+
+def small_convnet(seed: int) -> torch.nn.Module:
+    """Conv, batch norm, depthwise conv, pooling, a linear head: the layer kinds of the lite image tower."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU6(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.BatchNorm2d(8), torch.nn.ReLU6(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 5))
+    with torch.no_grad():  # running statistics that are not the identity, so folding them is tested
+        for bn in (net[1], net[4]):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+@pytest.fixture
+def exports(monkeypatch) -> list:
+    """Every export that happens, recorded (the real one still runs)."""
+    calls, real = [], onnx_module.export_onnx
+    monkeypatch.setattr(onnx_module, "export_onnx", lambda *a: (calls.append(a[2]), real(*a)))
+    return calls
+
+
+def test_onnx_outputs_equal_torch_at_every_batch_size(tmp_path, exports):
+    net = small_convnet(0)
+    module = OnnxModule(net, torch.zeros(2, 3, 16, 16), threads=1, cache_dir=tmp_path)
+    x = np.random.default_rng(0).normal(size=(7, 3, 16, 16)).astype(np.float32)
+    with torch.inference_mode():
+        expected = net(torch.from_numpy(x)).numpy()
+    for n in (1, 3, 7):  # the batch dimension is dynamic: not only the example's 2
+        out = module(x[:n])
+        assert out.dtype == np.float32 and out.shape == (n, 5)
+        np.testing.assert_allclose(out, expected[:n], atol=1e-5)
+    assert len(exports) == 1
+
+
+def test_the_graph_is_exported_once_per_weights_and_reloaded_from_the_cache(tmp_path, exports):
+    example = torch.zeros(2, 3, 16, 16)
+    first = OnnxModule(small_convnet(0), example, threads=1, cache_dir=tmp_path)
+    again = OnnxModule(small_convnet(0), example, threads=1, cache_dir=tmp_path)  # same weights: no export
+    assert exports == [first.path] and again.path == first.path
+    other = OnnxModule(small_convnet(1), example, threads=1, cache_dir=tmp_path)  # other weights: a new graph
+    assert other.path != first.path and exports == [first.path, other.path]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.path.name, other.path.name])  # no partials
+    x = np.ones((1, 3, 16, 16), np.float32)
+    assert not np.allclose(first(x), other(x))
+
+
+def test_the_key_follows_the_input_size_but_not_the_batch():
+    net = small_convnet(0)
+    assert cache_key(net, (2, 3, 16, 16)) == cache_key(net, (8, 3, 16, 16))
+    assert cache_key(net, (2, 3, 16, 16)) != cache_key(net, (2, 3, 32, 32))
+
+
+def test_the_session_runs_on_torchs_thread_count_unless_told(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    default = OnnxModule(small_convnet(0), torch.zeros(2, 3, 16, 16), cache_dir=tmp_path)
+    given = OnnxModule(small_convnet(0), torch.zeros(2, 3, 16, 16), threads=1, cache_dir=tmp_path)
+    assert default.session.get_session_options().intra_op_num_threads == 3
+    assert given.session.get_session_options().intra_op_num_threads == 1
