@@ -24,7 +24,7 @@ from actors.embed import EmbedQueries
 from actors.preprocess import CPU_TASK, CheckTexts, FetchAndDecode
 from actors.resources import Resources, fit_to_cpus
 from actors.retrieve import RetrieveNeighbours, role_of
-from actors.stage import Stage, StagePolicy, apply, check_chain
+from actors.stage import Stage, StagePolicy, apply, check_chain, run_as_task
 from pipeline import flow
 from pipeline.calibrate import effective_settings
 from pipeline.config import EncoderConfig, JobConfig, StorageConfig
@@ -147,12 +147,6 @@ def actor_class(stage: Stage) -> type[StageActor]:
     return type(f"{type(stage).__name__}Actor", (StageActor,), {"__module__": __name__})
 
 
-def stage_task(batch, *, stage: Stage):
-    """A CPU stage as a Ray Data task (its ``setup`` is cheap, once per task)."""
-    stage.ensure_setup()
-    return typed_block(apply(stage, restore_nulls(batch)))
-
-
 def _committed(storage_cfg: StorageConfig, out: str, shard: str) -> set[str]:
     from pipeline.storage import Storage
 
@@ -232,7 +226,7 @@ def build_plan(cfg: JobConfig, data: str, kb_uri: str, kb_manifest: dict, out: s
         groups = 0
         for stage in chains[task]:
             if not stage.ACTOR:
-                ds = ds.map_batches(stage_task, fn_kwargs={"stage": stage}, **cpu)
+                ds = ds.map_batches(run_as_task, fn_kwargs={"stage": stage}, **cpu)
                 continue
             position = groups if isinstance(stage, RetrieveNeighbours) else 0
             groups += isinstance(stage, RetrieveNeighbours)

@@ -197,3 +197,20 @@ def test_the_whole_chain_over_three_shard_groups_equals_one_shard_retrieval(thre
         others = np.flatnonzero(batch["task"] != task)  # rows of the other direction are left as they were
         assert all(out["status"][i] is None for i in others)
     assert set(INPUT_SCHEMA.names) <= set(batch)
+
+
+def test_the_modules_a_cpu_task_worker_imports_load_no_model_library():
+    """Ray Data's read, decode, text-check, finalize and commit tasks run in worker processes that import only
+    what those functions and stages live in. None of it may pull in torch or FAISS: on a small machine every
+    fresh task worker would pay seconds of CPU and most of a GB for them (the plan's modules do)."""
+    import subprocess
+    import sys
+
+    modules = ["actors.stage", "actors.preprocess", "pipeline.datasource", "pipeline.output", "pipeline.flow"]
+    code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint(sorted({{'torch', 'faiss'}} & set(sys.modules)))"
+    heavy = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert heavy.stdout.strip() == "[]"
+    from actors.stage import run_as_task
+    from pipeline.output import finalize
+
+    assert run_as_task.__module__ == "actors.stage" and finalize.__module__ == "pipeline.output"
