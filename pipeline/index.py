@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 MIN_ROWS_PER_LIST = 39  # FAISS's own lower bound for a meaningful k-means
 EXACT_SCORE_KINDS = ("flat", "ivf", "hnsw")  # FAISS stores full vectors: its scores are exact, only PQ reranks
 RERANK_GATHER_BYTES = 256 * 2**20  # candidate vectors a search holds at once for its exact rerank
+# Queries whose candidates the rerank gathers and converts at once: their buffers stay in cache (bench/retrieval.py)
+RERANK_CHUNK_QUERIES = 4
 INDEX_FILE, VECTORS_FILE, META_FILE = "index.faiss", "vectors.npy", "meta.json"  # a saved index folder
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 PQ_CENTROIDS = 256  # 8-bit PQ codes
@@ -34,6 +36,14 @@ PQ_CENTROIDS = 256  # 8-bit PQ codes
 def _pool(threads: int) -> ThreadPoolExecutor:
     """The threads an exact rerank runs on (one pool per size, kept for the process: actors search often)."""
     return ThreadPoolExecutor(threads, thread_name_prefix="rag4dmc-rerank")
+
+
+def to_float32(src: np.ndarray, out: np.ndarray) -> None:
+    """Copy float16 ``src`` into float32 ``out``. torch's copy is vectorised (F16C / AVX-512); numpy 2.4's cast
+    ran 8x slower, and it was most of an IVF-PQ search's exact rerank (bench/retrieval.py)."""
+    import torch
+
+    torch.from_numpy(out).copy_(torch.from_numpy(src))
 
 
 def pq_subquantizers(dim: int, cfg: IndexConfig) -> int:
@@ -264,14 +274,30 @@ class VectorIndex:
     def _rerank(self, queries: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The exact top-k (scores, local ids) among approximate candidates, by the stored vectors."""
         valid = cand >= 0
-        exact = np.einsum("nd,nkd->nk", queries, self.gather(np.where(valid, cand, 0)))
+        safe = np.where(valid, cand, 0)
+        exact = np.empty(cand.shape, np.float32)
+        step = RERANK_CHUNK_QUERIES
+        rows = np.empty((min(step, len(cand)), cand.shape[1], self.dim), np.float32)  # reused by every chunk
+        for s in range(0, len(cand), step):
+            n = min(step, len(cand) - s)
+            exact[s : s + n] = np.einsum("nd,nkd->nk", queries[s : s + n], self.gather(safe[s : s + n], rows[:n]))
         exact[~valid] = -np.inf
         order = np.argsort(-exact, axis=1)[:, :k]
         return np.take_along_axis(exact, order, 1), np.take_along_axis(cand, order, 1)
 
-    def gather(self, local_ids: np.ndarray) -> np.ndarray:
-        """float32 vectors of local row ids (any shape); the stored ones may be float16."""
-        return np.asarray(self.vectors[local_ids], dtype=np.float32)
+    def gather(self, local_ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """float32 vectors of local row ids (any shape), written to ``out`` if given; the stored ones may be
+        float16."""
+        ids = np.asarray(local_ids).ravel()
+        out = np.empty((*np.shape(local_ids), self.dim), np.float32) if out is None else out
+        if not out.flags.c_contiguous:
+            raise ValueError("gather writes into a C-contiguous float32 array; pass np.ascontiguousarray(out)")
+        flat = out.reshape(len(ids), self.dim)
+        if self.vectors.dtype == np.float32:
+            np.take(self.vectors, ids, axis=0, out=flat)
+        else:
+            to_float32(np.take(self.vectors, ids, axis=0), flat)
+        return out
 
     def save(self, folder: str | Path) -> None:
         """The index, its vectors (as stored: float32 or float16) and its metadata in ``folder``."""

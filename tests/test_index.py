@@ -131,6 +131,24 @@ def test_float16_vectors_rerank_to_the_float32_ranking(world):
     assert half.gather(np.array([[0, 1]])).dtype == np.float32
 
 
+@pytest.mark.parametrize("stored", [np.float16, np.float32])
+def test_gather_returns_the_stored_rows_as_float32_in_the_ids_shape(world, stored):
+    """Any shape of ids, repeated and out of order, into a fresh array or a given one: the stored values exactly
+    (float16 -> float32 is exact), so the rerank's fast conversion changes no score."""
+    base, _ = world
+    vectors = base.astype(stored)
+    index = VectorIndex(vectors, None, "ivfpq", 1)
+    ids = np.array([[5, 0, 5], [len(base) - 1, 2, 1]])
+    got = index.gather(ids)
+    assert got.dtype == np.float32 and got.shape == (2, 3, base.shape[1])
+    np.testing.assert_array_equal(got, vectors[ids].astype(np.float32))
+    out = np.full((2, 3, base.shape[1]), np.nan, np.float32)
+    assert index.gather(ids, out) is out
+    np.testing.assert_array_equal(out, got)
+    with pytest.raises(ValueError, match="contiguous"):
+        index.gather(ids, np.empty((3, 2, base.shape[1]), np.float32).transpose(1, 0, 2))
+
+
 @pytest.mark.parametrize("kind", ["ivf", "ivfpq", "hnsw"])
 def test_approximate_kinds_keep_recall_and_return_exact_scores(world, kind):
     base, queries = world
