@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,8 @@ from actors.images import resize_for_model
 from actors.resources import Resources
 from actors.weights import HF_CACHE, fetch_object, hub_offline
 from pipeline.config import EncoderConfig
+
+log = logging.getLogger(__name__)
 
 LITE_NAME = "lite-effnet0-minilm"
 LITE_IMAGE_ARCH = "tf_efficientnet_lite0"
@@ -153,7 +156,12 @@ class LiteEncoder(_BatchedEncoder):
         if self.device.type == "cpu" and cpu_runtime == "onnxruntime":
             from actors.onnx_module import OnnxModule
 
-            self.onnx = OnnxModule(tower, torch.zeros(2, 3, self.image_size, self.image_size))
+            try:
+                self.onnx = OnnxModule(tower, torch.zeros(2, 3, self.image_size, self.image_size))
+            except Exception as exc:  # the same embeddings either way: run slower rather than not at all
+                log.warning("the lite image tower could not run in ONNX Runtime (%s: %s); it runs in torch, about "
+                            "half as fast on CPU (set encoder.cpu_runtime: torch to skip this attempt)",
+                            type(exc).__name__, exc)
         self.micro_batch = LITE_CPU_MICRO_BATCH if self.device.type == "cpu" else None  # None: the whole batch
         # channels_last: oneDNN's depthwise convolutions run on NHWC without reordering each layer's input
         self.image_model = tower.to(self.device, memory_format=torch.channels_last)

@@ -140,6 +140,19 @@ def test_the_fast_image_path_keeps_the_float32_reference_embeddings_of_real_phot
     assert len(cosine) == 32 and cosine.min() >= 0.999
 
 
+def test_a_failed_onnx_export_falls_back_to_torch_with_a_warning(subjects, tmp_path, monkeypatch, caplog):
+    def broken_export(*args):
+        raise RuntimeError("exporter broke")
+
+    monkeypatch.setattr("actors.onnx_module.ONNX_CACHE", tmp_path)  # nothing cached: the export must run
+    monkeypatch.setattr("actors.onnx_module.export_onnx", broken_export)
+    with caplog.at_level("WARNING", logger="actors.encoders"):
+        enc = LiteEncoder(device="cpu", batch_size=4)
+    assert enc.onnx is None and "exporter broke" in caplog.text and "cpu_runtime: torch" in caplog.text
+    reference = LiteEncoder(device="cpu", batch_size=4, cpu_runtime="torch")
+    np.testing.assert_allclose(enc.encode_images(subjects[:2]), reference.encode_images(subjects[:2]), atol=TOL)
+
+
 def test_paraphrases_are_nearest_each_other(lite):
     texts = [t for pair in PARAPHRASES for t in pair]
     emb = lite.encode_texts(texts)
