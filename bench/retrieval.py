@@ -193,13 +193,20 @@ def bench_size(n: int, args, gen: LatentMixture, cfg: RetrievalConfig, sweep: bo
         if args.batch_sweep:
             wrapper_rows += wrapper_cost(shards, queries, pseudo, cfg, args, n, name)
         if sweep and kind in ("ivf", "ivfpq"):
+            searched = shards[0].image
+            depths = args.rerank_sweep if kind == "ivfpq" and args.rerank_sweep else [searched.rerank_factor]
             for nprobe in args.nprobe_sweep:
-                shards[0].image.set_nprobe(nprobe, icfg)
-                ids = run_queries(shards, queries, pseudo, cfg, REFERENCE_BATCH)[0]
-                row = {"rows": n, "kind": kind, "nprobe": nprobe, f"recall@{RECALL_AT}": recall(ids, ref["ids"], RECALL_AT)}
-                for t in args.threads:
-                    row[f"qps_{t}t"] = queries_per_s(shards, queries, pseudo, cfg, args.batch_size, t, args.repeats)[0]
-                sweep_rows.append(row)
+                for depth in depths:
+                    searched.set_nprobe(nprobe, icfg)
+                    searched.rerank_factor = depth
+                    ids = run_queries(shards, queries, pseudo, cfg, REFERENCE_BATCH)[0]
+                    row = {"rows": n, "kind": kind, "nprobe": nprobe, "rerank_factor": depth,
+                           f"recall@{RECALL_AT}": recall(ids, ref["ids"], RECALL_AT)}
+                    for t in args.threads:
+                        row[f"qps_{t}t"] = queries_per_s(shards, queries, pseudo, cfg, args.batch_size, t,
+                                                         args.repeats)[0]
+                    sweep_rows.append(row)
+                    print(row, flush=True)
         del shards
         gc.collect()
 
@@ -241,6 +248,9 @@ def main() -> None:
                     help="query batch sizes at which fusion retrieval is timed against raw FAISS (empty: skip)")
     ap.add_argument("--nprobe-sweep", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
                     help="nprobe values to sweep for each IVF kind at the largest size (e.g. 8,16,32,64)")
+    ap.add_argument("--rerank-sweep", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+                    help="IVF-PQ rerank depths (candidates per result) to sweep at each --nprobe-sweep value "
+                    "(default: the IndexConfig's)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     gen = LatentMixture(dim=args.dim)
@@ -271,7 +281,7 @@ def main() -> None:
                f"({max(args.threads)} threads; the job's batch: {job_batch})"] = (wrapper, list(wrapper[0]))
     if sweep:
         tables["nprobe sweep (each IVF kind at the largest size)"] = (
-            sweep, ["rows", "kind", "nprobe", *qps, f"recall@{RECALL_AT}"])
+            sweep, ["rows", "kind", "nprobe", "rerank_factor", *qps, f"recall@{RECALL_AT}"])
     report("retrieval", tables, {"args": vars(args), "generator": asdict(gen), "pseudo_noise": PSEUDO_NOISE,
                                  "index_config": IndexConfig().model_dump(), "retrieval_config": cfg.model_dump()},
            targets)
