@@ -288,8 +288,9 @@ def check_chain(stages: Sequence[Stage], source: Iterable[str], sink: Iterable[s
     return check
 
 
-def run_as_task(batch: Batch, *, stage: Stage):
-    """A CPU stage as a Ray Data task (its ``setup`` is cheap, once per task), typed for the next operator.
+def run_stage(batch: Batch, *, stage: Stage):
+    """One batch through ``stage`` (``setup`` first if it has not run), typed for the next operator: what Ray Data
+    calls per batch, as a task for a CPU stage and inside an actor (``pipeline.plan.StageActor``) for the rest.
 
     It lives here, beside the contract, rather than in the job plan: a task worker imports only this module and
     the stage's own, not the plan's model libraries (importing ``pipeline.plan`` costs a fresh worker about 4 s of

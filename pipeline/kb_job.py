@@ -23,7 +23,7 @@ from ray.data import Datasink
 from actors.embed import EmbedPairs
 from actors.preprocess import CPU_TASK, FetchAndDecode
 from actors.resources import use_gpus
-from actors.stage import check_chain, run_as_task
+from actors.stage import check_chain, run_stage
 from pipeline import kb_build, layout
 from pipeline.config import ColumnsConfig, KBConfig, StageResources, StorageConfig
 from pipeline.datasets import list_shards
@@ -152,7 +152,7 @@ def embed_to_layout(path: str, dest: str, spec: KBBuildSpec, storage: Storage) -
     source = ShardDatasource(path, spec.columns, opts, spec.data_format, shards=shards,
                              tasks=(TASK_OBSERVED, TASK_FAILED), committed=lambda name: committed_rows(dest, name, opts))
     ds = ray.data.read_datasource(source, num_cpus=CPU_TASK.num_cpus)
-    ds = ds.map_batches(run_as_task, fn_kwargs={"stage": decode}, **cpu)
+    ds = ds.map_batches(run_stage, fn_kwargs={"stage": decode}, **cpu)
     ds = ds.map_batches(actor_class(embed), fn_constructor_kwargs={"stage": embed}, batch_format="numpy",
                         **res.map_batches_kwargs())
     sink = LayoutSink(dest, names, storage.options)

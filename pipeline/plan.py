@@ -24,7 +24,7 @@ from actors.embed import EmbedQueries
 from actors.preprocess import CPU_TASK, CheckTexts, FetchAndDecode
 from actors.resources import Resources, fit_to_cpus
 from actors.retrieve import RetrieveNeighbours, role_of
-from actors.stage import Stage, StagePolicy, apply, check_chain, run_as_task
+from actors.stage import Stage, StagePolicy, check_chain, run_stage
 from pipeline import flow
 from pipeline.calibrate import effective_settings
 from pipeline.config import EncoderConfig, JobConfig, StorageConfig
@@ -36,8 +36,6 @@ from pipeline.schema import (
     TASK_I2T,
     TASK_OBSERVED,
     TASK_T2I,
-    restore_nulls,
-    typed_block,
 )
 
 log = logging.getLogger(__name__)
@@ -132,14 +130,14 @@ def plan_resources(cfg: JobConfig, chains: dict[str, list[Stage]], has_gpu: bool
 
 
 class StageActor:
-    """A stage as Ray Data's callable class: ``setup`` once per actor, then the shared :func:`apply` per batch."""
+    """A stage as Ray Data's callable class: ``setup`` once per actor, then :func:`actors.stage.run_stage` per batch."""
 
     def __init__(self, stage: Stage):
         self.stage = stage
         stage.ensure_setup()
 
     def __call__(self, batch):
-        return typed_block(apply(self.stage, restore_nulls(batch)))
+        return run_stage(batch, stage=self.stage)
 
 
 def actor_class(stage: Stage) -> type[StageActor]:
@@ -226,7 +224,7 @@ def build_plan(cfg: JobConfig, data: str, kb_uri: str, kb_manifest: dict, out: s
         groups = 0
         for stage in chains[task]:
             if not stage.ACTOR:
-                ds = ds.map_batches(run_as_task, fn_kwargs={"stage": stage}, **cpu)
+                ds = ds.map_batches(run_stage, fn_kwargs={"stage": stage}, **cpu)
                 continue
             position = groups if isinstance(stage, RetrieveNeighbours) else 0
             groups += isinstance(stage, RetrieveNeighbours)

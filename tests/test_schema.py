@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 from ray.data.block import BlockAccessor
 
-from actors.stage import Column, Produced, Stage, run_as_task
+from actors.stage import Column, Produced, Stage, run_stage
 from pipeline.plan import StageActor
 from pipeline.schema import OUTPUT_SCHEMA, restore_nulls
 
@@ -48,7 +48,7 @@ def test_blocks_of_a_stage_combine_whatever_their_batches_hold():
                    "fusion_scores": _objects([[0.5, 0.4], [0.3, 0.2]]), "query": np.ones((2, 3), np.float32)}
     ragged = {"row_key": _objects(["c", "d"]), "task": _objects(["t2i", "i2t"]), "image_uri": _objects(["s3://b/c.jpg", None]),
               "fusion_scores": _objects([[0.9], None]), "query": np.zeros((2, 3), np.float32)}
-    blocks = [run_as_task(rectangular, stage=stage), StageActor(stage)(ragged)]
+    blocks = [run_stage(rectangular, stage=stage), StageActor(stage)(ragged)]
     merged = pa.concat_tables(blocks)
     assert merged.schema.field("fusion_scores").type == OUTPUT_SCHEMA.field("fusion_scores").type
     assert merged.column("image_uri").to_pylist() == [None, None, "s3://b/c.jpg", None]

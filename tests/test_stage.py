@@ -210,7 +210,7 @@ def test_the_modules_a_cpu_task_worker_imports_load_no_model_library():
     code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint(sorted({{'torch', 'faiss'}} & set(sys.modules)))"
     heavy = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert heavy.stdout.strip() == "[]"
-    from actors.stage import run_as_task
+    from actors.stage import run_stage
     from pipeline.output import finalize
 
-    assert run_as_task.__module__ == "actors.stage" and finalize.__module__ == "pipeline.output"
+    assert run_stage.__module__ == "actors.stage" and finalize.__module__ == "pipeline.output"
