@@ -142,8 +142,9 @@ class LiteEncoder(_BatchedEncoder):
     """EfficientNet-Lite0 (ImageNet) + all-MiniLM-L6-v2: real pretrained towers that install from PyPI."""
 
     # A quarter CPU: two embedding pools must fit beside the rest of the job on a 2-CPU machine. Memory:
-    # bench/actors_encoders.py measured a 1.9 GiB peak RSS embedding 224-px images in batches of 64.
-    RESOURCES = Resources(num_cpus=0.25, num_gpus=0.0, memory_gb=2.0, batch_size=64)
+    # bench/actors_encoders.py measured a 1.9 GiB peak RSS embedding 224-px images in batches of 64. Cost: the
+    # job's embed stage ran 44 images/s on one actor (bench/embed_stage.py, docs/benchmarks.md section 5).
+    RESOURCES = Resources(num_cpus=0.25, num_gpus=0.0, memory_gb=2.0, batch_size=64, seconds_per_row=0.023)
     name = LITE_NAME
     image_dim, text_dim, image_size = LITE_IMAGE_DIM, LITE_TEXT_DIM, LITE_IMAGE_SIZE
 
@@ -230,7 +231,11 @@ def minilm_dir() -> str:
 class OpenClipEncoder(_BatchedEncoder):
     """Any open_clip model; weights from a tag (offline cache), a local path, object storage or a local-dir."""
 
-    RESOURCES = Resources(num_cpus=1.0, num_gpus=1.0, memory_gb=8.0, batch_size=64, gpu_batch_size=256)
+    # A quarter GPU: ViT-L-14 in fp16 holds about 1 GB of weights and a few GB of activations at 256 images, so
+    # it runs beside a generator (0.75 GPU) on one 24 GB card. Cost: 162 GFLOP per image at an assumed 100 TFLOP/s
+    # (docs/scaling.md, "GPU work per row").
+    RESOURCES = Resources(num_cpus=1.0, num_gpus=0.25, memory_gb=8.0, batch_size=64, gpu_batch_size=256,
+                          seconds_per_row=0.0016)
 
     def __init__(self, model_name: str, pretrained: str | None = None, model_dir: str | None = None,
                  device: str = "auto", precision: str = "fp16", batch_size: int = 64,

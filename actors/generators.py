@@ -201,7 +201,8 @@ def fetch_prefix(uri: str, model_dir: str | None, marker: str, flag: str,
 class NearestNeighbourTextGenerator:
     """Candidates are the texts of the top-n retrieved examples in rank order (fewer if fewer exist)."""
 
-    RESOURCES = Resources(num_cpus=0.25, num_gpus=0.0, batch_size=64)
+    # cost: the job's captioning stage, 0.0004 actor-seconds per row (bench/embed_stage.py)
+    RESOURCES = Resources(num_cpus=0.25, num_gpus=0.0, batch_size=64, seconds_per_row=0.0004)
     name = NN_NAME
 
     def generate_indexed(self, images: list[Image.Image], examples: list[list[Example]], n: int,
@@ -219,7 +220,9 @@ class NearestNeighbourTextGenerator:
 class NearestNeighbourImageGenerator:
     """Candidates are the decoded images of the top-n retrieved examples in rank order."""
 
-    RESOURCES = Resources(num_cpus=0.25, num_gpus=0.0, batch_size=64)
+    # cost: decoding n example images and scoring them (NIQE, 0.186 s per 512 px image on one core; NaN and free
+    # on small ones): assumed 0.05 s per row on small images, more on photos (docs/scaling.md)
+    RESOURCES = Resources(num_cpus=0.25, num_gpus=0.0, batch_size=64, seconds_per_row=0.05)
     name = NN_NAME
 
     def generate_indexed(self, texts: list[str], examples: list[list[Example]], n: int,
@@ -250,7 +253,9 @@ class NearestNeighbourImageGenerator:
 class Blip2TextGenerator:
     """BLIP2 (any checkpoint) prompted with the best retrieved caption; n sampled captions per image."""
 
-    RESOURCES = Resources(num_cpus=1.0, num_gpus=1.0, memory_gb=16.0, gpu_batch_size=16)
+    # Three quarters of a GPU: OPT-2.7b in fp16 is about 8 GB, leaving room for a CLIP embedder (0.25) on a 24 GB
+    # card. Cost: 4 sampled captions per row at an assumed 16 captions/s per A100 (docs/scaling.md).
+    RESOURCES = Resources(num_cpus=1.0, num_gpus=0.75, memory_gb=16.0, gpu_batch_size=16, seconds_per_row=0.25)
 
     def __init__(self, model: str, model_dir: str | None = None, device: str = "auto", precision: str = "fp16",
                  max_new_tokens: int = 30, temperature: float = 1.0, top_p: float = 0.9, batch_size: int = 8,
@@ -302,7 +307,10 @@ class Blip2TextGenerator:
 class SdxlImageGenerator:
     """SDXL (any checkpoint): img2img from the best retrieved image, or text2img; n images per prompt."""
 
-    RESOURCES = Resources(num_cpus=1.0, num_gpus=1.0, memory_gb=24.0, gpu_batch_size=4)
+    # Three quarters of a GPU: SDXL img2img in fp16 at 512 px, 4 images a call, stays within about 12 GB, leaving
+    # room for a CLIP embedder (0.25) on a 24 GB card. Cost: 4 candidates x 18 steps at 512 px, 2.14 s per row on
+    # an A100 (published SDXL it/s; docs/scaling.md).
+    RESOURCES = Resources(num_cpus=1.0, num_gpus=0.75, memory_gb=24.0, gpu_batch_size=4, seconds_per_row=2.14)
 
     def __init__(self, model: str, model_dir: str | None = None, device: str = "auto", precision: str = "fp16",
                  mode: str = "img2img", strength: float = 0.6, steps: int = 30, guidance_scale: float = 5.0,

@@ -19,19 +19,37 @@ from pipeline import blas
 
 @dataclass(frozen=True)
 class Resources:
+    """One actor's (or task's) request, its pool's size bounds and its declared cost.
+
+    ``max_actors=None`` (the default) means "as many as the cluster holds or can get": the job and Serve size
+    the pool from the cluster and from each pool's share of the work (``pipeline.scaling``). ``seconds_per_row``
+    is what one actor spends per row on its device (the GPU when ``num_gpus`` > 0, else its CPUs), as measured
+    or published (docs/scaling.md): it sets each pool's share of the cluster and the dry run's estimates.
+    """
+
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     memory_gb: float = 1.0
     min_actors: int = 1
-    max_actors: int = 1
+    max_actors: int | None = None
+    initial_actors: int | None = None  # actors started at once (None: min_actors); Ray Data grows or shrinks it
     batch_size: int = 64
     gpu_batch_size: int | None = None
+    seconds_per_row: float = 0.001
 
     def __post_init__(self) -> None:
-        if self.num_cpus <= 0 or self.num_gpus < 0 or self.memory_gb <= 0:
+        if self.num_cpus <= 0 or self.num_gpus < 0 or self.memory_gb <= 0 or self.seconds_per_row <= 0:
             raise ValueError(f"resources must be positive: {self}")
-        if not 1 <= self.min_actors <= self.max_actors:
+        if self.min_actors < 1 or (self.max_actors is not None and self.max_actors < self.min_actors):
             raise ValueError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}..{self.max_actors}")
+        if self.initial_actors is not None and not (
+                self.min_actors <= self.initial_actors <= (self.max_actors or self.initial_actors)):
+            raise ValueError(f"initial_actors {self.initial_actors} is outside {self.min_actors}..{self.max_actors}")
+
+    @property
+    def sized(self) -> bool:
+        """Whether the pool's largest size is known (set, or fixed by :func:`pipeline.scaling.size_pools`)."""
+        return self.max_actors is not None
 
     def with_overrides(self, override: Any | None) -> Resources:
         """Apply a ``StageResources`` (or any object with the same optional fields)."""
@@ -39,8 +57,8 @@ class Resources:
             return self
         fields = ("num_cpus", "num_gpus", "memory_gb", "min_actors", "max_actors", "batch_size")
         changes = {f: getattr(override, f) for f in fields if getattr(override, f, None) is not None}
-        merged = replace(self, **changes)
-        if merged.min_actors > merged.max_actors:
+        merged = replace(self, **changes, initial_actors=None)
+        if merged.max_actors is not None and merged.min_actors > merged.max_actors:
             merged = replace(merged, max_actors=merged.min_actors)
         return merged
 
@@ -59,9 +77,12 @@ class Resources:
         -1 (always) is Ray Data's own default, so only another value is passed on."""
         from ray.data import ActorPoolStrategy
 
+        if self.max_actors is None:
+            raise ValueError("size the pool from the cluster first (pipeline.scaling.size_pools)")
         kwargs: dict[str, Any] = {
             "num_cpus": self.num_cpus,
-            "compute": ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors),
+            "compute": ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors,
+                                         initial_size=self.initial_actors or self.min_actors),
             "batch_size": self.effective_batch_size(),
             "memory": int(self.memory_gb * 1024**3),
         }

@@ -57,7 +57,8 @@ class RetrieveNeighbours(Stage):
     name, accounts = "retrieve", "retrieve"
     # 256 queries per call: an exact (flat) index answers 4-8x more queries/s at 256 than at 64 (FAISS multiplies
     # thin matrices poorly), an IVF index about the same at 64, 256 and 1024 (bench/retrieval.py, section 2)
-    RESOURCES = Resources(num_cpus=0.125, memory_gb=2.0, batch_size=256)
+    # cost: 0.008 actor-seconds per row against a 1M-row KB (bench/kb_scale.py, docs/benchmarks.md section 7)
+    RESOURCES = Resources(num_cpus=0.125, memory_gb=2.0, batch_size=256, seconds_per_row=0.008)
 
     def __init__(self, kb_uri: str, storage_options: dict | None, shards: list[int], observed: str,
                  retrieval: RetrievalConfig, role: str, image_dim: int, text_dim: int):

@@ -76,10 +76,11 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -118,6 +119,7 @@ from pipeline.config import (
 )
 from pipeline.output import finalize
 from pipeline.retrieval import search
+from pipeline.scaling import Capacity, Pool, read_capacity, size_pools
 from pipeline.schema import TASK_I2T, TASK_T2I
 from pipeline.storage import Storage
 
@@ -369,10 +371,27 @@ class Completion:
 # ------------------------------------------------------------------------------------------------ the graph
 
 
-def deployment_options(declared: Resources, override: StageResources | None, use_gpus: bool,
-                        max_ongoing_requests: int | None = None) -> tuple[dict[str, Any], int]:
-    """Serve options from an actor class's declaration (with the config's override) and its batch size."""
-    res = declared.with_overrides(override).for_gpu(use_gpus)
+def replica_resources(declared: dict[str, Resources], overrides: dict[str, StageResources | None], use_gpus: bool,
+                      capacity: Capacity | None) -> dict[str, Resources]:
+    """Each deployment's replica resources (``declared``, keyed ``<stage>`` or ``<stage>:<direction>``) with the
+    config's override per stage, and its most replicas from the cluster as the job sizes its pools
+    (``pipeline.scaling.size_pools``; the two generators share the rows half and half). Without a cluster to read
+    (``capacity`` None) a deployment keeps its least size."""
+    pools = {}
+    for name, res in declared.items():
+        override = overrides.get(name.split(":")[0])
+        share = 0.5 if ":" in name else 1.0
+        pools[name] = Pool(res.with_overrides(override).for_gpu(use_gpus), share,
+                           fixed=override is not None and override.max_actors is not None)
+    if capacity is None:
+        return {n: replace(p.resources, max_actors=p.resources.max_actors or p.resources.min_actors)
+                for n, p in pools.items()}
+    return size_pools(pools, capacity)
+
+
+def deployment_options(res: Resources, max_ongoing_requests: int | None = None) -> tuple[dict[str, Any], int]:
+    """Serve options for replicas of ``res`` (sized: :func:`replica_resources`) and its batch size. Serve autoscales
+    each deployment between its least and most replicas on the requests in flight."""
     batch_size = res.effective_batch_size()
     ongoing = max_ongoing_requests or ONGOING_PER_BATCH * batch_size
     autoscaling = {"min_replicas": res.min_actors, "max_replicas": res.max_actors,
@@ -395,22 +414,25 @@ def compose(cfg: ServeConfig) -> Application:
     manifest = kb_store.load(cfg.kb, storage_options, shards=[], with_entries=False).manifest
     preflight(cfg.job_config(), manifest)
     encoder = EncoderConfig.model_validate(manifest["config"]["encoder"])
-    gpus, wait = use_gpus(cfg.accelerators), cfg.batch_wait_timeout_s
-
-    def options(stage: str, declared: Resources, max_ongoing_requests: int | None = None):
-        return deployment_options(declared, cfg.resources.get(stage), gpus, max_ongoing_requests)
-
-    enc_opts, enc_batch = options("embed", encoder_class(encoder).RESOURCES)
-    ret_opts, ret_batch = options("retrieve", RetrieveNeighbours.RESOURCES)
+    wait = cfg.batch_wait_timeout_s
+    sized = replica_resources(
+        {"ingress": INGRESS_RESOURCES, "embed": encoder_class(encoder).RESOURCES,
+         "retrieve": RetrieveNeighbours.RESOURCES, f"generate:{TASK_I2T}": generator_resources(cfg.generator, TASK_I2T),
+         f"generate:{TASK_T2I}": generator_resources(cfg.generator, TASK_T2I)},
+        cfg.resources, use_gpus(cfg.accelerators), read_capacity() if ray.is_initialized() else None)
+    for name, res in sized.items():
+        log.info("deployment %s: %d..%d replicas", name, res.min_actors, res.max_actors)
+    enc_opts, enc_batch = deployment_options(sized["embed"])
+    ret_opts, ret_batch = deployment_options(sized["retrieve"])
     generators, retrieval = [], {}
     for name, task, observed in ((TEXT_GENERATOR, TASK_I2T, "image"), (IMAGE_GENERATOR, TASK_T2I, "text")):
         retrieval[observed], selection, settings = effective_settings(cfg.retrieval, cfg.selection,
                                                                       manifest.get("calibration"), task)
-        gen_opts, gen_batch = options("generate", generator_resources(cfg.generator, task))
+        gen_opts, gen_batch = deployment_options(sized[f"generate:{task}"])
         generators.append(Generator.options(name=name, **gen_opts).bind(
             cfg.kb, storage_options, task, cfg.generator, selection, encoder, cfg.job_config().config_hash(),
             gen_batch, wait, settings))
-    ingress_opts, _ = options("ingress", INGRESS_RESOURCES, cfg.max_ongoing_requests)
+    ingress_opts, _ = deployment_options(sized["ingress"], cfg.max_ongoing_requests)
     # overload: past max_ongoing_requests per replica and max_queued_requests per proxy, 503 + Retry-After
     ingress_opts |= {"max_queued_requests": cfg.max_queued_requests,
                      "backpressure_config": {"status_code": 503, "retry_after_s": cfg.retry_after_s}}

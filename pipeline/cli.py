@@ -190,8 +190,10 @@ def cmd_complete(args) -> int:
 
     cfg = build_config(args, JobConfig, [JOB_FLAGS, OUTPUT_FLAGS, STORAGE_FLAGS, COLUMN_FLAGS])
     spec = JobSpec(data=args.data, kb=args.kb, out=args.out, cfg=cfg, data_format=args.format,
-                   retry_failed=args.retry_failed)
+                   retry_failed=args.retry_failed, dry_run=args.dry_run)
     summary = run_job(spec)
+    if spec.dry_run:
+        return 0
     print(json.dumps(summary, indent=2))
     return 0 if summary["rows_out"] == summary["unique_row_keys"] else 1
 
@@ -286,6 +288,9 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--config", help="YAML file with job keys")
     comp.add_argument("--format", default="auto", choices=["auto", "parquet", "jsonl", "webdataset"])
     comp.add_argument("--retry-failed", action="store_true", help="recompute only rows marked failed")
+    comp.add_argument("--dry-run", action="store_true",
+                      help="print the plan on this cluster (pools and sizes, rows per direction, expected GPU-hours "
+                      "and wall time) and start nothing")
     _add_flags(comp, JOB_FLAGS)
     _add_flags(comp, OUTPUT_FLAGS, OUTPUT_CHOICES)
     _add_flags(comp, COLUMN_FLAGS)

@@ -358,6 +358,9 @@ class JobConfig(_Strict):
         "workers that start at zero); cpu: never"
     )
     shards_per_actor: int = Field(1, ge=1, description="knowledge-base shards each retrieval actor holds")
+    census_shards: int = Field(
+        4, ge=1, description="input shards read before the job starts to count the rows per direction, which "
+        "share the cluster out between the directions' pools (and the --dry-run estimates)")
     block_rows: int = Field(
         256, ge=1, description="rows per block read from an input shard: the unit that flows through the stages "
         "and is committed to the output (smaller: output lands sooner and a kill loses less; larger: fewer files)"
@@ -388,6 +391,7 @@ class JobConfig(_Strict):
         """Stable hash of what changes the output (resources, storage and fault handling do not)."""
         payload = self.model_dump(mode="json", exclude={
             "resources", "storage", "accelerators", "block_rows", "max_blocks_in_flight", "read_concurrency",
+            "census_shards",
             "output_format", "batch_timeout_s", "transient_retries", "retry_backoff_s", "actor_restarts"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

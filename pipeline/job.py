@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from actors import faults
 from actors.resources import use_gpus
 from pipeline import datasets, kb_store
+from pipeline.census import Census, take_census
 from pipeline.config import ConfigError, JobConfig
 from pipeline.datasource import shard_name
 from pipeline.output import (
@@ -33,8 +34,10 @@ from pipeline.output import (
     shard_files,
     write_file,
 )
-from pipeline.plan import build_plan, write
-from pipeline.schema import RETRIES, STAGES
+from pipeline.plan import DIRECTIONS, build_plan, write
+from pipeline.scaling import read_capacity
+from pipeline.schema import RETRIES, STAGES, TASK_I2T, TASK_T2I
+from pipeline.shared_paths import check_local_paths
 from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,7 @@ class JobSpec:
     cfg: JobConfig = field(default_factory=JobConfig)
     data_format: str = "auto"
     retry_failed: bool = False
+    dry_run: bool = False
 
 
 def _check_run(storage: Storage, spec: JobSpec, kb_version: str) -> dict:
@@ -119,12 +123,17 @@ def preflight(cfg: JobConfig, kb_manifest: dict | None = None) -> None:
 
 
 def run_job(spec: JobSpec) -> dict:
-    """Complete every row of ``spec.data`` into ``spec.out``; returns (and writes) the summary."""
+    """Complete every row of ``spec.data`` into ``spec.out``; returns (and writes) the summary. With
+    ``spec.dry_run``, returns the plan (:func:`dry_run`) and starts nothing."""
     import ray
 
     storage = Storage(spec.cfg.storage)
     kb = kb_store.load(spec.kb, storage.options, shards=[], with_entries=False)  # the manifest only
     preflight(spec.cfg, kb.manifest)
+    if spec.dry_run:
+        if not ray.is_initialized():
+            ray.init(log_to_driver=False)
+        return dry_run(spec, kb.manifest, storage)
     summary_path = f"{spec.out}/{SUMMARY_FILE}"
     finished = storage.exists(summary_path) and not spec.retry_failed
     if not finished:
@@ -136,6 +145,7 @@ def run_job(spec: JobSpec) -> dict:
     if not ray.is_initialized():
         faults.register_job()  # a testing aid: nothing unless RAG4DMC_FAULTS is set
         ray.init(log_to_driver=False)
+    check_local_paths({"--data": spec.data, "--kb": spec.kb, "--out": spec.out}, read_capacity().autoscaling)
 
     t0 = time.perf_counter()
     if spec.retry_failed:
@@ -144,21 +154,71 @@ def run_job(spec: JobSpec) -> dict:
         before = count_output_rows(storage, spec.out)
         if before:
             log.info("resuming: %d rows already committed under %s are skipped", before, spec.out)
-        in_flight = write(_plan(spec, kb.manifest, storage, spec.out), spec.out, spec.cfg.storage,
-                          spec.cfg.output_format)
+        in_flight, used = write(_plan(spec, kb.manifest, storage, spec.out), spec.out, spec.cfg.storage,
+                                spec.cfg.output_format)
         written = count_output_rows(storage, spec.out) - before
     elapsed = time.perf_counter() - t0
     summary = summarize(storage, spec.out, elapsed, written)
     if not spec.retry_failed:
         summary["in_flight"] = in_flight
+        summary.update(used)
     storage.write_bytes(summary_path, json.dumps(summary, indent=2).encode())  # marks the run finished
     return summary
 
 
+def _census(spec: JobSpec, storage: Storage) -> Census:
+    census = take_census(spec.data, spec.cfg.columns, storage.options, spec.data_format, spec.cfg.census_shards)
+    log.info("rows to complete, from %d of %d shards: about %d image -> text, %d text -> image", census.shards_read,
+             census.shards, census.rows(TASK_I2T), census.rows(TASK_T2I))
+    return census
+
+
 def _plan(spec: JobSpec, manifest: dict, storage: Storage, out: str, shards: list[str] | None = None,
           keys: set[str] | None = None):
+    census = _census(spec, storage)
     return build_plan(spec.cfg, spec.data, spec.kb, manifest, out, storage, use_gpus(spec.cfg.accelerators),
-                      spec.data_format, shards=shards, keys=keys)
+                      spec.data_format, shards=shards, keys=keys,
+                      shares={task: census.share(task) for task, _ in DIRECTIONS})
+
+
+def dry_run(spec: JobSpec, manifest: dict, storage: Storage) -> dict:
+    """What the job would do on this cluster, before anything starts: its pools and their sizes, the rows per
+    direction (``pipeline.census``) and the expected device-hours and wall time from the pools' declared costs
+    (``Resources.seconds_per_row``). Printed, and returned."""
+    from pipeline.plan import actor_pools, describe_pools, direction_stages, plan_resources
+    from pipeline.scaling import device, expected_rate
+
+    cfg = spec.cfg
+    census = _census(spec, storage)
+    shares = {task: census.share(task) for task, _ in DIRECTIONS}
+    chains = {task: direction_stages(task, cfg, spec.kb, manifest, storage.options) for task, _ in DIRECTIONS}
+    capacity = read_capacity()
+    has_gpu = use_gpus(cfg.accelerators)
+    pools = actor_pools(cfg, chains, has_gpu, shares)
+    sized = plan_resources(cfg, chains, has_gpu, capacity, shares)
+    todo = census.rows(TASK_I2T) + census.rows(TASK_T2I)
+    hours = {"GPU": 0.0, "CPU": 0.0}
+    for pool in pools.values():
+        hours[device(pool.resources)] += pool.resources.seconds_per_row * pool.row_share * todo / 3600
+    rate = expected_rate(pools, sized)
+    plan = {
+        "cluster": capacity.describe(),
+        "rows": {t: census.rows(t) for t in census.counted}, "rows_estimated_from_shards":
+            [census.shards_read, census.shards],
+        "pools": {n: {"min_actors": r.min_actors, "max_actors": r.max_actors, "num_gpus": r.num_gpus,
+                      "num_cpus": r.num_cpus, "seconds_per_row": r.seconds_per_row} for n, r in sized.items()},
+        "gpu_hours": round(hours["GPU"], 3), "cpu_core_hours": round(hours["CPU"], 3),
+        "rows_per_second": round(rate, 3), "wall_hours": round(todo / rate / 3600, 3) if todo else 0.0,
+    }
+    exact = "" if census.exact else f" (estimated from {census.shards_read} of {census.shards} shards)"
+    print(f"cluster: {plan['cluster']}")
+    print(f"rows{exact}: " + ", ".join(f"{n} {t}" for t, n in plan["rows"].items()))
+    print("pools:")
+    for line in describe_pools(sized):
+        print(f"  {line}")
+    print(f"expected, from the stages' declared costs: {plan['gpu_hours']:g} GPU-hours, {plan['cpu_core_hours']:g} "
+          f"CPU core-hours, {plan['rows_per_second']:g} rows/s, {plan['wall_hours']:g} hours of wall time")
+    return plan
 
 
 def summarize(storage: Storage, out: str, elapsed: float, rows_this_run: int | None) -> dict:
@@ -206,7 +266,7 @@ def _retry_failed(spec: JobSpec, storage: Storage, manifest: dict) -> int:
     staging = f"{spec.out}/{RETRY_DIR}"
     storage.remove(staging)
     write(_plan(spec, manifest, storage, staging, shards=shards, keys=set(failed)), staging, spec.cfg.storage,
-          spec.cfg.output_format)
+          spec.cfg.output_format)  # its usage figures are the retry's alone: the summary keeps the first run's
     new_files = output_files(storage, staging)
     new_keys: set[str] = set()
     for f in new_files:

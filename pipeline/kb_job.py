@@ -35,6 +35,7 @@ from pipeline.storage import Storage
 log = logging.getLogger(__name__)
 
 EMBEDDINGS_DIR = "embeddings"  # KB/embeddings/<side>/: the layout of the sides this build embedded
+EMBED_TASK_SLOTS = 3  # tasks that must run beside the embedding pool: a read, a decode, the layout write
 ROWS_PER_PART = 10_000  # rows per layout shard the embedding stage writes (Ray Data bundles blocks up to it)
 SHARD_DIGITS, ROW_DIGITS = 12, 9  # a part's number: a hash of its input shard's name, then its first row
 
@@ -129,6 +130,22 @@ def committed_rows(dest: str, name: str, storage_options: dict | None) -> set[st
     return keys
 
 
+def embed_pool(declared, spec: KBBuildSpec):
+    """The KB build's embedding pool: the encoder's declaration with the user's override, as large as the cluster
+    (now, and what its autoscaler may add) holds beside the read, decode and write tasks (``pipeline.scaling``)."""
+    from actors.resources import fit_to_cpus
+    from pipeline.scaling import Pool, read_capacity, size_pools
+
+    override = spec.embed_resources
+    res = declared.with_overrides(override).for_gpu(use_gpus(spec.accelerators))
+    capacity = read_capacity()
+    reserved = EMBED_TASK_SLOTS * CPU_TASK.num_cpus
+    (res,) = size_pools({"embed_pairs": Pool(res, fixed=override is not None and override.max_actors is not None)},
+                        capacity, reserved).values()
+    log.info("embedding pool: %d..%d actors on %s", res.min_actors, res.max_actors, capacity.describe())
+    return fit_to_cpus([res], capacity.cpus_now - reserved)[0]
+
+
 def embed_to_layout(path: str, dest: str, spec: KBBuildSpec, storage: Storage) -> dict:
     """Complete pairs of the dataset at ``path``, embedded, written as layout shards to ``dest``; counts only."""
     import ray
@@ -140,7 +157,7 @@ def embed_to_layout(path: str, dest: str, spec: KBBuildSpec, storage: Storage) -
     decode = FetchAndDecode(encoder_image_size(enc), enc.max_image_pixels, storage.options, tasks=(TASK_OBSERVED,))
     embed = EmbedPairs(enc)
     check_chain([decode, embed], source=INPUT_SCHEMA.names)
-    res = embed.RESOURCES.with_overrides(spec.embed_resources).for_gpu(use_gpus(spec.accelerators))
+    res = embed_pool(embed.RESOURCES, spec)
     shards = list_shards(path, storage.options, spec.data_format)
     root = path.rstrip("/")
     names = {shard_name(s, root): s for s in shards}

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from actors.complete import CompleteImages, CompleteTexts
 from actors.embed import EmbedQueries
@@ -30,6 +31,7 @@ from pipeline.calibrate import effective_settings
 from pipeline.config import EncoderConfig, JobConfig, StorageConfig
 from pipeline.datasource import ShardDatasource
 from pipeline.output import OutputSink, committed_keys, finalize
+from pipeline.scaling import Capacity, Pool, read_capacity, size_pools
 from pipeline.schema import (
     INPUT_SCHEMA,
     TASK_FAILED,
@@ -37,6 +39,7 @@ from pipeline.schema import (
     TASK_OBSERVED,
     TASK_T2I,
 )
+from pipeline.usage import Meter, bounding_pool, pool_usage, start_log
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +104,11 @@ def pool_name(stage: Stage, task: str, position: int) -> str:
     return f"{stage.name}:{task}"
 
 
-def plan_resources(cfg: JobConfig, chains: dict[str, list[Stage]], has_gpu: bool, cluster_cpus: float,
-                   cluster_memory_gb: float | None = None) -> dict[str, Resources]:
-    """Each actor pool's resources: the stage's declaration, the config's override, then fitted to the cluster.
-
-    The CPUs left for the pools are the cluster's less the tasks' share (a read and a map task at a time per
-    branch); without that room a small machine waits forever.
-    """
-    pools: dict[str, Resources] = {}
+def actor_pools(cfg: JobConfig, chains: dict[str, list[Stage]], has_gpu: bool,
+                shares: dict[str, float] | None = None) -> dict[str, Pool]:
+    """Each actor pool of the plan: the stage's declaration with the config's override, and the share of the rows
+    to complete that its direction holds (``shares``, by task; half each by default)."""
+    pools: dict[str, Pool] = {}
     for task, stages in chains.items():
         groups = 0
         for stage in stages:
@@ -116,28 +116,52 @@ def plan_resources(cfg: JobConfig, chains: dict[str, list[Stage]], has_gpu: bool
                 continue
             position = groups if isinstance(stage, RetrieveNeighbours) else 0
             groups += isinstance(stage, RetrieveNeighbours)
-            declared = stage.RESOURCES.with_overrides(cfg.resources.get(stage.name))
-            pools[pool_name(stage, task, position)] = declared.for_gpu(has_gpu)
-    for name, r in pools.items():
-        if cluster_memory_gb and r.memory_gb > cluster_memory_gb:
-            log.warning("pool %s asks for %.1f GiB per actor but the cluster has %.1f GiB now; it starts only once "
-                        "a larger node joins (set resources.%s.memory_gb to what the model needs)",
-                        name, r.memory_gb, cluster_memory_gb, name.split(":")[0])
-    branches = len(chains) + 1
-    tasks = branches * read_concurrency(cfg, cluster_cpus) + task_slots(len(chains))
-    budget = cluster_cpus - tasks * CPU_TASK.num_cpus
-    return dict(zip(pools, fit_to_cpus(list(pools.values()), budget)))
+            override = cfg.resources.get(stage.name)
+            declared = stage.RESOURCES.with_overrides(override).for_gpu(has_gpu)
+            pools[pool_name(stage, task, position)] = Pool(
+                declared, (shares or {}).get(task, 1.0 / len(chains)),
+                fixed=override is not None and override.max_actors is not None)
+    return pools
+
+
+def task_cpus(cfg: JobConfig, n_chains: int, cluster_cpus: float) -> float:
+    """CPUs the job's tasks (a read per branch at a time, the task slots) keep for themselves."""
+    tasks = (n_chains + 1) * read_concurrency(cfg, cluster_cpus) + task_slots(n_chains)
+    return tasks * CPU_TASK.num_cpus
+
+
+def plan_resources(cfg: JobConfig, chains: dict[str, list[Stage]], has_gpu: bool, capacity: Capacity,
+                   shares: dict[str, float] | None = None) -> dict[str, Resources]:
+    """Each actor pool's resources: the stage's declaration, the config's override, sized from the cluster
+    (``pipeline.scaling.size_pools``) and fitted to its CPUs now.
+
+    The CPUs left for the pools are the cluster's less the tasks' share (a read and a map task at a time per
+    branch); without that room a small machine waits forever.
+    """
+    pools = actor_pools(cfg, chains, has_gpu, shares)
+    largest = capacity.memory_gb_now / max(capacity.nodes_now, 1)
+    for name, pool in pools.items():
+        if not capacity.autoscaling and pool.resources.memory_gb > capacity.memory_gb_now:
+            log.warning("pool %s asks for %.1f GiB per actor but the cluster has %.1f GiB (about %.1f GiB a node); "
+                        "it starts only once a larger node joins (set resources.%s.memory_gb to what the model needs)",
+                        name, pool.resources.memory_gb, capacity.memory_gb_now, largest, name.split(":")[0])
+    reserved = task_cpus(cfg, len(chains), capacity.cpus_now)
+    sized = size_pools(pools, capacity, reserved)
+    return dict(zip(sized, fit_to_cpus(list(sized.values()), capacity.cpus_now - reserved)))
 
 
 class StageActor:
-    """A stage as Ray Data's callable class: ``setup`` once per actor, then :func:`actors.stage.run_stage` per batch."""
+    """A stage as Ray Data's callable class: ``setup`` once per actor, then :func:`actors.stage.run_stage` per batch,
+    each batch timed for the run's usage log (``pipeline.usage``)."""
 
-    def __init__(self, stage: Stage):
+    def __init__(self, stage: Stage, pool: str = "", usage=None):
         self.stage = stage
+        self.meter = Meter(pool or stage.name, usage)  # started before the model loads: loading is alive, not busy
         stage.ensure_setup()
 
     def __call__(self, batch):
-        return run_stage(batch, stage=self.stage)
+        with self.meter.batch():
+            return run_stage(batch, stage=self.stage)
 
 
 def actor_class(stage: Stage) -> type[StageActor]:
@@ -153,11 +177,14 @@ def _committed(storage_cfg: StorageConfig, out: str, shard: str) -> set[str]:
 
 @dataclass
 class Plan:
-    """The job's dataset, the actor counting its rows in flight (``pipeline.flow``) and that limit in rows."""
+    """The job's dataset, the actor counting its rows in flight (``pipeline.flow``) and that limit in rows, the
+    actor pools' resources and the run's usage log (``pipeline.usage``)."""
 
     dataset: object
     flow: object
     limit_rows: int
+    pools: dict[str, Resources] = field(default_factory=dict)
+    usage: object = None
 
 
 def flow_floor(pools: dict[str, Resources], block_rows: int, branches: int) -> int:
@@ -179,20 +206,33 @@ def flow_limit(cfg: JobConfig, chains: dict[str, list[Stage]], pools: dict[str, 
     return blocks * cfg.block_rows
 
 
+def describe_pools(pools: dict[str, Resources]) -> list[str]:
+    """One line per pool: its size bounds and what each actor takes."""
+    lines = []
+    for name, r in pools.items():
+        gpu = f", {r.num_gpus:g} GPU" if r.num_gpus else ""
+        lines.append(f"{name}: {r.min_actors}..{r.max_actors} actors (starting at {r.initial_actors or r.min_actors}), "
+                     f"{r.num_cpus:g} CPU{gpu}, {r.memory_gb:g} GiB, batch {r.effective_batch_size()} each")
+    return lines
+
+
 def build_plan(cfg: JobConfig, data: str, kb_uri: str, kb_manifest: dict, out: str, storage, has_gpu: bool,
-               data_format: str = "auto", shards: list[str] | None = None, keys: set[str] | None = None) -> Plan:
+               data_format: str = "auto", shards: list[str] | None = None, keys: set[str] | None = None,
+               shares: dict[str, float] | None = None) -> Plan:
     """The Ray Data dataset that completes ``data`` (only ``shards`` / ``keys`` if given), rows already
-    committed under ``out`` skipped, with the actor that bounds its rows in flight."""
+    committed under ``out`` skipped, with the actor that bounds its rows in flight. ``shares``: each direction's
+    share of the rows to complete (``pipeline.census``), which sizes its pools."""
     import ray
 
     chains = {task: direction_stages(task, cfg, kb_uri, kb_manifest, storage.options) for task, _ in DIRECTIONS}
     for stages in chains.values():
         check_stages(stages)
-    cluster = ray.cluster_resources()
-    pools = plan_resources(cfg, chains, has_gpu, cluster.get("CPU", 0.0), cluster.get("memory", 0.0) / 1024**3)
-    for name, r in pools.items():
-        log.debug("pool %s: %s", name, r)
-    reads = read_concurrency(cfg, cluster.get("CPU", 0.0))
+    capacity = read_capacity()
+    pools = plan_resources(cfg, chains, has_gpu, capacity, shares)
+    log.info("cluster: %s", capacity.describe())
+    for line in describe_pools(pools):
+        log.info("pool %s", line)
+    reads = read_concurrency(cfg, capacity.cpus_now)
     limit = flow_limit(cfg, chains, pools)
     counter = flow.start(limit, flow_floor(pools, cfg.block_rows, len(chains) + 1))
     log.info("at most %d rows in flight (read, not yet committed)", limit)
@@ -203,6 +243,7 @@ def build_plan(cfg: JobConfig, data: str, kb_uri: str, kb_manifest: dict, out: s
     # Set before the datasets are made: each one keeps the DataContext it was created under.
     ray.data.DataContext.get_current().op_resource_reservation_enabled = False
     committed = functools.partial(_committed, cfg.storage, out) if keys is None else None
+    usage = start_log()
     # CPU tasks take whole blocks (no batch to wait for): a block is decoded and finalized as soon as it arrives.
     cpu = {"num_cpus": CPU_TASK.num_cpus, "batch_size": None, "batch_format": "numpy"}
     fin = {"fn_kwargs": {"kb_version": kb_manifest["version"], "config_hash": cfg.config_hash()}, **cpu}
@@ -228,22 +269,43 @@ def build_plan(cfg: JobConfig, data: str, kb_uri: str, kb_manifest: dict, out: s
                 continue
             position = groups if isinstance(stage, RetrieveNeighbours) else 0
             groups += isinstance(stage, RetrieveNeighbours)
-            ds = ds.map_batches(actor_class(stage), fn_constructor_kwargs={"stage": stage}, batch_format="numpy",
-                                **pools[pool_name(stage, task, position)].map_batches_kwargs(cfg.actor_restarts))
+            name = pool_name(stage, task, position)
+            ds = ds.map_batches(actor_class(stage), fn_constructor_kwargs={"stage": stage, "pool": name, "usage": usage},
+                                batch_format="numpy", **pools[name].map_batches_kwargs(cfg.actor_restarts))
         branches.append(ds.map_batches(finalize, **fin))
     branches.append(read(PASS_TASKS, "ReadComplete").map_batches(finalize, **fin))
-    return Plan(branches[0].union(*branches[1:]), counter, limit)
+    return Plan(branches[0].union(*branches[1:]), counter, limit, pools, usage)
 
 
-def write(plan: Plan, out: str, storage_cfg: StorageConfig, output_format: str = "parquet") -> dict:
+def write(plan: Plan, out: str, storage_cfg: StorageConfig, output_format: str = "parquet") -> tuple[dict, dict]:
     """Run the plan, committing each output block as it arrives (``pipeline.output.OutputSink``) as a file of
     ``output_format`` (``JobConfig.output_format``); returns the rows-in-flight figures
-    (``pipeline.flow.InFlight.stats``)."""
+    (``pipeline.flow.InFlight.stats``) and how the run used the cluster (:func:`cluster_usage`)."""
     import ray
 
+    started = time.time()
     try:
         plan.dataset.write_datasink(OutputSink(out, storage_cfg, plan.flow, output_format),
                                     ray_remote_args={"num_cpus": CPU_TASK.num_cpus})
-        return ray.get(plan.flow.stats.remote())
+        return ray.get(plan.flow.stats.remote()), cluster_usage(plan, started)
     finally:
         ray.kill(plan.flow)
+        if plan.usage is not None:
+            ray.kill(plan.usage)
+
+
+def cluster_usage(plan: Plan, started: float) -> dict:
+    """Per pool: its planned bounds and what it used (``pipeline.usage.pool_usage``), and the pool that bounded
+    throughput (the busiest), which is logged."""
+    import ray
+
+    used = pool_usage(ray.get(plan.usage.reports_now.remote()), started) if plan.usage is not None else {}
+    pools = {}
+    for name, r in plan.pools.items():
+        pools[name] = {"min_actors": r.min_actors, "max_actors": r.max_actors, "num_gpus": r.num_gpus,
+                       "num_cpus": r.num_cpus, **used.get(name, {"peak_actors": 0, "busy_share": None})}
+    bound = bounding_pool(pools)
+    if bound:
+        log.info("throughput was bounded by %s: its actors were busy %.0f%% of the time they were alive "
+                 "(peak %d actors)", bound, 100 * pools[bound]["busy_share"], pools[bound]["peak_actors"])
+    return {"pools": pools, "bounded_by": bound}

@@ -362,6 +362,10 @@ def test_the_factory_builds_what_the_config_names(blip2_path: Path, sdxl_path: P
 
 
 def test_model_generators_ask_for_a_gpu_and_the_nn_ones_do_not():
-    assert Blip2TextGenerator.RESOURCES.num_gpus == SdxlImageGenerator.RESOURCES.num_gpus == 1
+    from actors.encoders import OpenClipEncoder
+
+    # each generator leaves room on its GPU for a CLIP embedder beside it, and two generators never share one
+    for gen in (Blip2TextGenerator, SdxlImageGenerator):
+        assert 0.5 < gen.RESOURCES.num_gpus < 1 and gen.RESOURCES.num_gpus + OpenClipEncoder.RESOURCES.num_gpus <= 1
     assert NearestNeighbourTextGenerator.RESOURCES.num_gpus == NearestNeighbourImageGenerator.RESOURCES.num_gpus == 0
     assert SdxlImageGenerator.RESOURCES.gpu_batch_size < Blip2TextGenerator.RESOURCES.gpu_batch_size

@@ -46,11 +46,17 @@ def _png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def build_job_kb(root: Path) -> str:
-    """The small KB the job's tests complete against (generated pairs, lite encoders, no calibration)."""
+def write_kb_sources(root: Path | str) -> tuple[str, str]:
+    """The internal and external pairs of the job's small KB, written under ``root``; their two folders."""
     write_parquet(make_internal(150, seed=0).select(["id", "image", "text"]), f"{root}/internal/part-0.parquet")
     write_parquet(make_external(150, seed=0).select(["id", "image", "text"]), f"{root}/external/part-0.parquet")
-    run_kb_build(KBBuildSpec(internal=f"{root}/internal", external=f"{root}/external", out=f"{root}/kb", cfg=FAST_KB))
+    return f"{root}/internal", f"{root}/external"
+
+
+def build_job_kb(root: Path) -> str:
+    """The small KB the job's tests complete against (generated pairs, lite encoders, no calibration)."""
+    internal, external = write_kb_sources(root)
+    run_kb_build(KBBuildSpec(internal=internal, external=external, out=f"{root}/kb", cfg=FAST_KB))
     return f"{root}/kb"
 
 
@@ -137,6 +143,13 @@ def test_every_row_comes_out_exactly_once_with_bad_input_accounted_for(kb, tmp_p
         assert row.text == original.loc[row.id, "text"] and row.image == original.loc[row.id, "image"]
     summary_file = tmp_path / "out" / "summary.json"
     assert summary_file.exists() and summary["actor_seconds_per_completed_row"]["embed"] > 0
+    # how the cluster was used: every pool ran, each actor's batches within the time it was alive
+    pools = summary["pools"]
+    assert set(pools) == {"embed:i2t", "retrieve:i2t:0", "generate:i2t", "embed:t2i", "retrieve:t2i:0", "generate:t2i"}
+    for name, pool in pools.items():
+        assert pool["peak_actors"] >= 1 and pool["batches"] >= 1, name
+        assert 0 < pool["busy_share"] <= 1 and sum(pool["actors_per_node"].values()) == pool["actors"], name
+    assert summary["bounded_by"] == max(pools, key=lambda p: pools[p]["busy_share"])
 
 
 @pytest.mark.timeout(600)
@@ -223,6 +236,12 @@ def _chains(n_shards: int, cfg: JobConfig = JOB) -> dict:
     return {task: direction_stages(task, cfg, "kb", _manifest(n_shards), None) for task, _ in DIRECTIONS}
 
 
+def one_node(cpus: float, gpus: float = 0.0, memory_gb: float = 24.0):
+    from pipeline.scaling import capacity_of
+
+    return capacity_of([{"CPU": cpus, "GPU": gpus, "memory": memory_gb * 1024**3}])
+
+
 def test_actor_pools_leave_room_for_the_tasks_of_every_branch_on_two_cpus():
     from actors.encoders import encoder_class
     from actors.preprocess import CPU_TASK
@@ -230,13 +249,13 @@ def test_actor_pools_leave_room_for_the_tasks_of_every_branch_on_two_cpus():
     from pipeline.plan import plan_resources, task_slots
 
     chains = _chains(2)
-    pools = plan_resources(JOB, chains, has_gpu=False, cluster_cpus=2.0)
+    pools = plan_resources(JOB, chains, has_gpu=False, capacity=one_node(cpus=2.0))
     assert {"retrieve:i2t:0", "retrieve:i2t:1", "retrieve:t2i:0", "retrieve:t2i:1"} <= set(pools)
     assert len(pools) == 2 * (1 + 2 + 1)  # embed, two retrieval shard groups, generate; per direction
     held = sum(p.num_cpus * p.min_actors for p in pools.values())
     reserved = (3 + task_slots(2)) * CPU_TASK.num_cpus  # a read per branch and the CPU tasks beside the pools
     assert 0 < held <= 2.0 - reserved + 1e-9
-    roomy = plan_resources(JOB, _chains(1), has_gpu=False, cluster_cpus=64.0)
+    roomy = plan_resources(JOB, _chains(1), has_gpu=False, capacity=one_node(cpus=64.0))
     assert roomy["embed:i2t"].num_cpus == encoder_class(EncoderConfig()).RESOURCES.num_cpus  # never scaled up
 
 
@@ -244,7 +263,7 @@ def test_a_cluster_with_no_cpu_left_for_the_pools_is_a_clear_error():
     from pipeline.plan import plan_resources
 
     with pytest.raises(ValueError, match="no CPUs left"):
-        plan_resources(JOB, _chains(1), has_gpu=False, cluster_cpus=0.5)
+        plan_resources(JOB, _chains(1), has_gpu=False, capacity=one_node(cpus=0.5))
 
 
 @pytest.mark.timeout(900)
@@ -337,7 +356,7 @@ def test_a_limit_too_small_for_the_plan_s_batches_is_refused():
     from pipeline.plan import flow_limit, plan_resources
 
     chains = _chains(1)
-    pools = plan_resources(JOB, chains, has_gpu=False, cluster_cpus=2.0)
+    pools = plan_resources(JOB, chains, has_gpu=False, capacity=one_node(cpus=2.0))
     with pytest.raises(ConfigError, match="max_blocks_in_flight"):
         flow_limit(JOB.model_copy(update={"max_blocks_in_flight": 1}), chains, pools)
     assert flow_limit(JOB, chains, pools) >= sum(p.batch_size for p in pools.values()) + JOB.block_rows

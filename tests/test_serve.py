@@ -221,18 +221,28 @@ def test_cli_serve_builds_the_config_from_flags_and_environment(monkeypatch):
 def test_replicas_are_sized_from_the_actor_declarations():
     from actors.encoders import LiteEncoder
     from actors.generators import Blip2TextGenerator
-    from deploy.app import deployment_options
+    from deploy.app import deployment_options, replica_resources
     from pipeline.config import StageResources
+    from pipeline.scaling import capacity_of
 
-    opts, batch = deployment_options(LiteEncoder.RESOURCES, None, use_gpus=False)
+    def sized(declared, override=None, use_gpus=False, capacity=None):
+        return replica_resources({"generate:i2t": declared}, {"generate": override}, use_gpus, capacity)["generate:i2t"]
+
+    opts, batch = deployment_options(sized(LiteEncoder.RESOURCES))
     assert opts["ray_actor_options"] == LiteEncoder.RESOURCES.serve_options()
     assert batch == LiteEncoder.RESOURCES.batch_size and opts["max_ongoing_requests"] > batch
+    assert opts["autoscaling_config"]["max_replicas"] == 1  # no cluster read: its least size
     declared = Blip2TextGenerator.RESOURCES
-    opts, batch = deployment_options(declared, StageResources(max_actors=3, memory_gb=20), use_gpus=True)
-    assert opts["ray_actor_options"] == {"num_cpus": declared.num_cpus, "num_gpus": 1.0, "memory": 20 * 1024**3}
+    opts, batch = deployment_options(sized(declared, StageResources(max_actors=3, memory_gb=20), use_gpus=True))
+    assert opts["ray_actor_options"] == {"num_cpus": declared.num_cpus, "num_gpus": declared.num_gpus,
+                                         "memory": 20 * 1024**3}
     assert batch == declared.gpu_batch_size and opts["autoscaling_config"]["max_replicas"] == 3
-    opts, batch = deployment_options(declared, None, use_gpus=False)  # a CPU-only cluster: no GPU request
+    opts, batch = deployment_options(sized(declared))  # a CPU-only cluster: no GPU request
     assert "num_gpus" not in opts["ray_actor_options"] and batch == declared.batch_size
+    # with no max_actors set, replicas go up to what the cluster holds: 4 GPUs take 5 BLIP2s of 0.75 GPU
+    four_gpus = capacity_of([{"CPU": 16, "GPU": 4, "memory": 256 * 1024**3}])
+    opts, _ = deployment_options(sized(declared, use_gpus=True, capacity=four_gpus))
+    assert (opts["autoscaling_config"]["min_replicas"], opts["autoscaling_config"]["max_replicas"]) == (1, 5)
 
 
 def test_serve_config_file_matches_the_application():

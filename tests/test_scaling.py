@@ -1,0 +1,131 @@
+"""Pools sized from the cluster (pipeline.scaling): the slowest stage gets the most actors, nothing is given past
+what the cluster holds or can get, a user's max_actors wins, and the usage figures add up (pipeline.usage)."""
+
+from __future__ import annotations
+
+import itertools
+from unittest import mock
+
+import pytest
+
+from actors.generators import Blip2TextGenerator, SdxlImageGenerator
+from actors.resources import Resources
+from pipeline.config import EncoderConfig, JobConfig, StageResources
+from pipeline.scaling import Pool, capacity_of, device_share, size_pools, stage_time
+from pipeline.usage import Report, bounding_pool, peak, pool_usage
+
+GIB = 1024**3
+CLIP = Resources(num_cpus=1.0, num_gpus=0.25, memory_gb=8.0, seconds_per_row=0.0016)
+
+
+def gpu_nodes(n: int, gpus: int = 2, cpus: int = 8, memory_gb: float = 64.0) -> list[dict]:
+    return [{"CPU": cpus, "GPU": gpus, "memory": memory_gb * GIB} for _ in range(n)]
+
+
+def published_pools(i2t_share: float = 0.5) -> dict[str, Pool]:
+    """The GPU path's pools with the published per-row costs (docs/scaling.md)."""
+    return {"embed:i2t": Pool(CLIP, i2t_share), "embed:t2i": Pool(CLIP, 1 - i2t_share),
+            "generate:i2t": Pool(Blip2TextGenerator.RESOURCES, i2t_share),
+            "generate:t2i": Pool(SdxlImageGenerator.RESOURCES, 1 - i2t_share)}
+
+
+def max_time(pools, sizes) -> float:
+    return max(stage_time(pools[n].resources, pools[n].row_share, sizes[n]) for n in pools)
+
+
+@pytest.mark.parametrize("gpus", [4, 12, 16, 32])
+def test_gpu_pools_fill_the_cluster_and_no_move_of_one_actor_would_make_the_slowest_stage_faster(gpus):
+    pools = published_pools()
+    sized = size_pools(pools, capacity_of(gpu_nodes(gpus // 2)))
+    sizes = {n: r.max_actors for n, r in sized.items()}
+    used = sum(sized[n].num_gpus * k for n, k in sizes.items())
+    assert used <= gpus + 1e-9
+    assert used > gpus - max(p.resources.num_gpus for p in pools.values())  # no room left for another generator
+    assert max(sizes, key=sizes.get) == "generate:t2i"  # SDXL, 2.14 s per row, gets the most actors
+    best = max_time(pools, sizes)
+    for a, b in itertools.permutations(pools, 2):  # take an actor from a, give what it frees to b
+        if sizes[a] <= 1:
+            continue
+        freed = pools[a].resources.num_gpus
+        extra = int(freed // pools[b].resources.num_gpus + 1e-9)
+        if extra:
+            moved = dict(sizes, **{a: sizes[a] - 1, b: sizes[b] + extra})
+            assert max_time(pools, moved) >= best - 1e-12, (a, b)
+
+
+def test_the_direction_with_more_rows_gets_more_of_the_gpus():
+    even = size_pools(published_pools(0.5), capacity_of(gpu_nodes(8)))
+    mostly_captions = size_pools(published_pools(0.95), capacity_of(gpu_nodes(8)))
+    assert mostly_captions["generate:i2t"].max_actors > even["generate:i2t"].max_actors
+    assert mostly_captions["generate:t2i"].max_actors < even["generate:t2i"].max_actors
+
+
+def test_gpu_workers_the_autoscaler_may_add_count_and_gpu_pools_start_at_their_size():
+    head = [{"CPU": 4, "memory": 16 * GIB}]
+    capacity = capacity_of(head, [({"CPU": 8, "GPU": 2, "memory": 64 * GIB}, 4)])  # GPU workers from zero
+    assert (capacity.gpus_now, capacity.gpus, capacity.nodes, capacity.autoscaling) == (0, 8, 5, True)
+    sized = size_pools(published_pools(), capacity)
+    assert sum(r.num_gpus * r.max_actors for r in sized.values()) > 7
+    for r in sized.values():
+        assert r.initial_actors == r.max_actors  # the whole demand in the autoscaler's first cycle
+
+
+def test_a_user_set_max_actors_wins_and_its_gpus_are_not_given_twice():
+    pools = published_pools()
+    pools["generate:t2i"] = Pool(SdxlImageGenerator.RESOURCES.with_overrides(StageResources(max_actors=2)), 0.5,
+                                 fixed=True)
+    sized = size_pools(pools, capacity_of(gpu_nodes(4)))
+    assert sized["generate:t2i"].max_actors == 2
+    assert sum(r.num_gpus * r.max_actors for r in sized.values()) <= 8 + 1e-9
+
+
+def test_cpu_pools_grow_with_the_cluster_but_stay_at_one_actor_on_two_cpus():
+    lite = Resources(num_cpus=0.25, memory_gb=2.0, seconds_per_row=0.023)
+    retrieve = Resources(num_cpus=0.125, memory_gb=2.0, seconds_per_row=0.008)
+    pools = {"embed": Pool(lite), "retrieve": Pool(retrieve)}
+    small = size_pools(pools, capacity_of([{"CPU": 2, "memory": 24 * GIB}]), cpu_reserved=1.125)
+    assert {n: r.max_actors for n, r in small.items()} == {"embed": 1, "retrieve": 1}
+    three_nodes = capacity_of([{"CPU": 2, "memory": 8 * GIB}] + [{"CPU": 4, "memory": 8 * GIB}] * 2)
+    big = size_pools(pools, three_nodes, cpu_reserved=1.125)
+    assert big["embed"].max_actors > big["retrieve"].max_actors >= 1
+    # a CPU actor counts as at least one CPU, whatever fraction it reserves: one thread each
+    assert sum(device_share(r) * r.max_actors for r in big.values()) <= 10 - 1.125
+    assert big["embed"].initial_actors == 1  # CPU pools start small and grow on Ray Data's utilisation
+
+
+def test_memory_bounds_a_pool_the_devices_would_allow():
+    heavy = Resources(num_cpus=1.0, num_gpus=0.25, memory_gb=30.0, seconds_per_row=1.0)
+    sized = size_pools({"big": Pool(heavy)}, capacity_of(gpu_nodes(2, gpus=4, memory_gb=64.0)))
+    assert sized["big"].max_actors == 4  # 8 GPUs hold 32 quarter-GPU actors; 128 GiB hold 4 of 30 GiB
+
+
+def test_the_job_plan_sizes_gpu_pools_from_the_cluster_with_the_embedder_sharing_a_gpu():
+    from pipeline.plan import DIRECTIONS, direction_stages, plan_resources
+    from tests.test_job import _manifest
+
+    cfg = JobConfig.model_validate({"generator": {"text_backend": "blip2", "image_backend": "sdxl",
+                                                  "blip2_model": "b", "sdxl_model": "s"}})
+    manifest = _manifest(1)
+    manifest["config"]["encoder"] = EncoderConfig(backend="open_clip").model_dump(mode="json")
+    manifest["image_dim"] = manifest["text_dim"] = 768
+    with mock.patch("actors.encoders.describe_encoder", return_value={"image_dim": 768, "text_dim": 768}), \
+            mock.patch("actors.encoders.encoder_image_size", return_value=224):
+        chains = {task: direction_stages(task, cfg, "kb", manifest, None) for task, _ in DIRECTIONS}
+    pools = plan_resources(cfg, chains, True, capacity_of(gpu_nodes(6)))  # 12 GPUs, as ray_cluster.yaml allows
+    assert pools["embed:i2t"].num_gpus < 1
+    assert sum(r.num_gpus * r.max_actors for r in pools.values()) > 11
+    assert pools["generate:t2i"].max_actors > 4 * pools["generate:i2t"].max_actors
+
+
+def test_usage_counts_peak_actors_per_node_and_busy_share():
+    reports = [Report("embed", "a1", "node-1", 0.0, 10.0, busy=5.0, batches=3),
+               Report("embed", "a2", "node-2", 5.0, 10.0, busy=5.0, batches=2),
+               Report("embed", "a3", "node-2", 11.0, 12.0, busy=0.0),
+               Report("generate", "g1", "node-1", 0.0, 10.0, busy=9.0, batches=9)]
+    usage = pool_usage(reports, origin=0.0)
+    assert usage["embed"]["peak_actors"] == 2 and usage["embed"]["actors"] == 3
+    assert usage["embed"]["actors_per_node"] == {"node-1": 1, "node-2": 2}
+    assert usage["embed"]["busy_share"] == pytest.approx(10.0 / 16.0, abs=1e-3)
+    assert usage["embed"]["actors_over_time"] == [[0.0, 1], [5.0, 2], [10.0, 0], [11.0, 1], [12.0, 0]]
+    assert bounding_pool(usage) == "generate"
+    assert peak([(0, 1), (1, 2)]) == 1  # one ends as the next starts
