@@ -81,9 +81,18 @@ def read_capacity() -> Capacity:
         if not shape or group.max_count == 0:
             continue
         present = sum(1 for n in alive if _same_shape(n, shape))
-        limit = group.max_count if group.max_count >= 0 else present + 1000  # -1: no limit the config states
-        groups.append((shape, max(0, limit - present)))
-    return capacity_of(alive, groups)
+        if group.max_count < 0:  # no limit stated: size from what is there, or pools would ask for every node
+            log.warning("the autoscaler may add nodes of group %r without limit; sizing pools from the %d such "
+                        "nodes alive (set the group's max_workers, or resources.<stage>.max_actors)",
+                        getattr(group, "name", "?"), present)
+            continue
+        groups.append((shape, max(0, group.max_count - present)))
+    capacity = capacity_of(alive, groups)
+    limits = dict(getattr(config, "max_resources", None) or {})  # the cluster's own cap on its totals, if any
+    if limits:
+        capacity = replace(capacity, cpus=min(capacity.cpus, limits.get("CPU", capacity.cpus)),
+                           gpus=min(capacity.gpus, limits.get("GPU", capacity.gpus)))
+    return capacity
 
 
 def _same_shape(node: Mapping[str, float], shape: Mapping[str, float]) -> bool:

@@ -129,3 +129,27 @@ def test_usage_counts_peak_actors_per_node_and_busy_share():
     assert usage["embed"]["actors_over_time"] == [[0.0, 1], [5.0, 2], [10.0, 0], [11.0, 1], [12.0, 0]]
     assert bounding_pool(usage) == "generate"
     assert peak([(0, 1), (1, 2)]) == 1  # one ends as the next starts
+
+
+def test_read_capacity_counts_what_the_autoscaler_config_may_still_add(monkeypatch):
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    from pipeline.scaling import read_capacity
+
+    gpu_worker = {"CPU": 8, "GPU": 2, "memory": 64 * GIB}
+    alive = [{"Alive": True, "Resources": {"CPU": 4.0, "memory": 16.0 * GIB}},
+             {"Alive": True, "Resources": gpu_worker}, {"Alive": False, "Resources": gpu_worker}]
+    config = autoscaler_pb2.ClusterConfig()
+    group = config.node_group_configs.add(name="gpu_worker", min_count=0, max_count=3)
+    group.resources.update(gpu_worker)
+    unlimited = config.node_group_configs.add(name="cpu_worker", min_count=0, max_count=-1)
+    unlimited.resources.update({"CPU": 16})
+    monkeypatch.setattr(ray, "nodes", lambda: alive)
+    monkeypatch.setattr(ray._private.state.state, "get_cluster_config", lambda: config)
+    capacity = read_capacity()
+    # one GPU worker alive of at most 3: two more may come; the group without a limit adds nothing it can promise
+    assert (capacity.nodes_now, capacity.nodes, capacity.gpus_now, capacity.gpus) == (2, 4, 2.0, 6.0)
+    assert capacity.cpus == 4 + 3 * 8
+    config.max_resources.update({"GPU": 4})
+    assert read_capacity().gpus == 4.0
