@@ -34,3 +34,25 @@ def sigkill_when(cmd: list[str], ready: Callable[[], bool], what: str, *, cwd, e
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def processes_with_env(name: str, value: str) -> list[int]:
+    """The live processes (zombies excluded) whose environment holds ``name=value``, among those this user may read:
+    a marker set in the environment of a process that starts others finds every descendant, whatever its session
+    or process group (Ray's workers each start their own)."""
+    marker = f"{name}={value}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if marker not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    continue
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        found.append(int(entry))
+    return found
