@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -105,9 +106,11 @@ def device(r: Resources) -> str:
 
 
 def device_share(r: Resources) -> float:
-    """How much of its device one actor uses: its GPU fraction, or its CPUs (at least one: an actor runs at least
-    one thread, whatever fraction of a CPU it reserves)."""
-    return r.num_gpus if r.num_gpus > 0 else max(1.0, r.num_cpus)
+    """How many rows at a time one actor works on, relative to its declared ``seconds_per_row``: its CPUs (at least
+    one: an actor runs at least one thread, whatever fraction of a CPU it reserves), or one for a GPU actor. A
+    fraction of a GPU is what the actor holds of the card's memory; its compute is the whole card's whenever the
+    actor beside it (a CLIP embedder) is idle, so it counts as one."""
+    return 1.0 if r.num_gpus > 0 else max(1.0, r.num_cpus)
 
 
 def seconds_per_row(r: Resources, row_share: float) -> float:
@@ -139,20 +142,21 @@ def size_pools(pools: Mapping[str, Pool], capacity: Capacity, cpu_reserved: floa
     When the slowest pool no longer fits, the others are not grown: past that point they would hold devices
     the job cannot use. A pool never gets fewer than ``min_actors``; a fixed pool keeps its own bounds.
     """
-    budget = {"CPU": capacity.cpus - cpu_reserved, "GPU": capacity.gpus, "memory": capacity.memory_gb}
+    budget = Budget(capacity, cpu_reserved)
     sizes: dict[str, int] = {}
     for name, pool in pools.items():
         r = pool.resources
         sizes[name] = r.max_actors if pool.fixed and r.max_actors else r.min_actors
-        _take(budget, r, sizes[name])
+        for _ in range(sizes[name]):
+            budget.take(r)
     for kind in ("GPU", "CPU"):
         growing = [n for n, p in pools.items() if device(p.resources) == kind and not p.fixed]
         while growing:
             slowest = max(growing, key=lambda n: stage_time(pools[n].resources, pools[n].row_share, sizes[n]))
             r = pools[slowest].resources
-            if not _fits(budget, r):
+            if not budget.fits(r):
                 break
-            _take(budget, r, 1)
+            budget.take(r)
             sizes[slowest] += 1
     out = {}
     for name, pool in pools.items():
@@ -163,18 +167,52 @@ def size_pools(pools: Mapping[str, Pool], capacity: Capacity, cpu_reserved: floa
     return out
 
 
-def _footprint(r: Resources) -> dict[str, float]:
-    """What one actor takes from the budget: a CPU actor counts at least one whole CPU (:func:`device_share`)."""
-    return {"GPU": r.num_gpus, "CPU": r.num_cpus if r.num_gpus > 0 else device_share(r), "memory": r.memory_gb}
+class Budget:
+    """What is left of the cluster while actors are handed out: CPUs and memory as totals, GPUs one by one.
 
+    Ray places a fractional GPU request on a single GPU, so two actors of 0.75 GPU never share one. Whether the
+    actors' GPU requests fit is checked by packing them, largest first, each into the fullest GPU that still
+    holds it: a CLIP embedder of 0.25 then fills the quarter a generator of 0.75 leaves. A CPU actor counts at
+    least one whole CPU (:func:`device_share`)."""
 
-def _fits(budget: dict[str, float], r: Resources) -> bool:
-    return all(budget[k] + 1e-9 >= v for k, v in _footprint(r).items())
+    def __init__(self, capacity: Capacity, cpu_reserved: float = 0.0):
+        self.cpus, self.memory_gb = capacity.cpus - cpu_reserved, capacity.memory_gb
+        self.gpus = capacity.gpus
+        self.requests: list[float] = []  # the GPU requests of the actors counted so far
 
+    def _packs(self, requests: list[float]) -> bool:
+        whole = int(self.gpus + 1e-9)
+        left = Counter({1.0: whole})
+        if self.gpus - whole > 1e-9:
+            left[round(self.gpus - whole, 6)] += 1
+        for g in sorted(requests, reverse=True):
+            if g >= 1:
+                need = math.ceil(g - 1e-9)
+                if left[1.0] < need:
+                    return False
+                left[1.0] -= need
+                continue
+            fitting = [r for r, n in left.items() if n and r + 1e-9 >= g]
+            if not fitting:
+                return False
+            best = min(fitting)
+            left[best] -= 1
+            left[round(best - g, 6)] += 1
+        return True
 
-def _take(budget: dict[str, float], r: Resources, actors: int) -> None:
-    for k, v in _footprint(r).items():
-        budget[k] -= v * actors
+    def _cpus(self, r: Resources) -> float:
+        return r.num_cpus if r.num_gpus > 0 else device_share(r)
+
+    def fits(self, r: Resources) -> bool:
+        return (self.cpus + 1e-9 >= self._cpus(r) and self.memory_gb + 1e-9 >= r.memory_gb
+                and (r.num_gpus <= 0 or self._packs([*self.requests, r.num_gpus])))
+
+    def take(self, r: Resources) -> None:
+        """Count one actor of ``r`` (also one the pools must have where it does not fit)."""
+        if r.num_gpus > 0:
+            self.requests.append(r.num_gpus)
+        self.cpus -= self._cpus(r)
+        self.memory_gb -= r.memory_gb
 
 
 def expected_rate(pools: Mapping[str, Pool], sized: Mapping[str, Resources]) -> float:

@@ -1,0 +1,78 @@
+"""A simulated multi-node cluster, and the default commands run on it (``tests/test_multinode.py`` runs this file in a
+process of its own: a Ray driver connects to one cluster at a time, and the suite's session has its own).
+
+    python -m tests.multinode WORKDIR RESULT.json
+
+The cluster is ``ray.cluster_utils.Cluster``: a 2-CPU head and two workers of 6 logical CPUs and 2 fake GPUs each
+(one raylet per node; fake GPUs have no CUDA, so models run on CPU there). On it: ``kb build``, ``complete`` with
+the defaults, ``complete --dry-run``, ``complete --accelerators gpu`` with the BLIP2 and SDXL classes (tiny random
+checkpoints), and a local path no node sees. What each step returned goes to RESULT.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HEAD = {"num_cpus": 2, "num_gpus": 0}
+WORKER = {"num_cpus": 6, "num_gpus": 2}  # a CPU per GPU actor, and some for the CPU pools and tasks
+WORKERS = 2
+OBJECT_STORE_BYTES = 200 * 1024**2  # per node; the rows are small
+
+
+def start_cluster():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={**HEAD, "object_store_memory": OBJECT_STORE_BYTES,
+                                                            "include_dashboard": False})
+    for _ in range(WORKERS):
+        cluster.add_node(**WORKER, object_store_memory=OBJECT_STORE_BYTES)
+    cluster.wait_for_nodes()
+    return cluster
+
+
+def main(work: Path, result_file: Path) -> None:
+    import ray
+
+    from pipeline.config import JobConfig, StageResources
+    from pipeline.job import JobSpec, run_job
+    from pipeline.shared_paths import PathNotShared, check_local_paths
+    from tests.test_job import JOB, _incomplete, _write_shards, build_job_kb
+    from tests.tiny_models import TINY_IMAGE, save_tiny_blip2, save_tiny_sdxl
+
+    cluster = start_cluster()
+    ray.init(address=cluster.address, log_to_driver=False)
+    result: dict = {"nodes": {n["NodeID"][:12]: n["Resources"] for n in ray.nodes() if n["Alive"]}}
+    try:
+        kb = build_job_kb(work / "kb-build")
+        data = work / "data"
+        _write_shards(_incomplete(240, seed=3), data, 4)
+        result["dry_run"] = run_job(JobSpec(data=str(data), kb=kb, out=str(work / "dry"), dry_run=True))
+        result["dry_run_wrote"] = sorted(p.name for p in (work / "dry").glob("*")) if (work / "dry").exists() else []
+        result["cpu"] = run_job(JobSpec(data=str(data), kb=kb, out=str(work / "out-cpu"), cfg=JobConfig()))
+
+        weights = work / "weights"
+        blip2, sdxl = save_tiny_blip2(weights), save_tiny_sdxl(weights)
+        gpu_data = work / "gpu-data"
+        _write_shards(_incomplete(24, seed=4), gpu_data, 2)
+        cfg = JOB.model_copy(update={"accelerators": "gpu", "generator": JOB.generator.model_copy(update={
+            "text_backend": "blip2", "blip2_model": str(blip2), "image_backend": "sdxl", "sdxl_model": str(sdxl),
+            "n_candidates": 2, "steps": 2, "image_size": TINY_IMAGE, "max_new_tokens": 8}),
+            # the declarations ask for what the real models need (16-24 GiB); the tiny ones need little. Only the
+            # memory is set: the pools' sizes are the cluster's
+            "resources": {"generate": StageResources(memory_gb=1.0)}})
+        result["gpu"] = run_job(JobSpec(data=str(gpu_data), kb=kb, out=str(work / "out-gpu"), cfg=cfg))
+        try:
+            check_local_paths({"--data": str(work / "only-on-some-machine")})
+            result["unseen_path"] = None
+        except PathNotShared as exc:
+            result["unseen_path"] = str(exc)
+    finally:
+        result_file.write_text(json.dumps(result, indent=2, default=str))
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -1,0 +1,82 @@
+"""The default job on a simulated multi-node, multi-GPU cluster (``tests/multinode.py``, in a process of its own):
+every row comes out once, the pools spread over the nodes, GPU pools land on the GPU nodes and are sized from the
+cluster, the dry run starts nothing, and a local path a node does not see is refused naming it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.job import read_output
+from pipeline.storage import Storage
+from tests.conftest import REPO_ROOT
+from tests.multinode import WORKER, WORKERS
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("multinode")
+    result = work / "result.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "tests.multinode", str(work), str(result)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return work, json.loads(result.read_text())
+
+
+def _exactly_once(out, n: int, summary: dict) -> None:
+    table = read_output(Storage(), str(out)).to_pandas()
+    assert len(table) == n == summary["rows_out"] == summary["unique_row_keys"] and table.row_key.is_unique
+    assert summary["failed"] == 0
+
+
+@pytest.mark.timeout(1600)
+def test_the_default_job_on_three_nodes_completes_every_row_once_with_its_pools_spread_over_the_nodes(run):
+    work, result = run
+    assert len(result["nodes"]) == 1 + WORKERS
+    summary = result["cpu"]
+    _exactly_once(work / "out-cpu", 240, summary)
+    nodes = {node for pool in summary["pools"].values() for node in pool["actors_per_node"]}
+    assert len(nodes) >= 2, summary["pools"]
+    # sized from the cluster's CPUs, not one actor a pool: the costliest pool by its declaration may grow past one
+    costliest = max(result["dry_run"]["pools"].items(), key=lambda p: p[1]["seconds_per_row"])[0]
+    assert summary["pools"][costliest]["max_actors"] > 1
+    assert summary["bounded_by"] in summary["pools"]
+
+
+@pytest.mark.timeout(1600)
+def test_gpu_pools_land_on_the_gpu_nodes_sized_from_their_gpus_and_run_the_models_on_cpu_there(run):
+    work, result = run
+    summary = result["gpu"]
+    _exactly_once(work / "out-gpu", 24, summary)
+    gpu_nodes = {node for node, res in result["nodes"].items() if res.get("GPU")}
+    assert len(gpu_nodes) == WORKERS
+    gpus = WORKERS * WORKER["num_gpus"]
+    generators = {name: pool for name, pool in summary["pools"].items() if name.startswith("generate:")}
+    for name, pool in generators.items():
+        assert pool["num_gpus"] > 0 and set(pool["actors_per_node"]) <= gpu_nodes, (name, pool)
+    assert sum(p["max_actors"] for p in generators.values()) == gpus  # a generator on every GPU, never two on one
+    # SDXL's declared cost is 8x BLIP2's: the text -> image pool gets the most actors
+    assert generators["generate:t2i"]["max_actors"] > generators["generate:i2t"]["max_actors"]
+    done = read_output(Storage(), str(work / "out-gpu")).to_pandas()
+    done = done[done.status == "completed"]
+    assert set(done.generator.str.split(":").str[0]) == {"blip2", "sdxl"}  # the models ran (on CPU: no CUDA)
+
+
+def test_the_dry_run_prints_the_plan_and_starts_nothing(run):
+    work, result = run
+    plan = result["dry_run"]
+    assert result["dry_run_wrote"] == []  # no run.json, no output
+    assert plan["rows"]["i2t"] + plan["rows"]["t2i"] + plan["rows"]["observed"] == 240
+    assert plan["rows_estimated_from_shards"] == [4, 4]
+    assert set(plan["pools"]) == set(result["cpu"]["pools"])
+    assert plan["gpu_hours"] == 0 and plan["cpu_core_hours"] > 0 and plan["wall_hours"] > 0
+
+
+def test_a_local_path_that_a_node_does_not_see_is_refused_naming_the_node(run):
+    _, result = run
+    assert "does not see" in result["unseen_path"] and "s3://" in result["unseen_path"]
