@@ -207,8 +207,8 @@ def dry_run(spec: JobSpec, manifest: dict, storage: Storage) -> dict:
             [census.shards_read, census.shards],
         "pools": {n: {"min_actors": r.min_actors, "max_actors": r.max_actors, "num_gpus": r.num_gpus,
                       "num_cpus": r.num_cpus, "seconds_per_row": r.seconds_per_row} for n, r in sized.items()},
-        "gpu_hours": round(hours["GPU"], 3), "cpu_core_hours": round(hours["CPU"], 3),
-        "rows_per_second": round(rate, 3), "wall_hours": round(todo / rate / 3600, 3) if todo else 0.0,
+        "gpu_hours": float(f"{hours['GPU']:.4g}"), "cpu_core_hours": float(f"{hours['CPU']:.4g}"),
+        "rows_per_second": float(f"{rate:.4g}"), "wall_seconds": float(f"{todo / rate:.4g}") if todo else 0.0,
     }
     exact = "" if census.exact else f" (estimated from {census.shards_read} of {census.shards} shards)"
     print(f"cluster: {plan['cluster']}")
@@ -217,7 +217,7 @@ def dry_run(spec: JobSpec, manifest: dict, storage: Storage) -> dict:
     for line in describe_pools(sized):
         print(f"  {line}")
     print(f"expected, from the stages' declared costs: {plan['gpu_hours']:g} GPU-hours, {plan['cpu_core_hours']:g} "
-          f"CPU core-hours, {plan['rows_per_second']:g} rows/s, {plan['wall_hours']:g} hours of wall time")
+          f"CPU core-hours, {plan['rows_per_second']:g} rows/s, {plan['wall_seconds'] / 3600:.3g} hours of wall time")
     return plan
 
 

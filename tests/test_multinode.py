@@ -74,7 +74,11 @@ def test_the_dry_run_prints_the_plan_and_starts_nothing(run):
     assert plan["rows"]["i2t"] + plan["rows"]["t2i"] + plan["rows"]["observed"] == 240
     assert plan["rows_estimated_from_shards"] == [4, 4]
     assert set(plan["pools"]) == set(result["cpu"]["pools"])
-    assert plan["gpu_hours"] == 0 and plan["cpu_core_hours"] > 0 and plan["wall_hours"] > 0
+    assert plan["gpu_hours"] == 0 and plan["cpu_core_hours"] > 0 and plan["wall_seconds"] > 0
+    # the slowest pool by its declared cost sets the wall time: its direction's rows x seconds per row / actors
+    slowest = max(plan["rows"][name.split(":")[1]] * p["seconds_per_row"] / p["max_actors"]
+                  for name, p in plan["pools"].items())
+    assert plan["wall_seconds"] == pytest.approx(slowest, rel=0.01)
 
 
 def test_a_local_path_that_a_node_does_not_see_is_refused_naming_the_node(run):
