@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from actors import standin
 from actors.images import resize_for_model
 from actors.resources import Resources
 from actors.weights import HF_CACHE, fetch_object, hub_offline
@@ -349,6 +350,8 @@ def _cached_tag_files(tag: dict, model_dir: str | None) -> Iterator[str]:
 
 def encoder_class(cfg: EncoderConfig) -> type[LiteEncoder] | type[OpenClipEncoder]:
     """The encoder class a config selects (its ``RESOURCES`` size the actor pools)."""
+    if standin.enabled():  # a benchmark and test aid (actors/standin.py); off unless RAG4DMC_STANDIN is set
+        return standin.encoder_class(cfg)
     return {"lite": LiteEncoder, "open_clip": OpenClipEncoder}[cfg.backend]
 
 
@@ -372,6 +375,8 @@ def describe_encoder(cfg: EncoderConfig) -> dict:
 
 def create_encoder(cfg: EncoderConfig, storage_options: dict | None = None) -> Encoder:
     """The one place that turns an encoder configuration into a loaded encoder."""
+    if standin.enabled():
+        return standin.create_encoder(cfg)
     if cfg.backend == "lite":
         return LiteEncoder(device=cfg.device, batch_size=cfg.batch_size, cpu_runtime=cfg.cpu_runtime)
     return OpenClipEncoder(cfg.model_name, cfg.pretrained, cfg.model_dir, device=cfg.device,

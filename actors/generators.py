@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from actors import weights
+from actors import standin, weights
 from actors.encoders import pick_device
 from actors.images import InputError, load_image
 from actors.resources import Resources
@@ -381,16 +381,22 @@ class SdxlImageGenerator:
 
 def text_generator_class(cfg: GeneratorConfig) -> type[NearestNeighbourTextGenerator] | type[Blip2TextGenerator]:
     """The image->text generator class a config selects (its ``RESOURCES`` size the actor pool)."""
+    if standin.enabled():  # a benchmark and test aid (actors/standin.py); off unless RAG4DMC_STANDIN is set
+        return standin.text_generator_class(cfg)
     return {"nn": NearestNeighbourTextGenerator, "blip2": Blip2TextGenerator}[cfg.text_backend]
 
 
 def image_generator_class(cfg: GeneratorConfig) -> type[NearestNeighbourImageGenerator] | type[SdxlImageGenerator]:
     """The text->image generator class a config selects (its ``RESOURCES`` size the actor pool)."""
+    if standin.enabled():
+        return standin.image_generator_class(cfg)
     return {"nn": NearestNeighbourImageGenerator, "sdxl": SdxlImageGenerator}[cfg.image_backend]
 
 
 def create_text_generator(cfg: GeneratorConfig, storage_options: dict | None = None) -> TextGenerator:
     """The configured image->text generator, loaded."""
+    if standin.enabled():
+        return standin.create_text_generator(cfg)
     if cfg.text_backend == "nn":
         return NearestNeighbourTextGenerator()
     return Blip2TextGenerator(cfg.blip2_model, cfg.model_dir, device=cfg.device, precision=cfg.precision,
@@ -400,6 +406,8 @@ def create_text_generator(cfg: GeneratorConfig, storage_options: dict | None = N
 
 def create_image_generator(cfg: GeneratorConfig, storage_options: dict | None = None) -> ImageGenerator:
     """The configured text->image generator, loaded."""
+    if standin.enabled():
+        return standin.create_image_generator(cfg)
     if cfg.image_backend == "nn":
         return NearestNeighbourImageGenerator()
     return SdxlImageGenerator(cfg.sdxl_model, cfg.model_dir, device=cfg.device, precision=cfg.precision,
