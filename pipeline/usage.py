@@ -2,7 +2,8 @@
 
 Every actor of the plan carries a :class:`Meter`: it notes when the actor started (before its model loads), the
 node it runs on and the seconds it spends on batches, and reports them to the run's :class:`UsageLog` (a Ray actor
-with no CPU) every ``HEARTBEAT_S`` and after each batch. :func:`pool_usage` turns the reports into the
+with no CPU) every ``HEARTBEAT_S`` and after each batch (waiting for that one to be recorded, about a millisecond,
+so the log holds every batch once the run's rows are out). :func:`pool_usage` turns the reports into the
 ``summary.json`` figures: the peak number of actors, the actors per node, and the busy share (actor-seconds on
 batches / actor-seconds alive). The pool with the highest busy share is the one that bounded throughput.
 """
@@ -69,9 +70,13 @@ class Meter:
             self._send()
             threading.Thread(target=self._beat, name=f"{pool}-usage", daemon=True).start()
 
-    def _send(self) -> None:
-        self.log.report.remote(Report(self.pool, self.actor, self.node, self.started, time.time(), self.busy,
-                                      self.batches))
+    def _send(self, wait: bool = False) -> None:
+        sent = self.log.report.remote(Report(self.pool, self.actor, self.node, self.started, time.time(), self.busy,
+                                             self.batches))
+        if wait:  # recorded before the batch's rows move on: the run's last batch is never missing from the log
+            import ray
+
+            ray.get(sent)
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -86,7 +91,7 @@ class Meter:
             self.busy += time.perf_counter() - t0
             self.batches += 1
             if self.log is not None:
-                self._send()
+                self._send(wait=True)
 
 
 def peak(intervals: Iterable[tuple[float, float]]) -> int:
@@ -129,7 +134,7 @@ def pool_usage(reports: Iterable[Report], origin: float) -> dict[str, dict]:
             "peak_actors": peak(intervals),
             "actors": len(rs),
             "actors_per_node": dict(sorted(Counter(r.node[:12] for r in rs).items())),
-            "busy_share": round(busy / alive, 3) if alive > 0 else None,
+            "busy_share": float(f"{busy / alive:.3g}") if alive > 0 else None,  # significant digits: never 0 if busy
             "actor_seconds_alive": round(alive, 2),
             "actor_seconds_busy": round(busy, 2),
             "batches": sum(r.batches for r in rs),
