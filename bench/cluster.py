@@ -133,11 +133,20 @@ def build_kb(out: Path, n_internal: int, n_external: int) -> tuple[str, float]:
 
 
 def write_data(folder: Path, n: int, seed: int) -> dict[str, int]:
-    """``n`` incomplete rows (half lack the image, half the text) in ROWS_PER_SHARD-row parquet shards; the rows
-    of each direction."""
+    """``n`` incomplete rows (half lack the image, half the text) in ROWS_PER_SHARD-row parquet shards, unless the
+    folder already holds ``n`` rows; the rows of each direction."""
+    import pyarrow.parquet as pq
+
     from pipeline.datasets import write_parquet
     from pipeline.demo_data import make_incomplete
 
+    shards = sorted(folder.glob("part-*.parquet"))
+    if shards:
+        images = [v for f in shards for v in pq.read_table(f, columns=["image"]).column("image").to_pylist()]
+        if len(images) == n:
+            no_image = sum(v is None for v in images)
+            return {"i2t": n - no_image, "t2i": no_image}
+        raise SystemExit(f"{folder} holds {len(images)} rows, not {n}: give another --data folder")
     table = make_incomplete(n, seed=seed, missing_rate=1.0).select(["id", "image", "text"])
     for j, s in enumerate(range(0, n, ROWS_PER_SHARD)):
         write_parquet(table.slice(s, ROWS_PER_SHARD), f"{folder}/part-{j:05d}.parquet")
@@ -194,10 +203,10 @@ def run_once(address: str, data: Path, kb: str, out: Path, scale: float, rows: d
     driver_log = out.parent / f"{out.name}-{name}-driver.log"
     t0 = time.time()
     watch = NodeWatch(address, t0) if watch_nodes else None
+    memory = MemoryWatch()
     with open(driver_log, "w") as f:
         driver = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--drive", json.dumps(spec)],
-                                  env={**os.environ, standin.ENV: value}, stdout=f, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+                                  env={**os.environ, standin.ENV: value}, stdout=f, stderr=subprocess.STDOUT)
         try:
             rc = driver.wait(timeout=run_s)
             finished = rc == 0
@@ -206,6 +215,7 @@ def run_once(address: str, data: Path, kb: str, out: Path, scale: float, rows: d
             stop(driver)
     wall = time.time() - t0
     joins = watch.stop() if watch else []
+    rss_gib, low_gib = memory.stop()
     wait_until_free(address)
     text = driver_log.read_text(errors="replace")
     if rc not in (0, None):
@@ -216,17 +226,17 @@ def run_once(address: str, data: Path, kb: str, out: Path, scale: float, rows: d
     result = analyse(read_holds(holds), t0, share, window)
     result.update(t0=t0, wall_s=wall, finished=finished, summary=summary, scale=scale, gpu_seconds_per_row=gpu_s,
                   planned=planned_pools(text), block_rows=block_rows, joins=joins, holds=str(holds),
-                  load=os.getloadavg()[0])
+                  load=os.getloadavg()[0], rss_gib=rss_gib, available_low_gib=low_gib)
     return result
 
 
 def stop(driver: subprocess.Popen) -> None:
-    """Stop a driver (its job's actors go with it): SIGTERM to its session, SIGKILL after DRIVER_STOP_S."""
-    os.killpg(driver.pid, signal.SIGTERM)
+    """Stop a driver (its job's actors go with it): SIGTERM, SIGKILL after DRIVER_STOP_S."""
+    driver.terminate()
     try:
         driver.wait(timeout=DRIVER_STOP_S)
     except subprocess.TimeoutExpired:
-        os.killpg(driver.pid, signal.SIGKILL)
+        driver.kill()
         driver.wait(timeout=DRIVER_STOP_S)
 
 
@@ -341,6 +351,40 @@ def rate_reached(holds: list, t0: float, rate: float, share: float, span_s: floa
     return None
 
 
+class MemoryWatch:
+    """Samples, from a thread, the resident memory of this process's descendants (the cluster's raylets and
+    workers, the driver) and the machine's available memory: their peak and its low point."""
+
+    def __init__(self, interval_s: float = 2.0):
+        import threading
+
+        import psutil
+
+        self.peak_gib, self.low_gib = 0.0, psutil.virtual_memory().available / 2**30
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval_s: float) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.wait(interval_s):
+            rss = 0
+            for p in me.children(recursive=True):
+                try:
+                    rss += p.memory_info().rss
+                except psutil.Error:
+                    continue
+            self.peak_gib = max(self.peak_gib, rss / 2**30)
+            self.low_gib = min(self.low_gib, psutil.virtual_memory().available / 2**30)
+
+    def stop(self) -> tuple[float, float]:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_gib, self.low_gib
+
+
 class NodeWatch:
     """Connected to the cluster as a driver of its own, notes when each GPU node is first seen alive."""
 
@@ -408,7 +452,8 @@ def result_row(gpus: int, label: str, r: dict, ideal: float | None, capacity: fl
             "sdxl_processes": gen["t2i"]["processes"], "sdxl_nodes": gen["t2i"]["nodes"],
             "sdxl_planned": planned_max(r["planned"].get("generate:t2i")),
             "rows_generated": gen["i2t"]["rows"] + gen["t2i"]["rows"], "wall_s": r["wall_s"],
-            "finished": r["finished"], "load_1min": r["load"]}
+            "finished": r["finished"], "load_1min": r["load"], "rss_peak_gib": r["rss_gib"],
+            "available_low_gib": r["available_low_gib"]}
 
 
 def planned_max(plan: str | None) -> int | None:
@@ -711,6 +756,7 @@ def main() -> None:
     ap.add_argument("--run-s", type=float, default=360, help="a run's driver is stopped after this many seconds")
     ap.add_argument("--block-rows", type=lambda t: [int(x) for x in t.split(",")], default=[0],
                     help="block sizes to run (0: the job's default)")
+    ap.add_argument("--data", default=None, help="the incomplete rows' folder; written there (and kept) if empty")
     ap.add_argument("--kb-internal", type=count, default=300)
     ap.add_argument("--kb-external", type=count, default=300)
     ap.add_argument("--kb", default=None, help="a KB built with the lite encoder; built there (and kept) if absent")
@@ -754,11 +800,12 @@ def main() -> None:
         else:
             kb, kb_s = build_kb(Path(args.kb) if args.kb else work / "kb", args.kb_internal, args.kb_external)
             print(f"KB built in {kb_s:.0f} s: {kb}", flush=True)
-        rows = write_data(work / "data", args.rows, seed=1)
+        data = Path(args.data) if args.data else work / "data"
+        rows = write_data(data, args.rows, seed=1)
         if args.autoscale:
-            autoscale_mode(args, work, kb, work / "data", rows)
+            autoscale_mode(args, work, kb, data, rows)
         else:
-            static_mode(args, work, kb, work / "data", rows)
+            static_mode(args, work, kb, data, rows)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
