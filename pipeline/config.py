@@ -365,6 +365,10 @@ class JobConfig(_Strict):
         256, ge=1, description="rows per block read from an input shard: the unit that flows through the stages "
         "and is committed to the output (smaller: output lands sooner and a kill loses less; larger: fewer files)"
     )
+    task_seconds: float = Field(
+        30.0, gt=0, description="a pool whose declared cost would keep one actor on a block longer than this gets "
+        "its blocks split into tasks of about this many seconds (whole batches), so that all its actors share each "
+        "block and the job's tail is short (SDXL: 12 rows a task); the output is still committed in block_rows")
     read_concurrency: int | None = Field(
         None, ge=1, description="read tasks at a time per branch; None: one per 16 cluster CPUs, at least one"
     )
@@ -391,7 +395,7 @@ class JobConfig(_Strict):
         """Stable hash of what changes the output (resources, storage and fault handling do not)."""
         payload = self.model_dump(mode="json", exclude={
             "resources", "storage", "accelerators", "block_rows", "max_blocks_in_flight", "read_concurrency",
-            "census_shards",
+            "census_shards", "task_seconds",
             "output_format", "batch_timeout_s", "transient_retries", "retry_backoff_s", "actor_restarts"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -31,7 +31,7 @@ from pipeline.calibrate import effective_settings
 from pipeline.config import EncoderConfig, JobConfig, StorageConfig
 from pipeline.datasource import ShardDatasource
 from pipeline.output import OutputSink, committed_keys, finalize
-from pipeline.scaling import Capacity, Pool, read_capacity, size_pools
+from pipeline.scaling import Capacity, Pool, read_capacity, size_pools, task_rows
 from pipeline.schema import (
     INPUT_SCHEMA,
     TASK_FAILED,
@@ -187,17 +187,25 @@ class Plan:
     usage: object = None
 
 
-def flow_floor(pools: dict[str, Resources], block_rows: int, branches: int) -> int:
-    """Rows that can sit in partial batches: one batch per actor pool, one block per branch's split (see
-    ``pipeline.flow``)."""
-    return sum(r.effective_batch_size() for r in pools.values()) + branches * block_rows
+def partial_rows(cfg: JobConfig, pools: dict[str, Resources], n_chains: int) -> list[int]:
+    """The most rows each operator can hold back waiting for more (see ``pipeline.flow``): a batch per actor
+    pool; a block per branch's split after its read and, where a pool takes tasks smaller than a block
+    (:func:`pipeline.scaling.task_rows`), a block per direction's merge before commit. CPU tasks take whole
+    blocks (no wait)."""
+    merges = n_chains if any(task_rows(r, cfg.block_rows, cfg.task_seconds) < cfg.block_rows
+                             for r in pools.values()) else 0
+    return [r.effective_batch_size() for r in pools.values()] + [cfg.block_rows] * (n_chains + 1 + merges)
+
+
+def flow_floor(cfg: JobConfig, pools: dict[str, Resources], n_chains: int) -> int:
+    """Rows in flight below which a read is always let in: what the operators can hold back at once."""
+    return sum(partial_rows(cfg, pools, n_chains))
 
 
 def flow_limit(cfg: JobConfig, chains: dict[str, list[Stage]], pools: dict[str, Resources]) -> int:
     """Rows the plan may hold between read and commit: ``max_blocks_in_flight`` blocks, checked against the
     plan's batch sizes, or by default twice what its pools hold at once."""
-    # CPU tasks take whole blocks (no wait); each branch's split may hold a partial block
-    batches = [r.effective_batch_size() for r in pools.values()] + [cfg.block_rows] * (len(chains) + 1)
+    batches = partial_rows(cfg, pools, len(chains))
     blocks = cfg.max_blocks_in_flight
     if blocks is None:
         blocks = flow.default_blocks([r.max_actors * r.effective_batch_size() for r in pools.values()], batches,
@@ -206,13 +214,15 @@ def flow_limit(cfg: JobConfig, chains: dict[str, list[Stage]], pools: dict[str, 
     return blocks * cfg.block_rows
 
 
-def describe_pools(pools: dict[str, Resources]) -> list[str]:
-    """One line per pool: its size bounds and what each actor takes."""
+def describe_pools(pools: dict[str, Resources], cfg: JobConfig) -> list[str]:
+    """One line per pool: its size bounds, what each actor takes and the rows of a task where it is not a block."""
     lines = []
     for name, r in pools.items():
         gpu = f", {r.num_gpus:g} GPU" if r.num_gpus else ""
+        rows = task_rows(r, cfg.block_rows, cfg.task_seconds)
+        tasks = f", tasks of {rows} rows" if rows < cfg.block_rows else ""
         lines.append(f"{name}: {r.min_actors}..{r.max_actors} actors (starting at {r.initial_actors or r.min_actors}), "
-                     f"{r.num_cpus:g} CPU{gpu}, {r.memory_gb:g} GiB, batch {r.effective_batch_size()} each")
+                     f"{r.num_cpus:g} CPU{gpu}, {r.memory_gb:g} GiB, batch {r.effective_batch_size()} each{tasks}")
     return lines
 
 
@@ -230,11 +240,11 @@ def build_plan(cfg: JobConfig, data: str, kb_uri: str, kb_manifest: dict, out: s
     capacity = read_capacity()
     pools = plan_resources(cfg, chains, has_gpu, capacity, shares)
     log.info("cluster: %s", capacity.describe())
-    for line in describe_pools(pools):
+    for line in describe_pools(pools, cfg):
         log.info("pool %s", line)
     reads = read_concurrency(cfg, capacity.cpus_now)
     limit = flow_limit(cfg, chains, pools)
-    counter = flow.start(limit, flow_floor(pools, cfg.block_rows, len(chains) + 1))
+    counter = flow.start(limit, flow_floor(cfg, pools, len(chains)))
     log.info("at most %d rows in flight (read, not yet committed)", limit)
 
     # Ray Data's per-operator reservations split the CPUs over the plan's ~20 operators; on a small cluster every
@@ -262,7 +272,7 @@ def build_plan(cfg: JobConfig, data: str, kb_uri: str, kb_manifest: dict, out: s
     branches = []
     for task, _ in DIRECTIONS:
         ds = read((task,), f"Read{task.upper()}")
-        groups = 0
+        groups, split = 0, False
         for stage in chains[task]:
             if not stage.ACTOR:
                 ds = ds.map_batches(run_stage, fn_kwargs={"stage": stage}, **cpu)
@@ -270,8 +280,14 @@ def build_plan(cfg: JobConfig, data: str, kb_uri: str, kb_manifest: dict, out: s
             position = groups if isinstance(stage, RetrieveNeighbours) else 0
             groups += isinstance(stage, RetrieveNeighbours)
             name = pool_name(stage, task, position)
+            rows = task_rows(pools[name], cfg.block_rows, cfg.task_seconds)
+            if rows < cfg.block_rows:  # long work per row: tasks smaller than a block, merged again before commit
+                ds = ds.repartition(target_num_rows_per_block=rows)
+                split = True
             ds = ds.map_batches(actor_class(stage), fn_constructor_kwargs={"stage": stage, "pool": name, "usage": usage},
                                 batch_format="numpy", **pools[name].map_batches_kwargs(cfg.actor_restarts))
+        if split:
+            ds = ds.repartition(target_num_rows_per_block=cfg.block_rows)
         branches.append(ds.map_batches(finalize, **fin))
     branches.append(read(PASS_TASKS, "ReadComplete").map_batches(finalize, **fin))
     return Plan(branches[0].union(*branches[1:]), counter, limit, pools, usage)

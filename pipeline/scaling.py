@@ -123,6 +123,20 @@ def stage_time(r: Resources, row_share: float, actors: int) -> float:
     return seconds_per_row(r, row_share) / (max(actors, 1) * device_share(r))
 
 
+def task_rows(r: Resources, block_rows: int, task_seconds: float) -> int:
+    """Rows one task of a pool takes: a whole block, or, where that would hold one actor longer than
+    ``task_seconds`` by the declared cost, the whole batches that fit in that time (at least one batch).
+
+    Ray Data hands a task's rows to one actor, so a 256-row SDXL block (about 9 minutes) lets only as many
+    actors work as there are blocks waiting, and leaves a long tail; tasks of ``task_seconds`` let every actor
+    of the pool share each block."""
+    batch = r.effective_batch_size()
+    fits = int(task_seconds / r.seconds_per_row)
+    if fits >= block_rows:
+        return block_rows
+    return min(block_rows, max(batch, fits // batch * batch))
+
+
 @dataclass(frozen=True)
 class Pool:
     """A pool to size: its resources (declared, with the user's overrides) and the share of the job's rows it

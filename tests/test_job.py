@@ -351,6 +351,22 @@ def test_rows_in_flight_stay_within_the_configured_blocks_and_output_lands_per_b
     assert max(pq.read_metadata(f).num_rows for f in files) <= flow["bound_rows"]
 
 
+@pytest.mark.timeout(900)
+def test_pools_slower_than_task_seconds_a_block_share_each_block_and_output_is_committed_in_whole_blocks(kb, tmp_path):
+    data = tmp_path / "data"
+    _write_shards(_incomplete(96, seed=9), data, 1)
+    small = StageResources(batch_size=8)
+    # declared costs: encoder 0.023 s/row, retrieval 0.008, image generator 0.05: a 32-row block is over 0.1 s,
+    # so their tasks are one batch of 8; the text generator (0.0004 s/row) takes whole blocks
+    cfg = JOB.model_copy(update={"block_rows": 32, "task_seconds": 0.1,
+                                 "resources": {"embed": small, "retrieve": small, "generate": small}})
+    summary = run_job(JobSpec(data=str(data), kb=kb, out=str(tmp_path / "out"), cfg=cfg))
+    assert summary["rows_out"] == summary["unique_row_keys"] == 96 and summary["failed"] == 0
+    assert summary["in_flight"]["floor_rows"] == 6 * 8 + 5 * 32  # a batch per pool; 3 read splits, 2 merges
+    rows = [pq.read_metadata(f).num_rows for f in (tmp_path / "out" / "data").glob("*/*.parquet")]
+    assert sum(rows) == 96 and max(rows) > 8  # the 8-row tasks were merged again before commit
+
+
 def test_a_limit_too_small_for_the_plan_s_batches_is_refused():
     from pipeline.config import ConfigError
     from pipeline.plan import flow_limit, plan_resources

@@ -11,7 +11,7 @@ import pytest
 from actors.generators import Blip2TextGenerator, SdxlImageGenerator
 from actors.resources import Resources
 from pipeline.config import EncoderConfig, JobConfig, StageResources
-from pipeline.scaling import Pool, capacity_of, device_share, size_pools, stage_time
+from pipeline.scaling import Pool, capacity_of, device_share, size_pools, stage_time, task_rows
 from pipeline.usage import Report, bounding_pool, peak, pool_usage
 
 GIB = 1024**3
@@ -105,6 +105,27 @@ def test_memory_bounds_a_pool_the_devices_would_allow():
     heavy = Resources(num_cpus=1.0, num_gpus=0.25, memory_gb=30.0, seconds_per_row=1.0)
     sized = size_pools({"big": Pool(heavy)}, capacity_of(gpu_nodes(2, gpus=4, memory_gb=64.0)))
     assert sized["big"].max_actors == 4  # 8 GPUs hold 32 quarter-GPU actors; 128 GiB hold 4 of 30 GiB
+
+
+def test_a_pool_slower_than_task_seconds_a_block_takes_tasks_of_whole_batches_within_that_time():
+    sdxl, blip2 = SdxlImageGenerator.RESOURCES, Blip2TextGenerator.RESOURCES  # 2.14 s/row, batch 4; 0.25, batch 16
+    assert task_rows(sdxl, 256, 30.0) == 12  # 14 rows fit in 30 s: three batches of 4
+    assert task_rows(blip2, 256, 30.0) == 112  # 120 fit: seven batches of 16
+    assert task_rows(CLIP, 256, 30.0) == 256  # a block is 0.4 s: left whole
+    assert task_rows(sdxl, 256, 1.0) == 4  # one row is longer than the budget: one batch, never less
+    assert task_rows(sdxl, 8, 30.0) == 8  # never more than a block
+    assert task_rows(Resources(batch_size=64, seconds_per_row=0.25), 256, 30.0) == 64  # 120 fit: one CPU batch
+
+
+def test_the_plan_holds_back_a_block_per_merge_where_a_pool_splits_blocks():
+    from pipeline.plan import flow_floor, partial_rows
+
+    cfg = JobConfig()
+    cheap = {"embed:i2t": CLIP}
+    assert partial_rows(cfg, cheap, 2) == [64, 256, 256, 256]  # a batch, and the three branches' read splits
+    split = {"embed:i2t": CLIP, "generate:t2i": SdxlImageGenerator.RESOURCES}
+    assert partial_rows(cfg, split, 2) == [64, 4, 256, 256, 256, 256, 256]  # and a merge per direction
+    assert flow_floor(cfg, split, 2) == 64 + 4 + 5 * 256
 
 
 def test_the_job_plan_sizes_gpu_pools_from_the_cluster_with_the_embedder_sharing_a_gpu():
