@@ -97,7 +97,7 @@ class Stage:
     accounts: ClassVar[str | None] = None  # seconds_<accounts> collects its actor-seconds per row
     RESOURCES: ClassVar[Resources] = Resources()
     ACTOR: ClassVar[bool] = True  # an actor pool (a model, a KB shard to hold); False: a stateless CPU task
-    policy: StagePolicy = StagePolicy()  # set per job by the plan (``JobConfig.stage_policy``)
+    policy: StagePolicy = StagePolicy()  # set per job by the plan (``pipeline.plan.direction_stages``, from JobConfig)
     tasks: tuple[str, ...] = ()
     reads: tuple[str, ...] = ()
     writes: tuple[Column, ...] = ()
@@ -294,6 +294,6 @@ def run_stage(batch: Batch, *, stage: Stage):
 
     It lives here, beside the contract, rather than in the job plan: a task worker imports only this module and
     the stage's own, not the plan's model libraries (importing ``pipeline.plan`` costs a fresh worker about 4 s of
-    CPU and 0.9 GB: torch, FAISS)."""
+    CPU and 770 MiB of RSS, torch and FAISS most of it; ``pipeline.kb_build.BASE_PROCESS_BYTES``)."""
     stage.ensure_setup()
     return typed_block(apply(stage, restore_nulls(batch)))

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import CalibrationConfig, KBConfig, RetrievalConfig, SelectionConfig
+from pipeline.config import CalibrationConfig, KBConfig, RetrievalConfig, SelectionConfig, Stream
 from pipeline.knn import normalize_rows
 from pipeline.mapping import MIN_TRAIN_PAIRS, CrossModalMapper, train_mapping
 from pipeline.retrieval import Neighbours, fusion_scores, merge_candidates, rank_by, shard_candidates
@@ -318,7 +318,7 @@ def calibrate(internal_texts: list[str], internal_images: pa.ChunkedArray | None
     if held_rows is None:
         log.info("calibration skipped: %d internal pairs are too few to hold %d out", n, cal.min_holdout)
         return None
-    rng = np.random.default_rng([cal.seed, 13])
+    rng = np.random.default_rng([cal.seed, Stream.CALIBRATION_SAMPLE])
     rest = np.setdiff1d(np.arange(n), held_rows)
     if len(rest) > cal.max_rows:  # a bounded random sample stands in for the rest of a large corpus
         rest = np.sort(rng.choice(rest, cal.max_rows, replace=False))

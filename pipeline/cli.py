@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, get_args
 
-from pipeline.config import ConfigError, JobConfig, KBConfig, validate
+from pipeline.config import ConfigError, JobConfig, KBConfig, read_yaml, validate
 
 log = logging.getLogger("rag4dmc")
 
@@ -127,14 +127,7 @@ def _set(tree: dict, key: str, value: Any) -> None:
 
 def build_config(args: argparse.Namespace, model, tables: list[dict]):
     """The config from ``--config`` YAML overlaid with the flags that were given."""
-    import yaml
-
-    data: dict = {}
-    if getattr(args, "config", None):
-        with open(args.config) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{args.config}: the top level must be a mapping of keys")
+    data: dict = read_yaml(args.config) if getattr(args, "config", None) else {}
     for table in tables:
         for key, *_ in table.values():
             value = getattr(args, key, None)
@@ -143,7 +136,7 @@ def build_config(args: argparse.Namespace, model, tables: list[dict]):
     return validate(data, model, source=getattr(args, "config", None) or "flags")
 
 
-def _storage_only(cfg: JobConfig | None, args) -> dict:
+def _storage_only(args) -> dict:
     data: dict = {}
     for key, *_ in STORAGE_FLAGS.values():
         value = getattr(args, key, None)
@@ -162,7 +155,7 @@ def cmd_kb_build(args) -> int:
         internal_embeddings=args.internal_embeddings, external_embeddings=args.external_embeddings,
         columns=ColumnsConfig(**{k.split(".")[1]: getattr(args, k) for k, *_ in COLUMN_FLAGS.values()
                                  if getattr(args, k) is not None}),
-        storage=StorageConfig(**_storage_only(None, args)), data_format=args.format,
+        storage=StorageConfig(**_storage_only(args)), data_format=args.format,
     )
     result = run_kb_build(spec)
     rep = result["report"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from enum import IntEnum
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -20,6 +21,15 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+
+class Stream(IntEnum):
+    """The random streams drawn from a config's ``seed`` (numpy's ``default_rng([seed, stream])``), one per use,
+    so that no two uses share draws."""
+
+    INDEX_TRAIN_SAMPLE = 7  # the rows an index is trained on (pipeline.kb_build)
+    RECALL_QUERIES = 11  # the rows whose neighbours measure an index's recall (pipeline.kb_build)
+    CALIBRATION_SAMPLE = 13  # the rows a calibration fits on, past its max_rows (pipeline.calibrate)
 
 
 class _Strict(BaseModel):
@@ -548,15 +558,19 @@ class EvalConfig(KBConfig):
         return self
 
 
-def load_yaml(path: str | Path, model: type[BaseModel]) -> BaseModel:
-    """Read a YAML file into ``model``; the error names each offending key."""
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file's mapping (empty for an empty file); any other top level is refused."""
     import yaml
 
-    text = Path(path).read_text()
-    data = yaml.safe_load(text) or {}
+    data = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
-    return validate(data, model, source=str(path))
+    return data
+
+
+def load_yaml(path: str | Path, model: type[BaseModel]) -> BaseModel:
+    """Read a YAML file into ``model``; the error names each offending key."""
+    return validate(read_yaml(path), model, source=str(path))
 
 
 def validate(data: dict[str, Any], model: type[BaseModel], source: str = "config") -> BaseModel:

@@ -37,7 +37,7 @@ import pyarrow as pa
 
 from actors.resources import use_assigned_cpus
 from pipeline import layout
-from pipeline.config import KBConfig
+from pipeline.config import KBConfig, Stream
 from pipeline.index import RERANK_GATHER_BYTES
 from pipeline.kb_store import PARTS_DIR
 from pipeline.knn import normalize_rows
@@ -60,7 +60,7 @@ INTERNAL, EXTERNAL = "internal", "external"
 LOCATION_SCHEMA = pa.schema([("image_shard", pa.string()), ("image_row", pa.int64())])
 PART_SCHEMA = pa.schema([("source", pa.string()), *LOCATION_SCHEMA])
 RECALL_K = 10
-BASE_PROCESS_BYTES = 600 * 2**20  # a Python process with torch, faiss and Ray imported
+BASE_PROCESS_BYTES = 700 * 2**20  # a Python process with torch, faiss and Ray imported (668 MiB RSS measured)
 METADATA_BYTES_PER_ROW = 256  # an entry's id, caption and image location in Arrow (LAION captions: ~60 bytes)
 MEMORY_SAMPLE_S = 0.25  # how often a task's anonymous memory is sampled for its peak
 
@@ -393,7 +393,7 @@ def train_indexes(parts: Side, kind: str, cfg: KBConfig, storage_options: dict |
     from pipeline.index import train_empty, train_rows
 
     n = parts.rows
-    ids = sample_ids(n, train_rows(n, kind, cfg.index), cfg.filter.seed + 7)
+    ids = sample_ids(n, train_rows(n, kind, cfg.index), (cfg.filter.seed, Stream.INDEX_TRAIN_SAMPLE))
     out = {"peak_rss": 0, "train_rows": int(len(ids))}
     for m in MODALITIES:
         dim = getattr(parts.shards[0], f"{m}_dim")
@@ -719,7 +719,7 @@ def build(inputs: BuildInputs, cfg: KBConfig = KBConfig()) -> dict:
              n_shards)
     parts_ref = ray.put(parts)
     trained = ray.get(task(train_indexes, "train", single).remote(parts_ref, kind, cfg, opts))
-    query_ids = sample_ids(n, cfg.index.recall_queries, cfg.filter.seed + 11)
+    query_ids = sample_ids(n, cfg.index.recall_queries, (cfg.filter.seed, Stream.RECALL_QUERIES))
     queries = ray.put({m: parts.read(query_ids, m, opts) for m in MODALITIES})
     trained_ref = ray.put({m: trained[m] for m in MODALITIES})
     bounds = np.linspace(0, n, n_shards + 1).astype(int)

@@ -32,7 +32,6 @@ FORMAT_VERSION = 3  # 3: entries by reference (no image bytes), float16 vectors;
 ENTRIES_FILE = "entries.arrow"
 ENTRIES_BATCH_ROWS = 4096  # rows per IPC record batch of entries.arrow
 PARTS_DIR = "parts"  # build intermediates (pipeline.kb_build), removed when the build is done
-ENTRY_COLUMNS = ("id", "source", "text", "image_uri", "image_shard", "image_row")
 ENTRY_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("text", pa.string()),
                           ("image_uri", pa.string()), ("image_shard", pa.string()), ("image_row", pa.int64())])
 

@@ -339,8 +339,9 @@ def kmeans_sample_size(n: int, k: int, points_per_centroid: int = MAX_POINTS_PER
     return min(n, k * points_per_centroid)
 
 
-def sample_ids(n: int, size: int, seed: int) -> np.ndarray:
-    """``size`` distinct row ids of [0, n) drawn uniformly at random, sorted (all rows when size >= n)."""
+def sample_ids(n: int, size: int, seed: int | tuple[int, ...]) -> np.ndarray:
+    """``size`` distinct row ids of [0, n) drawn uniformly at random, sorted (all rows when size >= n); ``seed``
+    as numpy's ``default_rng`` takes it."""
     if size >= n:
         return np.arange(n, dtype=np.int64)
     return np.sort(np.random.default_rng(seed).choice(n, size, replace=False)).astype(np.int64)

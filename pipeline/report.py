@@ -277,7 +277,6 @@ FILTER_COLUMNS = (("n_internal_clusters", "internal clusters"), ("n_external_clu
                   ("instances_dropped_by_instance", "rows dropped (instance)"), ("tau_cent", "tau_cent"),
                   ("tau_inst", "tau_inst"))
 MODALITIES = ("image", "text")
-MODALITY_DASH = {"image": "", "text": "5,3"}
 
 
 def purification_section(runs: list[dict]) -> str:
