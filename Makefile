@@ -35,7 +35,7 @@ demo: env
 	$(VENV)/bin/rag4dmc demo --out $(DEMO_OUT)
 
 test: env system-deps
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
 
 # Debian packages some tests use: chromium opens the evaluation report (tests/test_report.py), and the real
 # emoji corpus (bench/emoji.py: Noto Color Emoji drawn by Pillow, named by unicode-data's emoji-test.txt) is

@@ -21,8 +21,8 @@ batches and counts its faults for itself. For example::
 
     RAG4DMC_FAULTS='{"dir": "/tmp/faults", "faults": [{"stage": "embed", "kind": "exit", "batch": 2}]}'
 
-Ray workers of a local cluster inherit the variable; on a remote cluster, set it in the job's runtime
-environment (``env_vars``).
+Ray workers of a local cluster started after it was set inherit the variable; the job also passes it to its
+tasks and actors in their runtime environment (:func:`remote_args`), so it reaches a cluster started before.
 """
 
 from __future__ import annotations
@@ -146,6 +146,14 @@ def _claim(plan: Plan, index: int, fault: Fault) -> bool:
         os.close(fd)
         return True
     return False
+
+
+def remote_args() -> dict:
+    """Ray remote arguments that carry this process's fault plan to the job's workers (``{}`` when none is
+    set), so that a cluster started before the plan was set, such as a test session's, runs the job's tasks and
+    actors in workers that see it."""
+    text = os.environ.get(ENV)
+    return {"runtime_env": {"env_vars": {ENV: text}}} if text else {}
 
 
 def register_job() -> None:

@@ -561,7 +561,9 @@ def isolated(argv: list[str], root: Path, timeout_s: float) -> int:
     before = raylets()
     inner = f"ip link set lo up && exec {' '.join(shlex.quote(a) for a in argv)}"
     (root / "rt").mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, ISOLATED_ENV: "1", "RAY_TMPDIR": str(root / "rt")}
+    # no token authentication inside: a ~/.ray/auth_token left by an earlier `ray start` turns it on for the fake
+    # cluster's nodes, and the autoscaler's drivers were refused (InvalidAuthToken); the namespace has no network
+    env = {**os.environ, ISOLATED_ENV: "1", "RAY_TMPDIR": str(root / "rt"), "RAY_AUTH_MODE": "disabled"}
     print(f"raylets outside before: {sorted(before) or 'none'}", flush=True)
     try:
         rc = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "--net", "bash", "-c", inner], env=env,

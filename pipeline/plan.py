@@ -20,6 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from actors import faults
 from actors.complete import CompleteImages, CompleteTexts
 from actors.embed import EmbedQueries
 from actors.preprocess import CPU_TASK, CheckTexts, FetchAndDecode
@@ -255,7 +256,7 @@ def build_plan(cfg: JobConfig, data: str, kb_uri: str, kb_manifest: dict, out: s
     committed = functools.partial(_committed, cfg.storage, out) if keys is None else None
     usage = start_log()
     # CPU tasks take whole blocks (no batch to wait for): a block is decoded and finalized as soon as it arrives.
-    cpu = {"num_cpus": CPU_TASK.num_cpus, "batch_size": None, "batch_format": "numpy"}
+    cpu = {"num_cpus": CPU_TASK.num_cpus, "batch_size": None, "batch_format": "numpy", **faults.remote_args()}
     fin = {"fn_kwargs": {"kb_version": kb_manifest["version"], "config_hash": cfg.config_hash()}, **cpu}
 
     def read(tasks: tuple[str, ...], name: str):
@@ -285,7 +286,8 @@ def build_plan(cfg: JobConfig, data: str, kb_uri: str, kb_manifest: dict, out: s
                 ds = ds.repartition(target_num_rows_per_block=rows)
                 split = True
             ds = ds.map_batches(actor_class(stage), fn_constructor_kwargs={"stage": stage, "pool": name, "usage": usage},
-                                batch_format="numpy", **pools[name].map_batches_kwargs(cfg.actor_restarts))
+                                batch_format="numpy", **pools[name].map_batches_kwargs(cfg.actor_restarts),
+                                **faults.remote_args())
         if split:
             ds = ds.repartition(target_num_rows_per_block=cfg.block_rows)
         branches.append(ds.map_batches(finalize, **fin))
@@ -302,7 +304,7 @@ def write(plan: Plan, out: str, storage_cfg: StorageConfig, output_format: str =
     started = time.time()
     try:
         plan.dataset.write_datasink(OutputSink(out, storage_cfg, plan.flow, output_format),
-                                    ray_remote_args={"num_cpus": CPU_TASK.num_cpus})
+                                    ray_remote_args={"num_cpus": CPU_TASK.num_cpus, **faults.remote_args()})
         return ray.get(plan.flow.stats.remote()), cluster_usage(plan, started)
     finally:
         ray.kill(plan.flow)

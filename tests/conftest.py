@@ -90,6 +90,15 @@ def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
             ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def kb(ray_local, tmp_path_factory) -> str:
+    """The jobs' small KB (``tests.test_job.build_job_kb``: generated pairs, lite encoder, no calibration), built
+    once for the session; tests only read it. A module that needs another KB defines its own ``kb``."""
+    from tests.test_job import build_job_kb
+
+    return build_job_kb(tmp_path_factory.mktemp("kb"))
+
+
 EMOJI_TEST_GROUPS = ["Animals & Nature", "Food & Drink", "Travel & Places"]  # ~500 emoji, three labels
 
 

@@ -60,11 +60,6 @@ def build_job_kb(root: Path) -> str:
     return f"{root}/kb"
 
 
-@pytest.fixture(scope="module")
-def kb(ray_local, tmp_path_factory) -> str:
-    return build_job_kb(tmp_path_factory.mktemp("kb"))
-
-
 def _incomplete(n: int, seed: int = 1) -> pa.Table:
     return make_incomplete(n, seed=seed, missing_rate=0.8).select(["id", "image", "text"])
 

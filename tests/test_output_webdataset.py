@@ -32,7 +32,7 @@ from pipeline.output import (
 )
 from pipeline.schema import OUTPUT_SCHEMA, STAGES
 from pipeline.storage import Storage
-from tests.test_job import JOB, _incomplete, _write_shards, kb  # noqa: F401 - kb: the module's tiny KB fixture
+from tests.test_job import JOB, _incomplete, _write_shards
 
 KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
