@@ -234,8 +234,9 @@ class OpenClipEncoder(_BatchedEncoder):
 
     # A quarter GPU: ViT-L-14 in fp16 holds about 1 GB of weights and a few GB of activations at 256 images, so
     # it runs beside a generator (0.75 GPU) on one 24 GB card. Cost: 162 GFLOP per image at an assumed 100 TFLOP/s
-    # (docs/scaling.md, "GPU work per row").
-    RESOURCES = Resources(num_cpus=1.0, num_gpus=0.25, memory_gb=8.0, batch_size=64, gpu_batch_size=256,
+    # (docs/scaling.md, "GPU work per row"). Host memory: the weights pass through it on load (1.7 GB in fp32), and
+    # a batch of decoded images: 4 GiB.
+    RESOURCES = Resources(num_cpus=1.0, num_gpus=0.25, memory_gb=4.0, batch_size=64, gpu_batch_size=256,
                           seconds_per_row=0.0016)
 
     def __init__(self, model_name: str, pretrained: str | None = None, model_dir: str | None = None,

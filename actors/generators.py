@@ -254,8 +254,9 @@ class Blip2TextGenerator:
     """BLIP2 (any checkpoint) prompted with the best retrieved caption; n sampled captions per image."""
 
     # Three quarters of a GPU: OPT-2.7b in fp16 is about 8 GB, leaving room for a CLIP embedder (0.25) on a 24 GB
-    # card. Cost: 4 sampled captions per row at an assumed 16 captions/s per A100 (docs/scaling.md).
-    RESOURCES = Resources(num_cpus=1.0, num_gpus=0.75, memory_gb=16.0, gpu_batch_size=16, seconds_per_row=0.25)
+    # card. Cost: 4 sampled captions per row at an assumed 16 captions/s per A100 (docs/scaling.md). Host memory:
+    # the fp16 weights (about 8 GB) pass through it on load: 12 GiB, which fits a g5.2xlarge beside a CLIP embedder.
+    RESOURCES = Resources(num_cpus=1.0, num_gpus=0.75, memory_gb=12.0, gpu_batch_size=16, seconds_per_row=0.25)
 
     def __init__(self, model: str, model_dir: str | None = None, device: str = "auto", precision: str = "fp16",
                  max_new_tokens: int = 30, temperature: float = 1.0, top_p: float = 0.9, batch_size: int = 8,
@@ -309,8 +310,10 @@ class SdxlImageGenerator:
 
     # Three quarters of a GPU: SDXL img2img in fp16 at 512 px, 4 images a call, stays within about 12 GB, leaving
     # room for a CLIP embedder (0.25) on a 24 GB card. Cost: 4 candidates x 18 steps at 512 px, 2.14 s per row on
-    # an A100 (published SDXL it/s; docs/scaling.md).
-    RESOURCES = Resources(num_cpus=1.0, num_gpus=0.75, memory_gb=24.0, gpu_batch_size=4, seconds_per_row=2.14)
+    # an A100 (published SDXL it/s; docs/scaling.md). Host memory: the fp16 pipeline (UNet, two text encoders, VAE:
+    # about 7 GB) passes through it on load, with the process's torch and the decoded images beside: 14 GiB, so
+    # that with a CLIP embedder (4) it fits the ~22 GiB Ray gives a 32 GiB g5.2xlarge (ray_cluster.yaml).
+    RESOURCES = Resources(num_cpus=1.0, num_gpus=0.75, memory_gb=14.0, gpu_batch_size=4, seconds_per_row=2.14)
 
     def __init__(self, model: str, model_dir: str | None = None, device: str = "auto", precision: str = "fp16",
                  mode: str = "img2img", strength: float = 0.6, steps: int = 30, guidance_scale: float = 5.0,

@@ -55,7 +55,7 @@ class Resources:
         """Apply a ``StageResources`` (or any object with the same optional fields)."""
         if override is None:
             return self
-        fields = ("num_cpus", "num_gpus", "memory_gb", "min_actors", "max_actors", "batch_size")
+        fields = ("num_cpus", "num_gpus", "memory_gb", "min_actors", "max_actors", "batch_size", "seconds_per_row")
         changes = {f: getattr(override, f) for f in fields if getattr(override, f, None) is not None}
         merged = replace(self, **changes, initial_actors=None)
         if merged.max_actors is not None and merged.min_actors > merged.max_actors:

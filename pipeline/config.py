@@ -236,6 +236,9 @@ class StageResources(_Strict):
     min_actors: int | None = Field(None, ge=1)
     max_actors: int | None = Field(None, ge=1)
     batch_size: int | None = Field(None, ge=1)
+    seconds_per_row: float | None = Field(
+        None, gt=0, description="one actor's seconds per row on its device, as a run measured it (summary.json's "
+        "pools.<pool>.seconds_per_row): sizes the pools and the --dry-run estimates instead of the declared cost")
 
 
 class ColumnsConfig(_Strict):

@@ -216,7 +216,7 @@ def dry_run(spec: JobSpec, manifest: dict, storage: Storage) -> dict:
     print("pools:")
     for line in describe_pools(sized, cfg):
         print(f"  {line}")
-    print(f"expected, from the stages' declared costs: {plan['gpu_hours']:g} GPU-hours, {plan['cpu_core_hours']:g} "
+    print(f"expected, from the pools' costs per row (declared, or resources.<pool>.seconds_per_row): {plan['gpu_hours']:g} GPU-hours, {plan['cpu_core_hours']:g} "
           f"CPU core-hours, {plan['rows_per_second']:g} rows/s, {plan['wall_seconds'] / 3600:.3g} hours of wall time")
     return plan
 

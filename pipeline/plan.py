@@ -29,7 +29,7 @@ from actors.retrieve import RetrieveNeighbours, role_of
 from actors.stage import Stage, StagePolicy, check_chain, run_stage
 from pipeline import flow
 from pipeline.calibrate import effective_settings
-from pipeline.config import EncoderConfig, JobConfig, StorageConfig
+from pipeline.config import EncoderConfig, JobConfig, StageResources, StorageConfig
 from pipeline.datasource import ShardDatasource
 from pipeline.output import OutputSink, committed_keys, finalize
 from pipeline.scaling import Capacity, Pool, read_capacity, size_pools, task_rows
@@ -105,6 +105,15 @@ def pool_name(stage: Stage, task: str, position: int) -> str:
     return f"{stage.name}:{task}"
 
 
+def stage_override(cfg: JobConfig, pool: str) -> StageResources | None:
+    """The config's ``resources`` for ``pool`` (``generate:t2i``), field by field over its stage's
+    (``generate``): a direction's pool can carry its own measured ``seconds_per_row``."""
+    stage, own = cfg.resources.get(pool.split(":")[0]), cfg.resources.get(pool)
+    if own is None or stage is None:
+        return own or stage
+    return stage.model_copy(update=own.model_dump(exclude_none=True))
+
+
 def actor_pools(cfg: JobConfig, chains: dict[str, list[Stage]], has_gpu: bool,
                 shares: dict[str, float] | None = None) -> dict[str, Pool]:
     """Each actor pool of the plan: the stage's declaration with the config's override, and the share of the rows
@@ -117,9 +126,10 @@ def actor_pools(cfg: JobConfig, chains: dict[str, list[Stage]], has_gpu: bool,
                 continue
             position = groups if isinstance(stage, RetrieveNeighbours) else 0
             groups += isinstance(stage, RetrieveNeighbours)
-            override = cfg.resources.get(stage.name)
+            name = pool_name(stage, task, position)
+            override = stage_override(cfg, name)
             declared = stage.RESOURCES.with_overrides(override).for_gpu(has_gpu)
-            pools[pool_name(stage, task, position)] = Pool(
+            pools[name] = Pool(
                 declared, (shares or {}).get(task, 1.0 / len(chains)),
                 fixed=override is not None and override.max_actors is not None)
     return pools
@@ -161,7 +171,7 @@ class StageActor:
         stage.ensure_setup()
 
     def __call__(self, batch):
-        with self.meter.batch():
+        with self.meter.batch(len(batch["row_key"])):
             return run_stage(batch, stage=self.stage)
 
 
@@ -321,7 +331,12 @@ def cluster_usage(plan: Plan, started: float) -> dict:
     pools = {}
     for name, r in plan.pools.items():
         pools[name] = {"min_actors": r.min_actors, "max_actors": r.max_actors, "num_gpus": r.num_gpus,
-                       "num_cpus": r.num_cpus, **used.get(name, {"peak_actors": 0, "busy_share": None})}
+                       "num_cpus": r.num_cpus, "declared_seconds_per_row": r.seconds_per_row,
+                       **used.get(name, {"peak_actors": 0, "busy_share": None})}
+    for name, p in pools.items():
+        if p.get("seconds_per_row"):
+            log.info("pool %s: %.4g s per row measured, %.4g declared (set resources.%s.seconds_per_row to size the "
+                     "next run from the measurement)", name, p["seconds_per_row"], p["declared_seconds_per_row"], name)
     bound = bounding_pool(pools)
     if bound:
         log.info("throughput was bounded by %s: its actors were busy %.0f%% of the time they were alive "

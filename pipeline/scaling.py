@@ -9,14 +9,18 @@ largest size it can use: actors go, one at a time, to the pool whose rows take l
 the cluster. The slowest stage ends up with the most actors, and no cheaper stage is allowed more than it needs to
 keep up with it. A setting in ``resources.<stage>`` (``max_actors``) always wins.
 
-:func:`read_capacity` reads the cluster: the nodes alive now, plus the nodes its autoscaler may add (the
-autoscaler's cluster config, where Ray publishes one), so GPU workers that start at zero count.
+:func:`read_capacity` reads the cluster: the nodes alive now, plus the nodes its autoscaler may add, so GPU workers
+that start at zero count. Those come from the cluster config Ray publishes in the GCS where a control plane reports
+one (KubeRay, Anyscale), else from the autoscaler's own config file on this node: the ``--autoscaling-config`` its
+monitor process was started with (``ray up``, ``AutoscalingCluster``), or ``ray up``'s bootstrap config. Open-source
+Ray 2.60 publishes no cluster config for ``ray up`` clusters, so without the file the job would see only the head.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -65,35 +69,154 @@ def capacity_of(alive: list[Mapping[str, float]], groups: list[tuple[Mapping[str
         memory_gb_now=total(now, "memory") / gib, nodes_now=len(alive))
 
 
+@dataclass(frozen=True)
+class NodeGroup:
+    """A node type the autoscaler may start: its resources per node (Ray's keys, ``memory`` in bytes) and the most
+    nodes of it (-1: no limit stated)."""
+
+    name: str
+    resources: Mapping[str, float]
+    max_count: int
+
+
 def read_capacity() -> Capacity:
     """The connected Ray cluster's :class:`Capacity`; the autoscaler's node groups count with the nodes of each
     group it may still add (its ``max_count`` less the group's nodes alive now)."""
     import ray
 
     alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    groups = []
-    try:
-        config = ray._private.state.state.get_cluster_config()
-    except Exception as exc:  # noqa: BLE001 - no autoscaler config: the cluster is what is alive
-        log.debug("no autoscaler config (%s); sizing from the nodes alive", exc)
-        config = None
-    for group in getattr(config, "node_group_configs", None) or []:
+    groups, limits = published_groups()
+    if not groups:
+        groups, worker_limit = config_file_groups()
+    else:
+        worker_limit = None
+    added = []
+    for group in groups:
         shape = dict(group.resources)
         if not shape or group.max_count == 0:
             continue
-        present = sum(1 for n in alive if _same_shape(n, shape))
+        present = sum(1 for n in alive if _same_shape(n, shape) and HEAD_RESOURCE not in n)
         if group.max_count < 0:  # no limit stated: size from what is there, or pools would ask for every node
             log.warning("the autoscaler may add nodes of group %r without limit; sizing pools from the %d such "
                         "nodes alive (set the group's max_workers, or resources.<stage>.max_actors)",
-                        getattr(group, "name", "?"), present)
+                        group.name, present)
             continue
-        groups.append((shape, max(0, group.max_count - present)))
-    capacity = capacity_of(alive, groups)
-    limits = dict(getattr(config, "max_resources", None) or {})  # the cluster's own cap on its totals, if any
-    if limits:
+        added.append((shape, max(0, group.max_count - present)))
+    if worker_limit is not None:  # the config's max_workers caps the workers of all types together
+        added = cap_workers(added, worker_limit - (len(alive) - 1))
+    capacity = capacity_of(alive, added)
+    if limits:  # the cluster's own cap on its totals, if any
         capacity = replace(capacity, cpus=min(capacity.cpus, limits.get("CPU", capacity.cpus)),
                            gpus=min(capacity.gpus, limits.get("GPU", capacity.gpus)))
     return capacity
+
+
+def published_groups() -> tuple[list[NodeGroup], dict[str, float]]:
+    """The node groups and resource caps of the cluster config in the GCS (``([], {})`` where none is published)."""
+    import ray
+
+    try:
+        config = ray._private.state.state.get_cluster_config()
+    except Exception as exc:  # noqa: BLE001 - no published config: the caller tries the config file
+        log.debug("no cluster config in the GCS (%s)", exc)
+        return [], {}
+    groups = [NodeGroup(getattr(g, "name", "?"), dict(g.resources), int(g.max_count))
+              for g in getattr(config, "node_group_configs", None) or []]
+    return groups, dict(getattr(config, "max_resources", None) or {})
+
+
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` leaves the autoscaler's config on the head
+AUTOSCALING_CONFIG_FLAG = "--autoscaling-config"
+
+
+def autoscaling_config_path(gcs_address: str | None = None, proc: str = "/proc") -> str | None:
+    """The autoscaler's config file of the cluster at ``gcs_address``, as this node sees it: the
+    ``--autoscaling-config`` of its monitor process (which names the cluster's ``--gcs-address``) or of
+    ``ray start --head``, else ``ray up``'s bootstrap config; None when neither is here (a driver off the head)."""
+    found = None
+    for pid in (p for p in os.listdir(proc) if p.isdigit()):
+        try:
+            with open(f"{proc}/{pid}/cmdline", "rb") as f:
+                args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except OSError:
+            continue
+        path = _flag(args, AUTOSCALING_CONFIG_FLAG)
+        if path is None:
+            continue
+        gcs = _flag(args, "--gcs-address") or _flag(args, "--address")
+        if gcs_address is None or gcs is None or gcs == gcs_address:
+            found = os.path.expanduser(path)
+            if gcs == gcs_address:  # the monitor of this very cluster
+                break
+    if found is None and os.path.exists(os.path.expanduser(BOOTSTRAP_CONFIG)):
+        found = os.path.expanduser(BOOTSTRAP_CONFIG)
+    return found
+
+
+def _flag(args: list[str], name: str) -> str | None:
+    for i, a in enumerate(args):
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+        if a == name and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
+def groups_of_config(config: Mapping) -> tuple[list[NodeGroup], int | None]:
+    """The worker node types of an autoscaler config (``available_node_types``: ``resources``, ``max_workers``)
+    and its cluster-wide ``max_workers``. A type whose ``resources`` are empty (filled by the cloud provider at
+    launch) is skipped with a warning: its GPUs cannot be known here."""
+    groups = []
+    head = config.get("head_node_type")
+    for name, node in (config.get("available_node_types") or {}).items():
+        limit = int(node.get("max_workers", 0) or 0)
+        if name == head or limit == 0:
+            continue
+        resources = {k: float(v) for k, v in (node.get("resources") or {}).items()}
+        if not resources:
+            log.warning("the autoscaler's node type %r states no resources; its nodes count only once they join "
+                        "(write resources: {CPU: .., GPU: .., memory: ..} for it in the cluster config)", name)
+            continue
+        groups.append(NodeGroup(name, resources, limit))
+    limit = config.get("max_workers")
+    return groups, (int(limit) if limit is not None else None)
+
+
+def config_file_groups() -> tuple[list[NodeGroup], int | None]:
+    """:func:`groups_of_config` of the autoscaler's config file on this node (``([], None)`` when there is none)."""
+    import ray
+    import yaml
+
+    try:
+        gcs = ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - not connected: any monitor on this node
+        gcs = None
+    path = autoscaling_config_path(gcs)
+    if path is None:
+        return [], None
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        log.warning("could not read the autoscaler's config %s (%s); sizing pools from the nodes alive", path, exc)
+        return [], None
+    log.info("the autoscaler's node types, from %s", path)
+    return groups_of_config(config)
+
+
+def cap_workers(added: list[tuple[Mapping[str, float], int]], room: int) -> list[tuple[Mapping[str, float], int]]:
+    """The nodes each group may add, within ``room`` worker nodes in all: GPU groups keep theirs first (the job's
+    bound is its GPU work), then the rest in order."""
+    order = sorted(range(len(added)), key=lambda i: -float(added[i][0].get("GPU", 0)))
+    left, out = max(0, room), list(added)
+    for i in order:
+        shape, k = added[i]
+        out[i] = (shape, min(k, left))
+        left -= out[i][1]
+    return out
+
+
+HEAD_RESOURCE = "node:__internal_head__"  # in the head node's resources: the head is never a worker of a group
 
 
 def _same_shape(node: Mapping[str, float], shape: Mapping[str, float]) -> bool:

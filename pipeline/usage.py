@@ -4,8 +4,9 @@ Every actor of the plan carries a :class:`Meter`: it notes when the actor starte
 node it runs on and the seconds it spends on batches, and reports them to the run's :class:`UsageLog` (a Ray actor
 with no CPU) every ``HEARTBEAT_S`` and after each batch (waiting for that one to be recorded, about a millisecond,
 so the log holds every batch once the run's rows are out). :func:`pool_usage` turns the reports into the
-``summary.json`` figures: the peak number of actors, the actors per node, and the busy share (actor-seconds on
-batches / actor-seconds alive). The pool with the highest busy share is the one that bounded throughput.
+``summary.json`` figures: the peak number of actors, the actors per node, the busy share (actor-seconds on
+batches / actor-seconds alive) and the measured cost per row (actor-seconds on batches / rows), the figure a
+stage's ``seconds_per_row`` declares. The pool with the highest busy share is the one that bounded throughput.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Report:
     seen: float
     busy: float
     batches: int = 0
+    rows: int = 0
 
 
 class UsageLog:
@@ -61,7 +63,7 @@ class Meter:
 
         self.pool, self.log = pool, log
         self.started = time.time()
-        self.busy, self.batches = 0.0, 0
+        self.busy, self.batches, self.rows = 0.0, 0, 0
         ctx = ray.get_runtime_context() if ray.is_initialized() else None
         self.node = ctx.get_node_id() if ctx else "local"
         self.actor = ctx.get_actor_id() if ctx and ctx.get_actor_id() else f"{pool}:{id(self)}"
@@ -72,7 +74,7 @@ class Meter:
 
     def _send(self, wait: bool = False) -> None:
         sent = self.log.report.remote(Report(self.pool, self.actor, self.node, self.started, time.time(), self.busy,
-                                             self.batches))
+                                             self.batches, self.rows))
         if wait:  # recorded before the batch's rows move on: the run's last batch is never missing from the log
             import ray
 
@@ -83,13 +85,15 @@ class Meter:
             self._send()
 
     @contextmanager
-    def batch(self):
+    def batch(self, rows: int = 0):
+        """Time one batch of ``rows`` rows."""
         t0 = time.perf_counter()
         try:
             yield
         finally:
             self.busy += time.perf_counter() - t0
             self.batches += 1
+            self.rows += rows
             if self.log is not None:
                 self._send(wait=True)
 
@@ -121,7 +125,8 @@ def timeline(intervals: list[tuple[float, float]], origin: float) -> list[list[f
 
 def pool_usage(reports: Iterable[Report], origin: float) -> dict[str, dict]:
     """Per pool: ``peak_actors``, ``actors`` (all it ever had), ``actors_per_node``, ``busy_share``, the
-    actor-seconds alive and busy, and ``actors_over_time`` (seconds since ``origin``)."""
+    actor-seconds alive and busy, the rows and ``seconds_per_row`` (busy actor-seconds per row, measured), and
+    ``actors_over_time`` (seconds since ``origin``)."""
     by_pool: dict[str, list[Report]] = {}
     for r in reports:
         by_pool.setdefault(r.pool, []).append(r)
@@ -129,7 +134,7 @@ def pool_usage(reports: Iterable[Report], origin: float) -> dict[str, dict]:
     for pool, rs in sorted(by_pool.items()):
         intervals = [(r.started, max(r.seen, r.started)) for r in rs]
         alive = sum(b - a for a, b in intervals)
-        busy = sum(r.busy for r in rs)
+        busy, rows = sum(r.busy for r in rs), sum(r.rows for r in rs)
         out[pool] = {
             "peak_actors": peak(intervals),
             "actors": len(rs),
@@ -138,6 +143,8 @@ def pool_usage(reports: Iterable[Report], origin: float) -> dict[str, dict]:
             "actor_seconds_alive": round(alive, 2),
             "actor_seconds_busy": round(busy, 2),
             "batches": sum(r.batches for r in rs),
+            "rows": rows,
+            "seconds_per_row": float(f"{busy / rows:.4g}") if rows else None,
             "actors_over_time": timeline(intervals, origin),
         }
     return out

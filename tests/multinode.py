@@ -59,7 +59,7 @@ def main(work: Path, result_file: Path) -> None:
         cfg = JOB.model_copy(update={"accelerators": "gpu", "generator": JOB.generator.model_copy(update={
             "text_backend": "blip2", "blip2_model": str(blip2), "image_backend": "sdxl", "sdxl_model": str(sdxl),
             "n_candidates": 2, "steps": 2, "image_size": TINY_IMAGE, "max_new_tokens": 8}),
-            # the declarations ask for what the real models need (16-24 GiB); the tiny ones need little. Only the
+            # the declarations ask for what the real models need (12-14 GiB); the tiny ones need little. Only the
             # memory is set: the pools' sizes are the cluster's
             "resources": {"generate": StageResources(memory_gb=1.0)}})
         result["gpu"] = run_job(JobSpec(data=str(gpu_data), kb=kb, out=str(work / "out-gpu"), cfg=cfg))

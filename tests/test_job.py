@@ -144,6 +144,10 @@ def test_every_row_comes_out_exactly_once_with_bad_input_accounted_for(kb, tmp_p
     for name, pool in pools.items():
         assert pool["peak_actors"] >= 1 and pool["batches"] >= 1, name
         assert 0 < pool["busy_share"] <= 1 and sum(pool["actors_per_node"].values()) == pool["actors"], name
+        # the measured cost per row, beside the declared one it can replace (resources.<pool>.seconds_per_row)
+        assert pool["seconds_per_row"] == pytest.approx(pool["actor_seconds_busy"] / pool["rows"], rel=0.05, abs=0.01)
+        assert pool["declared_seconds_per_row"] > 0
+    assert summary["completed"] <= pools["generate:i2t"]["rows"] + pools["generate:t2i"]["rows"] <= summary["rows_out"]
     assert summary["bounded_by"] == max(pools, key=lambda p: pools[p]["busy_share"])
 
 
@@ -273,7 +277,7 @@ def test_model_generators_complete_every_row_through_the_same_plan(kb, tmp_path)
     cfg = JOB.model_copy(update={"accelerators": "cpu", "generator": JOB.generator.model_copy(update={
         "text_backend": "blip2", "blip2_model": str(blip2), "image_backend": "sdxl", "sdxl_model": str(sdxl),
         "n_candidates": 2, "steps": 2, "image_size": TINY_IMAGE, "max_new_tokens": 8, "device": "cpu"}),
-        # the declarations ask for what the real models need (16-24 GiB); the tiny ones need little
+        # the declarations ask for what the real models need (12-14 GiB); the tiny ones need little
         "resources": {"generate": StageResources(memory_gb=1.0)}})
     summary = run_job(JobSpec(data=str(data), kb=kb, out=str(tmp_path / "out"), cfg=cfg))
     out = read_output(Storage(), str(tmp_path / "out")).to_pandas()

@@ -13,9 +13,24 @@ from actors.resources import Resources
 from pipeline.config import EncoderConfig, JobConfig, StageResources
 from pipeline.scaling import Pool, capacity_of, device_share, size_pools, stage_time, task_rows
 from pipeline.usage import Report, bounding_pool, peak, pool_usage
+from tests.conftest import REPO_ROOT
 
 GIB = 1024**3
 CLIP = Resources(num_cpus=1.0, num_gpus=0.25, memory_gb=8.0, seconds_per_row=0.0016)
+
+
+GPU_JOB = JobConfig.model_validate({"generator": {"text_backend": "blip2", "image_backend": "sdxl",
+                                                  "blip2_model": "b", "sdxl_model": "s"}})
+
+
+def _gpu_manifest() -> dict:
+    """A one-shard KB's manifest, built with the open_clip encoder (768-d): the GPU path's chains."""
+    from tests.test_job import _manifest
+
+    manifest = _manifest(1)
+    manifest["config"]["encoder"] = EncoderConfig(backend="open_clip").model_dump(mode="json")
+    manifest["image_dim"] = manifest["text_dim"] = 768
+    return manifest
 
 
 def gpu_nodes(n: int, gpus: int = 2, cpus: int = 8, memory_gb: float = 64.0) -> list[dict]:
@@ -128,27 +143,40 @@ def test_the_plan_holds_back_a_block_per_merge_where_a_pool_splits_blocks():
     assert flow_floor(cfg, split, 2) == 64 + 4 + 5 * 256
 
 
-def test_the_job_plan_sizes_gpu_pools_from_the_cluster_with_the_embedder_sharing_a_gpu():
-    from pipeline.plan import DIRECTIONS, direction_stages, plan_resources
-    from tests.test_job import _manifest
+def test_a_measured_cost_set_for_one_direction_s_pool_resizes_the_pools_and_keeps_the_stage_s_other_settings():
+    from pipeline.plan import DIRECTIONS, actor_pools, direction_stages, plan_resources
 
-    cfg = JobConfig.model_validate({"generator": {"text_backend": "blip2", "image_backend": "sdxl",
-                                                  "blip2_model": "b", "sdxl_model": "s"}})
-    manifest = _manifest(1)
-    manifest["config"]["encoder"] = EncoderConfig(backend="open_clip").model_dump(mode="json")
-    manifest["image_dim"] = manifest["text_dim"] = 768
     with mock.patch("actors.encoders.describe_encoder", return_value={"image_dim": 768, "text_dim": 768}), \
             mock.patch("actors.encoders.encoder_image_size", return_value=224):
-        chains = {task: direction_stages(task, cfg, "kb", manifest, None) for task, _ in DIRECTIONS}
-    pools = plan_resources(cfg, chains, True, capacity_of(gpu_nodes(6)))  # 12 GPUs, as ray_cluster.yaml allows
+        chains = {task: direction_stages(task, GPU_JOB, "kb", _gpu_manifest(), None) for task, _ in DIRECTIONS}
+    declared = plan_resources(GPU_JOB, chains, True, capacity_of(gpu_nodes(6)))
+    assert declared["generate:t2i"].max_actors > declared["generate:i2t"].max_actors  # SDXL: 2.14 s/row, BLIP2 0.25
+    # a run measured BLIP2 at 4 s/row (say, long captions): it now needs the most cards
+    measured = GPU_JOB.model_copy(update={"resources": {"generate": StageResources(memory_gb=12.0),
+                                                        "generate:i2t": StageResources(seconds_per_row=4.0)}})
+    pools = actor_pools(measured, chains, True)
+    assert pools["generate:i2t"].resources.seconds_per_row == 4.0
+    assert pools["generate:i2t"].resources.memory_gb == pools["generate:t2i"].resources.memory_gb == 12.0
+    assert pools["generate:t2i"].resources.seconds_per_row == SdxlImageGenerator.RESOURCES.seconds_per_row
+    sized = plan_resources(measured, chains, True, capacity_of(gpu_nodes(6)))
+    assert sized["generate:i2t"].max_actors > sized["generate:t2i"].max_actors
+
+
+def test_the_job_plan_sizes_gpu_pools_from_the_cluster_with_the_embedder_sharing_a_gpu():
+    from pipeline.plan import DIRECTIONS, direction_stages, plan_resources
+
+    with mock.patch("actors.encoders.describe_encoder", return_value={"image_dim": 768, "text_dim": 768}), \
+            mock.patch("actors.encoders.encoder_image_size", return_value=224):
+        chains = {task: direction_stages(task, GPU_JOB, "kb", _gpu_manifest(), None) for task, _ in DIRECTIONS}
+    pools = plan_resources(GPU_JOB, chains, True, capacity_of(gpu_nodes(6)))  # 12 GPUs, as ray_cluster.yaml allows
     assert pools["embed:i2t"].num_gpus < 1
     assert pools["generate:i2t"].max_actors + pools["generate:t2i"].max_actors == 12
     assert pools["generate:t2i"].max_actors > 4 * pools["generate:i2t"].max_actors
 
 
 def test_usage_counts_peak_actors_per_node_and_busy_share():
-    reports = [Report("embed", "a1", "node-1", 0.0, 10.0, busy=5.0, batches=3),
-               Report("embed", "a2", "node-2", 5.0, 10.0, busy=5.0, batches=2),
+    reports = [Report("embed", "a1", "node-1", 0.0, 10.0, busy=5.0, batches=3, rows=300),
+               Report("embed", "a2", "node-2", 5.0, 10.0, busy=5.0, batches=2, rows=200),
                Report("embed", "a3", "node-2", 11.0, 12.0, busy=0.0),
                Report("generate", "g1", "node-1", 0.0, 10.0, busy=9.0, batches=9)]
     usage = pool_usage(reports, origin=0.0)
@@ -156,6 +184,8 @@ def test_usage_counts_peak_actors_per_node_and_busy_share():
     assert usage["embed"]["actors_per_node"] == {"node-1": 1, "node-2": 2}
     assert usage["embed"]["busy_share"] == pytest.approx(10.0 / 16.0, abs=1e-3)
     assert usage["embed"]["actors_over_time"] == [[0.0, 1], [5.0, 2], [10.0, 0], [11.0, 1], [12.0, 0]]
+    assert usage["embed"]["rows"] == 500 and usage["embed"]["seconds_per_row"] == 10.0 / 500
+    assert usage["generate"]["seconds_per_row"] is None  # no rows counted: no cost to report
     assert bounding_pool(usage) == "generate"
     assert peak([(0, 1), (1, 2)]) == 1  # one ends as the next starts
 
@@ -182,3 +212,55 @@ def test_read_capacity_counts_what_the_autoscaler_config_may_still_add(monkeypat
     assert capacity.cpus == 4 + 3 * 8
     config.max_resources.update({"GPU": 4})
     assert read_capacity().gpus == 4.0
+
+
+def test_the_shipped_cluster_config_before_any_worker_joins_gives_every_gpu_a_generator(monkeypatch):
+    """Open-source Ray publishes no cluster config for `ray up` clusters: the job reads the autoscaler's own file. On
+    ray_cluster.yaml's head alone (16 CPUs), the 12 g5.2xlarge it may add count: 10 SDXL and 2 BLIP2 actors."""
+    import ray
+    import yaml
+
+    from pipeline import scaling
+    from pipeline.plan import DIRECTIONS, direction_stages, plan_resources
+
+    config = yaml.safe_load((REPO_ROOT / "ray_cluster.yaml").read_text())
+    groups, worker_limit = scaling.groups_of_config(config)
+    assert [(g.name, g.resources["GPU"] if "GPU" in g.resources else 0, g.max_count) for g in groups] == [
+        ("gpu_worker", 1.0, 12), ("cpu_worker", 0, 4)]  # the head type adds nothing
+    assert worker_limit == 16
+    head = {"CPU": 16.0, "memory": 44.0 * GIB, "node:__internal_head__": 1.0}  # a cpu_worker's shape, but the head
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": head}])
+    monkeypatch.setattr(scaling, "published_groups", lambda: ([], {}))
+    monkeypatch.setattr(scaling, "config_file_groups", lambda: (groups, worker_limit))
+    capacity = scaling.read_capacity()
+    assert (capacity.nodes_now, capacity.nodes, capacity.gpus_now, capacity.gpus) == (1, 17, 0.0, 12.0)
+    with mock.patch("actors.encoders.describe_encoder", return_value={"image_dim": 768, "text_dim": 768}), \
+            mock.patch("actors.encoders.encoder_image_size", return_value=224):
+        chains = {task: direction_stages(task, GPU_JOB, "kb", _gpu_manifest(), None) for task, _ in DIRECTIONS}
+    pools = plan_resources(GPU_JOB, chains, True, capacity)
+    assert (pools["generate:t2i"].max_actors, pools["generate:i2t"].max_actors) == (10, 2)
+    assert pools["generate:t2i"].initial_actors == 10  # the whole demand at once: the autoscaler starts the GPUs
+
+
+def test_the_autoscaler_config_is_the_one_this_cluster_s_monitor_was_started_with(tmp_path):
+    from pipeline.scaling import autoscaling_config_path
+
+    def process(pid: int, *args: str) -> None:
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cmdline").write_bytes(b"\0".join(a.encode() for a in args) + b"\0")
+
+    process(10, "python", "monitor.py", "--gcs-address=10.0.0.1:6379", "--autoscaling-config=/other/cluster.yaml")
+    process(11, "python", "monitor.py", "--gcs-address=10.0.0.2:6379", "--autoscaling-config", "/this/cluster.yaml")
+    process(12, "python", "-m", "pytest")
+    (tmp_path / "self").mkdir()  # not a process
+    assert autoscaling_config_path("10.0.0.2:6379", proc=str(tmp_path)) == "/this/cluster.yaml"
+    assert autoscaling_config_path("10.0.0.1:6379", proc=str(tmp_path)) == "/other/cluster.yaml"
+
+
+def test_the_cluster_wide_worker_limit_goes_to_the_gpu_groups_first():
+    from pipeline.scaling import cap_workers
+
+    cpu, gpu = {"CPU": 16.0}, {"CPU": 8.0, "GPU": 1.0}
+    assert cap_workers([(cpu, 4), (gpu, 12)], 14) == [(cpu, 2), (gpu, 12)]
+    assert cap_workers([(cpu, 4), (gpu, 12)], 10) == [(cpu, 0), (gpu, 10)]
+    assert cap_workers([(cpu, 4), (gpu, 12)], 20) == [(cpu, 4), (gpu, 12)]
