@@ -35,7 +35,7 @@ from pipeline.output import (
     write_file,
 )
 from pipeline.plan import DIRECTIONS, build_plan, write
-from pipeline.scaling import read_capacity
+from pipeline.scaling import Capacity, read_capacity
 from pipeline.schema import RETRIES, STAGES, TASK_I2T, TASK_T2I
 from pipeline.shared_paths import check_local_paths
 from pipeline.storage import Storage
@@ -145,16 +145,17 @@ def run_job(spec: JobSpec) -> dict:
     if not ray.is_initialized():
         faults.register_job()  # a testing aid: nothing unless RAG4DMC_FAULTS is set
         ray.init(log_to_driver=False)
-    check_local_paths({"--data": spec.data, "--kb": spec.kb, "--out": spec.out}, read_capacity().autoscaling)
+    capacity = read_capacity()  # read once: the path check and the plan's pool sizes
+    check_local_paths({"--data": spec.data, "--kb": spec.kb, "--out": spec.out}, capacity.autoscaling)
 
     t0 = time.perf_counter()
     if spec.retry_failed:
-        written = _retry_failed(spec, storage, kb.manifest)
+        written = _retry_failed(spec, storage, kb.manifest, capacity)
     else:
         before = count_output_rows(storage, spec.out)
         if before:
             log.info("resuming: %d rows already committed under %s are skipped", before, spec.out)
-        in_flight, used = write(_plan(spec, kb.manifest, storage, spec.out), spec.out, spec.cfg.storage,
+        in_flight, used = write(_plan(spec, kb.manifest, storage, spec.out, capacity), spec.out, spec.cfg.storage,
                                 spec.cfg.output_format)
         written = count_output_rows(storage, spec.out) - before
     elapsed = time.perf_counter() - t0
@@ -173,11 +174,11 @@ def _census(spec: JobSpec, storage: Storage) -> Census:
     return census
 
 
-def _plan(spec: JobSpec, manifest: dict, storage: Storage, out: str, shards: list[str] | None = None,
-          keys: set[str] | None = None):
+def _plan(spec: JobSpec, manifest: dict, storage: Storage, out: str, capacity: Capacity,
+          shards: list[str] | None = None, keys: set[str] | None = None):
     census = _census(spec, storage)
     return build_plan(spec.cfg, spec.data, spec.kb, manifest, out, storage, use_gpus(spec.cfg.accelerators),
-                      spec.data_format, shards=shards, keys=keys,
+                      capacity, spec.data_format, shards=shards, keys=keys,
                       shares={task: census.share(task) for task, _ in DIRECTIONS})
 
 
@@ -251,7 +252,7 @@ def summarize(storage: Storage, out: str, elapsed: float, rows_this_run: int | N
     return summary
 
 
-def _retry_failed(spec: JobSpec, storage: Storage, manifest: dict) -> int:
+def _retry_failed(spec: JobSpec, storage: Storage, manifest: dict, capacity: Capacity) -> int:
     """Recompute the rows marked failed and swap them into the output, each exactly once."""
     table = read_output(storage, spec.out, ["row_key", "status", "source_shard"])
     failed = [k for k, s in zip(table.column("row_key").to_pylist(), table.column("status").to_pylist())
@@ -265,7 +266,7 @@ def _retry_failed(spec: JobSpec, storage: Storage, manifest: dict) -> int:
     shards = [s for s in listed if shard_name(s, root) in shard_names]
     staging = f"{spec.out}/{RETRY_DIR}"
     storage.remove(staging)
-    write(_plan(spec, manifest, storage, staging, shards=shards, keys=set(failed)), staging, spec.cfg.storage,
+    write(_plan(spec, manifest, storage, staging, capacity, shards=shards, keys=set(failed)), staging, spec.cfg.storage,
           spec.cfg.output_format)  # its usage figures are the retry's alone: the summary keeps the first run's
     new_files = output_files(storage, staging)
     new_keys: set[str] = set()

@@ -32,7 +32,7 @@ from pipeline.calibrate import effective_settings
 from pipeline.config import EncoderConfig, JobConfig, StageResources, StorageConfig
 from pipeline.datasource import ShardDatasource
 from pipeline.output import OutputSink, committed_keys, finalize
-from pipeline.scaling import Capacity, Pool, read_capacity, size_pools, task_rows
+from pipeline.scaling import Capacity, Pool, size_pools, task_rows
 from pipeline.schema import (
     INPUT_SCHEMA,
     TASK_FAILED,
@@ -238,17 +238,17 @@ def describe_pools(pools: dict[str, Resources], cfg: JobConfig) -> list[str]:
 
 
 def build_plan(cfg: JobConfig, data: str, kb_uri: str, kb_manifest: dict, out: str, storage, has_gpu: bool,
-               data_format: str = "auto", shards: list[str] | None = None, keys: set[str] | None = None,
+               capacity: Capacity, data_format: str = "auto", shards: list[str] | None = None, keys: set[str] | None = None,
                shares: dict[str, float] | None = None) -> Plan:
     """The Ray Data dataset that completes ``data`` (only ``shards`` / ``keys`` if given), rows already
     committed under ``out`` skipped, with the actor that bounds its rows in flight. ``shares``: each direction's
-    share of the rows to complete (``pipeline.census``), which sizes its pools."""
+    share of the rows to complete (``pipeline.census``), which sizes its pools with ``capacity``
+    (``pipeline.scaling.read_capacity``)."""
     import ray
 
     chains = {task: direction_stages(task, cfg, kb_uri, kb_manifest, storage.options) for task, _ in DIRECTIONS}
     for stages in chains.values():
         check_stages(stages)
-    capacity = read_capacity()
     pools = plan_resources(cfg, chains, has_gpu, capacity, shares)
     log.info("cluster: %s", capacity.describe())
     for line in describe_pools(pools, cfg):
