@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-$(shell sha256sum pyproject.toml | cut -c1-16)
 DEMO_OUT ?= demo_out
 # NIQE's parameters (basicsr 1.4.2 sdist, Apache-2.0), installed by `rag4dmc setup` where the package finds
-# them (pipeline/assets.py). Defined before the rules: make expands a prerequisite list when it reads it.
+# them (pipeline/setup_data.py). Defined before the rules: make expands a prerequisite list when it reads it.
 NIQE_PARAMS := $(VENV)/share/rag4dmc/niqe_pris_params.npz
 PYTEST_ARGS ?=
 

@@ -14,16 +14,21 @@ import zlib
 
 import numpy as np
 import pyarrow as pa
-
-from actors.generators import Example, create_image_generator, create_text_generator
-from actors.images import InputError, encode_image, load_image
-from actors.resources import Resources
-from actors.stage import Column, Produced, Stage
-from pipeline import kb_store
-from pipeline.config import ColumnsConfig, EncoderConfig, GeneratorConfig, SelectionConfig
-from pipeline.example_images import DEFAULT_CACHE_MB, ExampleImages
-from pipeline.schema import STATUS_COMPLETED, TASK_I2T, TASK_T2I
-from pipeline.selection import NiqeScorer, candidate_cosines, select_image, select_text, wants_niqe
+from rag4dmc.actors.generators import Example, create_image_generator, create_text_generator
+from rag4dmc.actors.images import InputError, encode_image, load_image
+from rag4dmc.actors.niqe import NiqeScorer
+from rag4dmc.actors.resources import Resources
+from rag4dmc.actors.stage import Column, Produced, Stage
+from rag4dmc.pipeline.config import ColumnsConfig, EncoderConfig, GeneratorConfig, SelectionConfig
+from rag4dmc.pipeline.core.selection import (
+    candidate_cosines,
+    select_image,
+    select_text,
+    wants_niqe,
+)
+from rag4dmc.pipeline.io.kb_images import DEFAULT_CACHE_MB, ExampleImages
+from rag4dmc.pipeline.kb import store as kb_store
+from rag4dmc.pipeline.schema import STATUS_COMPLETED, TASK_I2T, TASK_T2I
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +67,7 @@ class _Complete(Stage):
     def setup(self) -> None:
         self.encoder = None
         if not self.nn:
-            from actors.encoders import create_encoder
+            from rag4dmc.actors.encoders import create_encoder
 
             self.encoder = create_encoder(self.ecfg)
         # A KB URI (the job's actors): its entries file memory-mapped, so an actor reads only the rows its
@@ -133,7 +138,7 @@ class CompleteTexts(_Complete):
                  example_cache_mb: int = DEFAULT_CACHE_MB):
         super().__init__(generator, selection, encoder, entries, nn=generator.text_backend == "nn",
                          storage_options=storage_options, settings=settings, example_cache_mb=example_cache_mb)
-        from actors.generators import text_generator_class
+        from rag4dmc.actors.generators import text_generator_class
 
         self.RESOURCES = text_generator_class(generator).RESOURCES
 
@@ -143,7 +148,7 @@ class CompleteTexts(_Complete):
 
     @staticmethod
     def resources(generator: GeneratorConfig) -> Resources:
-        from actors.generators import text_generator_class
+        from rag4dmc.actors.generators import text_generator_class
 
         return text_generator_class(generator).RESOURCES
 
@@ -198,7 +203,7 @@ class CompleteImages(_Complete):
         super().__init__(generator, selection, encoder, entries, nn=generator.image_backend == "nn",
                          storage_options=storage_options, settings=settings, example_cache_mb=example_cache_mb)
         self.niqe_scorer = niqe  # a NIQE scorer to use (the evaluation's cached one); None: built in setup
-        from actors.generators import image_generator_class
+        from rag4dmc.actors.generators import image_generator_class
 
         self.RESOURCES = image_generator_class(generator).RESOURCES
 
@@ -214,7 +219,7 @@ class CompleteImages(_Complete):
 
     @staticmethod
     def resources(generator: GeneratorConfig) -> Resources:
-        from actors.generators import image_generator_class
+        from rag4dmc.actors.generators import image_generator_class
 
         return image_generator_class(generator).RESOURCES
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-
-from actors.encoders import create_encoder, describe_encoder, encoder_class
-from actors.stage import Column, Produced, Stage
-from pipeline.config import EncoderConfig
-from pipeline.schema import TASK_I2T, TASK_OBSERVED, TASK_T2I
+from rag4dmc.actors.encoders import create_encoder, describe_encoder, encoder_class
+from rag4dmc.actors.stage import Column, Produced, Stage
+from rag4dmc.pipeline.config import EncoderConfig
+from rag4dmc.pipeline.schema import TASK_I2T, TASK_OBSERVED, TASK_T2I
 
 
 class EmbedQueries(Stage):

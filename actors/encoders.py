@@ -25,12 +25,11 @@ from typing import Protocol
 import numpy as np
 import torch
 from PIL import Image
-
-from actors import standin
-from actors.images import resize_for_model
-from actors.resources import Resources
-from actors.weights import HF_CACHE, fetch_object, hub_offline
-from pipeline.config import EncoderConfig
+from rag4dmc.actors import standin
+from rag4dmc.actors.images import resize_for_model
+from rag4dmc.actors.resources import Resources
+from rag4dmc.actors.weights import HF_CACHE, fetch_object, hub_offline
+from rag4dmc.pipeline.config import EncoderConfig
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +127,7 @@ class _BatchedEncoder:
         return self.encode_pixels(np.stack(pixels) if pixels else np.zeros(shape, np.uint8))
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
-        """Embeddings [n, text_dim] of texts (validate them first: see ``actors.images.validate_text``)."""
+        """Embeddings [n, text_dim] of texts (validate them first: see ``rag4dmc.actors.images.validate_text``)."""
         texts = list(texts)
         out = [np.zeros((0, self.text_dim), np.float32)]
         out += [self._embed_texts(texts[s : s + self.batch_size]) for s in range(0, len(texts), self.batch_size)]
@@ -156,7 +155,7 @@ class LiteEncoder(_BatchedEncoder):
         tower = lite_image_tower().eval()
         self.onnx = None  # the image tower in ONNX Runtime: on CPU, unless torch is asked for
         if self.device.type == "cpu" and cpu_runtime == "onnxruntime":
-            from actors.onnx_module import OnnxModule
+            from rag4dmc.actors.onnx_module import OnnxModule
 
             try:
                 self.onnx = OnnxModule(tower, torch.zeros(2, 3, self.image_size, self.image_size))

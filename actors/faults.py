@@ -1,6 +1,6 @@
 """Deterministic fault injection, a testing aid: off unless ``RAG4DMC_FAULTS`` is set, and free when off.
 
-The shared stage code (:func:`actors.stage.apply`) calls :func:`inject` before every call of a stage's
+The shared stage code (:func:`rag4dmc.actors.stage.apply`) calls :func:`inject` before every call of a stage's
 ``process``. A fault names a stage and a trigger, the stage's Nth batch in its process or the row with a
 given key, and what happens then:
 

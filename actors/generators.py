@@ -28,13 +28,12 @@ from typing import Protocol
 import numpy as np
 import torch
 from PIL import Image
-
-from actors import standin, weights
-from actors.encoders import pick_device
-from actors.images import InputError, load_image
-from actors.resources import Resources
-from actors.weights import HF_CACHE
-from pipeline.config import GeneratorConfig
+from rag4dmc.actors import standin, weights
+from rag4dmc.actors.encoders import pick_device
+from rag4dmc.actors.images import InputError, load_image
+from rag4dmc.actors.resources import Resources
+from rag4dmc.actors.weights import HF_CACHE
+from rag4dmc.pipeline.config import GeneratorConfig
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +187,7 @@ def resolve_model(model: str, model_dir: str | None, marker: str, flag: str,
 
 def fetch_prefix(uri: str, model_dir: str | None, marker: str, flag: str,
                  storage_options: dict | None = None) -> str:
-    """An object-storage model folder downloaded once (``actors.weights.fetch_prefix``); its local path."""
+    """An object-storage model folder downloaded once (``rag4dmc.actors.weights.fetch_prefix``); its local path."""
     local = weights.fetch_prefix(uri, model_dir, marker, storage_options)
     if local is None:
         raise GeneratorNotFoundError(uri, f"{uri} (no {marker} under that prefix)", flag)

@@ -93,7 +93,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def read_uri(uri: str, storage_options: dict | None = None) -> bytes:
     """The bytes behind a local path or URI; a missing or unreadable object is an InputError naming it."""
-    from pipeline.storage import url_to_fs
+    from rag4dmc.pipeline.io.storage import url_to_fs
 
     try:
         fs, path = url_to_fs(uri, storage_options)

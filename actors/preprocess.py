@@ -6,11 +6,10 @@ A row whose input is bad gets task "failed" and an error saying why; it is never
 from __future__ import annotations
 
 import numpy as np
-
-from actors.images import InputError, load_image, read_uri, resize_for_model, validate_text
-from actors.resources import Resources
-from actors.stage import Column, Produced, Stage
-from pipeline.schema import TASK_FAILED, TASK_I2T, TASK_OBSERVED, TASK_T2I
+from rag4dmc.actors.images import InputError, load_image, read_uri, resize_for_model, validate_text
+from rag4dmc.actors.resources import Resources
+from rag4dmc.actors.stage import Column, Produced, Stage
+from rag4dmc.pipeline.schema import TASK_FAILED, TASK_I2T, TASK_OBSERVED, TASK_T2I
 
 # CPU tasks take an eighth of a CPU: Ray Data's reads and the actor pools must fit beside them on 2 CPUs.
 CPU_TASK = Resources(num_cpus=0.125, memory_gb=0.5, batch_size=64)

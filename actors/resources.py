@@ -2,7 +2,7 @@
 
 Every actor class carries a ``RESOURCES`` attribute of type :class:`Resources`. The Ray Data job and
 the Serve app size their pools from it (optionally overridden per stage by
-``pipeline.config.StageResources``), so the numbers live in one place.
+``rag4dmc.pipeline.config.StageResources``), so the numbers live in one place.
 
 CPU-only defaults are fractional on purpose: on a 2-CPU machine a pool that takes every CPU starves
 Ray Data's read tasks and the job never finishes.
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipeline import blas
+from rag4dmc.pipeline import blas
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class Resources:
     """One actor's (or task's) request, its pool's size bounds and its declared cost.
 
     ``max_actors=None`` (the default) means "as many as the cluster holds or can get": the job and Serve size
-    the pool from the cluster and from each pool's share of the work (``pipeline.scaling``). ``seconds_per_row``
+    the pool from the cluster and from each pool's share of the work (``rag4dmc.pipeline.job.scaling``). ``seconds_per_row``
     is what one actor spends per row on its device (the GPU when ``num_gpus`` > 0, else its CPUs), as measured
     or published (docs/scaling.md): it sets each pool's share of the cluster and the dry run's estimates.
     """
@@ -48,7 +48,7 @@ class Resources:
 
     @property
     def sized(self) -> bool:
-        """Whether the pool's largest size is known (set, or fixed by :func:`pipeline.scaling.size_pools`)."""
+        """Whether the pool's largest size is known (set, or fixed by :func:`rag4dmc.pipeline.job.scaling.size_pools`)."""
         return self.max_actors is not None
 
     def with_overrides(self, override: Any | None) -> Resources:
@@ -78,7 +78,7 @@ class Resources:
         from ray.data import ActorPoolStrategy
 
         if self.max_actors is None:
-            raise ValueError("size the pool from the cluster first (pipeline.scaling.size_pools)")
+            raise ValueError("size the pool from the cluster first (rag4dmc.pipeline.job.scaling.size_pools)")
         kwargs: dict[str, Any] = {
             "num_cpus": self.num_cpus,
             "compute": ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors,

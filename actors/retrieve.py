@@ -8,26 +8,25 @@ The shards are split into groups, one stage per group, chained in the job. Each 
 * ``last`` merges its own, then ranks the merged candidates by the fused score (stage 2) into ``ret_*``;
 * ``only`` (one group holds every shard) does all three.
 
-Each step is a function of ``pipeline.retrieval`` (``shard_candidates``, ``merge_candidates``,
+Each step is a function of ``rag4dmc.pipeline.core.retrieval`` (``shard_candidates``, ``merge_candidates``,
 ``finish_retrieval``), the same ones Serve and the evaluation call through ``retrieval.search``.
 """
 
 from __future__ import annotations
 
 import numpy as np
-
-from actors.resources import Resources
-from actors.stage import Column, Produced, Stage
-from pipeline import kb_store
-from pipeline.config import RetrievalConfig
-from pipeline.retrieval import (
+from rag4dmc.actors.resources import Resources
+from rag4dmc.actors.stage import Column, Produced, Stage
+from rag4dmc.pipeline.config import RetrievalConfig
+from rag4dmc.pipeline.core.retrieval import (
     Neighbours,
     finish_retrieval,
     merge_candidates,
     searched_modality,
     shard_candidates,
 )
-from pipeline.schema import TASK_I2T, TASK_T2I
+from rag4dmc.pipeline.kb import store as kb_store
+from rag4dmc.pipeline.schema import TASK_I2T, TASK_T2I
 
 CANDIDATE_FIELDS = ("ids", "fused", "intra", "cross")
 RESULT_FIELDS = ("ids", "fused", "cross")

@@ -27,10 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-
-from actors import faults
-from actors.resources import Resources
-from pipeline.schema import RETRIES, TASK_FAILED, restore_nulls, typed_block
+from rag4dmc.actors import faults
+from rag4dmc.actors.resources import Resources
+from rag4dmc.pipeline.schema import RETRIES, TASK_FAILED, restore_nulls, typed_block
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ class Stage:
     accounts: ClassVar[str | None] = None  # seconds_<accounts> collects its actor-seconds per row
     RESOURCES: ClassVar[Resources] = Resources()
     ACTOR: ClassVar[bool] = True  # an actor pool (a model, a KB shard to hold); False: a stateless CPU task
-    policy: StagePolicy = StagePolicy()  # set per job by the plan (``pipeline.plan.direction_stages``, from JobConfig)
+    policy: StagePolicy = StagePolicy()  # set per job by the plan (``rag4dmc.pipeline.job.mapper.direction_stages``, from JobConfig)
     tasks: tuple[str, ...] = ()
     reads: tuple[str, ...] = ()
     writes: tuple[Column, ...] = ()
@@ -134,7 +133,7 @@ def _column(values: Any, m: int) -> np.ndarray:
 
 
 def _call(stage: Stage, rows: Batch, new_batch: bool) -> Produced:
-    """``stage.process(rows)`` (after the planned faults, ``actors.faults``), bounded by the policy's timeout.
+    """``stage.process(rows)`` (after the planned faults, ``rag4dmc.actors.faults``), bounded by the policy's timeout.
 
     With a timeout the call runs in a thread that is waited for at most that long: a call that never returns
     cannot be stopped from Python, so it is left behind (logged) and its rows fail instead of the job hanging."""
@@ -290,10 +289,10 @@ def check_chain(stages: Sequence[Stage], source: Iterable[str], sink: Iterable[s
 
 def run_stage(batch: Batch, *, stage: Stage):
     """One batch through ``stage`` (``setup`` first if it has not run), typed for the next operator: what Ray Data
-    calls per batch, as a task for a CPU stage and inside an actor (``pipeline.plan.StageActor``) for the rest.
+    calls per batch, as a task for a CPU stage and inside an actor (``rag4dmc.pipeline.job.mapper.StageActor``) for the rest.
 
     It lives here, beside the contract, rather than in the job plan: a task worker imports only this module and
-    the stage's own, not the plan's model libraries (importing ``pipeline.plan`` costs a fresh worker about 4 s of
-    CPU and 770 MiB of RSS, torch and FAISS most of it; ``pipeline.kb_build.BASE_PROCESS_BYTES``)."""
+    the stage's own, not the plan's model libraries (importing ``rag4dmc.pipeline.job.mapper`` costs a fresh worker about 4 s of
+    CPU and 770 MiB of RSS, torch and FAISS most of it; ``rag4dmc.pipeline.kb.build.BASE_PROCESS_BYTES``)."""
     stage.ensure_setup()
     return typed_block(apply(stage, restore_nulls(batch)))

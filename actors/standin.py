@@ -44,10 +44,9 @@ import numpy as np
 
 if TYPE_CHECKING:
     from PIL import Image
-
-    from actors.generators import Example
-    from actors.resources import Resources
-    from pipeline.config import EncoderConfig, GeneratorConfig
+    from rag4dmc.actors.generators import Example
+    from rag4dmc.actors.resources import Resources
+    from rag4dmc.pipeline.config import EncoderConfig, GeneratorConfig
 
 ENV = "RAG4DMC_STANDIN"
 
@@ -155,19 +154,19 @@ def seconds_per_row(role: str) -> float:
 
 
 def _open_clip() -> type:
-    from actors.encoders import OpenClipEncoder
+    from rag4dmc.actors.encoders import OpenClipEncoder
 
     return OpenClipEncoder
 
 
 def _blip2() -> type:
-    from actors.generators import Blip2TextGenerator
+    from rag4dmc.actors.generators import Blip2TextGenerator
 
     return Blip2TextGenerator
 
 
 def _sdxl() -> type:
-    from actors.generators import SdxlImageGenerator
+    from rag4dmc.actors.generators import SdxlImageGenerator
 
     return SdxlImageGenerator
 
@@ -192,7 +191,7 @@ class StandinEncoder:
     RESOURCES = _Scaled(_open_clip, "encoder")
 
     def __init__(self, cfg: EncoderConfig):
-        from actors.encoders import describe_encoder, encoder_image_size
+        from rag4dmc.actors.encoders import describe_encoder, encoder_image_size
 
         described = describe_encoder(cfg)
         self.name = f"standin:{described['name']}"
@@ -250,7 +249,7 @@ class StandinTextGenerator(_StandinGenerator):
     role = "text_generator"
 
     def __init__(self):
-        from actors.generators import NearestNeighbourTextGenerator
+        from rag4dmc.actors.generators import NearestNeighbourTextGenerator
 
         super().__init__(NearestNeighbourTextGenerator())
 
@@ -262,7 +261,7 @@ class StandinImageGenerator(_StandinGenerator):
     role = "image_generator"
 
     def __init__(self):
-        from actors.generators import NearestNeighbourImageGenerator
+        from rag4dmc.actors.generators import NearestNeighbourImageGenerator
 
         super().__init__(NearestNeighbourImageGenerator())
 

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.storage import url_to_fs
+from rag4dmc.pipeline.io.storage import url_to_fs
 
 HF_CACHE = "the Hugging Face cache"  # how errors name the hub cache when no model_dir is given
 WEIGHTS_CACHE = Path(tempfile.gettempdir()) / "rag4dmc-weights"  # object-storage weights when no model_dir

@@ -21,14 +21,15 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from actors.generators import (  # noqa: E402
+from rag4dmc.actors.generators import (  # noqa: E402
     Blip2TextGenerator,
     Example,
     NearestNeighbourImageGenerator,
     NearestNeighbourTextGenerator,
     SdxlImageGenerator,
 )
-from actors.images import encode_image  # noqa: E402
+from rag4dmc.actors.images import encode_image  # noqa: E402
+
 from bench.common import measure, table, write_results  # noqa: E402
 from tests.tiny_models import CORPUS, TINY_IMAGE, save_tiny_blip2, save_tiny_sdxl  # noqa: E402
 

@@ -3,7 +3,7 @@
 Each case runs in a fresh process, since OpenBLAS chooses its kernels once, when it loads: "as loaded" imports
 FAISS before anything of ours, with ``OPENBLAS_CORETYPE`` unset (what FAISS does on its own on this CPU); "named"
 imports ``pipeline`` first, as every entry point of ours does. The work is what the KB build spends its time on:
-an exact top-100 search (CSLS), FAISS k-means, and ``purify.csls_pairs`` itself.
+an exact top-100 search (CSLS), FAISS k-means, and ``alignment.csls_pairs`` itself.
 
     python bench/blas.py                  # 20k x 20k search and CSLS, k-means of 100k rows into 1,024 clusters
     python bench/blas.py --rows 50000     # the fit's own CSLS size (align.max_rows)
@@ -26,11 +26,12 @@ CASE = r"""
 import json, os, sys, time
 sys.path.insert(0, {repo!r})
 if sys.argv[1] == "named":
-    import pipeline  # noqa: F401
+    import rag4dmc.pipeline  # noqa: F401
 coretype_env = os.environ.get("OPENBLAS_CORETYPE")
 import faiss, numpy as np
-from pipeline import blas, purify
-from pipeline.knn import knn
+from rag4dmc.pipeline import blas
+from rag4dmc.pipeline.core import alignment
+from rag4dmc.pipeline.core.knn import knn
 rows, km_rows, clusters, dim = {rows}, {km_rows}, {clusters}, {dim}
 rng = np.random.default_rng(0)
 latent = rng.standard_normal((rows, 32), dtype=np.float32)
@@ -41,7 +42,7 @@ b += 0.3 * rng.standard_normal((rows, dim), dtype=np.float32)
 a /= np.linalg.norm(a, axis=1, keepdims=True); b /= np.linalg.norm(b, axis=1, keepdims=True)
 out = {{"cores": blas.openblas_cores(), "coretype_env": coretype_env}}
 t = time.perf_counter(); knn(a, b, 100); out["search_s"] = time.perf_counter() - t
-t = time.perf_counter(); pairs = purify.csls_pairs(a, b, 10); out["csls_s"] = time.perf_counter() - t
+t = time.perf_counter(); pairs = alignment.csls_pairs(a, b, 10); out["csls_s"] = time.perf_counter() - t
 out["csls_pairs"] = int(pairs.i.size)
 x = rng.standard_normal((km_rows, dim), dtype=np.float32)
 km = faiss.Kmeans(dim, clusters, niter=10, seed=0, max_points_per_centroid=10**9)

@@ -2,7 +2,7 @@
 
 Each cluster is ``ray.cluster_utils.Cluster``: a raylet per node, all on this machine, a small CPU head and
 nodes of ``--gpus-per-node`` fake GPUs (logical resources: nothing runs on a GPU). The job is
-``pipeline.job.run_job`` with the default ``JobConfig`` except ``accelerators: gpu`` and no pool settings: the
+``rag4dmc.pipeline.job.runner.run_job`` with the default ``JobConfig`` except ``accelerators: gpu`` and no pool settings: the
 pools are whatever the job sizes from the cluster. With ``RAG4DMC_STANDIN`` set (``actors/standin.py``) the
 encoder, BLIP2 and SDXL stages are stand-ins that declare the real models' resources (Ray schedules and packs
 them as it would the models) and hold their fake GPU for the published per-row costs (docs/scaling.md) times a
@@ -10,7 +10,7 @@ scale; their candidates come from the nearest-neighbour generators. Everything e
 selection, finalize, commit) is the real job on this machine's CPUs.
 
 Ideal rate: G GPUs / (GPU-seconds per row summed over the stages, each direction weighted by its share of the
-rows) = ``G / sum(actors.standin.gpu_seconds_per_row(share))``. The stand-ins' scale is chosen per cluster so that
+rows) = ``G / sum(rag4dmc.actors.standin.gpu_seconds_per_row(share))``. The stand-ins' scale is chosen per cluster so that
 the ideal rate is ``--ideal-share`` of what the CPU side sustains, measured first on the same cluster as the
 same job with the stand-ins at ``--capacity-scale`` (no GPU cost to speak of): the GPUs, not this 2-core machine,
 must bound the rate, or the efficiency says nothing about scale-out.
@@ -111,11 +111,10 @@ def build_kb(out: Path, n_internal: int, n_external: int) -> tuple[str, float]:
     without the stand-ins (a stand-in encoder would fill the KB with hash vectors). Throughput does not depend on
     the KB's quality: a short mapping fit and no calibration keep the build short."""
     import ray
-
-    from pipeline.config import CalibrationConfig, KBConfig, MappingConfig
-    from pipeline.datasets import write_parquet
-    from pipeline.demo_data import make_external, make_internal
-    from pipeline.kb_job import KBBuildSpec, run_kb_build
+    from rag4dmc.pipeline.config import CalibrationConfig, KBConfig, MappingConfig
+    from rag4dmc.pipeline.demo.corpus import make_external, make_internal
+    from rag4dmc.pipeline.io.datasets import write_parquet
+    from rag4dmc.pipeline.kb.runner import KBBuildSpec, run_kb_build
 
     assert "RAG4DMC_STANDIN" not in os.environ
     root = out.parent / f"{out.name}-pairs"
@@ -136,9 +135,8 @@ def write_data(folder: Path, n: int, seed: int) -> dict[str, int]:
     """``n`` incomplete rows (half lack the image, half the text) in ROWS_PER_SHARD-row parquet shards, unless the
     folder already holds ``n`` rows; the rows of each direction."""
     import pyarrow.parquet as pq
-
-    from pipeline.datasets import write_parquet
-    from pipeline.demo_data import make_incomplete
+    from rag4dmc.pipeline.demo.corpus import make_incomplete
+    from rag4dmc.pipeline.io.datasets import write_parquet
 
     shards = sorted(folder.glob("part-*.parquet"))
     if shards:
@@ -155,8 +153,8 @@ def write_data(folder: Path, n: int, seed: int) -> dict[str, int]:
 
 
 def gpu_seconds_per_row(scale: float, share_i2t: float) -> dict[str, float]:
-    """``actors.standin.gpu_seconds_per_row`` at ``scale`` (the stand-ins read their scale from the environment)."""
-    from actors import standin
+    """``rag4dmc.actors.standin.gpu_seconds_per_row`` at ``scale`` (the stand-ins read their scale from the environment)."""
+    from rag4dmc.actors import standin
 
     saved = os.environ.get(standin.ENV)
     os.environ[standin.ENV] = json.dumps({"scale": scale})
@@ -173,12 +171,12 @@ def drive(spec: dict) -> None:
     """The job, as its own driver process (``--drive``): connects to the cluster, runs ``run_job`` with the default
     config but ``accelerators: gpu`` (and ``block_rows`` when given), and logs the plan."""
     import ray
+    from rag4dmc.pipeline.job.runner import JobSpec, run_job
 
     from bench.pipeline import _installed_niqe, job_config
-    from pipeline.job import JobSpec, run_job
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("pipeline").setLevel(logging.INFO)
+    logging.getLogger("rag4dmc").setLevel(logging.INFO)
     update = {"accelerators": "gpu"}
     if spec.get("block_rows"):
         update["block_rows"] = spec["block_rows"]
@@ -192,7 +190,7 @@ def run_once(address: str, data: Path, kb: str, out: Path, scale: float, rows: d
              block_rows: int | None, window: tuple[float, float], watch_nodes: bool = False, name: str = "run") -> dict:
     """The job once on the cluster at ``address`` with the stand-ins at ``scale``, its driver a process of its own
     stopped after ``run_s`` seconds; the figures from the stand-ins' log (kept in ``<out>-<name>-holds``)."""
-    from actors import standin
+    from rag4dmc.actors import standin
 
     holds = out.parent / f"{out.name}-{name}-holds"
     for folder in (out, holds):

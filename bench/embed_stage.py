@@ -1,7 +1,7 @@
 """The job's image-embedding stage on real photos, end to end on Ray: what ``rag4dmc complete`` sustains on i2t rows.
 
 ``bench/actors_encoders.py`` times the lite image tower alone in one process. This script runs the whole
-``complete`` job (``pipeline.job.run_job``, the job's defaults: lite encoders, fusion retrieval, the
+``complete`` job (``rag4dmc.pipeline.job.runner.run_job``, the job's defaults: lite encoders, fusion retrieval, the
 nearest-neighbour caption generator, candidate selection) on rows that hold only an image: JPEG photos of
 640x480 (random crops of scikit-image's sample photos, as in ``bench/actors_encoders.py``), so every row is
 decoded and resized, embedded by the image tower, retrieved and captioned. The KB is ``bench/pipeline.py``'s
@@ -38,7 +38,7 @@ TARGET_IMAGES_PER_S = 40  # issue 14: the job's embed stage, end to end on 2 cor
 
 def write_image_rows(folder: Path, n: int, seed: int) -> None:
     """``n`` rows holding only a JPEG photo (text missing: every row goes image -> text), ROWS_PER_SHARD a shard."""
-    from pipeline.datasets import write_parquet
+    from rag4dmc.pipeline.io.datasets import write_parquet
 
     photos = jpeg_photos(n, seed=seed)
     table = pa.table({"id": [f"p{seed}-{i}" for i in range(n)], "image": photos, "text": pa.nulls(n, pa.string())})

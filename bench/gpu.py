@@ -35,10 +35,11 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from actors.generators import Blip2TextGenerator, Example, SdxlImageGenerator, torch_dtype  # noqa: E402
-from actors.images import encode_image  # noqa: E402
+from rag4dmc.actors.generators import Blip2TextGenerator, Example, SdxlImageGenerator, torch_dtype  # noqa: E402
+from rag4dmc.actors.images import encode_image  # noqa: E402
+from rag4dmc.pipeline.config import GeneratorConfig  # noqa: E402
+
 from bench.gpu_models import FULL, REDUCED, Depth, save_blip2, save_sdxl  # noqa: E402
-from pipeline.config import GeneratorConfig  # noqa: E402
 
 JOB = GeneratorConfig()  # the job's generation defaults: what a completion run pays per row
 ANCHOR_SIZE = 1024  # SDXL's native resolution: the published anchor is 2.54 s/image at 30 steps on an A100
@@ -142,7 +143,7 @@ def run_sdxl(args, device: torch.device, folder: Path, depth: Depth) -> dict:
 
 
 def run_niqe(args, device: torch.device, folder: Path, depth: Depth) -> dict:
-    from pipeline.selection import NiqeScorer
+    from rag4dmc.actors.niqe import NiqeScorer
 
     out: dict = {"images": args.niqe_images, "image_size": JOB.image_size}
     scorer = NiqeScorer(device=str(device))
@@ -155,7 +156,7 @@ def run_niqe(args, device: torch.device, folder: Path, depth: Depth) -> dict:
 
 
 def run_clip(args, device: torch.device, folder: Path, depth: Depth) -> dict:
-    from actors.encoders import OpenClipEncoder
+    from rag4dmc.actors.encoders import OpenClipEncoder
 
     out: dict = {"model": "open_clip ViT-L-14 (random weights)", "batch_size": args.clip_batch,
                  "precision": args.precision}

@@ -1,7 +1,7 @@
 """Recall@10 and query speed of a built knowledge base's indexes at each (nprobe, rerank depth).
 
-The build measures this grid on its held-out queries and keeps the pair ``pipeline.index.pick_search`` chooses
-(``pipeline.kb_build.recall_report``); this measures the same grid on any KB, with the build's own code:
+The build measures this grid on its held-out queries and keeps the pair ``rag4dmc.pipeline.core.index.pick_search`` chooses
+(``rag4dmc.pipeline.kb.build.recall_report``); this measures the same grid on any KB, with the build's own code:
 leave-one-out queries drawn from the KB's rows, exact top-10 by a blockwise scan of the memory-mapped float16
 vectors, and the approximate search of every shard merged, at each pair. nprobe only changes how an index is
 searched, so a KB built before the build tuned it is measured here as a rebuild would search it. Queries/s are
@@ -19,18 +19,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import pipeline  # noqa: E402,F401  (before faiss: names the CPU to its OpenBLAS, pipeline/blas.py)
+import rag4dmc.pipeline  # noqa: E402,F401  (before faiss: names the CPU to its OpenBLAS, pipeline/blas.py)
 
 # isort: split
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.common import report  # noqa: E402
-from pipeline import kb_build, kb_store  # noqa: E402
-from pipeline.config import IndexConfig  # noqa: E402
-from pipeline.index import pick_search  # noqa: E402
-from pipeline.purify import sample_ids  # noqa: E402
-from pipeline.retrieval import MODALITIES  # noqa: E402
+from rag4dmc.pipeline.config import IndexConfig  # noqa: E402
+from rag4dmc.pipeline.core.cluster_filter import sample_ids  # noqa: E402
+from rag4dmc.pipeline.core.index import pick_search  # noqa: E402
+from rag4dmc.pipeline.core.retrieval import MODALITIES  # noqa: E402
+from rag4dmc.pipeline.kb import build as kb_build  # noqa: E402
+from rag4dmc.pipeline.kb import store as kb_store
 
 SCAN_ROWS = 200_000  # rows of float16 vectors read at a time by the exact scan (its top-k: ~16 B per query and row)
 

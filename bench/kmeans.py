@@ -1,7 +1,7 @@
-"""k-means for the cluster filter: FAISS (``pipeline.purify.kmeans``) against scikit-learn's MiniBatchKMeans.
+"""k-means for the cluster filter: FAISS (``rag4dmc.pipeline.core.cluster_filter.kmeans``) against scikit-learn's MiniBatchKMeans.
 
 Both cluster the same unit-norm 512-d rows (``bench.common.LatentMixture``) into the number of clusters
-the cluster filter uses for that many external rows (``pipeline.purify.default_clusters``), with one start
+the cluster filter uses for that many external rows (``rag4dmc.pipeline.core.cluster_filter.default_clusters``), with one start
 each (``--nredo``; the filter's own default is ``FilterConfig.nredo``). Both results are scored by the
 same code over every row:
 
@@ -26,16 +26,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import pipeline  # noqa: E402,F401  (before faiss: names the CPU to its OpenBLAS, pipeline/blas.py)
+import rag4dmc.pipeline  # noqa: E402,F401  (before faiss: names the CPU to its OpenBLAS, pipeline/blas.py)
 
 # isort: split
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.common import LatentMixture, counts, measure, report, unit_rows  # noqa: E402
-from pipeline.config import FilterConfig  # noqa: E402
-from pipeline.knn import search_blocks  # noqa: E402
-from pipeline.purify import EXTERNAL_CLUSTER_CAP, default_clusters, kmeans  # noqa: E402
+from rag4dmc.pipeline.config import FilterConfig  # noqa: E402
+from rag4dmc.pipeline.core.cluster_filter import EXTERNAL_CLUSTER_CAP, default_clusters, kmeans  # noqa: E402
+from rag4dmc.pipeline.core.knn import search_blocks  # noqa: E402
 
 MINIBATCH_ROWS = 1024  # scikit-learn's default batch_size
 SEED = 0
@@ -83,7 +83,7 @@ def main() -> None:
         with measure() as m_mb:
             c_mb, steps = fit_minibatch(x, k, args.nredo)
         logging.info("minibatch: %d rows, k=%d, %.1f s", n, k, m_mb.seconds)
-        fits = (("FAISS spherical (pipeline.purify.kmeans)", m_faiss, c_faiss, f"{args.niter} iterations"),
+        fits = (("FAISS spherical (rag4dmc.pipeline.core.cluster_filter.kmeans)", m_faiss, c_faiss, f"{args.niter} iterations"),
                 ("scikit-learn MiniBatchKMeans", m_mb, c_mb, f"{steps} steps of {MINIBATCH_ROWS} rows"))
         for name, m, c, note in fits:
             rows.append({"rows": n, "k": k, "method": name, "seconds": m.seconds, "peak_rss_gib": m.peak_rss_gib,

@@ -1,8 +1,8 @@
 """The full ``complete`` job on Ray Data against the same stages in a plain single-process loop.
 
-Both sides run the same code on the same generated data (``pipeline.demo_data``) and knowledge base
-(built once by ``pipeline.kb_job``): lite encoders, fusion retrieval, the nearest-neighbour generators
-and candidate selection. The job is ``pipeline.job.run_job``; the loop reads each input shard with the
+Both sides run the same code on the same generated data (``rag4dmc.pipeline.demo.corpus``) and knowledge base
+(built once by ``rag4dmc.pipeline.kb.runner``): lite encoders, fusion retrieval, the nearest-neighbour generators
+and candidate selection. The job is ``rag4dmc.pipeline.job.runner.run_job``; the loop reads each input shard with the
 job's datasource code and pushes batches of the job's batch size through the job's stage functions and
 actor classes (route, then per direction decode or check -> embed -> retrieve -> caption or paint, then
 finalize), then writes one parquet file per shard. Torch and FAISS in the loop get the thread count that
@@ -36,8 +36,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rag4dmc.pipeline.config import JobConfig, KBConfig, MappingConfig  # noqa: E402
+
 from bench.common import REPO, Target, count, counts, measure, report  # noqa: E402
-from pipeline.config import JobConfig, KBConfig, MappingConfig  # noqa: E402
 
 RAY_OBJECT_STORE_BYTES = 1024**3  # the object store holds a few batches of 128px PNGs; 1 GiB is plenty
 ROWS_PER_SHARD = 1000  # input parquet shard size (one Ray read task per shard)
@@ -51,7 +52,7 @@ TARGET_STEADY_RATIO = 1.1  # job seconds per row / loop seconds per row in the s
 
 def _installed_niqe() -> str | None:
     """NIQE's parameters where `rag4dmc setup` installs them (t2i candidates are then scored with NIQE)."""
-    from pipeline.assets import NiqeParamsMissing, niqe_params_path
+    from rag4dmc.pipeline.setup_data import NiqeParamsMissing, niqe_params_path
 
     try:
         return niqe_params_path(None)
@@ -81,9 +82,9 @@ def start_ray(num_cpus: int, temp_dir: str) -> float:
 
 def build_kb(root: Path, n_internal: int, n_external: int) -> tuple[str, float, int]:
     """Generate internal and external pairs and build the KB with the KB job; (uri, seconds, rows)."""
-    from pipeline.datasets import write_parquet
-    from pipeline.demo_data import make_external, make_internal
-    from pipeline.kb_job import KBBuildSpec, run_kb_build
+    from rag4dmc.pipeline.demo.corpus import make_external, make_internal
+    from rag4dmc.pipeline.io.datasets import write_parquet
+    from rag4dmc.pipeline.kb.runner import KBBuildSpec, run_kb_build
 
     write_parquet(make_internal(n_internal).select(["id", "image", "text"]), f"{root}/internal/part-0.parquet")
     write_parquet(make_external(n_external).select(["id", "image", "text"]), f"{root}/external/part-0.parquet")
@@ -97,8 +98,8 @@ def build_kb(root: Path, n_internal: int, n_external: int) -> tuple[str, float, 
 def write_data(folder: Path, n: int, seed: int, missing_rate: float) -> None:
     """``n`` rows, ``missing_rate`` of them incomplete (half of those lack the image, half the text), in
     ROWS_PER_SHARD-row parquet shards."""
-    from pipeline.datasets import write_parquet
-    from pipeline.demo_data import make_incomplete
+    from rag4dmc.pipeline.demo.corpus import make_incomplete
+    from rag4dmc.pipeline.io.datasets import write_parquet
 
     table = make_incomplete(n, seed=seed, missing_rate=missing_rate).select(["id", "image", "text"])
     for j, s in enumerate(range(0, n, ROWS_PER_SHARD)):
@@ -127,9 +128,9 @@ class FirstFile:
 
 
 def run_ray_job(data: Path, kb: str, out: Path, cfg: JobConfig) -> dict:
-    """``pipeline.job.run_job`` end to end: wall seconds, time to first output file, rows out."""
-    from pipeline.job import JobSpec, run_job
-    from pipeline.output import DATA_DIR
+    """``rag4dmc.pipeline.job.runner.run_job`` end to end: wall seconds, time to first output file, rows out."""
+    from rag4dmc.pipeline.job.runner import JobSpec, run_job
+    from rag4dmc.pipeline.job.writer import DATA_DIR
 
     shutil.rmtree(out, ignore_errors=True)
     watch = FirstFile(out / DATA_DIR)
@@ -141,17 +142,17 @@ def run_ray_job(data: Path, kb: str, out: Path, cfg: JobConfig) -> dict:
 
 
 class PlainLoop:
-    """The job's stages called in this process, one batch at a time (``actors.stage.run_chain``).
+    """The job's stages called in this process, one batch at a time (``rag4dmc.actors.stage.run_chain``).
 
     Each input shard is read and routed by the job's datasource code; each batch's rows of each direction go
-    through that direction's stages (``pipeline.plan.direction_stages``: decode/check -> embed -> retrieve
-    -> complete), then ``finalize``; one parquet file per shard: the work of ``pipeline.plan.build_plan``
+    through that direction's stages (``rag4dmc.pipeline.job.mapper.direction_stages``: decode/check -> embed -> retrieve
+    -> complete), then ``finalize``; one parquet file per shard: the work of ``rag4dmc.pipeline.job.mapper.build_plan``
     without Ray."""
 
     def __init__(self, kb: str, cfg: JobConfig):
-        from actors.preprocess import CPU_TASK
-        from pipeline import kb_store
-        from pipeline.plan import DIRECTIONS, direction_stages
+        from rag4dmc.actors.preprocess import CPU_TASK
+        from rag4dmc.pipeline.job.mapper import DIRECTIONS, direction_stages
+        from rag4dmc.pipeline.kb import store as kb_store
 
         self.cfg = cfg
         self.manifest = kb_store.load(kb, shards=[], with_entries=False).manifest
@@ -172,9 +173,9 @@ class PlainLoop:
 
     def batch(self, b: dict[str, np.ndarray]) -> pa.Table:
         """Each direction's stages on its own rows; the rest (complete pairs, failed rows) straight to finalize."""
-        from actors.stage import run_chain
-        from pipeline.output import finalize
-        from pipeline.plan import PASS_TASKS
+        from rag4dmc.actors.stage import run_chain
+        from rag4dmc.pipeline.job.mapper import PASS_TASKS
+        from rag4dmc.pipeline.job.writer import finalize
 
         task = np.asarray(b["task"], dtype=object)
         parts = [{k: v[np.isin(task, PASS_TASKS)] for k, v in b.items()}]
@@ -186,8 +187,8 @@ class PlainLoop:
         return pa.concat_tables([finalize(p, **fin) for p in parts if len(p["row_key"])])
 
     def run(self, data: Path, out: Path) -> dict:
-        from pipeline import datasets
-        from pipeline.datasource import keyed_rows
+        from rag4dmc.pipeline.io import datasets
+        from rag4dmc.pipeline.job.reader import keyed_rows
 
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)

@@ -56,7 +56,7 @@ def write_corpus(root: Path, limit: int | None, seed: int) -> dict[str, str]:
 
 
 def cli(*argv: str) -> None:
-    from pipeline.cli import main
+    from rag4dmc.pipeline.cli import main
 
     rc = main(list(argv))
     if rc != 0:
@@ -65,11 +65,11 @@ def cli(*argv: str) -> None:
 
 def completion_quality(paths: dict[str, str], out: str) -> dict:
     """Fidelity of the job's completions to the hidden truth, and their label agreement, per direction."""
-    from actors.encoders import create_encoder
-    from actors.images import load_image
-    from pipeline.config import EncoderConfig
-    from pipeline.job import read_output
-    from pipeline.storage import Storage
+    from rag4dmc.actors.encoders import create_encoder
+    from rag4dmc.actors.images import load_image
+    from rag4dmc.pipeline.config import EncoderConfig
+    from rag4dmc.pipeline.io.storage import Storage
+    from rag4dmc.pipeline.job.runner import read_output
 
     truth = pq.read_table(paths["incomplete"]).to_pylist()
     by_id = {r["id"]: r for r in truth}

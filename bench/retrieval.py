@@ -2,11 +2,11 @@
 
 For each KB size (default 100,000 and 1,000,000 rows of paired 512-d "image" and "text" vectors from
 ``bench.common.LatentMixture``), queries go through the retrieval code the job's actors run
-(``pipeline.retrieval``: ``shard_candidates`` -> ``merge_candidates`` -> ``finish_retrieval``: stage-1 intra-modal
+(``rag4dmc.pipeline.core.retrieval``: ``shard_candidates`` -> ``merge_candidates`` -> ``finish_retrieval``: stage-1 intra-modal
 top_k, stage-2 fused rerank) in batches of the retrieval actor's batch size, against:
 
 * ``flat``: exact search, the reference for recall;
-* the index kind the job picks for that size (``pipeline.index.choose_kind`` with the default
+* the index kind the job picks for that size (``rag4dmc.pipeline.core.index.choose_kind`` with the default
   ``IndexConfig``), and any other kinds asked for with ``--kinds``, with the default IndexConfig;
 * ``--shards`` flat shards merged with the KB's merge, which must give the exact single-index answer
   (row by row equality of ids is asserted, up to ties in score), and the same shards of the job's kind.
@@ -35,17 +35,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import pipeline  # noqa: E402,F401  (before faiss: names the CPU to its OpenBLAS, pipeline/blas.py)
+import rag4dmc.pipeline  # noqa: E402,F401  (before faiss: names the CPU to its OpenBLAS, pipeline/blas.py)
 
 # isort: split
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
+from rag4dmc.actors.retrieve import RetrieveNeighbours  # noqa: E402
+from rag4dmc.pipeline.config import IndexConfig, RetrievalConfig  # noqa: E402
+from rag4dmc.pipeline.core.index import VectorIndex, build_shards, choose_kind  # noqa: E402
+from rag4dmc.pipeline.core.retrieval import Shard, finish_retrieval, merge_candidates, shard_candidates  # noqa: E402
 
-from actors.retrieve import RetrieveNeighbours  # noqa: E402
 from bench.common import LatentMixture, Target, count, counts, measure, report  # noqa: E402
-from pipeline.config import IndexConfig, RetrievalConfig  # noqa: E402
-from pipeline.index import VectorIndex, build_shards, choose_kind  # noqa: E402
-from pipeline.retrieval import Shard, finish_retrieval, merge_candidates, shard_candidates  # noqa: E402
 
 RECALL_AT = 10
 PSEUDO_NOISE = 0.15  # the mapped pseudo-embedding of a query is a noisier view than the KB's text vectors

@@ -50,7 +50,7 @@ PERCENTILES = (50, 95, 99)
 
 
 def _installed_niqe() -> bool:
-    from pipeline.assets import NiqeParamsMissing, niqe_params_path
+    from rag4dmc.pipeline.setup_data import NiqeParamsMissing, niqe_params_path
 
     try:
         niqe_params_path(None)

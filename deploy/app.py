@@ -47,7 +47,7 @@ Graph
               -> Encoder (@serve.batch: create_encoder's towers)
               -> Retriever (@serve.batch: every KB shard, two-stage fusion retrieval)
               -> TextGenerator | ImageGenerator (@serve.batch: the job's CompleteTexts / CompleteImages,
-                                                  then pipeline.output.finalize)
+                                                  then rag4dmc.pipeline.job.writer.finalize)
 
 Each deployment runs the batch job's code on a batch of requests and maps results back by position, so
 an answer depends only on its own request (BLIP2 / SDXL sampling excepted: as in the job, the seed is
@@ -59,7 +59,7 @@ knowledge base. The autoscaling in ``deploy/serve_config.yaml`` overrides the re
 
 Configuration
 -------------
-``build_app(args)`` is the application builder: ``args`` are ``pipeline.config.ServeConfig`` keys (the
+``build_app(args)`` is the application builder: ``args`` are ``rag4dmc.pipeline.config.ServeConfig`` keys (the
 job's ``retrieval`` / ``generator`` / ``selection`` / ``storage`` keys, plus ``kb``, ``api_key``,
 ``max_upload_bytes``, ``max_text_chars``, ``batch_wait_timeout_s``, ``request_timeout_s``,
 ``max_ongoing_requests``, ``max_queued_requests``, ``retry_after_s``, ...).
@@ -83,16 +83,11 @@ import numpy as np
 import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from ray import serve
-from ray.serve import Application
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-from ray.serve.handle import DeploymentHandle
-
-from actors.complete import CompleteImages, CompleteTexts
-from actors.encoders import create_encoder, encoder_class, encoder_image_size
-from actors.resources import Resources, use_gpus
-from actors.retrieve import RetrieveNeighbours
-from deploy.protocol import (
+from rag4dmc.actors.complete import CompleteImages, CompleteTexts
+from rag4dmc.actors.encoders import create_encoder, encoder_class, encoder_image_size
+from rag4dmc.actors.resources import Resources, use_gpus
+from rag4dmc.actors.retrieve import RetrieveNeighbours
+from rag4dmc.deploy.protocol import (
     API_KEY_HEADER,
     CompletionRequest,
     Query,
@@ -106,9 +101,7 @@ from deploy.protocol import (
     read_body,
     unavailable,
 )
-from pipeline import kb_store
-from pipeline.calibrate import effective_settings
-from pipeline.config import (
+from rag4dmc.pipeline.config import (
     EncoderConfig,
     GeneratorConfig,
     RetrievalConfig,
@@ -117,11 +110,17 @@ from pipeline.config import (
     StageResources,
     validate,
 )
-from pipeline.output import finalize
-from pipeline.retrieval import search
-from pipeline.scaling import Capacity, Pool, read_capacity, size_pools
-from pipeline.schema import TASK_I2T, TASK_T2I
-from pipeline.storage import Storage
+from rag4dmc.pipeline.core.retrieval import search
+from rag4dmc.pipeline.io.storage import Storage
+from rag4dmc.pipeline.job.scaling import Capacity, Pool, read_capacity, size_pools
+from rag4dmc.pipeline.job.writer import finalize
+from rag4dmc.pipeline.kb import store as kb_store
+from rag4dmc.pipeline.kb.calibrate import effective_settings
+from rag4dmc.pipeline.schema import TASK_I2T, TASK_T2I
+from ray import serve
+from ray.serve import Application
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
 
 log = logging.getLogger(__name__)
 # Serve's replica logger: its lines go to the replica's log file and stderr (the driver's output, `serve` logs)
@@ -187,7 +186,7 @@ class Retrieved:
 
 @dataclass(frozen=True)
 class Completed:
-    row: dict[str, Any]  # one row of pipeline.schema.OUTPUT_SCHEMA
+    row: dict[str, Any]  # one row of rag4dmc.pipeline.schema.OUTPUT_SCHEMA
     batch: Batched
 
 
@@ -229,7 +228,7 @@ class Encoder(Pingable):
 
 @serve.deployment(name=RETRIEVER)
 class Retriever(Pingable):
-    """Two-stage fusion retrieval over every shard of the knowledge base (``pipeline.kb``), as the job's
+    """Two-stage fusion retrieval over every shard of the knowledge base (``rag4dmc.pipeline.kb.knowledge_base``), as the job's
     retrieval stage does: each shard's stage-1 candidates, merged, then the fused rerank."""
 
     def __init__(self, kb: str, storage_options: dict, retrieval: dict[str, RetrievalConfig], max_batch_size: int,
@@ -375,7 +374,7 @@ def replica_resources(declared: dict[str, Resources], overrides: dict[str, Stage
                       capacity: Capacity | None) -> dict[str, Resources]:
     """Each deployment's replica resources (``declared``, keyed ``<stage>`` or ``<stage>:<direction>``) with the
     config's override per stage, and its most replicas from the cluster as the job sizes its pools
-    (``pipeline.scaling.size_pools``; the two generators share the rows half and half). Without a cluster to read
+    (``rag4dmc.pipeline.job.scaling.size_pools``; the two generators share the rows half and half). Without a cluster to read
     (``capacity`` None) a deployment keeps its least size."""
     pools = {}
     for name, res in declared.items():
@@ -408,7 +407,7 @@ def generator_resources(generator: GeneratorConfig, task: str) -> Resources:
 def compose(cfg: ServeConfig) -> Application:
     """The deployment graph serving ``cfg``; fails here, before any replica starts, on a missing knowledge
     base or NIQE parameter file."""
-    from pipeline.job import preflight
+    from rag4dmc.pipeline.job.runner import preflight
 
     storage_options = Storage(cfg.storage).options
     manifest = kb_store.load(cfg.kb, storage_options, shards=[], with_entries=False).manifest
@@ -443,7 +442,7 @@ def compose(cfg: ServeConfig) -> Application:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Serve's application builder (``import_path: deploy.app:build_app``); ``args`` are ServeConfig keys."""
+    """Serve's application builder (``import_path: rag4dmc.deploy.app:build_app``); ``args`` are ServeConfig keys."""
     return compose(validate(args, ServeConfig, source="application args"))
 
 

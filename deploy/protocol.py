@@ -26,9 +26,8 @@ from typing import Any
 
 import numpy as np
 from pydantic import SecretStr
-
-from actors.images import InputError, load_image, resize_for_model, validate_text
-from pipeline.schema import STAGES, STATUS_COMPLETED, TASK_I2T, TASK_T2I
+from rag4dmc.actors.images import InputError, load_image, resize_for_model, validate_text
+from rag4dmc.pipeline.schema import STAGES, STATUS_COMPLETED, TASK_I2T, TASK_T2I
 
 API_KEY_HEADER = "x-api-key"
 JSON_TYPE = "application/json"
@@ -287,7 +286,7 @@ def prepare_query(request: CompletionRequest, *, image_size: int, max_pixels: in
 
 
 def answer(row: dict[str, Any], *, image_format: str, batch_sizes: dict[str, int]) -> tuple[int, dict[str, Any]]:
-    """HTTP status and JSON body for one output row of the job's schema (``pipeline.output.finalize``).
+    """HTTP status and JSON body for one output row of the job's schema (``rag4dmc.pipeline.job.writer.finalize``).
 
     The body carries the row's provenance columns, the generated image as base64 (the input image is not
     echoed back), the actor-seconds per stage and the size of the batch each stage ran the request in.

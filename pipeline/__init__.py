@@ -1,5 +1,5 @@
 """Driver-side job: configuration, data I/O, knowledge base, retrieval, evaluation, CLI."""
 
-from pipeline import blas
+from rag4dmc.pipeline import blas
 
 blas.name_cpu()  # before any module here imports FAISS, whose bundled OpenBLAS reads it once, on load

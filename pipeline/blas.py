@@ -74,6 +74,6 @@ def warn_if_generic(info: list[dict] | None = None) -> list[dict]:
     generic = [lib for lib in openblas_cores(info) if lib["architecture"] in FALLBACK_CORES]
     for lib in generic:
         log.warning("OpenBLAS %s (%s) runs its generic %s kernels on this CPU, several times slower than it can: "
-                    "set %s (e.g. SkylakeX or Haswell) before Python starts, or import pipeline before faiss",
+                    "set %s (e.g. SkylakeX or Haswell) before Python starts, or import rag4dmc.pipeline before faiss",
                     lib["version"], lib["filepath"], lib["architecture"], ENV)
     return generic

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, get_args
 
-from pipeline.config import ConfigError, JobConfig, KBConfig, read_yaml, validate
+from rag4dmc.pipeline.config import ConfigError, JobConfig, KBConfig, read_yaml, validate
 
 log = logging.getLogger("rag4dmc")
 
@@ -146,8 +146,8 @@ def _storage_only(args) -> dict:
 
 
 def cmd_kb_build(args) -> int:
-    from pipeline.config import ColumnsConfig, StorageConfig
-    from pipeline.kb_job import KBBuildSpec, run_kb_build
+    from rag4dmc.pipeline.config import ColumnsConfig, StorageConfig
+    from rag4dmc.pipeline.kb.runner import KBBuildSpec, run_kb_build
 
     cfg = build_config(args, KBConfig, [KB_FLAGS])
     spec = KBBuildSpec(
@@ -179,7 +179,7 @@ def cmd_kb_build(args) -> int:
 
 
 def cmd_complete(args) -> int:
-    from pipeline.job import JobSpec, run_job
+    from rag4dmc.pipeline.job.runner import JobSpec, run_job
 
     cfg = build_config(args, JobConfig, [JOB_FLAGS, OUTPUT_FLAGS, STORAGE_FLAGS, COLUMN_FLAGS])
     spec = JobSpec(data=args.data, kb=args.kb, out=args.out, cfg=cfg, data_format=args.format,
@@ -204,9 +204,9 @@ def _parse_sweeps(specs: list[str]) -> dict[str, list[str]]:
 
 
 def cmd_evaluate(args) -> int:
-    from pipeline.config import EvalConfig
-    from pipeline.eval_data import EvaluationError
-    from pipeline.evaluate import evaluate_datasets, markdown_table
+    from rag4dmc.pipeline.config import EvalConfig
+    from rag4dmc.pipeline.evaluation.data import EvaluationError
+    from rag4dmc.pipeline.evaluation.runner import evaluate_datasets, markdown_table
 
     specs = getattr(args, "evaluation.sweeps")
     if specs is not None:
@@ -226,8 +226,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from deploy.app import run_local
-    from pipeline.config import ServeConfig
+    from rag4dmc.deploy.app import run_local
+    from rag4dmc.pipeline.config import ServeConfig
 
     if args.api_key is None:
         args.api_key = os.environ.get(API_KEY_ENV) or None
@@ -236,7 +236,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_setup(args) -> int:
-    from pipeline.assets import install_niqe_params
+    from rag4dmc.pipeline.setup_data import install_niqe_params
 
     path = install_niqe_params(dest=Path(args.dest) if args.dest else None,
                                sdist=Path(args.sdist) if args.sdist else None)
@@ -245,7 +245,7 @@ def cmd_setup(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from pipeline.demo import run_demo
+    from rag4dmc.pipeline.demo.run import run_demo
 
     return run_demo(args.out, n_internal=args.n_internal, n_external=args.n_external,
                     n_incomplete=args.n_incomplete, niqe_params=args.niqe_params, seed=args.seed)

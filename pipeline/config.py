@@ -27,9 +27,9 @@ class Stream(IntEnum):
     """The random streams drawn from a config's ``seed`` (numpy's ``default_rng([seed, stream])``), one per use,
     so that no two uses share draws."""
 
-    INDEX_TRAIN_SAMPLE = 7  # the rows an index is trained on (pipeline.kb_build)
-    RECALL_QUERIES = 11  # the rows whose neighbours measure an index's recall (pipeline.kb_build)
-    CALIBRATION_SAMPLE = 13  # the rows a calibration fits on, past its max_rows (pipeline.calibrate)
+    INDEX_TRAIN_SAMPLE = 7  # the rows an index is trained on (rag4dmc.pipeline.kb.build)
+    RECALL_QUERIES = 11  # the rows whose neighbours measure an index's recall (rag4dmc.pipeline.kb.build)
+    CALIBRATION_SAMPLE = 13  # the rows a calibration fits on, past its max_rows (rag4dmc.pipeline.kb.calibrate)
 
 
 class _Strict(BaseModel):
@@ -37,7 +37,7 @@ class _Strict(BaseModel):
 
 
 class EncoderConfig(_Strict):
-    """Which frozen encoders embed images and texts (``actors.encoders.create_encoder``)."""
+    """Which frozen encoders embed images and texts (``rag4dmc.actors.encoders.create_encoder``)."""
 
     backend: Literal["lite", "open_clip"] = "lite"
     model_name: str = Field("ViT-L-14", description="open_clip architecture name")
@@ -278,7 +278,7 @@ class StorageConfig(_Strict):
 
 
 class CalibrationConfig(_Strict):
-    """Self-calibration at KB build (``pipeline.calibrate``): held-out internal pairs choose the settings.
+    """Self-calibration at KB build (``rag4dmc.pipeline.kb.calibrate``): held-out internal pairs choose the settings.
 
     A slice of the internal complete pairs is hidden; each is completed from the rest (hide one modality,
     retrieve, select with the nearest-neighbour generator) at every point of the grids below, and the

@@ -5,7 +5,7 @@ time, and the suite's session has its own).
     python -m tests.serve_cluster WORKDIR RESULT.json
 
 The cluster is ``ray.cluster_utils.Cluster``: a 2-CPU head and two workers of 4 logical CPUs (no GPUs). On it this
-process builds a small KB, then starts ``python -m pipeline.cli serve`` (the command an operator runs) with
+process builds a small KB, then starts ``python -m rag4dmc.pipeline.cli serve`` (the command an operator runs) with
 ``RAY_ADDRESS`` set to the cluster, so ``run_local`` connects to it and ``compose`` sizes each deployment's replicas
 from its 10 CPUs. Once /healthz answers, ``CLIENTS`` threads post completions to 127.0.0.1 (at most ``MAX_REQUESTS``
 or ``LOAD_S`` seconds) while ``serve.status()`` is polled; the load stops once a deployment has more than one
@@ -13,7 +13,7 @@ RUNNING replica. The service is then stopped with SIGINT, as Ctrl-C stops it. Wh
 each deployment's autoscaling bounds as deployed, its peak RUNNING replicas, and every request's status.
 
 The one setting changed from the defaults is ``resources.<embed|generate>.batch_size`` = ``BATCH``: Serve's
-autoscaling target per replica is the deployment's batch size (``deploy.app.deployment_options``), 64 by default,
+autoscaling target per replica is the deployment's batch size (``rag4dmc.deploy.app.deployment_options``), 64 by default,
 which a handful of clients never reaches; with a batch of 2 the target is 2 requests in flight per replica.
 Serve's own autoscaling delays (30 s to decide an upscale) are left as they are.
 """
@@ -69,7 +69,7 @@ def free_port() -> int:
 
 def request_bodies(n: int) -> list[dict]:
     """Distinct requests, texts and images alternating (both generators and both encoder towers see work)."""
-    from pipeline.demo_data import make_internal
+    from rag4dmc.pipeline.demo.corpus import make_internal
 
     table = make_internal(n, seed=21)
     images, texts = table.column("image").to_pylist(), table.column("text").to_pylist()
@@ -162,7 +162,7 @@ def wait_healthy(proc: subprocess.Popen, url: str, log: Path) -> None:
 
 
 def serve_under_load(cluster_address: str, kb: str, work: Path, result: dict) -> None:
-    from deploy.app import APP_NAME
+    from rag4dmc.deploy.app import APP_NAME
 
     port = free_port()
     url = f"http://{LOOPBACK}:{port}"
@@ -170,7 +170,7 @@ def serve_under_load(cluster_address: str, kb: str, work: Path, result: dict) ->
     config.write_text(yaml.safe_dump({"resources": {"embed": {"batch_size": BATCH}, "generate": {"batch_size": BATCH}},
                                       "request_timeout_s": HTTP_TIMEOUT_S}))
     log = work / "serve.log"
-    cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--kb", kb, "--host", LOOPBACK, "--port", str(port),
+    cmd = [sys.executable, "-m", "rag4dmc.pipeline.cli", "serve", "--kb", kb, "--host", LOOPBACK, "--port", str(port),
            "--image-quality", "none", "--config", str(config)]
     with log.open("w") as out:
         # in this process's group: whoever kills the group (the test, past its timeout) ends the server too
@@ -212,7 +212,8 @@ def serve_under_load(cluster_address: str, kb: str, work: Path, result: dict) ->
 def build_kb(root: Path) -> str:
     """The job tests' small KB (generated pairs, lite encoders, no calibration), its mapping trained a few epochs:
     what the answers say does not matter here, only that they are served."""
-    from pipeline.kb_job import KBBuildSpec, run_kb_build
+    from rag4dmc.pipeline.kb.runner import KBBuildSpec, run_kb_build
+
     from tests.test_job import FAST_KB, write_kb_sources
 
     internal, external = write_kb_sources(root)

@@ -9,8 +9,7 @@ import subprocess
 import sys
 
 import pytest
-
-from pipeline import blas
+from rag4dmc.pipeline import blas
 
 AVX512 = {"sse4_2", "avx", "avx2", "fma", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
 
@@ -51,7 +50,7 @@ def test_cpu_flags_are_read_from_the_first_cpu(tmp_path):
 
 def _faiss_openblas(first: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != blas.ENV}
-    code = (f"import {first}; import faiss; from pipeline import blas; import json; "
+    code = (f"import {first}; import faiss; from rag4dmc.pipeline import blas; import json; "
             "print(json.dumps([c for c in blas.openblas_cores() if 'faiss' in c['filepath']]))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=120)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -60,7 +59,7 @@ def _faiss_openblas(first: str) -> list[dict]:
 @pytest.mark.skipif(blas.coretype(blas.cpu_flags(), os.uname().machine) is None,
                     reason="this CPU has no AVX2 + FMA kernel family to name")
 def test_faiss_loaded_after_pipeline_runs_the_kernels_of_this_cpu():
-    cores = _faiss_openblas("pipeline")
+    cores = _faiss_openblas("rag4dmc.pipeline")
     assert cores, "faiss-cpu loaded no OpenBLAS of its own: this check needs the wheel's bundled library"
     expected = blas.coretype(blas.cpu_flags(), os.uname().machine)
     assert [c["architecture"] for c in cores] == [expected] * len(cores)
@@ -73,7 +72,7 @@ def test_a_generic_openblas_is_reported_with_the_setting_to_change(caplog):
             {"internal_api": "openblas", "filepath": "/x/numpy.libs/libopenblas.so", "version": "0.3.31",
              "architecture": "SkylakeX", "num_threads": 2},
             {"internal_api": "openmp", "filepath": "/x/libgomp.so", "version": None, "num_threads": 2}]
-    with caplog.at_level(logging.WARNING, logger="pipeline.blas"):
+    with caplog.at_level(logging.WARNING, logger="rag4dmc.pipeline.blas"):
         generic = blas.warn_if_generic(info)
     assert generic == [{"filepath": "/x/faiss_cpu.libs/libopenblas.so", "version": "0.3.15", "architecture": "Prescott"}]
     assert len(caplog.records) == 1 and "OPENBLAS_CORETYPE" in caplog.text and "Prescott" in caplog.text

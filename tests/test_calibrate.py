@@ -3,12 +3,18 @@
 import numpy as np
 import pyarrow as pa
 import pytest
+from rag4dmc.pipeline.config import (
+    CalibrationConfig,
+    KBConfig,
+    MappingConfig,
+    RetrievalConfig,
+    SelectionConfig,
+)
+from rag4dmc.pipeline.core.significance import HOLDS, NOISE, REVERSED, mean_ci, paired, verdict
+from rag4dmc.pipeline.kb import knowledge_base as kbmod
+from rag4dmc.pipeline.kb import store as kb_store
+from rag4dmc.pipeline.kb.calibrate import cross_fit, effective_settings, holdout_rows
 
-from pipeline import kb as kbmod
-from pipeline import kb_store
-from pipeline.calibrate import cross_fit, effective_settings, holdout_rows
-from pipeline.config import CalibrationConfig, KBConfig, MappingConfig, RetrievalConfig, SelectionConfig
-from pipeline.significance import HOLDS, NOISE, REVERSED, mean_ci, paired, verdict
 from tests.planted import unit
 
 D_IMG, D_TXT, N_LABELS = 32, 16, 12
@@ -86,7 +92,7 @@ def test_the_default_stays_unless_a_setting_beats_it_beyond_noise(style_kb):
 
 def test_calibration_leaves_a_default_that_the_held_out_pairs_show_to_be_wrong():
     """With intra-modal top-1 as the configured retrieval, the label lives only in the fused cross term."""
-    from pipeline.calibrate import calibrate
+    from rag4dmc.pipeline.kb.calibrate import calibrate
 
     table, emb, _ = _style_world(0, 600)
     intra_top1 = RetrievalConfig(alpha=1.0, top_k=10, n_results=1)
@@ -153,7 +159,7 @@ def test_other_retrieval_modes_and_uncalibrated_kbs_keep_the_configured_settings
 
 
 def test_calibration_works_on_a_bounded_sample_of_a_large_corpus():
-    from pipeline.calibrate import calibrate
+    from rag4dmc.pipeline.kb.calibrate import calibrate
 
     table, emb, _ = _style_world(2, 600)
     ext_table, ext_emb, _ = _style_world(3, 500)

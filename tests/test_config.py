@@ -1,8 +1,7 @@
 """Configuration: typed, validated, and errors that name the key."""
 
 import pytest
-
-from pipeline.config import ConfigError, JobConfig, KBConfig, RetrievalConfig, load_yaml
+from rag4dmc.pipeline.config import ConfigError, JobConfig, KBConfig, RetrievalConfig, load_yaml
 
 
 def test_unknown_keys_and_bad_values_name_the_key(tmp_path):

@@ -12,10 +12,9 @@ import pyarrow as pa
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
-
-from pipeline import datasets
-from pipeline.config import ColumnsConfig
-from pipeline.datasets import (
+from rag4dmc.pipeline.config import ColumnsConfig
+from rag4dmc.pipeline.io import datasets
+from rag4dmc.pipeline.io.datasets import (
     CANONICAL_SCHEMA,
     SUSPECT_SAMPLE,
     list_shards,

@@ -11,10 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from scipy import ndimage
-
-from pipeline.datasets import read_dataset
-from pipeline.demo_data import (
+from rag4dmc.pipeline.demo.corpus import (
     COLOURS,
     IMAGE_SIZE,
     INTERNAL_PLACES,
@@ -25,6 +22,8 @@ from pipeline.demo_data import (
     mask_modalities,
     write_demo_corpus,
 )
+from rag4dmc.pipeline.io.datasets import read_dataset
+from scipy import ndimage
 
 # Reading a caption: the words a careful annotator would look for.
 NUMBERS = {"one": 1, "two": 2, "three": 3, "1": 1, "2": 2, "3": 3}

@@ -13,9 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageOps
-from skimage import data as photos
-
-from actors.encoders import (
+from rag4dmc.actors.encoders import (
     LITE_MEAN,
     LITE_STD,
     EncoderNotFoundError,
@@ -30,8 +28,9 @@ from actors.encoders import (
     minilm_dir,
     resolve_checkpoint,
 )
-from actors.images import resize_for_model
-from pipeline.config import EncoderConfig
+from rag4dmc.actors.images import resize_for_model
+from rag4dmc.pipeline.config import EncoderConfig
+from skimage import data as photos
 
 SUBJECTS = ("chelsea", "coffee", "rocket", "astronaut", "camera", "coins", "hubble_deep_field",
             "immunohistochemistry")
@@ -144,9 +143,9 @@ def test_a_failed_onnx_export_falls_back_to_torch_with_a_warning(subjects, tmp_p
     def broken_export(*args):
         raise RuntimeError("exporter broke")
 
-    monkeypatch.setattr("actors.onnx_module.ONNX_CACHE", tmp_path)  # nothing cached: the export must run
-    monkeypatch.setattr("actors.onnx_module.export_onnx", broken_export)
-    with caplog.at_level("WARNING", logger="actors.encoders"):
+    monkeypatch.setattr("rag4dmc.actors.onnx_module.ONNX_CACHE", tmp_path)  # nothing cached: the export must run
+    monkeypatch.setattr("rag4dmc.actors.onnx_module.export_onnx", broken_export)
+    with caplog.at_level("WARNING", logger="rag4dmc.actors.encoders"):
         enc = LiteEncoder(device="cpu", batch_size=4)
     assert enc.onnx is None and "exporter broke" in caplog.text and "cpu_runtime: torch" in caplog.text
     reference = LiteEncoder(device="cpu", batch_size=4, cpu_runtime="torch")

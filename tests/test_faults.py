@@ -1,4 +1,4 @@
-"""Faults in one process: the injection mechanism (``actors.faults``), and what the shared stage code does with
+"""Faults in one process: the injection mechanism (``rag4dmc.actors.faults``), and what the shared stage code does with
 each fault: transient errors retried and counted, a permanent error or poison row failing only its rows, a hung
 call failing its rows after the timeout. The same faults through Ray are in ``tests/test_job_faults.py``."""
 
@@ -11,11 +11,10 @@ import sys
 
 import numpy as np
 import pytest
-
-from actors import faults
-from actors import stage as stage_module
-from actors.stage import Column, Produced, Stage, StagePolicy, apply
-from pipeline.schema import RETRIES, TASK_FAILED, TASK_I2T
+from rag4dmc.actors import faults
+from rag4dmc.actors import stage as stage_module
+from rag4dmc.actors.stage import Column, Produced, Stage, StagePolicy, apply
+from rag4dmc.pipeline.schema import RETRIES, TASK_FAILED, TASK_I2T
 
 FAST = StagePolicy(timeout_s=None, retries=2, backoff_s=0.0)
 
@@ -132,7 +131,7 @@ def test_a_fault_fires_at_most_times_in_all_processes_together(plan, tmp_path):
     plan({"stage": "double", "kind": "transient", "row_key": "s:0"})
     with pytest.raises(faults.TransientFault):
         faults.inject("double", ["s:0"])
-    code = ("from actors import faults\n"
+    code = ("from rag4dmc.actors import faults\n"
             "faults.inject('double', ['s:0'])\n"  # the same row in a new process: already fired
             "print('no fault')")
     done = _child(code)
@@ -142,7 +141,7 @@ def test_a_fault_fires_at_most_times_in_all_processes_together(plan, tmp_path):
 
 def test_an_exit_fault_kills_its_process(plan, tmp_path):
     plan({"stage": "double", "kind": "exit", "batch": 2})
-    code = ("from actors import faults\n"
+    code = ("from rag4dmc.actors import faults\n"
             "faults.inject('double', ['s:0'])\n"
             "print('batch 1 done', flush=True)\n"
             "faults.inject('double', ['s:1'])\n"
@@ -174,7 +173,7 @@ def test_with_a_state_folder_batches_are_numbered_across_processes(plan):
     """Batch 2 of a stage is the second batch any process starts: here the child's first."""
     plan({"stage": "double", "kind": "transient", "batch": 2})
     faults.inject("double", ["s:0"])  # batch 1, in this process
-    code = ("from actors import faults\n"
+    code = ("from rag4dmc.actors import faults\n"
             "try:\n"
             "    faults.inject('double', ['s:1'])\n"
             "except faults.TransientFault as exc:\n"

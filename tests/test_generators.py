@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from actors.generators import (
+from rag4dmc.actors.generators import (
     BLIP2_PROMPT,
     DIFFUSERS_MARKER,
     NN_NAME,
@@ -36,7 +35,8 @@ from actors.generators import (
     resolve_model,
     text_generator_class,
 )
-from pipeline.config import GeneratorConfig
+from rag4dmc.pipeline.config import GeneratorConfig
+
 from tests.tiny_models import CORPUS, MIN_CAPTION_TOKENS, TINY_IMAGE, save_tiny_blip2, save_tiny_sdxl
 
 COLOURS = ((220, 30, 30), (30, 200, 40), (20, 40, 230), (240, 240, 20), (10, 10, 10))
@@ -362,7 +362,7 @@ def test_the_factory_builds_what_the_config_names(blip2_path: Path, sdxl_path: P
 
 
 def test_model_generators_ask_for_a_gpu_and_the_nn_ones_do_not():
-    from actors.encoders import OpenClipEncoder
+    from rag4dmc.actors.encoders import OpenClipEncoder
 
     # each generator leaves room on its GPU for a CLIP embedder beside it, and two generators never share one
     for gen in (Blip2TextGenerator, SdxlImageGenerator):

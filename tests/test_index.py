@@ -3,9 +3,8 @@
 import faiss
 import numpy as np
 import pytest
-
-from pipeline.config import IndexConfig
-from pipeline.index import (
+from rag4dmc.pipeline.config import IndexConfig
+from rag4dmc.pipeline.core.index import (
     VectorIndex,
     build_shards,
     choose_kind,
@@ -19,8 +18,9 @@ from pipeline.index import (
     train_empty,
     train_rows,
 )
-from pipeline.knn import EmbeddingError, knn
-from pipeline.retrieval import Neighbours, merge_candidates
+from rag4dmc.pipeline.core.knn import EmbeddingError, knn
+from rag4dmc.pipeline.core.retrieval import Neighbours, merge_candidates
+
 from tests.planted import clustered
 
 D = 32

@@ -17,8 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-
-from pipeline.config import (
+from rag4dmc.pipeline.config import (
     CalibrationConfig,
     JobConfig,
     KBConfig,
@@ -26,11 +25,12 @@ from pipeline.config import (
     StageResources,
     StorageConfig,
 )
-from pipeline.datasets import write_parquet
-from pipeline.demo_data import make_external, make_incomplete, make_internal
-from pipeline.job import JobSpec, RunMismatch, read_output, run_job
-from pipeline.kb_job import KBBuildSpec, run_kb_build
-from pipeline.storage import Storage
+from rag4dmc.pipeline.demo.corpus import make_external, make_incomplete, make_internal
+from rag4dmc.pipeline.io.datasets import write_parquet
+from rag4dmc.pipeline.io.storage import Storage
+from rag4dmc.pipeline.job.runner import JobSpec, RunMismatch, read_output, run_job
+from rag4dmc.pipeline.kb.runner import KBBuildSpec, run_kb_build
+
 from tests.processes import sigkill_when
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,7 +204,7 @@ def test_killed_job_resumes_without_duplicates_or_gaps(kb, tmp_path):
     n = 320
     _write_shards(_incomplete(n, seed=5), data, 16)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "pipeline.cli", "complete", "--data", str(data), "--kb", kb, "--out", str(out)]
+    cmd = [sys.executable, "-m", "rag4dmc.pipeline.cli", "complete", "--data", str(data), "--kb", kb, "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     sigkill_when(cmd, lambda: len(list((out / "data").glob("*/*.parquet"))) >= 2, "two output files were committed",
                  cwd=REPO, env=env, timeout_s=300)
@@ -221,8 +221,8 @@ def test_killed_job_resumes_without_duplicates_or_gaps(kb, tmp_path):
 
 def _manifest(n_shards: int) -> dict:
     """What the plan reads of a KB's manifest, for plans that never run."""
-    from actors.encoders import describe_encoder
-    from pipeline.config import EncoderConfig
+    from rag4dmc.actors.encoders import describe_encoder
+    from rag4dmc.pipeline.config import EncoderConfig
 
     dims = describe_encoder(EncoderConfig())
     return {"config": {"encoder": EncoderConfig().model_dump(mode="json")}, "shards": list(range(n_shards)),
@@ -230,22 +230,22 @@ def _manifest(n_shards: int) -> dict:
 
 
 def _chains(n_shards: int, cfg: JobConfig = JOB) -> dict:
-    from pipeline.plan import DIRECTIONS, direction_stages
+    from rag4dmc.pipeline.job.mapper import DIRECTIONS, direction_stages
 
     return {task: direction_stages(task, cfg, "kb", _manifest(n_shards), None) for task, _ in DIRECTIONS}
 
 
 def one_node(cpus: float, gpus: float = 0.0, memory_gb: float = 24.0):
-    from pipeline.scaling import capacity_of
+    from rag4dmc.pipeline.job.scaling import capacity_of
 
     return capacity_of([{"CPU": cpus, "GPU": gpus, "memory": memory_gb * 1024**3}])
 
 
 def test_actor_pools_leave_room_for_the_tasks_of_every_branch_on_two_cpus():
-    from actors.encoders import encoder_class
-    from actors.preprocess import CPU_TASK
-    from pipeline.config import EncoderConfig
-    from pipeline.plan import plan_resources, task_slots
+    from rag4dmc.actors.encoders import encoder_class
+    from rag4dmc.actors.preprocess import CPU_TASK
+    from rag4dmc.pipeline.config import EncoderConfig
+    from rag4dmc.pipeline.job.mapper import plan_resources, task_slots
 
     chains = _chains(2)
     pools = plan_resources(JOB, chains, has_gpu=False, capacity=one_node(cpus=2.0))
@@ -259,7 +259,7 @@ def test_actor_pools_leave_room_for_the_tasks_of_every_branch_on_two_cpus():
 
 
 def test_a_cluster_with_no_cpu_left_for_the_pools_is_a_clear_error():
-    from pipeline.plan import plan_resources
+    from rag4dmc.pipeline.job.mapper import plan_resources
 
     with pytest.raises(ValueError, match="no CPUs left"):
         plan_resources(JOB, _chains(1), has_gpu=False, capacity=one_node(cpus=0.5))
@@ -295,13 +295,13 @@ def test_model_generators_complete_every_row_through_the_same_plan(kb, tmp_path)
 @pytest.mark.timeout(900)
 def test_a_three_shard_kb_chained_one_shard_per_actor_gives_the_in_process_chain_s_rows(ray_local, tmp_path):
     """Three retrieval pools per direction (first / middle / last shard group) on Ray: each row's neighbours and
-    completion are the ones the same stages give in one process (``actors.stage.run_chain``)."""
-    from actors.stage import run_chain
-    from pipeline import kb_store
-    from pipeline.config import IndexConfig
-    from pipeline.datasets import read_shard
-    from pipeline.datasource import keyed_rows
-    from pipeline.plan import DIRECTIONS, direction_stages
+    completion are the ones the same stages give in one process (``rag4dmc.actors.stage.run_chain``)."""
+    from rag4dmc.actors.stage import run_chain
+    from rag4dmc.pipeline.config import IndexConfig
+    from rag4dmc.pipeline.io.datasets import read_shard
+    from rag4dmc.pipeline.job.mapper import DIRECTIONS, direction_stages
+    from rag4dmc.pipeline.job.reader import keyed_rows
+    from rag4dmc.pipeline.kb import store as kb_store
 
     root = tmp_path / "kb-src"
     write_parquet(make_internal(150, seed=0).select(["id", "image", "text"]), f"{root}/internal/part-0.parquet")
@@ -367,8 +367,8 @@ def test_pools_slower_than_task_seconds_a_block_share_each_block_and_output_is_c
 
 
 def test_a_limit_too_small_for_the_plan_s_batches_is_refused():
-    from pipeline.config import ConfigError
-    from pipeline.plan import flow_limit, plan_resources
+    from rag4dmc.pipeline.config import ConfigError
+    from rag4dmc.pipeline.job.mapper import flow_limit, plan_resources
 
     chains = _chains(1)
     pools = plan_resources(JOB, chains, has_gpu=False, capacity=one_node(cpus=2.0))

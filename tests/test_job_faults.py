@@ -1,4 +1,4 @@
-"""Faults through the whole job on local Ray (2 CPUs), each injected deterministically (``actors.faults``):
+"""Faults through the whole job on local Ray (2 CPUs), each injected deterministically (``rag4dmc.actors.faults``):
 every input row comes out exactly once, completed or failed with the reason.
 
 A fault inside the job (an actor's process exits, a transient error, a poison row, a hung batch) runs the job
@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from rag4dmc.actors import faults
+from rag4dmc.pipeline.io.storage import Storage
+from rag4dmc.pipeline.job.runner import read_output
 
-from actors import faults
-from pipeline.job import read_output
-from pipeline.storage import Storage
 from tests.test_job import REPO, _incomplete, _write_shards
 
 N, SHARDS = 48, 3
@@ -40,8 +40,8 @@ def _data(tmp_path: Path) -> Path:
 def _run(kb: str, tmp_path: Path, plan: list[dict], monkeypatch, config: dict | None = None) -> tuple[dict, Path, Path]:
     """The job in this process, on the session's cluster, with the fault ``plan`` set; its summary, output and
     the faults' state folder."""
-    from pipeline.config import JobConfig
-    from pipeline.job import JobSpec, run_job
+    from rag4dmc.pipeline.config import JobConfig
+    from rag4dmc.pipeline.job.runner import JobSpec, run_job
 
     out, state = tmp_path / "out", tmp_path / "faults"
     monkeypatch.setenv(faults.ENV, json.dumps({"dir": str(state), "faults": plan}))
@@ -58,7 +58,7 @@ def _job(kb: str, tmp_path: Path, plan: list[dict], config: dict | None = None,
     cfg.write_text(yaml.safe_dump({**CONFIG, **(config or {})}))
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
            faults.ENV: json.dumps({"dir": str(state), "faults": plan})}
-    cmd = [sys.executable, "-m", "pipeline.cli", "complete", "--data", str(data), "--kb", kb, "--out", str(out),
+    cmd = [sys.executable, "-m", "rag4dmc.pipeline.cli", "complete", "--data", str(data), "--kb", kb, "--out", str(out),
            "--config", str(cfg)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -147,9 +147,8 @@ def test_a_job_killed_after_two_committed_blocks_resumes_without_recomputing_the
 
 def test_an_output_bucket_that_does_not_exist_fails_before_any_actor_starts(kb, s3_server, monkeypatch):
     import s3fs
-
-    from pipeline import job
-    from pipeline.config import JobConfig
+    from rag4dmc.pipeline.config import JobConfig
+    from rag4dmc.pipeline.job import runner as job
 
     def no_plan(*args, **kwargs):
         raise AssertionError("the job planned actors for an output it cannot write")
@@ -166,8 +165,9 @@ def test_an_output_prefix_these_credentials_may_not_write_fails_before_any_actor
                                                                                         monkeypatch):
     """A read-only grant (403 AccessDenied on writes under --out, behind the proxy): refused in preflight with
     the URI, before any actor is planned, and nothing is written."""
-    from pipeline import job
-    from pipeline.config import JobConfig
+    from rag4dmc.pipeline.config import JobConfig
+    from rag4dmc.pipeline.job import runner as job
+
     from tests.faulty_s3 import FaultyProxy
 
     def no_plan(*args, **kwargs):
@@ -199,7 +199,7 @@ def test_object_storage_retries_are_logged_as_warnings(s3_bucket, s3_server, cap
             store.write_bytes(f"{s3_bucket}/retried/{i}.bin", b"x" * 100)
         assert [store.read_bytes(f"{s3_bucket}/retried/{i}.bin") for i in range(4)] == [b"x" * 100] * 4
     assert proxy.injected["503"] > 0
-    retries = [r for r in caplog.records if r.name == "pipeline.storage" and "retry" in r.getMessage().lower()]
+    retries = [r for r in caplog.records if r.name == "rag4dmc.pipeline.io.storage" and "retry" in r.getMessage().lower()]
     assert retries and all(r.levelno == logging.WARNING for r in retries)
     assert len(retries) == proxy.injected["503"]  # one warning per injected error, each retried
     assert not [r for r in caplog.records if r.name == "botocore.retries.standard"]
@@ -210,8 +210,9 @@ def test_object_storage_errors_and_resets_are_retried_and_every_row_comes_out_on
                                                                                    tmp_path):
     """Input, KB and output on S3 behind a proxy that answers every 5th request with 500, 503 SlowDown or a
     connection reset: the job completes every row exactly once (botocore retries them: storage.retries)."""
-    from pipeline.config import JobConfig
-    from pipeline.job import JobSpec, run_job
+    from rag4dmc.pipeline.config import JobConfig
+    from rag4dmc.pipeline.job.runner import JobSpec, run_job
+
     from tests.faulty_s3 import FaultyProxy
 
     direct = Storage(s3_server.storage_config)

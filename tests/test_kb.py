@@ -3,11 +3,7 @@
 import numpy as np
 import pyarrow as pa
 import pytest
-from scipy.linalg import expm
-
-from pipeline import kb as kbmod
-from pipeline import kb_store
-from pipeline.config import (
+from rag4dmc.pipeline.config import (
     AlignConfig,
     CalibrationConfig,
     FilterConfig,
@@ -16,7 +12,11 @@ from pipeline.config import (
     MappingConfig,
     RetrievalConfig,
 )
-from pipeline.retrieval import retrieve, searched_modality, shard_candidates
+from rag4dmc.pipeline.core.retrieval import retrieve, searched_modality, shard_candidates
+from rag4dmc.pipeline.kb import knowledge_base as kbmod
+from rag4dmc.pipeline.kb import store as kb_store
+from scipy.linalg import expm
+
 from tests.planted import unit
 
 D_IMG, D_TXT = 24, 16

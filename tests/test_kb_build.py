@@ -15,10 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from actors.generators import Example, grounding_image
-from pipeline import kb as kbmod
-from pipeline import kb_build, kb_store, layout
-from pipeline.config import (
+from rag4dmc.actors.generators import Example, grounding_image
+from rag4dmc.pipeline.config import (
     AlignConfig,
     BuildConfig,
     CalibrationConfig,
@@ -27,10 +25,14 @@ from pipeline.config import (
     KBConfig,
     MappingConfig,
 )
-from pipeline.example_images import ExampleImages
-from pipeline.index import VectorIndex
-from pipeline.knn import knn, normalize_rows
-from pipeline.purify import kmeans_sample_size, sample_ids
+from rag4dmc.pipeline.core.cluster_filter import kmeans_sample_size, sample_ids
+from rag4dmc.pipeline.core.index import VectorIndex
+from rag4dmc.pipeline.core.knn import knn, normalize_rows
+from rag4dmc.pipeline.io import embedding_layout as layout
+from rag4dmc.pipeline.io.kb_images import ExampleImages
+from rag4dmc.pipeline.kb import build as kb_build
+from rag4dmc.pipeline.kb import knowledge_base as kbmod
+from rag4dmc.pipeline.kb import store as kb_store
 from tests.planted import clustered
 from tests.processes import sigkill_when
 
@@ -226,7 +228,7 @@ def test_recall_below_min_at_every_search_setting_marks_the_report_and_warns_wit
     report = kb_build.recall_report([result], queries, 0.9)
     assert report["image"] == report["text"] == 0.6 and report["below_min"]
     assert (report["nprobe"]["image"], report["rerank_factor"]["image"]) == (64, 40)  # the best pair is kept
-    with caplog.at_level("WARNING", logger="pipeline.kb_build"):
+    with caplog.at_level("WARNING", logger="rag4dmc.pipeline.kb.build"):
         assert kb_build.warn_if_below_min(report)
     text = caplog.text
     assert "below index.min_recall 0.90" in text and "nprobe 64 and rerank_factor 40" in text
@@ -342,7 +344,7 @@ def test_a_build_task_computes_on_every_cpu_it_reserved(ray_local):
         torch.set_num_threads(1)  # a worker started for a 1-CPU task
         faiss.omp_set_num_threads(1)
         threadpool_limits(1)
-        from actors.resources import use_assigned_cpus
+        from rag4dmc.actors.resources import use_assigned_cpus
 
         n = use_assigned_cpus()
         return n, torch.get_num_threads(), faiss.omp_get_max_threads(), min(i["num_threads"] for i in threadpool_info())
@@ -381,8 +383,8 @@ def test_a_completed_row_names_the_examples_whose_image_could_not_be_had_and_use
     """t2i with the nearest-neighbour generator against a stored KB's entries (locations, no bytes): the
     first-ranked example's file is missing, the second's does not decode, the third is the image written; the
     row's ``skipped_examples`` provenance says which examples were skipped and why."""
-    from actors.complete import CompleteImages
-    from pipeline.config import EncoderConfig, GeneratorConfig, SelectionConfig
+    from rag4dmc.actors.complete import CompleteImages
+    from rag4dmc.pipeline.config import EncoderConfig, GeneratorConfig, SelectionConfig
 
     good = _png((0, 255, 0))
     (tmp_path / "good.png").write_bytes(good)
@@ -420,11 +422,11 @@ def test_the_memory_estimate_refuses_what_no_node_holds():
 def test_precomputed_embeddings_build_the_same_kb_that_complete_uses(ray_local, tmp_path):
     """kb build from images writes the clip-retrieval layout; a second build from that layout
     (--internal-embeddings / --external-embeddings) gives the same KB, and the job completes against it."""
-    from pipeline.datasets import write_parquet
-    from pipeline.demo_data import make_external, make_incomplete, make_internal
-    from pipeline.job import JobSpec, read_output, run_job
-    from pipeline.kb_job import KBBuildSpec, run_kb_build
-    from pipeline.storage import Storage
+    from rag4dmc.pipeline.demo.corpus import make_external, make_incomplete, make_internal
+    from rag4dmc.pipeline.io.datasets import write_parquet
+    from rag4dmc.pipeline.io.storage import Storage
+    from rag4dmc.pipeline.job.runner import JobSpec, read_output, run_job
+    from rag4dmc.pipeline.kb.runner import KBBuildSpec, run_kb_build
 
     cfg = KBConfig(mapping=MappingConfig(max_epochs=20, hidden_dim=128), calibration=CalibrationConfig(enabled=False))
     write_parquet(make_internal(120, seed=0).select(["id", "image", "text"]), f"{tmp_path}/internal/part-0.parquet")
@@ -459,7 +461,7 @@ def test_precomputed_embeddings_build_the_same_kb_that_complete_uses(ray_local, 
 
 def test_http_image_urls_get_no_object_storage_options():
     """LAION's metadata holds http(s) urls: s3fs's options (anon, key, endpoint) must not reach aiohttp."""
-    from pipeline.storage import url_to_fs
+    from rag4dmc.pipeline.io.storage import url_to_fs
 
     fs, _ = url_to_fs("https://example.com/a.png", {"anon": False, "key": "k", "client_kwargs": {}})
     assert not {"anon", "key", "client_kwargs"} & set(fs.storage_options)
@@ -508,7 +510,7 @@ def test_a_killed_kb_build_resumes_without_redoing_the_parts_it_had_written(worl
     config = {**CFG.model_dump(mode="json"), "encoder": {"backend": "open_clip", "model_name": "ViT-B-32"}}
     (tmp_path / "kb.yaml").write_text(yaml.safe_dump(config))
     kb = tmp_path / "kb"
-    cmd = [sys.executable, "-m", "pipeline.cli", "kb", "build", "--internal-embeddings", f"{tmp_path}/int",
+    cmd = [sys.executable, "-m", "rag4dmc.pipeline.cli", "kb", "build", "--internal-embeddings", f"{tmp_path}/int",
            "--external-embeddings", f"{tmp_path}/ext", "--out", str(kb), "--config", str(tmp_path / "kb.yaml")]
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": repo, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}

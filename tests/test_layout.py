@@ -10,9 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileSystem
-
-from pipeline import layout
-from pipeline.layout import (
+from rag4dmc.pipeline.io import embedding_layout as layout
+from rag4dmc.pipeline.io.embedding_layout import (
     EmbeddingShard,
     LayoutError,
     check_dims,

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import rag4dmc.actors.onnx_module as onnx_module
 import torch
-
-import actors.onnx_module as onnx_module
-from actors.onnx_module import OnnxModule, cache_key
+from rag4dmc.actors.onnx_module import OnnxModule, cache_key
 
 
 def small_convnet(seed: int) -> torch.nn.Module:

@@ -13,11 +13,11 @@ from typing import get_args
 import pyarrow as pa
 import pytest
 from PIL import Image
-
-from pipeline.config import JobConfig
-from pipeline.datasets import read_shard, write_parquet
-from pipeline.job import RUN_FILE, SUMMARY_FILE, JobSpec, RunMismatch, _check_run, run_job
-from pipeline.output import (
+from rag4dmc.pipeline.config import JobConfig
+from rag4dmc.pipeline.io.datasets import read_shard, write_parquet
+from rag4dmc.pipeline.io.storage import Storage
+from rag4dmc.pipeline.job.runner import RUN_FILE, SUMMARY_FILE, JobSpec, RunMismatch, _check_run, run_job
+from rag4dmc.pipeline.job.writer import (
     OUTPUT_FORMATS,
     committed_keys,
     count_output_rows,
@@ -30,8 +30,8 @@ from pipeline.output import (
     tar_key,
     write_file,
 )
-from pipeline.schema import OUTPUT_SCHEMA, STAGES
-from pipeline.storage import Storage
+from rag4dmc.pipeline.schema import OUTPUT_SCHEMA, STAGES
+
 from tests.test_job import JOB, _incomplete, _write_shards
 
 KEY = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -151,7 +151,14 @@ def test_committed_tars_answer_resume_count_and_read_like_parquet(tmp_path):
 
 
 def test_the_config_flag_and_the_formats_agree():
-    from pipeline.cli import COLUMN_FLAGS, JOB_FLAGS, OUTPUT_FLAGS, STORAGE_FLAGS, build_config, parser
+    from rag4dmc.pipeline.cli import (
+        COLUMN_FLAGS,
+        JOB_FLAGS,
+        OUTPUT_FLAGS,
+        STORAGE_FLAGS,
+        build_config,
+        parser,
+    )
 
     assert set(get_args(JobConfig.model_fields["output_format"].annotation)) == set(OUTPUT_FORMATS)
     args = parser().parse_args(["complete", "--data", "d", "--kb", "k", "--out", "o", "--output-format", "webdataset"])

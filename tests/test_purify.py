@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 from scipy.linalg import expm
 
-from pipeline.knn import EmbeddingError, knn
-from pipeline.purify import (
+from rag4dmc.pipeline.core.alignment import (
     align,
     align_with_report,
-    cluster_filter,
     csls_mutual_pairs,
     procrustes,
     proximal_procrustes,
 )
+from rag4dmc.pipeline.core.cluster_filter import cluster_filter
+from rag4dmc.pipeline.core.knn import EmbeddingError, knn
 from tests.planted import clustered, rotation, unit
 
 D = 64
@@ -74,7 +74,7 @@ def _dense_csls_pairs(a, b, k):
 def test_csls_pairs_equal_the_dense_definition_with_anti_hubs_and_short_lists(monkeypatch, fetch_factor):
     """The certified shortcut must give exactly the dense answer, also when few neighbours are fetched
     (many queries uncertified) and off-domain rows with low r would loosen a global bound."""
-    import pipeline.purify as purify
+    import rag4dmc.pipeline.core.alignment as alignment
 
     rng = np.random.default_rng(3)
     centers = rng.normal(size=(12, D)) * 2
@@ -82,7 +82,7 @@ def test_csls_pairs_equal_the_dense_definition_with_anti_hubs_and_short_lists(mo
     b, _ = clustered(rng, centers, 500, 0.8)
     off, _ = clustered(rng, rng.normal(size=(3, D)) * 2, 80, 0.8)  # anti-hubs: low r on either side
     a, b = np.vstack([a, off[:40]]), np.vstack([b, off[40:]])
-    monkeypatch.setattr(purify, "CSLS_FETCH_FACTOR", fetch_factor)
+    monkeypatch.setattr(alignment, "CSLS_FETCH_FACTOR", fetch_factor)
     got_i, got_j = csls_mutual_pairs(a, b, k=10)
     want_i, want_j = _dense_csls_pairs(a.astype(np.float64), b.astype(np.float64), 10)
     assert len(want_i) > 100

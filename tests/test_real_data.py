@@ -15,12 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from rag4dmc.pipeline.config import EvalConfig, JobConfig
+from rag4dmc.pipeline.io.storage import Storage
+from rag4dmc.pipeline.job.runner import JobSpec, read_output, run_job
+from rag4dmc.pipeline.kb.runner import KBBuildSpec, run_kb_build
 
 from bench.emoji import EMOJI_TEST, parse_emoji_test, split_corpus
-from pipeline.config import EvalConfig, JobConfig
-from pipeline.job import JobSpec, read_output, run_job
-from pipeline.kb_job import KBBuildSpec, run_kb_build
-from pipeline.storage import Storage
 from tests.conftest import EMOJI_TEST_GROUPS
 
 FLAT_KB_IMAGES = 12  # blank stickers and white cards planted among the KB's images: NIQE is undefined on them
@@ -93,7 +93,7 @@ def test_default_kb_build_and_completion_on_clip_art(ray_local, emoji_split):
 
 
 def test_evaluation_with_labels_and_repeats_on_clip_art(emoji_split, tmp_path):
-    from pipeline.evaluate import evaluate_datasets
+    from rag4dmc.pipeline.evaluation.runner import evaluate_datasets
 
     parts, paths, _ = emoji_split
     cfg = EvalConfig.model_validate({

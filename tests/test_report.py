@@ -1,7 +1,7 @@
 """`rag4dmc evaluate` and its report: the files it writes, its errors, and the page as Chromium renders it.
 
 One small evaluation runs through the CLI (generated scenes: complete pairs as parquet, the external
-corpus as JSONL, both read through ``pipeline.datasets``) at two missing rates, every variant, two
+corpus as JSONL, both read through ``rag4dmc.pipeline.io.datasets``) at two missing rates, every variant, two
 sweeps. The split and masking are planted, so the number of training pairs each variant trains on is
 known exactly. The report is then opened in headless Chromium: the screenshot must show something and
 every example image must have decoded in the browser (``naturalWidth > 0``).
@@ -24,13 +24,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from pipeline.cli import main
-from pipeline.config import VARIANT_NAMES
-from pipeline.demo_data import write_demo_corpus
-from pipeline.evaluate import markdown_table
-from pipeline.report import render_html
-from pipeline.variants import METRICS, VARIANTS
+from rag4dmc.pipeline.cli import main
+from rag4dmc.pipeline.config import VARIANT_NAMES
+from rag4dmc.pipeline.demo.corpus import write_demo_corpus
+from rag4dmc.pipeline.evaluation.report import render_html
+from rag4dmc.pipeline.evaluation.runner import markdown_table
+from rag4dmc.pipeline.evaluation.variants import METRICS, VARIANTS
 
 N_COMPLETE, N_EXTERNAL = 100, 120
 TEST_FRACTION = 0.2
@@ -305,8 +304,8 @@ class _ZeroEncoder:
 
 
 def test_rows_that_are_not_complete_pairs_are_left_out_with_the_reason(tmp_path: Path) -> None:
-    from pipeline.config import EvalConfig
-    from pipeline.eval_data import embed_pairs, read_pairs
+    from rag4dmc.pipeline.config import EvalConfig
+    from rag4dmc.pipeline.evaluation.data import embed_pairs, read_pairs
 
     png = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 30, 30)).save(png, format="PNG")
@@ -486,7 +485,7 @@ def test_the_screenshot_shows_the_page(rendered) -> None:
 
 
 def test_setting_columns_show_what_each_direction_ran_with() -> None:
-    from pipeline.variants import SETTING_COLUMNS
+    from rag4dmc.pipeline.evaluation.variants import SETTING_COLUMNS
 
     calibrated = {"retrieval": "fusion", "alpha": 0.5, "n_results": 4,
                   "i2t": {"alpha": 0.75, "n_results": 1}, "t2i": {"alpha": 0.75, "n_results": 8}}

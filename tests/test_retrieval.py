@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
+from rag4dmc.pipeline.config import MappingConfig, RetrievalConfig
+from rag4dmc.pipeline.core.knn import EmbeddingError
+from rag4dmc.pipeline.core.mapping import train_mapping
+from rag4dmc.pipeline.core.retrieval import Neighbours, finish_retrieval, fusion_scores, retrieve
 
-from pipeline.config import MappingConfig, RetrievalConfig
-from pipeline.knn import EmbeddingError
-from pipeline.mapping import train_mapping
-from pipeline.retrieval import Neighbours, finish_retrieval, fusion_scores, retrieve
 from tests.planted import unit
 
 D = 32
@@ -102,8 +102,8 @@ def test_cross_mode_needs_a_shared_space_and_empty_kb_is_refused():
 
 def test_cross_mode_runs_through_the_sharded_search_in_a_shared_space():
     """CLIP-like: image and text share a space, so the raw query can search the other modality's index."""
-    from pipeline.index import VectorIndex
-    from pipeline.retrieval import Shard, search
+    from rag4dmc.pipeline.core.index import VectorIndex
+    from rag4dmc.pipeline.core.retrieval import Shard, search
 
     rng = np.random.default_rng(3)
     latent = unit(rng.normal(size=(200, 8)))
@@ -118,8 +118,8 @@ def test_cross_mode_runs_through_the_sharded_search_in_a_shared_space():
 
 
 def test_a_mode_the_knowledge_base_cannot_support_fails_before_the_job_starts():
-    from pipeline.config import ConfigError, JobConfig
-    from pipeline.job import preflight
+    from rag4dmc.pipeline.config import ConfigError, JobConfig
+    from rag4dmc.pipeline.job.runner import preflight
 
     cfg = JobConfig.model_validate({"retrieval": {"mode": "cross"}, "selection": {"image_quality": "none"}})
     with pytest.raises(ConfigError, match="1280-d images and 384-d texts"):

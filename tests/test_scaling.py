@@ -1,5 +1,5 @@
-"""Pools sized from the cluster (pipeline.scaling): the slowest stage gets the most actors, nothing is given past
-what the cluster holds or can get, a user's max_actors wins, and the usage figures add up (pipeline.usage)."""
+"""Pools sized from the cluster (rag4dmc.pipeline.job.scaling): the slowest stage gets the most actors, nothing is given past
+what the cluster holds or can get, a user's max_actors wins, and the usage figures add up (rag4dmc.pipeline.job.pool_usage)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import itertools
 from unittest import mock
 
 import pytest
+from rag4dmc.actors.generators import Blip2TextGenerator, SdxlImageGenerator
+from rag4dmc.actors.resources import Resources
+from rag4dmc.pipeline.config import EncoderConfig, JobConfig, StageResources
+from rag4dmc.pipeline.job.pool_usage import Report, bounding_pool, peak, pool_usage
+from rag4dmc.pipeline.job.scaling import Pool, capacity_of, device_share, size_pools, stage_time, task_rows
 
-from actors.generators import Blip2TextGenerator, SdxlImageGenerator
-from actors.resources import Resources
-from pipeline.config import EncoderConfig, JobConfig, StageResources
-from pipeline.scaling import Pool, capacity_of, device_share, size_pools, stage_time, task_rows
-from pipeline.usage import Report, bounding_pool, peak, pool_usage
 from tests.conftest import REPO_ROOT
 
 GIB = 1024**3
@@ -133,7 +133,7 @@ def test_a_pool_slower_than_task_seconds_a_block_takes_tasks_of_whole_batches_wi
 
 
 def test_the_plan_holds_back_a_block_per_merge_where_a_pool_splits_blocks():
-    from pipeline.plan import flow_floor, partial_rows
+    from rag4dmc.pipeline.job.mapper import flow_floor, partial_rows
 
     cfg = JobConfig()
     cheap = {"embed:i2t": CLIP}
@@ -144,10 +144,10 @@ def test_the_plan_holds_back_a_block_per_merge_where_a_pool_splits_blocks():
 
 
 def test_a_measured_cost_set_for_one_direction_s_pool_resizes_the_pools_and_keeps_the_stage_s_other_settings():
-    from pipeline.plan import DIRECTIONS, actor_pools, direction_stages, plan_resources
+    from rag4dmc.pipeline.job.mapper import DIRECTIONS, actor_pools, direction_stages, plan_resources
 
-    with mock.patch("actors.encoders.describe_encoder", return_value={"image_dim": 768, "text_dim": 768}), \
-            mock.patch("actors.encoders.encoder_image_size", return_value=224):
+    with mock.patch("rag4dmc.actors.encoders.describe_encoder", return_value={"image_dim": 768, "text_dim": 768}), \
+            mock.patch("rag4dmc.actors.encoders.encoder_image_size", return_value=224):
         chains = {task: direction_stages(task, GPU_JOB, "kb", _gpu_manifest(), None) for task, _ in DIRECTIONS}
     declared = plan_resources(GPU_JOB, chains, True, capacity_of(gpu_nodes(6)))
     assert declared["generate:t2i"].max_actors > declared["generate:i2t"].max_actors  # SDXL: 2.14 s/row, BLIP2 0.25
@@ -163,10 +163,10 @@ def test_a_measured_cost_set_for_one_direction_s_pool_resizes_the_pools_and_keep
 
 
 def test_the_job_plan_sizes_gpu_pools_from_the_cluster_with_the_embedder_sharing_a_gpu():
-    from pipeline.plan import DIRECTIONS, direction_stages, plan_resources
+    from rag4dmc.pipeline.job.mapper import DIRECTIONS, direction_stages, plan_resources
 
-    with mock.patch("actors.encoders.describe_encoder", return_value={"image_dim": 768, "text_dim": 768}), \
-            mock.patch("actors.encoders.encoder_image_size", return_value=224):
+    with mock.patch("rag4dmc.actors.encoders.describe_encoder", return_value={"image_dim": 768, "text_dim": 768}), \
+            mock.patch("rag4dmc.actors.encoders.encoder_image_size", return_value=224):
         chains = {task: direction_stages(task, GPU_JOB, "kb", _gpu_manifest(), None) for task, _ in DIRECTIONS}
     pools = plan_resources(GPU_JOB, chains, True, capacity_of(gpu_nodes(6)))  # 12 GPUs, as ray_cluster.yaml allows
     assert pools["embed:i2t"].num_gpus < 1
@@ -192,9 +192,8 @@ def test_usage_counts_peak_actors_per_node_and_busy_share():
 
 def test_read_capacity_counts_what_the_autoscaler_config_may_still_add(monkeypatch):
     import ray
+    from rag4dmc.pipeline.job.scaling import read_capacity
     from ray.core.generated import autoscaler_pb2
-
-    from pipeline.scaling import read_capacity
 
     gpu_worker = {"CPU": 8, "GPU": 2, "memory": 64 * GIB}
     alive = [{"Alive": True, "Resources": {"CPU": 4.0, "memory": 16.0 * GIB}},
@@ -219,9 +218,8 @@ def test_the_shipped_cluster_config_before_any_worker_joins_gives_every_gpu_a_ge
     ray_cluster.yaml's head alone (16 CPUs), the 12 g5.2xlarge it may add count: 10 SDXL and 2 BLIP2 actors."""
     import ray
     import yaml
-
-    from pipeline import scaling
-    from pipeline.plan import DIRECTIONS, direction_stages, plan_resources
+    from rag4dmc.pipeline.job import scaling
+    from rag4dmc.pipeline.job.mapper import DIRECTIONS, direction_stages, plan_resources
 
     config = yaml.safe_load((REPO_ROOT / "ray_cluster.yaml").read_text())
     groups, worker_limit = scaling.groups_of_config(config)
@@ -234,8 +232,8 @@ def test_the_shipped_cluster_config_before_any_worker_joins_gives_every_gpu_a_ge
     monkeypatch.setattr(scaling, "config_file_groups", lambda: (groups, worker_limit))
     capacity = scaling.read_capacity()
     assert (capacity.nodes_now, capacity.nodes, capacity.gpus_now, capacity.gpus) == (1, 17, 0.0, 12.0)
-    with mock.patch("actors.encoders.describe_encoder", return_value={"image_dim": 768, "text_dim": 768}), \
-            mock.patch("actors.encoders.encoder_image_size", return_value=224):
+    with mock.patch("rag4dmc.actors.encoders.describe_encoder", return_value={"image_dim": 768, "text_dim": 768}), \
+            mock.patch("rag4dmc.actors.encoders.encoder_image_size", return_value=224):
         chains = {task: direction_stages(task, GPU_JOB, "kb", _gpu_manifest(), None) for task, _ in DIRECTIONS}
     pools = plan_resources(GPU_JOB, chains, True, capacity)
     assert (pools["generate:t2i"].max_actors, pools["generate:i2t"].max_actors) == (10, 2)
@@ -243,7 +241,7 @@ def test_the_shipped_cluster_config_before_any_worker_joins_gives_every_gpu_a_ge
 
 
 def test_the_autoscaler_config_is_the_one_this_cluster_s_monitor_was_started_with(tmp_path):
-    from pipeline.scaling import autoscaling_config_path
+    from rag4dmc.pipeline.job.scaling import autoscaling_config_path
 
     def process(pid: int, *args: str) -> None:
         (tmp_path / str(pid)).mkdir()
@@ -258,7 +256,7 @@ def test_the_autoscaler_config_is_the_one_this_cluster_s_monitor_was_started_wit
 
 
 def test_the_cluster_wide_worker_limit_goes_to_the_gpu_groups_first():
-    from pipeline.scaling import cap_workers
+    from rag4dmc.pipeline.job.scaling import cap_workers
 
     cpu, gpu = {"CPU": 16.0}, {"CPU": 8.0, "GPU": 1.0}
     assert cap_workers([(cpu, 4), (gpu, 12)], 14) == [(cpu, 2), (gpu, 12)]

@@ -2,11 +2,10 @@
 
 import numpy as np
 import pyarrow as pa
+from rag4dmc.actors.stage import Column, Produced, Stage, run_stage
+from rag4dmc.pipeline.job.mapper import StageActor
+from rag4dmc.pipeline.schema import OUTPUT_SCHEMA, restore_nulls
 from ray.data.block import BlockAccessor
-
-from actors.stage import Column, Produced, Stage, run_stage
-from pipeline.plan import StageActor
-from pipeline.schema import OUTPUT_SCHEMA, restore_nulls
 
 
 class PassThrough(Stage):

@@ -3,12 +3,9 @@
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
-
-from pipeline.assets import NIQE_ENV, NiqeParamsMissing, installed_locations, niqe_params_path
-from pipeline.config import SelectionConfig
-from pipeline.selection import (
-    NIQE_MIN_SIDE,
-    NiqeScorer,
+from rag4dmc.actors.niqe import NIQE_MIN_SIDE, NiqeScorer
+from rag4dmc.pipeline.config import SelectionConfig
+from rag4dmc.pipeline.core.selection import (
     candidate_cosines,
     consensus_bleu,
     image_score,
@@ -17,6 +14,7 @@ from pipeline.selection import (
     sentence_bleu,
     text_score,
 )
+from rag4dmc.pipeline.setup_data import NIQE_ENV, NiqeParamsMissing, installed_locations, niqe_params_path
 
 
 def test_sentence_bleu_is_scaled_to_unit_range():
@@ -97,7 +95,7 @@ def test_missing_niqe_parameters_say_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(NiqeParamsMissing, match=NIQE_ENV):
         niqe_params_path(None)
     monkeypatch.delenv(NIQE_ENV)
-    monkeypatch.setattr("pipeline.assets.installed_locations", lambda: [tmp_path / "a.npz", tmp_path / "b.npz"])
+    monkeypatch.setattr("rag4dmc.pipeline.setup_data.installed_locations", lambda: [tmp_path / "a.npz", tmp_path / "b.npz"])
     with pytest.raises(NiqeParamsMissing, match="run `rag4dmc setup`.*--image-quality none"):
         niqe_params_path(None)
 
@@ -118,7 +116,7 @@ def test_setup_installs_verified_parameters_from_the_sdist(tmp_path):
     import io
     import tarfile
 
-    from pipeline.assets import NIQE_SHA256, extract_niqe_params, install_niqe_params
+    from rag4dmc.pipeline.setup_data import NIQE_SHA256, extract_niqe_params, install_niqe_params
 
     real = niqe_params_path(None)
     sdist = tmp_path / "basicsr-1.4.2.tar.gz"

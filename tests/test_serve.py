@@ -29,10 +29,9 @@ import pytest
 import yaml
 from PIL import Image
 from pydantic import SecretStr
-
-from actors.images import load_image
-from deploy.app import APP_NAME, COMPLETE_PATH, DEPLOYMENTS, HEALTH_PATH, build_app
-from deploy.protocol import (
+from rag4dmc.actors.images import load_image
+from rag4dmc.deploy.app import APP_NAME, COMPLETE_PATH, DEPLOYMENTS, HEALTH_PATH, build_app
+from rag4dmc.deploy.protocol import (
     API_KEY_HEADER,
     MAX_ID_CHARS,
     CompletionRequest,
@@ -44,7 +43,8 @@ from deploy.protocol import (
     prepare_query,
     read_body,
 )
-from pipeline.config import ConfigError, JobConfig, KBConfig, MappingConfig, ServeConfig, validate
+from rag4dmc.pipeline.config import ConfigError, JobConfig, KBConfig, MappingConfig, ServeConfig, validate
+
 from tests.conftest import LOOPBACK
 from tests.processes import until
 
@@ -203,11 +203,11 @@ def test_serve_config_validates_and_shares_the_jobs_config_hash():
 
 
 def test_cli_serve_builds_the_config_from_flags_and_environment(monkeypatch):
-    import deploy.app
-    from pipeline import cli
+    import rag4dmc.deploy.app
+    from rag4dmc.pipeline import cli
 
     seen = {}
-    monkeypatch.setattr(deploy.app, "run_local", lambda cfg, host, port: seen.update(cfg=cfg, host=host, port=port))
+    monkeypatch.setattr(rag4dmc.deploy.app, "run_local", lambda cfg, host, port: seen.update(cfg=cfg, host=host, port=port))
     monkeypatch.setenv(cli.API_KEY_ENV, "from-env")
     assert cli.main(["serve", "--kb", "some/kb", "--alpha", "0.25", "--max-upload-bytes", "1000", "--port", "9"]) == 0
     cfg = seen["cfg"]
@@ -219,11 +219,11 @@ def test_cli_serve_builds_the_config_from_flags_and_environment(monkeypatch):
 
 
 def test_replicas_are_sized_from_the_actor_declarations():
-    from actors.encoders import LiteEncoder
-    from actors.generators import Blip2TextGenerator
-    from deploy.app import deployment_options, replica_resources
-    from pipeline.config import StageResources
-    from pipeline.scaling import capacity_of
+    from rag4dmc.actors.encoders import LiteEncoder
+    from rag4dmc.actors.generators import Blip2TextGenerator
+    from rag4dmc.deploy.app import deployment_options, replica_resources
+    from rag4dmc.pipeline.config import StageResources
+    from rag4dmc.pipeline.job.scaling import capacity_of
 
     def sized(declared, override=None, use_gpus=False, capacity=None):
         return replica_resources({"generate:i2t": declared}, {"generate": override}, use_gpus, capacity)["generate:i2t"]
@@ -251,7 +251,7 @@ def test_serve_config_file_matches_the_application():
 
     config = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_CONFIG.read_text()))
     (app,) = config.applications
-    assert app.import_path == "deploy.app:build_app"
+    assert app.import_path == "rag4dmc.deploy.app:build_app"
     validate(app.args, ServeConfig)
     assert [d.name for d in app.deployments] == list(DEPLOYMENTS)
     for d in app.deployments:
@@ -277,9 +277,9 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def kb(ray_local, tmp_path_factory) -> str:
-    from pipeline.datasets import write_parquet
-    from pipeline.demo_data import make_external, make_internal
-    from pipeline.kb_job import KBBuildSpec, run_kb_build
+    from rag4dmc.pipeline.demo.corpus import make_external, make_internal
+    from rag4dmc.pipeline.io.datasets import write_parquet
+    from rag4dmc.pipeline.kb.runner import KBBuildSpec, run_kb_build
 
     """The service's KB is built the way most users build theirs: from precomputed embeddings in the
     clip-retrieval layout (here the layout a build from images wrote), its entries pointing at the images by
@@ -326,14 +326,14 @@ def _post(service: Service, *, json_body=None, files=None, data=None, headers=No
 
 
 def _samples(n: int, seed: int) -> tuple[list[bytes], list[str]]:
-    from pipeline.demo_data import make_internal
+    from rag4dmc.pipeline.demo.corpus import make_internal
 
     table = make_internal(n, seed=seed)
     return table.column("image").to_pylist(), table.column("text").to_pylist()
 
 
 def _kb_rows(kb: str) -> dict[str, dict]:
-    from pipeline import kb_store
+    from rag4dmc.pipeline.kb import store as kb_store
 
     entries = kb_store.load(kb, shards=[], with_entries=True).entries.to_pylist()
     return {e["id"]: e for e in entries}
@@ -344,12 +344,11 @@ def test_health_and_completions_carry_the_jobs_provenance(service):
     import tempfile
 
     import requests
-
-    from actors.encoders import create_encoder
-    from pipeline import kb_store
-    from pipeline.calibrate import effective_settings
-    from pipeline.config import EncoderConfig
-    from pipeline.example_images import ExampleImages
+    from rag4dmc.actors.encoders import create_encoder
+    from rag4dmc.pipeline.config import EncoderConfig
+    from rag4dmc.pipeline.io.kb_images import ExampleImages
+    from rag4dmc.pipeline.kb import store as kb_store
+    from rag4dmc.pipeline.kb.calibrate import effective_settings
 
     health = requests.get(f"{service.url}{HEALTH_PATH}", timeout=HTTP_TIMEOUT_S)  # no key needed
     kb = kb_store.load(service.kb, shards=None, with_entries=True)
@@ -451,7 +450,7 @@ class ServeProcess:
     def __init__(self, kb: str, log: Path, *, config: dict | None = None, env: dict | None = None):
         self.port, self.log = _free_port(), log
         self.url = f"http://{LOOPBACK}:{self.port}"
-        cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--kb", kb, "--host", LOOPBACK, "--port",
+        cmd = [sys.executable, "-m", "rag4dmc.pipeline.cli", "serve", "--kb", kb, "--host", LOOPBACK, "--port",
                str(self.port), "--image-quality", "none"]
         if config:
             path = log.with_suffix(".yaml")

@@ -6,10 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
-
-from actors.stage import ChainError, Column, Produced, Stage, apply, check_chain, run_chain
-from pipeline.config import CalibrationConfig, IndexConfig, JobConfig, KBConfig, MappingConfig
-from pipeline.schema import INPUT_SCHEMA, TASK_FAILED, TASK_I2T, TASK_OBSERVED, TASK_T2I
+from rag4dmc.actors.stage import ChainError, Column, Produced, Stage, apply, check_chain, run_chain
+from rag4dmc.pipeline.config import CalibrationConfig, IndexConfig, JobConfig, KBConfig, MappingConfig
+from rag4dmc.pipeline.schema import INPUT_SCHEMA, TASK_FAILED, TASK_I2T, TASK_OBSERVED, TASK_T2I
 
 
 def _objects(values) -> np.ndarray:
@@ -91,8 +90,8 @@ def test_the_chain_check_names_the_missing_column_and_who_writes_it_too_late():
 
 
 def _manifest(n_shards: int) -> dict:
-    from actors.encoders import describe_encoder
-    from pipeline.config import EncoderConfig
+    from rag4dmc.actors.encoders import describe_encoder
+    from rag4dmc.pipeline.config import EncoderConfig
 
     dims = describe_encoder(EncoderConfig())
     return {"config": {"encoder": EncoderConfig().model_dump(mode="json")}, "shards": list(range(n_shards)),
@@ -101,8 +100,8 @@ def _manifest(n_shards: int) -> dict:
 
 @pytest.mark.parametrize("task", [TASK_I2T, TASK_T2I])
 def test_the_job_s_chains_pass_the_check_and_a_reordered_one_fails_it(task):
-    from actors.retrieve import RetrieveNeighbours
-    from pipeline.plan import check_stages, direction_stages
+    from rag4dmc.actors.retrieve import RetrieveNeighbours
+    from rag4dmc.pipeline.job.mapper import check_stages, direction_stages
 
     stages = direction_stages(task, JobConfig(shards_per_actor=1), "kb", _manifest(3), None)
     check_stages(stages)
@@ -122,15 +121,15 @@ def test_the_job_s_chains_pass_the_check_and_a_reordered_one_fails_it(task):
 @pytest.fixture(scope="module")
 def three_shard_kb(tmp_path_factory):
     """A KB of 160 demo pairs embedded by the KB build's own stages (in process), saved in three shards."""
-    from actors.embed import EmbedPairs
-    from actors.encoders import encoder_image_size
-    from actors.preprocess import FetchAndDecode
-    from pipeline import kb as kbmod
-    from pipeline import kb_store
-    from pipeline.config import EncoderConfig
-    from pipeline.datasets import ShardResult
-    from pipeline.datasource import keyed_rows
-    from pipeline.demo_data import make_internal
+    from rag4dmc.actors.embed import EmbedPairs
+    from rag4dmc.actors.encoders import encoder_image_size
+    from rag4dmc.actors.preprocess import FetchAndDecode
+    from rag4dmc.pipeline.config import EncoderConfig
+    from rag4dmc.pipeline.demo.corpus import make_internal
+    from rag4dmc.pipeline.io.datasets import ShardResult
+    from rag4dmc.pipeline.job.reader import keyed_rows
+    from rag4dmc.pipeline.kb import knowledge_base as kbmod
+    from rag4dmc.pipeline.kb import store as kb_store
 
     enc = EncoderConfig()
     pairs = make_internal(160, seed=0).select(["id", "image", "text"])
@@ -140,7 +139,7 @@ def three_shard_kb(tmp_path_factory):
     vectors = {"image": embedded["image_emb"], "text": embedded["text_emb"]}
     cfg = KBConfig(mapping=MappingConfig(max_epochs=20, hidden_dim=128), index=IndexConfig(shards=3),
                    calibration=CalibrationConfig(enabled=False), use_external=False)
-    from actors.encoders import describe_encoder
+    from rag4dmc.actors.encoders import describe_encoder
 
     kb = kbmod.build_knowledge_base(pairs, vectors, cfg=cfg, encoder_info=describe_encoder(enc))
     out = str(tmp_path_factory.mktemp("kb3") / "kb")
@@ -161,12 +160,12 @@ def _as_batch(table: pa.Table) -> dict[str, np.ndarray]:
 
 
 def test_the_whole_chain_over_three_shard_groups_equals_one_shard_retrieval(three_shard_kb):
-    from pipeline import kb_store
-    from pipeline.datasets import ShardResult
-    from pipeline.datasource import keyed_rows
-    from pipeline.demo_data import make_incomplete
-    from pipeline.plan import direction_stages
-    from pipeline.retrieval import retrieve
+    from rag4dmc.pipeline.core.retrieval import retrieve
+    from rag4dmc.pipeline.demo.corpus import make_incomplete
+    from rag4dmc.pipeline.io.datasets import ShardResult
+    from rag4dmc.pipeline.job.mapper import direction_stages
+    from rag4dmc.pipeline.job.reader import keyed_rows
+    from rag4dmc.pipeline.kb import store as kb_store
 
     kb = kb_store.load(three_shard_kb)
     assert len(kb.shards) == 3
@@ -206,11 +205,11 @@ def test_the_modules_a_cpu_task_worker_imports_load_no_model_library():
     import subprocess
     import sys
 
-    modules = ["actors.stage", "actors.preprocess", "pipeline.datasource", "pipeline.output", "pipeline.flow"]
+    modules = ["rag4dmc.actors.stage", "rag4dmc.actors.preprocess", "rag4dmc.pipeline.job.reader", "rag4dmc.pipeline.job.writer", "rag4dmc.pipeline.job.in_flight"]
     code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint(sorted({{'torch', 'faiss'}} & set(sys.modules)))"
     heavy = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert heavy.stdout.strip() == "[]"
-    from actors.stage import run_stage
-    from pipeline.output import finalize
+    from rag4dmc.actors.stage import run_stage
+    from rag4dmc.pipeline.job.writer import finalize
 
-    assert run_stage.__module__ == "actors.stage" and finalize.__module__ == "pipeline.output"
+    assert run_stage.__module__ == "rag4dmc.actors.stage" and finalize.__module__ == "rag4dmc.pipeline.job.writer"

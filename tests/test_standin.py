@@ -1,4 +1,4 @@
-"""Stand-in GPU stages (``actors.standin``): off by default; with ``RAG4DMC_STANDIN`` set, the factories hand out
+"""Stand-in GPU stages (``rag4dmc.actors.standin``): off by default; with ``RAG4DMC_STANDIN`` set, the factories hand out
 classes that declare the GPU models' resources, hold their actor for the scaled per-row cost and return cheap,
 deterministic results. The sleep is checked by its arguments (a recording ``hold``), never by the clock."""
 
@@ -8,12 +8,11 @@ import json
 
 import numpy as np
 import pytest
-
-from actors import encoders, generators, standin
-from actors.embed import EmbedQueries
-from actors.generators import Example, NearestNeighbourImageGenerator, NearestNeighbourTextGenerator
-from pipeline.config import EncoderConfig, GeneratorConfig
-from pipeline.demo_data import make_internal
+from rag4dmc.actors import encoders, generators, standin
+from rag4dmc.actors.embed import EmbedQueries
+from rag4dmc.actors.generators import Example, NearestNeighbourImageGenerator, NearestNeighbourTextGenerator
+from rag4dmc.pipeline.config import EncoderConfig, GeneratorConfig
+from rag4dmc.pipeline.demo.corpus import make_internal
 
 LITE = EncoderConfig()
 OPEN_CLIP = EncoderConfig(backend="open_clip", model_name="ViT-L-14")

@@ -1,0 +1,159 @@
+"""Cross-modal bidirectional mapping (RAG4DMC, Key Design 1).
+
+Two maps, f_I->T and f_T->I, trained only on internal complete pairs with
+
+    L_map = mean(||f_I->T(z_I) - z_T||^2 + ||f_T->I(z_T) - z_I||^2).
+
+Where the two embedding sizes are equal (a CLIP-like shared space) the input projection and hidden
+trunk are shared by both directions; where they differ (separate image and text encoders) each
+modality has its own input projection. Each direction has its own output head. The mapped vectors
+are the pseudo-embeddings z_hat that fusion retrieval and candidate selection compare against.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rag4dmc.pipeline.config import MappingConfig
+from rag4dmc.pipeline.core.knn import EmbeddingError, check_matrix, normalize_rows
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MIN_TRAIN_PAIRS = 4
+
+
+class CrossModalMapper(nn.Module):
+    """f_I->T and f_T->I as one module; ``image_to_text`` / ``text_to_image`` return unit vectors."""
+
+    def __init__(self, image_dim: int, text_dim: int, hidden_dim: int = 1024, num_layers: int = 2):
+        super().__init__()
+        self.image_dim, self.text_dim = image_dim, text_dim
+        self.hidden_dim, self.num_layers = hidden_dim, num_layers
+        self.shared = image_dim == text_dim
+        self.in_image = nn.Linear(image_dim, hidden_dim)
+        self.in_text = self.in_image if self.shared else nn.Linear(text_dim, hidden_dim)
+        trunk: list[nn.Module] = [nn.GELU()]
+        for _ in range(num_layers - 1):
+            trunk += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+        self.trunk = nn.Sequential(*trunk)
+        self.to_text = nn.Linear(hidden_dim, text_dim)
+        self.to_image = nn.Linear(hidden_dim, image_dim)
+
+    def forward(self, z_image: torch.Tensor, z_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f_I->T(z_I), f_T->I(z_T))."""
+        return self.to_text(self.trunk(self.in_image(z_image))), self.to_image(self.trunk(self.in_text(z_text)))
+
+    @torch.inference_mode()
+    def image_to_text(self, z_image: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        """Pseudo text embeddings z_hat_T = f_I->T(z_I), unit-normalised."""
+        x = check_matrix(z_image, "image embeddings")
+        self._check_dim(x, self.image_dim, "image")
+        return self._apply(lambda t: self.to_text(self.trunk(self.in_image(t))), x, batch_size)
+
+    @torch.inference_mode()
+    def text_to_image(self, z_text: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        """Pseudo image embeddings z_hat_I = f_T->I(z_T), unit-normalised."""
+        x = check_matrix(z_text, "text embeddings")
+        self._check_dim(x, self.text_dim, "text")
+        return self._apply(lambda t: self.to_image(self.trunk(self.in_text(t))), x, batch_size)
+
+    def _apply(self, fn, x: np.ndarray, batch_size: int) -> np.ndarray:
+        self.eval()
+        out = [fn(torch.from_numpy(x[s : s + batch_size])).numpy() for s in range(0, len(x), batch_size)]
+        y = np.concatenate(out) if out else np.zeros((0, self.to_text.out_features), np.float32)
+        return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+
+    @staticmethod
+    def _check_dim(x: np.ndarray, want: int, what: str) -> None:
+        if x.shape[1] != want:
+            raise EmbeddingError(f"the mapping expects {want}-d {what} embeddings, got {x.shape[1]}-d")
+
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        """Write weights and architecture to one torch file."""
+        arch = {"image_dim": self.image_dim, "text_dim": self.text_dim,
+                "hidden_dim": self.hidden_dim, "num_layers": self.num_layers}
+        torch.save({"arch": arch, "state_dict": self.state_dict(), "extra": extra or {}}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CrossModalMapper:
+        """Read a mapping written by save()."""
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        model = cls(**blob["arch"])
+        model.load_state_dict(blob["state_dict"])
+        return model.eval()
+
+
+@dataclass
+class MappingReport:
+    epochs: int
+    best_epoch: int
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    n_train: int = 0
+    n_val: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def mapping_loss(model: CrossModalMapper, z_image: torch.Tensor, z_text: torch.Tensor) -> torch.Tensor:
+    """L_map = mean(||f_I->T(z_I) - z_T||^2 + ||f_T->I(z_T) - z_I||^2)."""
+    to_text, to_image = model(z_image, z_text)
+    return ((to_text - z_text).pow(2).sum(1) + (to_image - z_image).pow(2).sum(1)).mean()
+
+
+def train_mapping(
+    z_image: np.ndarray, z_text: np.ndarray, cfg: MappingConfig = MappingConfig()
+) -> tuple[CrossModalMapper, MappingReport]:
+    """Fit the bidirectional mapping on paired internal embeddings, early-stopped on a held-out split."""
+    zi = normalize_rows(z_image, "image embeddings")
+    zt = normalize_rows(z_text, "text embeddings")
+    if len(zi) != len(zt):
+        raise EmbeddingError(f"need paired rows: {len(zi)} image vs {len(zt)} text embeddings")
+    if len(zi) < MIN_TRAIN_PAIRS:
+        raise EmbeddingError(f"need at least {MIN_TRAIN_PAIRS} internal pairs to train the mapping, got {len(zi)}")
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    perm = torch.randperm(len(zi), generator=gen).numpy()
+    n_val = max(1, int(round(cfg.val_fraction * len(zi))))
+    val, train = perm[:n_val], perm[n_val:]
+    ti, tt = torch.from_numpy(zi[train]), torch.from_numpy(zt[train])
+    vi, vt = torch.from_numpy(zi[val]), torch.from_numpy(zt[val])
+
+    model = CrossModalMapper(zi.shape[1], zt.shape[1], cfg.hidden_dim, cfg.num_layers)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    report = MappingReport(epochs=0, best_epoch=0, n_train=len(train), n_val=n_val)
+    best_val, best_state, stale = float("inf"), copy.deepcopy(model.state_dict()), 0
+    for epoch in range(cfg.max_epochs):
+        model.train()
+        order = torch.randperm(len(train), generator=gen)
+        total = 0.0
+        for start in range(0, len(train), cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            loss = mapping_loss(model, ti[idx], tt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        model.eval()
+        with torch.inference_mode():
+            val_loss = float(mapping_loss(model, vi, vt))
+        report.train_loss.append(total / len(train))
+        report.val_loss.append(val_loss)
+        report.epochs = epoch + 1
+        if val_loss < best_val - 1e-6:
+            best_val, best_state, stale, report.best_epoch = val_loss, copy.deepcopy(model.state_dict()), 0, epoch
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    model.load_state_dict(best_state)
+    log.info("mapping: %d epochs, best held-out L_map %.4f at epoch %d", report.epochs, best_val, report.best_epoch)
+    return model.eval(), report

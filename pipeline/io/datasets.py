@@ -1,0 +1,481 @@
+"""Dataset I/O: parquet, JSONL and WebDataset tar shards (img2dataset layout), local or s3:// via fsspec.
+
+Every reader returns the canonical sample schema (:data:`CANONICAL_SCHEMA`): ``id``, ``image`` (bytes),
+``image_uri`` (when the image column holds a path or URI instead of bytes), ``text``, ``source_shard``
+and ``input_error`` (why a row is unusable, e.g. a text that is not a string; null for good rows).
+A null, empty or whitespace-only value means the modality is missing. A shard that cannot be read, or
+a tar member that is corrupt, is reported in :attr:`ShardResult.errors` and the rest is read: only an
+input path that does not exist or holds no shards is an exception.
+
+A shard is fetched whole (with retries for transient storage errors) and parsed in memory, so a read
+task holds one shard at a time; img2dataset's shards are a few hundred MB at most.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any, TypeVar
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rag4dmc.pipeline.config import ColumnsConfig
+from rag4dmc.pipeline.io.storage import is_remote, url_to_fs
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+FORMATS = ("parquet", "jsonl", "webdataset")
+SHARD_EXTENSIONS = {"parquet": (".parquet",), "jsonl": (".jsonl",), "webdataset": (".tar",)}
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # img2dataset's image members
+TEXT_EXTENSION = "txt"
+META_EXTENSION = "json"
+DEFAULT_COLUMNS = ColumnsConfig()
+
+RETRY_ATTEMPTS = 4
+RETRY_BASE_DELAY_S = 0.5  # the readers look this up at call time, so a test (or a caller) can tune it
+RETRY_JITTER = 0.25  # each delay is base * 2**attempt * (1 + U(0, jitter)): growing, never colliding
+NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+TAR_BLOCK = tarfile.BLOCKSIZE
+SUSPECT_SAMPLE = "a neighbouring tar member was unreadable, so this sample may be missing a member"
+
+LABEL_COLUMN = "label"  # read_shard appends it (strings) when columns.label names an input column
+CANONICAL_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("image", pa.binary()),
+    ("image_uri", pa.string()),
+    ("text", pa.string()),
+    ("source_shard", pa.string()),
+    ("input_error", pa.string()),
+])
+
+_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"GIF8", "gif"))
+
+
+class ShardFormatError(ValueError):
+    """A shard that is readable but does not hold the configured columns."""
+
+
+@dataclass
+class ShardResult:
+    """One shard in the canonical schema, plus what could not be read (shard- or member-level)."""
+
+    table: pa.Table
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _RawRows:
+    """A shard's rows as plain values, before canonicalisation; ``problems`` holds per-row errors."""
+
+    ids: list[Any]
+    images: list[Any]
+    texts: list[Any]
+    problems: list[str | None]
+    labels: list[Any] = field(default_factory=list)  # only when columns.label is set
+
+    @classmethod
+    def empty(cls) -> _RawRows:
+        return cls([], [], [], [], [])
+
+
+def with_retries(fn: Callable[[], T], attempts: int = RETRY_ATTEMPTS, base_delay: float = RETRY_BASE_DELAY_S,
+                 sleep: Callable[[float], None] = time.sleep) -> T:
+    """Call ``fn``; retry transient storage errors (``OSError`` but not missing/forbidden paths) with backoff."""
+    if attempts < 1:
+        raise ValueError(f"attempts must be at least 1, got {attempts}")
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except NOT_TRANSIENT:
+            raise
+        except OSError as exc:
+            if attempt == attempts - 1:
+                raise
+            delay = base_delay * 2**attempt * (1 + random.uniform(0, RETRY_JITTER))
+            log.warning("transient storage error (%s); retry %d/%d in %.2fs", exc, attempt + 1, attempts - 1, delay)
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _filesystem(uri: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem of ``uri`` and its path there (``rag4dmc.pipeline.io.storage.url_to_fs``)."""
+    return url_to_fs(uri, storage_options)
+
+
+def _check_format(format: str) -> None:
+    if format != "auto" and format not in FORMATS:
+        raise ValueError(f"unknown dataset format {format!r}: use 'auto' or one of {', '.join(FORMATS)}")
+
+
+def detect_format(uri: str) -> str:
+    """The shard format from the file extension (.parquet, .jsonl, .tar)."""
+    for fmt, exts in SHARD_EXTENSIONS.items():
+        if uri.endswith(exts):
+            return fmt
+    known = ", ".join(e for exts in SHARD_EXTENSIONS.values() for e in exts)
+    raise ValueError(f"cannot tell the format of {uri} (known extensions: {known}); pass the format explicitly")
+
+
+def _is_data_file(path: str) -> bool:
+    return not PurePosixPath(path).name.startswith((".", "_"))  # _SUCCESS, .crc, _stats.json ...
+
+
+def list_shards(path: str, storage_options: dict | None = None, format: str = "auto") -> list[str]:
+    """The shard files at ``path`` (one file or a folder of shards), sorted; raises if there are none."""
+    _check_format(format)
+    fs, root = _filesystem(path, storage_options)
+    if not with_retries(lambda: fs.exists(root), base_delay=RETRY_BASE_DELAY_S):
+        raise FileNotFoundError(f"input {path} does not exist: check the path and the storage options "
+                                "(endpoint, credentials)")
+    if with_retries(lambda: fs.isfile(root), base_delay=RETRY_BASE_DELAY_S):
+        if format == "auto":
+            detect_format(path)
+        return [path]
+    found = sorted(with_retries(lambda: fs.find(root), base_delay=RETRY_BASE_DELAY_S))
+    formats = [format] if format != "auto" else list(FORMATS)
+    by_format = {f: [p for p in found if p.endswith(SHARD_EXTENSIONS[f]) and _is_data_file(p)] for f in formats}
+    present = [f for f, files in by_format.items() if files]
+    if not present:
+        wanted = ", ".join(e for f in formats for e in SHARD_EXTENSIONS[f])
+        raise FileNotFoundError(f"no shards under {path}: expected files ending in {wanted}")
+    if len(present) > 1:
+        counts = ", ".join(f"{len(by_format[f])} {f}" for f in present)
+        raise ValueError(f"{path} holds shards of several formats ({counts}); pass the format explicitly "
+                         "(img2dataset writes .parquet metadata beside its .tar shards: use 'webdataset')")
+    protocol = path.split("://", 1)[0] + "://" if "://" in path else ""
+    return [p if p.startswith(protocol) else protocol + p for p in by_format[present[0]]]
+
+
+def read_shard(uri: str, columns: ColumnsConfig = DEFAULT_COLUMNS, storage_options: dict | None = None,
+               format: str = "auto", attempts: int = RETRY_ATTEMPTS) -> ShardResult:
+    """One shard in the canonical schema; unreadable or corrupt content is reported, never raised."""
+    _check_format(format)
+    fmt = detect_format(uri) if format == "auto" else format
+    try:
+        fs, path = _filesystem(uri, storage_options)
+        data = with_retries(lambda: fs.cat_file(path), attempts, RETRY_BASE_DELAY_S)
+    except OSError as exc:
+        tries = "" if isinstance(exc, NOT_TRANSIENT) else f" after {attempts} attempts"
+        return ShardResult(_empty(columns), [f"could not read shard {uri}{tries}: {type(exc).__name__}: {exc}"])
+    errors: list[str] = []
+    try:
+        if fmt == "parquet":
+            raw = _parse_parquet(data, columns)
+        elif fmt == "jsonl":
+            raw, errors = _parse_jsonl(data, uri, columns)
+        else:
+            raw, errors = _parse_tar(data, uri, columns)
+    except ShardFormatError as exc:
+        return ShardResult(_empty(columns), [f"shard {uri}: {exc}"])
+    except Exception as exc:  # noqa: BLE001 - a corrupt shard is reported and the job carries on
+        return ShardResult(_empty(columns), [f"corrupt {fmt} shard {uri}: {type(exc).__name__}: {exc}"])
+    table = _canonical(raw, uri)
+    if columns.label:  # an extra column after the canonical ones, for the callers that asked for it
+        table = table.append_column(LABEL_COLUMN, pa.array([None if v is None else str(v) for v in raw.labels],
+                                                            pa.string()))
+    return ShardResult(table, errors)
+
+
+def _empty(columns: ColumnsConfig) -> pa.Table:
+    table = CANONICAL_SCHEMA.empty_table()
+    return table.append_column(LABEL_COLUMN, pa.array([], pa.string())) if columns.label else table
+
+
+def read_dataset(path: str, columns: ColumnsConfig = DEFAULT_COLUMNS, storage_options: dict | None = None,
+                 format: str = "auto") -> tuple[pa.Table, list[str]]:
+    """Every shard at ``path`` in one canonical table (driver side, small data) and the read errors."""
+    tables, errors = [], []
+    for shard in list_shards(path, storage_options, format):
+        result = read_shard(shard, columns, storage_options, format)
+        tables.append(result.table)
+        errors.extend(result.errors)
+    return pa.concat_tables(tables), errors
+
+
+# --- parsing -----------------------------------------------------------------------------------
+
+
+def _require_modality_column(names: list[str] | set[str], columns: ColumnsConfig) -> None:
+    if columns.image not in names and columns.text not in names:
+        raise ShardFormatError(f"neither the image column {columns.image!r} nor the text column {columns.text!r} "
+                               f"exists (columns: {', '.join(sorted(names))}); set columns.image / columns.text")
+
+
+def _parse_parquet(data: bytes, columns: ColumnsConfig) -> _RawRows:
+    """The id/image/text columns of a parquet file (other columns are not decoded)."""
+    names = pq.read_schema(io.BytesIO(data)).names
+    _require_modality_column(names, columns)
+    wanted = [c for c in (columns.id, columns.image, columns.text, columns.label) if c in names]
+    table = pq.read_table(io.BytesIO(data), columns=wanted)
+    n = table.num_rows
+
+    def values(name: str | None) -> list[Any]:
+        return table.column(name).to_pylist() if name in wanted else [None] * n
+
+    return _RawRows(values(columns.id), values(columns.image), values(columns.text), [None] * n,
+                    values(columns.label) if columns.label else [])
+
+
+def _parse_jsonl(data: bytes, shard: str, columns: ColumnsConfig) -> tuple[_RawRows, list[str]]:
+    """One JSON object per line; an invalid line is an error naming the line, the others are read."""
+    rows, errors, keys = _RawRows.empty(), [], set()
+    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            errors.append(f"{shard} line {number}: invalid JSON ({exc})")
+            continue
+        if not isinstance(obj, dict):
+            errors.append(f"{shard} line {number}: expected a JSON object, got {type(obj).__name__}")
+            continue
+        keys.update(obj)
+        rows.ids.append(obj.get(columns.id))
+        rows.images.append(obj.get(columns.image))
+        rows.texts.append(obj.get(columns.text))
+        rows.problems.append(None)
+        if columns.label:
+            rows.labels.append(obj.get(columns.label))
+    if rows.ids:
+        _require_modality_column(keys, columns)
+    return rows, errors
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """WebDataset naming: the key is the path up to the first dot of the file name, the rest the extension."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _nonzero(data: bytes, start: int, end: int) -> bool:
+    return data[start:end].strip(b"\0") != b""
+
+
+def _parse_tar(data: bytes, shard: str, columns: ColumnsConfig) -> tuple[_RawRows, list[str]]:
+    """img2dataset layout: ``<key>.jpg|png|webp``, ``<key>.txt``, ``<key>.json`` grouped by key.
+
+    A member whose header or data is corrupt is reported and skipped; reading resumes at the next
+    readable header. The samples bordering a skipped region are kept but marked with an input error,
+    since the lost member may have been theirs (a text-only row must not be completed with a new image
+    when its own image was merely unreadable).
+    """
+    samples: dict[str, dict[str, Any]] = {}
+    errors: list[str] = []
+    suspects: set[str] = set()
+    expected, previous = 0, None  # where the next header should start; the key of the last member
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:", ignore_zeros=True) as tar:
+        while True:
+            try:
+                member = tar.next()
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                errors.append(f"corrupt tar member in {shard} at byte {expected}: {exc}; the rest is unreadable")
+                suspects.update(k for k in (previous,) if k)
+                expected = len(data)
+                break
+            if member is None:
+                break
+            key, ext = _split_member(member.name)
+            if member.offset > expected and _nonzero(data, expected, member.offset):
+                errors.append(f"corrupt tar member in {shard}: unreadable bytes {expected}-{member.offset} skipped")
+                suspects.update(k for k in (previous, key) if k)
+            if member.offset_data + member.size > len(data):
+                errors.append(f"corrupt tar member {member.name} in {shard}: truncated after "
+                              f"{len(data) - member.offset_data} of {member.size} bytes; the rest is lost")
+                suspects.add(key)
+                expected = len(data)
+                break
+            expected = member.offset_data + -(-member.size // TAR_BLOCK) * TAR_BLOCK
+            previous = key
+            if not member.isfile():
+                continue
+            try:
+                payload = tar.extractfile(member).read()
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                errors.append(f"corrupt tar member {member.name} in {shard}: {exc}")
+                suspects.add(key)
+                continue
+            _add_member(samples.setdefault(key, {}), ext, payload)
+    if expected < len(data) and _nonzero(data, expected, len(data)):
+        errors.append(f"corrupt tar member in {shard}: unreadable bytes {expected}-{len(data)} at the end")
+        suspects.update(k for k in (previous,) if k)
+    return _tar_rows(samples, suspects, columns), errors
+
+
+def _add_member(sample: dict[str, Any], ext: str, payload: bytes) -> None:
+    if ext in IMAGE_EXTENSIONS:
+        sample.setdefault("image", payload)
+    elif ext == TEXT_EXTENSION:
+        sample["text"] = payload
+    elif ext == META_EXTENSION:
+        sample["meta"] = payload
+
+
+def _tar_rows(samples: dict[str, dict[str, Any]], suspects: set[str], columns: ColumnsConfig) -> _RawRows:
+    """Rows from grouped members; the .json metadata gives the id, and image/text when no member does."""
+    rows = _RawRows.empty()
+    for key, sample in samples.items():
+        problems = [SUSPECT_SAMPLE] if key in suspects else []
+        meta: dict[str, Any] = {}
+        if "meta" in sample:
+            try:
+                decoded = json.loads(sample["meta"])
+                meta = decoded if isinstance(decoded, dict) else {}
+            except ValueError as exc:
+                problems.append(f"{key}.json is not valid JSON ({exc})")
+        text = sample.get("text")
+        if isinstance(text, bytes):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError:
+                text, problems = None, [*problems, f"{key}.txt is not UTF-8 text"]
+        rows.ids.append(meta.get(columns.id) if meta.get(columns.id) is not None else key)
+        rows.images.append(sample.get("image", meta.get(columns.image)))
+        rows.texts.append(text if "text" in sample else meta.get(columns.text))
+        rows.problems.append("; ".join(problems) or None)
+        if columns.label:
+            rows.labels.append(meta.get(columns.label))
+    return rows
+
+
+# --- canonical rows ----------------------------------------------------------------------------
+
+
+def derived_id(shard: str, index: int) -> str:
+    """The id of a row whose input has none: shard file name and row number."""
+    return f"{PurePosixPath(shard).name}:{index}"
+
+
+def _resolve_uri(value: str, shard: str) -> str:
+    """A relative image path is relative to the shard's folder; URIs and absolute paths stay as they are."""
+    if "://" in value or value.startswith("/") or "/" not in shard:
+        return value
+    return f"{shard.rsplit('/', 1)[0]}/{value}"
+
+
+def _image_value(value: Any, shard: str) -> tuple[bytes | None, str | None, str | None]:
+    """(bytes, uri, problem) of one image cell: bytes, a path/URI, or a {bytes, path} struct."""
+    if isinstance(value, dict):  # Hugging Face datasets' Image feature
+        data, path = value.get("bytes"), value.get("path")
+        value = data if data else path
+    if value is None:
+        return None, None, None
+    if isinstance(value, (bytes, bytearray)):
+        return (bytes(value) or None), None, None
+    if isinstance(value, str):
+        return None, (_resolve_uri(value.strip(), shard) if value.strip() else None), None
+    return None, None, f"image is neither bytes nor a path/URI string ({type(value).__name__})"
+
+
+def _text_value(value: Any) -> tuple[str | None, str | None]:
+    """(text, problem) of one text cell; empty or whitespace-only text is missing."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None, None
+    if isinstance(value, str):
+        return value, None
+    return None, f"text is not a string ({type(value).__name__}: {str(value)[:40]!r})"
+
+
+def _canonical(raw: _RawRows, shard: str) -> pa.Table:
+    n = len(raw.ids)
+    ids, images, uris, texts, problems = [], [], [], [], []
+    for i in range(n):
+        image, uri, image_problem = _image_value(raw.images[i], shard)
+        text, text_problem = _text_value(raw.texts[i])
+        ids.append(str(raw.ids[i]) if raw.ids[i] is not None else derived_id(shard, i))
+        images.append(image)
+        uris.append(uri)
+        texts.append(text)
+        found = [p for p in (raw.problems[i], image_problem, text_problem) if p]
+        problems.append("; ".join(found) or None)
+    return pa.table([ids, images, uris, texts, [shard] * n, problems], schema=CANONICAL_SCHEMA)
+
+
+# --- writers (fixtures, demo data) -------------------------------------------------------------
+
+
+def _put(uri: str, payload: bytes, storage_options: dict | None) -> None:
+    fs, path = _filesystem(uri, storage_options)
+    if not is_remote(uri):
+        fs.makedirs(str(PurePosixPath(path).parent), exist_ok=True)
+    with_retries(lambda: fs.pipe_file(path, payload), base_delay=RETRY_BASE_DELAY_S)
+
+
+def image_extension(data: bytes, default: str = "jpg") -> str:
+    """The file extension of encoded image bytes (png, jpg, webp, gif), from their magic number."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return next((ext for magic, ext in _IMAGE_MAGIC if data.startswith(magic)), default)
+
+
+def write_parquet(table: pa.Table, uri: str, storage_options: dict | None = None) -> None:
+    """Write ``table`` as one parquet file at ``uri`` (any schema)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    _put(uri, buf.getvalue(), storage_options)
+
+
+def write_jsonl(table: pa.Table, uri: str, storage_options: dict | None = None) -> None:
+    """Write ``table`` as JSONL; binary cells become files beside it, referenced by relative path.
+
+    Row ``i``'s bytes of column ``c`` go to ``<stem>_<c>/<i>.<ext>`` next to the JSONL file, which
+    :func:`read_shard` resolves back into ``image_uri`` values.
+    """
+    stem = PurePosixPath(uri.rsplit("/", 1)[-1]).stem
+    folder = uri.rsplit("/", 1)[0] if "/" in uri else "."
+    binary = {f.name for f in table.schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)}
+    lines = []
+    for i, row in enumerate(table.to_pylist()):
+        for name in binary & row.keys():
+            if not row[name]:  # empty bytes: missing
+                row[name] = None
+                continue
+            relative = f"{stem}_{name}/{i:06d}.{image_extension(row[name], default='bin')}"
+            _put(f"{folder}/{relative}", row[name], storage_options)
+            row[name] = relative
+        lines.append(json.dumps(row, default=str))
+    _put(uri, ("\n".join(lines) + "\n").encode(), storage_options)
+
+
+def write_webdataset(table: pa.Table, uri: str, storage_options: dict | None = None,
+                     columns: ColumnsConfig = DEFAULT_COLUMNS) -> None:
+    """Write ``table`` as one tar shard in the img2dataset layout: ``<key>.<img>``, ``<key>.txt``, ``<key>.json``.
+
+    The image column's bytes become the image member (a path/URI string goes into the JSON instead),
+    the text column the .txt member, other binary columns ``<key>.<column>.<ext>`` members and every
+    other column the JSON metadata.
+    """
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i, row in enumerate(table.to_pylist()):
+            key = f"{i:09d}"
+            members: dict[str, bytes] = {}
+            image, text = row.pop(columns.image, None), row.pop(columns.text, None)
+            if isinstance(image, bytes):
+                if image:  # empty bytes: the image is missing
+                    members[image_extension(image)] = image
+            elif image is not None:
+                row[columns.image] = image
+            if text is not None:
+                members[TEXT_EXTENSION] = str(text).encode()
+            for name, value in list(row.items()):
+                if isinstance(value, bytes):
+                    members[f"{name}.{image_extension(value, default='bin')}"] = row.pop(name)
+            members[META_EXTENSION] = json.dumps(row, default=str).encode()
+            for ext, payload in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    _put(uri, buf.getvalue(), storage_options)

@@ -1,0 +1,245 @@
+"""The knowledge base on disk or object storage: save, load, local copies, the entries file (format 3).
+
+Layout of a knowledge base folder (local or object storage)::
+
+    manifest.json      format, version, encoder, counts, config, shard list (written last: marks completion)
+    entries.arrow      one row per KB entry: id, source (internal/external), text, and where its image is
+                       (image_uri, or image_shard + image_row of the input data), as an uncompressed Arrow
+                       IPC file memory-mapped by its readers. Never the image bytes: completion actors fetch
+                       the few example images they use (rag4dmc.pipeline.io.kb_images).
+    mapping.pt         the bidirectional image<->text MLP
+    report.json        build report: mapping, purification with sample sizes, index recall, stage costs
+    shard-00000/       rows [start, stop): image/ and text/ VectorIndex folders (FAISS index, float16 vectors)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from rag4dmc.pipeline.core.index import VectorIndex
+from rag4dmc.pipeline.core.mapping import CrossModalMapper
+from rag4dmc.pipeline.core.retrieval import MODALITIES, Shard
+
+FORMAT_VERSION = 3  # 3: entries by reference (no image bytes), float16 vectors; 2: entries.arrow with bytes
+ENTRIES_FILE = "entries.arrow"
+ENTRIES_BATCH_ROWS = 4096  # rows per IPC record batch of entries.arrow
+PARTS_DIR = "parts"  # build intermediates (rag4dmc.pipeline.kb.build), removed when the build is done
+ENTRY_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("text", pa.string()),
+                          ("image_uri", pa.string()), ("image_shard", pa.string()), ("image_row", pa.int64())])
+
+
+def shard_dir(i: int) -> str:
+    return f"shard-{i:05d}"
+
+
+def version_of(manifest: dict, content: list[bytes]) -> str:
+    """A KB's version: a hash of its manifest (without the creation time) and of content that identifies it."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in manifest.items() if k not in ("created", "version")},
+                                  sort_keys=True).encode())
+    for c in content:
+        h.update(c)
+    return h.hexdigest()[:16]
+
+
+def new_manifest(encoder: dict, rows: int, dims: tuple[int, int], cfg, calibration: dict | None, shards: list[dict],
+                 content: list[bytes], input_columns: dict | None = None) -> dict:
+    """The manifest of a KB in this format, with its version."""
+    import time
+
+    from rag4dmc.pipeline.kb.knowledge_base import calibration_summary
+
+    manifest = {"format": FORMAT_VERSION, "encoder": encoder or {}, "rows": rows, "image_dim": int(dims[0]),
+                "text_dim": int(dims[1]), "shards": shards, "config": cfg.model_dump(mode="json"),
+                "calibration": calibration_summary(calibration), "input_columns": input_columns or {},
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    manifest["version"] = version_of(manifest, content)
+    return manifest
+
+
+def _url_to_fs(uri: str, storage_options: dict | None):
+    """fsspec filesystem and path; the storage options apply to object storage only."""
+    from rag4dmc.pipeline.io.storage import url_to_fs
+
+    return url_to_fs(uri, storage_options)
+
+
+def write_small(uri: str, mapping: CrossModalMapper, report: dict, manifest: dict,
+                storage_options: dict | None = None) -> None:
+    """mapping.pt, report.json, then manifest.json (last: it marks the KB complete) at ``uri``."""
+    fs, path = _url_to_fs(uri, storage_options)
+    fs.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="rag4dmc-kb-") as tmp:
+        mapping.save(Path(tmp) / "mapping.pt")
+        fs.put_file(str(Path(tmp) / "mapping.pt"), f"{path}/mapping.pt")
+    fs.pipe_file(f"{path}/report.json", json.dumps(report, indent=2, default=_json_default).encode())
+    fs.pipe_file(f"{path}/manifest.json", json.dumps(manifest, indent=2).encode())
+
+
+def _json_default(v):
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    return str(v)
+
+
+def remove_parts(uri: str, storage_options: dict | None = None) -> None:
+    """Remove the build's intermediate parts once the KB is complete."""
+    fs, path = _url_to_fs(uri, storage_options)
+    if fs.exists(f"{path}/{PARTS_DIR}"):
+        fs.rm(f"{path}/{PARTS_DIR}", recursive=True)
+
+
+def entries_by_reference(entries: pa.Table) -> pa.Table:
+    """Entries in the stored schema: where each image is (from ``image_uri`` / ``image_shard`` + ``image_row``
+    columns when the table has them), never its bytes."""
+    n = entries.num_rows
+    cols = {}
+    for f in ENTRY_SCHEMA:
+        cols[f.name] = entries.column(f.name).cast(f.type) if f.name in entries.column_names else pa.nulls(n, f.type)
+    return pa.table(cols, schema=ENTRY_SCHEMA)
+
+
+def save(kb, uri: str, storage_options: dict | None = None) -> str:
+    """Write an in-memory knowledge base (``rag4dmc.pipeline.kb.knowledge_base.KnowledgeBase``) to a folder or prefix; returns its version.
+
+    Its entries are stored by reference: an entry whose image only exists as bytes in memory is stored
+    without an image location (completion skips it as an image example, with that reason)."""
+    with tempfile.TemporaryDirectory(prefix="rag4dmc-kb-") as tmp:
+        root = Path(tmp)
+        write_entries(entries_by_reference(kb.entries), root / ENTRIES_FILE)
+        kb.mapping.save(root / "mapping.pt")
+        (root / "report.json").write_text(json.dumps(kb.report, indent=2, default=_json_default))
+        for i, s in enumerate(kb.shards):
+            for m in MODALITIES:
+                s.index(m).save(root / shard_dir(i) / m)
+        (root / "manifest.json").write_text(json.dumps(kb.manifest, indent=2))
+        fs, path = _url_to_fs(uri, storage_options)
+        if fs.exists(f"{path}/manifest.json"):
+            fs.rm(path, recursive=True)
+        fs.makedirs(path, exist_ok=True)
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.json")
+        for p in files + [root / "manifest.json"]:
+            dest = f"{path}/{p.relative_to(root).as_posix()}"
+            fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+            fs.put_file(str(p), dest)
+    return kb.version
+
+
+def local_copy(uri: str, storage_options: dict | None = None, cache_dir: str | None = None,
+               parts: list[str] | None = None) -> Path:
+    """A local folder holding the knowledge base at ``uri``.
+
+    Remote URIs are downloaded into a per-version cache, and only ``parts`` (paths of files or folders
+    relative to the KB root; None: everything): a retrieval actor fetches its own shard group, not the
+    whole index. Each part is downloaded once per node and moved into place atomically, so actors that
+    start together on a node share the copy.
+    """
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = _url_to_fs(uri, storage_options)
+    if not fs.exists(f"{path}/manifest.json"):
+        raise FileNotFoundError(f"no knowledge base at {uri} (manifest.json missing): run `rag4dmc kb build` first")
+    if isinstance(fs, LocalFileSystem):
+        return Path(path)
+    manifest = fs.cat_file(f"{path}/manifest.json")
+    cache = Path(cache_dir or Path(tempfile.gettempdir()) / "rag4dmc-kb-cache") / json.loads(manifest)["version"]
+    cache.mkdir(parents=True, exist_ok=True)
+    if parts is None:
+        parts = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    for part in dict.fromkeys([p for p in parts if p != "manifest.json"]):
+        dest = cache / part
+        if dest.exists():
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+        if fs.isdir(f"{path}/{part}"):
+            fs.get(f"{path}/{part}/", str(tmp), recursive=True)
+        else:
+            fs.get_file(f"{path}/{part}", str(tmp))
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process on this node moved its copy into place first
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not (cache / "manifest.json").exists():
+        tmp = cache / f".manifest.json.partial-{os.getpid()}"
+        tmp.write_bytes(manifest)
+        tmp.rename(cache / "manifest.json")
+    return cache
+
+
+def write_entries(entries: pa.Table, path: str | Path) -> None:
+    """The entries as an uncompressed Arrow IPC file (memory-mappable)."""
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, entries.schema) as writer:
+        writer.write_table(entries, max_chunksize=ENTRIES_BATCH_ROWS)
+
+
+def open_entries(path: str | Path) -> pa.Table:
+    """The entries file memory-mapped: no row is read until it is used, and actors on one node share pages."""
+    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+
+
+def load_entries(uri: str, storage_options: dict | None = None) -> pa.Table:
+    """The knowledge base's entries (``ENTRY_SCHEMA``), memory-mapped from its local copy."""
+    root = local_copy(uri, storage_options, parts=[ENTRIES_FILE])
+    _check_format(json.loads((root / "manifest.json").read_text()), uri)
+    return open_entries(root / ENTRIES_FILE)
+
+
+def take_entries(entries: pa.Table, ids: np.ndarray) -> dict[str, list]:
+    """The given KB rows' columns, in order (one gather for a whole batch): id, text, and either the image bytes
+    (an in-memory KB's ``image`` column) or where the image is (image_uri, image_shard, image_row)."""
+    rows = entries.take(pa.array(np.asarray(ids, dtype=np.int64)))
+    return {c: rows.column(c).to_pylist() for c in rows.column_names}
+
+
+def input_columns(uri: str, storage_options: dict | None = None):
+    """The input columns the KB was built with (where an entry's ``image_shard`` keeps its image)."""
+    from rag4dmc.pipeline.config import ColumnsConfig
+
+    root = local_copy(uri, storage_options, parts=["manifest.json"])
+    return ColumnsConfig(**json.loads((root / "manifest.json").read_text()).get("input_columns", {}))
+
+
+def _check_format(manifest: dict, uri: str) -> None:
+    if manifest.get("format") != FORMAT_VERSION:
+        raise ValueError(f"knowledge base at {uri} has format {manifest.get('format')}, this version of rag4dmc "
+                         f"reads format {FORMAT_VERSION} (entries by reference, no image bytes): rebuild it with "
+                         "`rag4dmc kb build`")
+
+
+def load(uri: str, storage_options: dict | None = None, shards: list[int] | None = None,
+         with_entries: bool = True, searched: str | None = None):
+    """Load a knowledge base (optionally only some shards, e.g. the one a retrieval actor holds).
+
+    ``searched``: load only this modality's FAISS index (the other modality's vectors are still mapped for
+    the fusion cross term); a retrieval actor searches one index. Entries are memory-mapped.
+    """
+    if searched not in (None, *MODALITIES):
+        raise ValueError(f"searched must be one of {MODALITIES} or None, got {searched!r}")
+    root = local_copy(uri, storage_options, parts=["manifest.json"])
+    manifest = json.loads((root / "manifest.json").read_text())
+    _check_format(manifest, uri)
+    wanted = range(len(manifest["shards"])) if shards is None else shards
+    parts = ["mapping.pt", "report.json", *([ENTRIES_FILE] if with_entries else [])]
+    for i in wanted:
+        for m in MODALITIES:
+            parts += [f"{manifest['shards'][i]['path']}/{m}/{f}" for f in VectorIndex.files(with_index=searched in (None, m))]
+    root = local_copy(uri, storage_options, parts=parts)
+    loaded = []
+    for i in wanted:
+        s = manifest["shards"][i]
+        loaded.append(Shard(s["start"], s["stop"], *(
+            VectorIndex.load(root / s["path"] / m, with_index=searched in (None, m)) for m in MODALITIES)))
+    entries = open_entries(root / ENTRIES_FILE) if with_entries else pa.table({})
+    report = json.loads((root / "report.json").read_text())
+    from rag4dmc.pipeline.kb.knowledge_base import KnowledgeBase
+
+    return KnowledgeBase(entries, CrossModalMapper.load(root / "mapping.pt"), loaded, report, manifest)
