@@ -14,7 +14,9 @@ import zlib
 
 import numpy as np
 import pyarrow as pa
-from rag4dmc.actors.generators import Example, create_image_generator, create_text_generator
+
+from rag4dmc.actors.factory import create_image_generator, create_text_generator
+from rag4dmc.actors.generators import Example
 from rag4dmc.actors.images import InputError, encode_image, load_image
 from rag4dmc.actors.niqe import NiqeScorer
 from rag4dmc.actors.resources import Resources
@@ -67,7 +69,7 @@ class _Complete(Stage):
     def setup(self) -> None:
         self.encoder = None
         if not self.nn:
-            from rag4dmc.actors.encoders import create_encoder
+            from rag4dmc.actors.factory import create_encoder
 
             self.encoder = create_encoder(self.ecfg)
         # A KB URI (the job's actors): its entries file memory-mapped, so an actor reads only the rows its
@@ -138,7 +140,7 @@ class CompleteTexts(_Complete):
                  example_cache_mb: int = DEFAULT_CACHE_MB):
         super().__init__(generator, selection, encoder, entries, nn=generator.text_backend == "nn",
                          storage_options=storage_options, settings=settings, example_cache_mb=example_cache_mb)
-        from rag4dmc.actors.generators import text_generator_class
+        from rag4dmc.actors.factory import text_generator_class
 
         self.RESOURCES = text_generator_class(generator).RESOURCES
 
@@ -148,7 +150,7 @@ class CompleteTexts(_Complete):
 
     @staticmethod
     def resources(generator: GeneratorConfig) -> Resources:
-        from rag4dmc.actors.generators import text_generator_class
+        from rag4dmc.actors.factory import text_generator_class
 
         return text_generator_class(generator).RESOURCES
 
@@ -203,7 +205,7 @@ class CompleteImages(_Complete):
         super().__init__(generator, selection, encoder, entries, nn=generator.image_backend == "nn",
                          storage_options=storage_options, settings=settings, example_cache_mb=example_cache_mb)
         self.niqe_scorer = niqe  # a NIQE scorer to use (the evaluation's cached one); None: built in setup
-        from rag4dmc.actors.generators import image_generator_class
+        from rag4dmc.actors.factory import image_generator_class
 
         self.RESOURCES = image_generator_class(generator).RESOURCES
 
@@ -219,7 +221,7 @@ class CompleteImages(_Complete):
 
     @staticmethod
     def resources(generator: GeneratorConfig) -> Resources:
-        from rag4dmc.actors.generators import image_generator_class
+        from rag4dmc.actors.factory import image_generator_class
 
         return image_generator_class(generator).RESOURCES
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from rag4dmc.actors.encoders import create_encoder, describe_encoder, encoder_class
+
+from rag4dmc.actors.encoders import describe_encoder
+from rag4dmc.actors.factory import create_encoder, encoder_class
 from rag4dmc.actors.stage import Column, Produced, Stage
 from rag4dmc.pipeline.config import EncoderConfig
 from rag4dmc.pipeline.schema import TASK_I2T, TASK_OBSERVED, TASK_T2I

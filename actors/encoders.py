@@ -25,7 +25,7 @@ from typing import Protocol
 import numpy as np
 import torch
 from PIL import Image
-from rag4dmc.actors import standin
+
 from rag4dmc.actors.images import resize_for_model
 from rag4dmc.actors.resources import Resources
 from rag4dmc.actors.weights import HF_CACHE, fetch_object, hub_offline
@@ -348,13 +348,6 @@ def _cached_tag_files(tag: dict, model_dir: str | None) -> Iterator[str]:
                 yield local
 
 
-def encoder_class(cfg: EncoderConfig) -> type[LiteEncoder] | type[OpenClipEncoder]:
-    """The encoder class a config selects (its ``RESOURCES`` size the actor pools)."""
-    if standin.enabled():  # a benchmark and test aid (actors/standin.py); off unless RAG4DMC_STANDIN is set
-        return standin.encoder_class(cfg)
-    return {"lite": LiteEncoder, "open_clip": OpenClipEncoder}[cfg.backend]
-
-
 def encoder_image_size(cfg: EncoderConfig) -> int:
     """Input resolution of the configured image tower, known without loading weights."""
     if cfg.backend == "lite":
@@ -371,13 +364,3 @@ def describe_encoder(cfg: EncoderConfig) -> dict:
     with hub_offline():
         dim = int(_model_config(cfg.model_name, cfg.model_dir)["embed_dim"])
     return {"name": f"open_clip:{cfg.model_name}:{cfg.pretrained or 'random'}", "image_dim": dim, "text_dim": dim}
-
-
-def create_encoder(cfg: EncoderConfig, storage_options: dict | None = None) -> Encoder:
-    """The one place that turns an encoder configuration into a loaded encoder."""
-    if standin.enabled():
-        return standin.create_encoder(cfg)
-    if cfg.backend == "lite":
-        return LiteEncoder(device=cfg.device, batch_size=cfg.batch_size, cpu_runtime=cfg.cpu_runtime)
-    return OpenClipEncoder(cfg.model_name, cfg.pretrained, cfg.model_dir, device=cfg.device,
-                           precision=cfg.precision, batch_size=cfg.batch_size, storage_options=storage_options)

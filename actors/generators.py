@@ -28,12 +28,12 @@ from typing import Protocol
 import numpy as np
 import torch
 from PIL import Image
-from rag4dmc.actors import standin, weights
+
+from rag4dmc.actors import weights
 from rag4dmc.actors.encoders import pick_device
 from rag4dmc.actors.images import InputError, load_image
 from rag4dmc.actors.resources import Resources
 from rag4dmc.actors.weights import HF_CACHE
-from rag4dmc.pipeline.config import GeneratorConfig
 
 log = logging.getLogger(__name__)
 
@@ -376,43 +376,3 @@ class SdxlImageGenerator:
         else:
             kwargs.update(height=self.image_size, width=self.image_size)
         return self.pipe(**kwargs).images
-
-
-# ------------------------------------------------------------------------------------------------- factory
-
-
-def text_generator_class(cfg: GeneratorConfig) -> type[NearestNeighbourTextGenerator] | type[Blip2TextGenerator]:
-    """The image->text generator class a config selects (its ``RESOURCES`` size the actor pool)."""
-    if standin.enabled():  # a benchmark and test aid (actors/standin.py); off unless RAG4DMC_STANDIN is set
-        return standin.text_generator_class(cfg)
-    return {"nn": NearestNeighbourTextGenerator, "blip2": Blip2TextGenerator}[cfg.text_backend]
-
-
-def image_generator_class(cfg: GeneratorConfig) -> type[NearestNeighbourImageGenerator] | type[SdxlImageGenerator]:
-    """The text->image generator class a config selects (its ``RESOURCES`` size the actor pool)."""
-    if standin.enabled():
-        return standin.image_generator_class(cfg)
-    return {"nn": NearestNeighbourImageGenerator, "sdxl": SdxlImageGenerator}[cfg.image_backend]
-
-
-def create_text_generator(cfg: GeneratorConfig, storage_options: dict | None = None) -> TextGenerator:
-    """The configured image->text generator, loaded."""
-    if standin.enabled():
-        return standin.create_text_generator(cfg)
-    if cfg.text_backend == "nn":
-        return NearestNeighbourTextGenerator()
-    return Blip2TextGenerator(cfg.blip2_model, cfg.model_dir, device=cfg.device, precision=cfg.precision,
-                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                              batch_size=cfg.batch_size, storage_options=storage_options)
-
-
-def create_image_generator(cfg: GeneratorConfig, storage_options: dict | None = None) -> ImageGenerator:
-    """The configured text->image generator, loaded."""
-    if standin.enabled():
-        return standin.create_image_generator(cfg)
-    if cfg.image_backend == "nn":
-        return NearestNeighbourImageGenerator()
-    return SdxlImageGenerator(cfg.sdxl_model, cfg.model_dir, device=cfg.device, precision=cfg.precision,
-                              mode=cfg.sdxl_mode, strength=cfg.strength, steps=cfg.steps,
-                              guidance_scale=cfg.guidance_scale, image_size=cfg.image_size,
-                              batch_size=cfg.batch_size, storage_options=storage_options)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
 from rag4dmc.actors.images import to_rgb
 from rag4dmc.pipeline.setup_data import niqe_params_path
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from rag4dmc.actors.weights import WEIGHTS_CACHE
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,7 @@ A row whose input is bad gets task "failed" and an error saying why; it is never
 from __future__ import annotations
 
 import numpy as np
+
 from rag4dmc.actors.images import InputError, load_image, read_uri, resize_for_model, validate_text
 from rag4dmc.actors.resources import Resources
 from rag4dmc.actors.stage import Column, Produced, Stage

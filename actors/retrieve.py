@@ -15,6 +15,7 @@ Each step is a function of ``rag4dmc.pipeline.core.retrieval`` (``shard_candidat
 from __future__ import annotations
 
 import numpy as np
+
 from rag4dmc.actors.resources import Resources
 from rag4dmc.actors.stage import Column, Produced, Stage
 from rag4dmc.pipeline.config import RetrievalConfig

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+
 from rag4dmc.actors import faults
 from rag4dmc.actors.resources import Resources
 from rag4dmc.pipeline.schema import RETRIES, TASK_FAILED, restore_nulls, typed_block

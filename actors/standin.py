@@ -44,6 +44,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from PIL import Image
+
     from rag4dmc.actors.generators import Example
     from rag4dmc.actors.resources import Resources
     from rag4dmc.pipeline.config import EncoderConfig, GeneratorConfig

@@ -24,10 +24,9 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import measure, table, write_results  # noqa: E402
 from rag4dmc.actors.encoders import LITE_MEAN, LITE_STD, LiteEncoder, lite_image_tower  # noqa: E402
 from rag4dmc.actors.images import encode_image, load_image, resize_for_model  # noqa: E402
-
-from bench.common import measure, table, write_results  # noqa: E402
 
 MICRO_BATCHES = (1, 4, 8, 16, 64)  # images per forward in the CPU sweep
 PHOTO_SIZE = (640, 480)  # source photos before preprocessing, as JPEG

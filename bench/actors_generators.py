@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import measure, table, write_results  # noqa: E402
 from rag4dmc.actors.generators import (  # noqa: E402
     Blip2TextGenerator,
     Example,
@@ -29,8 +30,6 @@ from rag4dmc.actors.generators import (  # noqa: E402
     SdxlImageGenerator,
 )
 from rag4dmc.actors.images import encode_image  # noqa: E402
-
-from bench.common import measure, table, write_results  # noqa: E402
 from tests.tiny_models import CORPUS, TINY_IMAGE, save_tiny_blip2, save_tiny_sdxl  # noqa: E402
 
 EXAMPLES_PER_QUERY = 8  # retrieved examples handed to each query (the job's retrieval.n_results default)

@@ -111,10 +111,11 @@ def build_kb(out: Path, n_internal: int, n_external: int) -> tuple[str, float]:
     without the stand-ins (a stand-in encoder would fill the KB with hash vectors). Throughput does not depend on
     the KB's quality: a short mapping fit and no calibration keep the build short."""
     import ray
+
     from rag4dmc.pipeline.config import CalibrationConfig, KBConfig, MappingConfig
     from rag4dmc.pipeline.demo.corpus import make_external, make_internal
     from rag4dmc.pipeline.io.datasets import write_parquet
-    from rag4dmc.pipeline.kb.runner import KBBuildSpec, run_kb_build
+    from rag4dmc.pipeline.job.kb_runner import KBBuildSpec, run_kb_build
 
     assert "RAG4DMC_STANDIN" not in os.environ
     root = out.parent / f"{out.name}-pairs"
@@ -135,6 +136,7 @@ def write_data(folder: Path, n: int, seed: int) -> dict[str, int]:
     """``n`` incomplete rows (half lack the image, half the text) in ROWS_PER_SHARD-row parquet shards, unless the
     folder already holds ``n`` rows; the rows of each direction."""
     import pyarrow.parquet as pq
+
     from rag4dmc.pipeline.demo.corpus import make_incomplete
     from rag4dmc.pipeline.io.datasets import write_parquet
 
@@ -171,9 +173,9 @@ def drive(spec: dict) -> None:
     """The job, as its own driver process (``--drive``): connects to the cluster, runs ``run_job`` with the default
     config but ``accelerators: gpu`` (and ``block_rows`` when given), and logs the plan."""
     import ray
-    from rag4dmc.pipeline.job.runner import JobSpec, run_job
 
     from bench.pipeline import _installed_niqe, job_config
+    from rag4dmc.pipeline.job.runner import JobSpec, run_job
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("rag4dmc").setLevel(logging.INFO)

@@ -35,11 +35,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.gpu_models import FULL, REDUCED, Depth, save_blip2, save_sdxl  # noqa: E402
 from rag4dmc.actors.generators import Blip2TextGenerator, Example, SdxlImageGenerator, torch_dtype  # noqa: E402
 from rag4dmc.actors.images import encode_image  # noqa: E402
 from rag4dmc.pipeline.config import GeneratorConfig  # noqa: E402
-
-from bench.gpu_models import FULL, REDUCED, Depth, save_blip2, save_sdxl  # noqa: E402
 
 JOB = GeneratorConfig()  # the job's generation defaults: what a completion run pays per row
 ANCHOR_SIZE = 1024  # SDXL's native resolution: the published anchor is 2.54 s/image at 30 steps on an A100

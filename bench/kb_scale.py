@@ -34,9 +34,8 @@ import psutil
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rag4dmc.pipeline.io import embedding_layout as layout  # noqa: E402
-
 from bench.common import LatentMixture, Target, count, counts, report, write_results  # noqa: E402
+from rag4dmc.pipeline.io import embedding_layout as layout  # noqa: E402
 
 DIM = 512  # open_clip ViT-B-32's embedding size (the encoder the KB is declared with; no weights are needed)
 SHARD_ROWS = 250_000  # rows per generated layout shard (clip-retrieval writes shards of this order)
@@ -206,9 +205,8 @@ def main() -> None:
 
 def complete(work: Path, kb: Path, n: int, rag4dmc: str, env: dict) -> dict:
     """``rag4dmc complete`` on n incomplete emoji rows; throughput and example images fetched per row."""
-    from rag4dmc.pipeline.io.datasets import write_parquet
-
     from bench.emoji import emoji_pairs
+    from rag4dmc.pipeline.io.datasets import write_parquet
 
     pairs = emoji_pairs()
     rng = np.random.default_rng(0)

@@ -1,7 +1,7 @@
 """The full ``complete`` job on Ray Data against the same stages in a plain single-process loop.
 
 Both sides run the same code on the same generated data (``rag4dmc.pipeline.demo.corpus``) and knowledge base
-(built once by ``rag4dmc.pipeline.kb.runner``): lite encoders, fusion retrieval, the nearest-neighbour generators
+(built once by ``rag4dmc.pipeline.job.kb_runner``): lite encoders, fusion retrieval, the nearest-neighbour generators
 and candidate selection. The job is ``rag4dmc.pipeline.job.runner.run_job``; the loop reads each input shard with the
 job's datasource code and pushes batches of the job's batch size through the job's stage functions and
 actor classes (route, then per direction decode or check -> embed -> retrieve -> caption or paint, then
@@ -36,9 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rag4dmc.pipeline.config import JobConfig, KBConfig, MappingConfig  # noqa: E402
-
 from bench.common import REPO, Target, count, counts, measure, report  # noqa: E402
+from rag4dmc.pipeline.config import JobConfig, KBConfig, MappingConfig  # noqa: E402
 
 RAY_OBJECT_STORE_BYTES = 1024**3  # the object store holds a few batches of 128px PNGs; 1 GiB is plenty
 ROWS_PER_SHARD = 1000  # input parquet shard size (one Ray read task per shard)
@@ -84,7 +83,7 @@ def build_kb(root: Path, n_internal: int, n_external: int) -> tuple[str, float, 
     """Generate internal and external pairs and build the KB with the KB job; (uri, seconds, rows)."""
     from rag4dmc.pipeline.demo.corpus import make_external, make_internal
     from rag4dmc.pipeline.io.datasets import write_parquet
-    from rag4dmc.pipeline.kb.runner import KBBuildSpec, run_kb_build
+    from rag4dmc.pipeline.job.kb_runner import KBBuildSpec, run_kb_build
 
     write_parquet(make_internal(n_internal).select(["id", "image", "text"]), f"{root}/internal/part-0.parquet")
     write_parquet(make_external(n_external).select(["id", "image", "text"]), f"{root}/external/part-0.parquet")

@@ -21,10 +21,6 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rag4dmc.pipeline.config import AlignConfig, FilterConfig  # noqa: E402
-from rag4dmc.pipeline.core.alignment import align_with_report, procrustes  # noqa: E402
-from rag4dmc.pipeline.core.cluster_filter import cluster_filter  # noqa: E402
-
 from bench.common import (  # noqa: E402
     GENERATE_CHUNK_ROWS,
     Target,
@@ -34,6 +30,9 @@ from bench.common import (  # noqa: E402
     report,
     unit_rows,
 )
+from rag4dmc.pipeline.config import AlignConfig, FilterConfig  # noqa: E402
+from rag4dmc.pipeline.core.alignment import align_with_report, procrustes  # noqa: E402
+from rag4dmc.pipeline.core.cluster_filter import cluster_filter  # noqa: E402
 
 MIN_CENTERS = 16  # at least this many shared centres (about sqrt(n_internal) otherwise)
 OFF_DOMAIN_FRACTION = 0.1  # of the external rows, drawn around centres the internal corpus lacks

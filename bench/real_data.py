@@ -65,7 +65,7 @@ def cli(*argv: str) -> None:
 
 def completion_quality(paths: dict[str, str], out: str) -> dict:
     """Fidelity of the job's completions to the hidden truth, and their label agreement, per direction."""
-    from rag4dmc.actors.encoders import create_encoder
+    from rag4dmc.actors.factory import create_encoder
     from rag4dmc.actors.images import load_image
     from rag4dmc.pipeline.config import EncoderConfig
     from rag4dmc.pipeline.io.storage import Storage

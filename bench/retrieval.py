@@ -40,12 +40,12 @@ import rag4dmc.pipeline  # noqa: E402,F401  (before faiss: names the CPU to its 
 # isort: split
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
+
+from bench.common import LatentMixture, Target, count, counts, measure, report  # noqa: E402
 from rag4dmc.actors.retrieve import RetrieveNeighbours  # noqa: E402
 from rag4dmc.pipeline.config import IndexConfig, RetrievalConfig  # noqa: E402
 from rag4dmc.pipeline.core.index import VectorIndex, build_shards, choose_kind  # noqa: E402
 from rag4dmc.pipeline.core.retrieval import Shard, finish_retrieval, merge_candidates, shard_candidates  # noqa: E402
-
-from bench.common import LatentMixture, Target, count, counts, measure, report  # noqa: E402
 
 RECALL_AT = 10
 PSEUDO_NOISE = 0.15  # the mapped pseudo-embedding of a query is a noisier view than the KB's text vectors

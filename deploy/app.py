@@ -83,8 +83,14 @@ import numpy as np
 import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve import Application
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
 from rag4dmc.actors.complete import CompleteImages, CompleteTexts
-from rag4dmc.actors.encoders import create_encoder, encoder_class, encoder_image_size
+from rag4dmc.actors.encoders import encoder_image_size
+from rag4dmc.actors.factory import create_encoder, encoder_class
 from rag4dmc.actors.resources import Resources, use_gpus
 from rag4dmc.actors.retrieve import RetrieveNeighbours
 from rag4dmc.deploy.protocol import (
@@ -117,10 +123,6 @@ from rag4dmc.pipeline.job.writer import finalize
 from rag4dmc.pipeline.kb import store as kb_store
 from rag4dmc.pipeline.kb.calibrate import effective_settings
 from rag4dmc.pipeline.schema import TASK_I2T, TASK_T2I
-from ray import serve
-from ray.serve import Application
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-from ray.serve.handle import DeploymentHandle
 
 log = logging.getLogger(__name__)
 # Serve's replica logger: its lines go to the replica's log file and stderr (the driver's output, `serve` logs)

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 from pydantic import SecretStr
+
 from rag4dmc.actors.images import InputError, load_image, resize_for_model, validate_text
 from rag4dmc.pipeline.schema import STAGES, STATUS_COMPLETED, TASK_I2T, TASK_T2I
 

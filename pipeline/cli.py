@@ -147,7 +147,7 @@ def _storage_only(args) -> dict:
 
 def cmd_kb_build(args) -> int:
     from rag4dmc.pipeline.config import ColumnsConfig, StorageConfig
-    from rag4dmc.pipeline.kb.runner import KBBuildSpec, run_kb_build
+    from rag4dmc.pipeline.job.kb_runner import KBBuildSpec, run_kb_build
 
     cfg = build_config(args, KBConfig, [KB_FLAGS])
     spec = KBBuildSpec(

@@ -37,7 +37,7 @@ class _Strict(BaseModel):
 
 
 class EncoderConfig(_Strict):
-    """Which frozen encoders embed images and texts (``rag4dmc.actors.encoders.create_encoder``)."""
+    """Which frozen encoders embed images and texts (``rag4dmc.actors.factory.create_encoder``)."""
 
     backend: Literal["lite", "open_clip"] = "lite"
     model_name: str = Field("ViT-L-14", description="open_clip architecture name")

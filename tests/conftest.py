@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from rag4dmc.pipeline.config import StorageConfig
 
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -34,10 +34,10 @@ def start_cluster():
 
 def main(work: Path, result_file: Path) -> None:
     import ray
+
     from rag4dmc.pipeline.config import JobConfig, StageResources
     from rag4dmc.pipeline.io.shared_paths import PathNotShared, check_local_paths
     from rag4dmc.pipeline.job.runner import JobSpec, run_job
-
     from tests.test_job import JOB, _incomplete, _write_shards, build_job_kb
     from tests.tiny_models import TINY_IMAGE, save_tiny_blip2, save_tiny_sdxl
 

@@ -212,8 +212,7 @@ def serve_under_load(cluster_address: str, kb: str, work: Path, result: dict) ->
 def build_kb(root: Path) -> str:
     """The job tests' small KB (generated pairs, lite encoders, no calibration), its mapping trained a few epochs:
     what the answers say does not matter here, only that they are served."""
-    from rag4dmc.pipeline.kb.runner import KBBuildSpec, run_kb_build
-
+    from rag4dmc.pipeline.job.kb_runner import KBBuildSpec, run_kb_build
     from tests.test_job import FAST_KB, write_kb_sources
 
     internal, external = write_kb_sources(root)

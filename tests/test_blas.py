@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+
 from rag4dmc.pipeline import blas
 
 AVX512 = {"sse4_2", "avx", "avx2", "fma", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}

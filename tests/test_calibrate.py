@@ -3,6 +3,7 @@
 import numpy as np
 import pyarrow as pa
 import pytest
+
 from rag4dmc.pipeline.config import (
     CalibrationConfig,
     KBConfig,
@@ -11,10 +12,9 @@ from rag4dmc.pipeline.config import (
     SelectionConfig,
 )
 from rag4dmc.pipeline.core.significance import HOLDS, NOISE, REVERSED, mean_ci, paired, verdict
-from rag4dmc.pipeline.kb import knowledge_base as kbmod
 from rag4dmc.pipeline.kb import store as kb_store
 from rag4dmc.pipeline.kb.calibrate import cross_fit, effective_settings, holdout_rows
-
+from rag4dmc.pipeline.kb.in_memory import build_knowledge_base
 from tests.planted import unit
 
 D_IMG, D_TXT, N_LABELS = 32, 16, 12
@@ -70,7 +70,7 @@ def _style_world(seed: int, n: int):
 @pytest.fixture(scope="module")
 def style_kb():
     table, emb, _ = _style_world(0, 600)
-    return kbmod.build_knowledge_base(table, emb, cfg=FAST)
+    return build_knowledge_base(table, emb, cfg=FAST)
 
 
 def test_the_default_stays_unless_a_setting_beats_it_beyond_noise(style_kb):
@@ -118,7 +118,7 @@ def test_calibration_lands_in_the_manifest_and_the_report(style_kb, tmp_path):
 
 def test_a_kb_too_small_to_hold_pairs_out_is_built_uncalibrated():
     table, emb, _ = _style_world(1, 40)
-    kb = kbmod.build_knowledge_base(table, emb, cfg=FAST)
+    kb = build_knowledge_base(table, emb, cfg=FAST)
     assert kb.manifest["calibration"] is None and kb.report["calibration"].startswith("skipped")
 
 

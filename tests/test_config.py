@@ -1,6 +1,7 @@
 """Configuration: typed, validated, and errors that name the key."""
 
 import pytest
+
 from rag4dmc.pipeline.config import ConfigError, JobConfig, KBConfig, RetrievalConfig, load_yaml
 
 

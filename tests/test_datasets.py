@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
+
 from rag4dmc.pipeline.config import ColumnsConfig
 from rag4dmc.pipeline.io import datasets
 from rag4dmc.pipeline.io.datasets import (

@@ -11,6 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from scipy import ndimage
+
 from rag4dmc.pipeline.demo.corpus import (
     COLOURS,
     IMAGE_SIZE,
@@ -23,7 +25,6 @@ from rag4dmc.pipeline.demo.corpus import (
     write_demo_corpus,
 )
 from rag4dmc.pipeline.io.datasets import read_dataset
-from scipy import ndimage
 
 # Reading a caption: the words a careful annotator would look for.
 NUMBERS = {"one": 1, "two": 2, "three": 3, "1": 1, "2": 2, "3": 3}

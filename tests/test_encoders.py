@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageOps
+from skimage import data as photos
+
 from rag4dmc.actors.encoders import (
     LITE_MEAN,
     LITE_STD,
@@ -30,7 +32,6 @@ from rag4dmc.actors.encoders import (
 )
 from rag4dmc.actors.images import resize_for_model
 from rag4dmc.pipeline.config import EncoderConfig
-from skimage import data as photos
 
 SUBJECTS = ("chelsea", "coffee", "rocket", "astronaut", "camera", "coins", "hubble_deep_field",
             "immunohistochemistry")

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from rag4dmc.actors import faults
 from rag4dmc.actors import stage as stage_module
 from rag4dmc.actors.stage import Column, Produced, Stage, StagePolicy, apply

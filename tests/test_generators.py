@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from rag4dmc.actors.generators import (
     BLIP2_PROMPT,
     DIFFUSERS_MARKER,
@@ -36,7 +37,6 @@ from rag4dmc.actors.generators import (
     text_generator_class,
 )
 from rag4dmc.pipeline.config import GeneratorConfig
-
 from tests.tiny_models import CORPUS, MIN_CAPTION_TOKENS, TINY_IMAGE, save_tiny_blip2, save_tiny_sdxl
 
 COLOURS = ((220, 30, 30), (30, 200, 40), (20, 40, 230), (240, 240, 20), (10, 10, 10))

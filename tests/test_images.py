@@ -10,6 +10,7 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
+
 from rag4dmc.actors.images import InputError, encode_image, load_image, resize_for_model, validate_text
 
 BOMB_SIDE = 20_000  # 400 megapixels: 1.2 GB as RGB if it were ever decoded

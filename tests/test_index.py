@@ -3,6 +3,7 @@
 import faiss
 import numpy as np
 import pytest
+
 from rag4dmc.pipeline.config import IndexConfig
 from rag4dmc.pipeline.core.index import (
     VectorIndex,
@@ -20,7 +21,6 @@ from rag4dmc.pipeline.core.index import (
 )
 from rag4dmc.pipeline.core.knn import EmbeddingError, knn
 from rag4dmc.pipeline.core.retrieval import Neighbours, merge_candidates
-
 from tests.planted import clustered
 
 D = 32

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+
 from rag4dmc.pipeline.config import (
     CalibrationConfig,
     JobConfig,
@@ -28,9 +29,8 @@ from rag4dmc.pipeline.config import (
 from rag4dmc.pipeline.demo.corpus import make_external, make_incomplete, make_internal
 from rag4dmc.pipeline.io.datasets import write_parquet
 from rag4dmc.pipeline.io.storage import Storage
+from rag4dmc.pipeline.job.kb_runner import KBBuildSpec, run_kb_build
 from rag4dmc.pipeline.job.runner import JobSpec, RunMismatch, read_output, run_job
-from rag4dmc.pipeline.kb.runner import KBBuildSpec, run_kb_build
-
 from tests.processes import sigkill_when
 
 REPO = Path(__file__).resolve().parents[1]
@@ -242,7 +242,7 @@ def one_node(cpus: float, gpus: float = 0.0, memory_gb: float = 24.0):
 
 
 def test_actor_pools_leave_room_for_the_tasks_of_every_branch_on_two_cpus():
-    from rag4dmc.actors.encoders import encoder_class
+    from rag4dmc.actors.factory import encoder_class
     from rag4dmc.actors.preprocess import CPU_TASK
     from rag4dmc.pipeline.config import EncoderConfig
     from rag4dmc.pipeline.job.mapper import plan_resources, task_slots

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
 from rag4dmc.actors import faults
 from rag4dmc.pipeline.io.storage import Storage
 from rag4dmc.pipeline.job.runner import read_output
-
 from tests.test_job import REPO, _incomplete, _write_shards
 
 N, SHARDS = 48, 3
@@ -147,6 +147,7 @@ def test_a_job_killed_after_two_committed_blocks_resumes_without_recomputing_the
 
 def test_an_output_bucket_that_does_not_exist_fails_before_any_actor_starts(kb, s3_server, monkeypatch):
     import s3fs
+
     from rag4dmc.pipeline.config import JobConfig
     from rag4dmc.pipeline.job import runner as job
 
@@ -167,7 +168,6 @@ def test_an_output_prefix_these_credentials_may_not_write_fails_before_any_actor
     the URI, before any actor is planned, and nothing is written."""
     from rag4dmc.pipeline.config import JobConfig
     from rag4dmc.pipeline.job import runner as job
-
     from tests.faulty_s3 import FaultyProxy
 
     def no_plan(*args, **kwargs):
@@ -212,7 +212,6 @@ def test_object_storage_errors_and_resets_are_retried_and_every_row_comes_out_on
     connection reset: the job completes every row exactly once (botocore retries them: storage.retries)."""
     from rag4dmc.pipeline.config import JobConfig
     from rag4dmc.pipeline.job.runner import JobSpec, run_job
-
     from tests.faulty_s3 import FaultyProxy
 
     direct = Storage(s3_server.storage_config)

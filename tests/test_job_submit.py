@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from rag4dmc.pipeline.io.storage import Storage
 from rag4dmc.pipeline.job.writer import read_output
-
 from tests.conftest import LOOPBACK, RAY_NUM_CPUS, RAY_OBJECT_STORE_BYTES, REPO_ROOT
 from tests.processes import processes_with_env, until
 from tests.test_job import FAST_KB, _incomplete, _write_shards, write_kb_sources

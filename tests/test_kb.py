@@ -3,6 +3,8 @@
 import numpy as np
 import pyarrow as pa
 import pytest
+from scipy.linalg import expm
+
 from rag4dmc.pipeline.config import (
     AlignConfig,
     CalibrationConfig,
@@ -13,10 +15,10 @@ from rag4dmc.pipeline.config import (
     RetrievalConfig,
 )
 from rag4dmc.pipeline.core.retrieval import retrieve, searched_modality, shard_candidates
-from rag4dmc.pipeline.kb import knowledge_base as kbmod
 from rag4dmc.pipeline.kb import store as kb_store
-from scipy.linalg import expm
-
+from rag4dmc.pipeline.kb.in_memory import build_knowledge_base
+from rag4dmc.pipeline.kb.knowledge_base import KnowledgeBase
+from rag4dmc.pipeline.kb.purification import build_shards
 from tests.planted import unit
 
 D_IMG, D_TXT = 24, 16
@@ -52,7 +54,7 @@ def _world(seed=0, n_int=800, n_ext=600, n_off=200):
 @pytest.fixture(scope="module")
 def built():
     it, iemb, et, eemb = _world()
-    return kbmod.build_knowledge_base(it, iemb, et, eemb, FAST, encoder_info={"name": "planted"})
+    return build_knowledge_base(it, iemb, et, eemb, FAST, encoder_info={"name": "planted"})
 
 
 def test_build_drops_planted_off_domain_rows_and_reports_every_step(built):
@@ -73,7 +75,7 @@ def test_alignment_undoes_a_small_rotation_of_the_external_corpus():
     skew = np.random.default_rng(4).normal(size=(D_IMG, D_IMG)) * 0.05
     R = expm(skew - skew.T).astype(np.float32)  # a domain shift that is a small rotation
     rotated = dict(eemb, image=eemb["image"] @ R.T)
-    kb = kbmod.build_knowledge_base(it, iemb, et, rotated, FAST.model_copy(
+    kb = build_knowledge_base(it, iemb, et, rotated, FAST.model_copy(
         update={"filter": FilterConfig(tau_cent=-1, tau_inst=-1)}))  # keep all: test alignment alone
     ext = kb.shards[0].image.vectors[800:]
     before = np.einsum("nd,nd->n", rotated["image"], eemb["image"]).mean()
@@ -83,8 +85,8 @@ def test_alignment_undoes_a_small_rotation_of_the_external_corpus():
 
 def test_sharded_retrieval_equals_single_index_fusion_retrieval(built):
     vectors = {m: np.vstack([s.index(m).vectors for s in built.shards]) for m in ("image", "text")}
-    shards = kbmod.build_shards(vectors, FAST.model_copy(update={"index": IndexConfig(shards=3)}))
-    sharded = kbmod.KnowledgeBase(built.entries, built.mapping, shards, built.report, built.manifest)
+    shards = build_shards(vectors, FAST.model_copy(update={"index": IndexConfig(shards=3)}))
+    sharded = KnowledgeBase(built.entries, built.mapping, shards, built.report, built.manifest)
     assert [s.start for s in shards] == [0, len(built) // 3, 2 * len(built) // 3]
     q = vectors["image"][:50] + 0.05
     cfg = RetrievalConfig(top_k=10, n_results=4, alpha=0.6)
@@ -123,7 +125,7 @@ def test_loading_a_missing_kb_says_how_to_make_one(tmp_path):
 
 def test_kb_without_external_corpus_is_internal_only():
     it, iemb, _, _ = _world()
-    kb = kbmod.build_knowledge_base(it, iemb, None, None, FAST)
+    kb = build_knowledge_base(it, iemb, None, None, FAST)
     assert len(kb) == 800 and "filter" not in kb.report
 
 
@@ -175,10 +177,10 @@ def test_an_actor_downloads_only_its_part_of_a_remote_kb(built, s3_server, s3_bu
     """At LAION scale no node holds the whole KB: a retrieval actor fetches its shard group's files and
     the index it searches, a completion actor the entries file."""
     vectors = {m: np.vstack([s.index(m).vectors for s in built.shards]) for m in ("image", "text")}
-    shards = kbmod.build_shards(vectors, FAST.model_copy(update={"index": IndexConfig(shards=3)}))
+    shards = build_shards(vectors, FAST.model_copy(update={"index": IndexConfig(shards=3)}))
     manifest = {**built.manifest, "shards": [{"start": s.start, "stop": s.stop, "path": f"shard-{i:05d}"}
                                              for i, s in enumerate(shards)]}
-    kb = kbmod.KnowledgeBase(built.entries, built.mapping, shards, built.report, manifest)
+    kb = KnowledgeBase(built.entries, built.mapping, shards, built.report, manifest)
     uri, opts = f"{s3_bucket}/kb", s3_server.storage_options
     kb_store.save(kb, uri, opts)
     monkeypatch.setattr(kb_store.tempfile, "gettempdir", lambda: str(tmp_path))

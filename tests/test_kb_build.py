@@ -31,8 +31,9 @@ from rag4dmc.pipeline.core.knn import knn, normalize_rows
 from rag4dmc.pipeline.io import embedding_layout as layout
 from rag4dmc.pipeline.io.kb_images import ExampleImages
 from rag4dmc.pipeline.kb import build as kb_build
-from rag4dmc.pipeline.kb import knowledge_base as kbmod
 from rag4dmc.pipeline.kb import store as kb_store
+from rag4dmc.pipeline.kb.in_memory import build_knowledge_base
+from rag4dmc.pipeline.kb.purification import align_external, purify_external
 from tests.planted import clustered
 from tests.processes import sigkill_when
 
@@ -112,12 +113,12 @@ def test_streaming_purification_equals_the_in_memory_build(world, tmp_path):
     streamed_ids = [i for p in parts for i in layout.read_metadata(p).column("id").to_pylist()]
 
     norm = {m: normalize_rows(v, m) for m, v in internal.items()}
-    keep, aligned, report = kbmod.purify_external(norm, {m: normalize_rows(v, m) for m, v in external.items()},
+    keep, aligned, report = purify_external(norm, {m: normalize_rows(v, m) for m, v in external.items()},
                                                   CFG)
     assert streamed_ids == [f"e{j:06d}" for j in np.flatnonzero(keep)]
     assert 0 < keep.sum() < len(keep) and not keep[labels >= 4].any()  # the far clusters are dropped
     assert sum(c["kept"] for c in counts) == keep.sum()
-    _, results = kbmod.align_external(norm, {m: normalize_rows(v, m) for m, v in external.items()}, keep, CFG)
+    _, results = align_external(norm, {m: normalize_rows(v, m) for m, v in external.items()}, keep, CFG)
     for m in ("image", "text"):
         np.testing.assert_allclose(fitted.rotations[m], results[m].W, atol=1e-4)
         kept_vectors = np.vstack([layout.read_vectors(p.image if m == "image" else p.text, 0, p.rows) for p in parts])
@@ -144,7 +145,7 @@ def test_a_mapping_sample_smaller_than_the_internal_pairs_purifies_the_same_in_m
         return pa.table({"id": [f"{prefix}{j:06d}" for j in range(n)], "text": [f"{prefix} {j}" for j in range(n)],
                          "image": [b"x"] * n})
 
-    kb = kbmod.build_knowledge_base(entries(len(internal["image"]), "i"), internal,
+    kb = build_knowledge_base(entries(len(internal["image"]), "i"), internal,
                                     entries(len(external["image"]), "e"), external, cfg)
     external_rows = np.flatnonzero(np.asarray(kb.entries["source"].to_pylist()) == "external")
     assert streamed == kb.entries["id"].take(pa.array(external_rows)).to_pylist()
@@ -425,8 +426,8 @@ def test_precomputed_embeddings_build_the_same_kb_that_complete_uses(ray_local, 
     from rag4dmc.pipeline.demo.corpus import make_external, make_incomplete, make_internal
     from rag4dmc.pipeline.io.datasets import write_parquet
     from rag4dmc.pipeline.io.storage import Storage
+    from rag4dmc.pipeline.job.kb_runner import KBBuildSpec, run_kb_build
     from rag4dmc.pipeline.job.runner import JobSpec, read_output, run_job
-    from rag4dmc.pipeline.kb.runner import KBBuildSpec, run_kb_build
 
     cfg = KBConfig(mapping=MappingConfig(max_epochs=20, hidden_dim=128), calibration=CalibrationConfig(enabled=False))
     write_parquet(make_internal(120, seed=0).select(["id", "image", "text"]), f"{tmp_path}/internal/part-0.parquet")

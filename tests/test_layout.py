@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileSystem
+
 from rag4dmc.pipeline.io import embedding_layout as layout
 from rag4dmc.pipeline.io.embedding_layout import (
     EmbeddingShard,

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
+
 from rag4dmc.pipeline.config import MappingConfig
 from rag4dmc.pipeline.core.knn import EmbeddingError
 from rag4dmc.pipeline.core.mapping import CrossModalMapper, train_mapping
-
 from tests.planted import unit
 
 FAST = MappingConfig(hidden_dim=128, max_epochs=60, patience=8, batch_size=128, lr=3e-3)

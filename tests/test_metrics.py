@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+
 from rag4dmc.pipeline.core.metrics import bleu4, cider, coco_tokenize, mean_cosine, recall_at_k
 from rag4dmc.pipeline.evaluation.downstream import HeadConfig, evaluate_heads, train_heads
-
 from tests.planted import unit
 
 

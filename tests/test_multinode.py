@@ -10,9 +10,9 @@ import subprocess
 import sys
 
 import pytest
+
 from rag4dmc.pipeline.io.storage import Storage
 from rag4dmc.pipeline.job.runner import read_output
-
 from tests.conftest import REPO_ROOT
 from tests.multinode import WORKER, WORKERS
 

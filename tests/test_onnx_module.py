@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import rag4dmc.actors.onnx_module as onnx_module
 import torch
+
+import rag4dmc.actors.onnx_module as onnx_module
 from rag4dmc.actors.onnx_module import OnnxModule, cache_key
 
 

@@ -13,6 +13,7 @@ from typing import get_args
 import pyarrow as pa
 import pytest
 from PIL import Image
+
 from rag4dmc.pipeline.config import JobConfig
 from rag4dmc.pipeline.io.datasets import read_shard, write_parquet
 from rag4dmc.pipeline.io.storage import Storage
@@ -31,7 +32,6 @@ from rag4dmc.pipeline.job.writer import (
     write_file,
 )
 from rag4dmc.pipeline.schema import OUTPUT_SCHEMA, STAGES
-
 from tests.test_job import JOB, _incomplete, _write_shards
 
 KEY = re.compile(r"^[A-Za-z0-9_-]+$")

@@ -15,12 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from rag4dmc.pipeline.config import EvalConfig, JobConfig
-from rag4dmc.pipeline.io.storage import Storage
-from rag4dmc.pipeline.job.runner import JobSpec, read_output, run_job
-from rag4dmc.pipeline.kb.runner import KBBuildSpec, run_kb_build
 
 from bench.emoji import EMOJI_TEST, parse_emoji_test, split_corpus
+from rag4dmc.pipeline.config import EvalConfig, JobConfig
+from rag4dmc.pipeline.io.storage import Storage
+from rag4dmc.pipeline.job.kb_runner import KBBuildSpec, run_kb_build
+from rag4dmc.pipeline.job.runner import JobSpec, read_output, run_job
 from tests.conftest import EMOJI_TEST_GROUPS
 
 FLAT_KB_IMAGES = 12  # blank stickers and white cards planted among the KB's images: NIQE is undefined on them

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from rag4dmc.pipeline.cli import main
 from rag4dmc.pipeline.config import VARIANT_NAMES
 from rag4dmc.pipeline.demo.corpus import write_demo_corpus

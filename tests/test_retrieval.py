@@ -2,11 +2,11 @@
 
 import numpy as np
 import pytest
+
 from rag4dmc.pipeline.config import MappingConfig, RetrievalConfig
 from rag4dmc.pipeline.core.knn import EmbeddingError
 from rag4dmc.pipeline.core.mapping import train_mapping
 from rag4dmc.pipeline.core.retrieval import Neighbours, finish_retrieval, fusion_scores, retrieve
-
 from tests.planted import unit
 
 D = 32

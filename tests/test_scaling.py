@@ -7,12 +7,12 @@ import itertools
 from unittest import mock
 
 import pytest
+
 from rag4dmc.actors.generators import Blip2TextGenerator, SdxlImageGenerator
 from rag4dmc.actors.resources import Resources
 from rag4dmc.pipeline.config import EncoderConfig, JobConfig, StageResources
 from rag4dmc.pipeline.job.pool_usage import Report, bounding_pool, peak, pool_usage
 from rag4dmc.pipeline.job.scaling import Pool, capacity_of, device_share, size_pools, stage_time, task_rows
-
 from tests.conftest import REPO_ROOT
 
 GIB = 1024**3
@@ -192,8 +192,9 @@ def test_usage_counts_peak_actors_per_node_and_busy_share():
 
 def test_read_capacity_counts_what_the_autoscaler_config_may_still_add(monkeypatch):
     import ray
-    from rag4dmc.pipeline.job.scaling import read_capacity
     from ray.core.generated import autoscaler_pb2
+
+    from rag4dmc.pipeline.job.scaling import read_capacity
 
     gpu_worker = {"CPU": 8, "GPU": 2, "memory": 64 * GIB}
     alive = [{"Alive": True, "Resources": {"CPU": 4.0, "memory": 16.0 * GIB}},
@@ -218,6 +219,7 @@ def test_the_shipped_cluster_config_before_any_worker_joins_gives_every_gpu_a_ge
     ray_cluster.yaml's head alone (16 CPUs), the 12 g5.2xlarge it may add count: 10 SDXL and 2 BLIP2 actors."""
     import ray
     import yaml
+
     from rag4dmc.pipeline.job import scaling
     from rag4dmc.pipeline.job.mapper import DIRECTIONS, direction_stages, plan_resources
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
+
 from rag4dmc.actors.niqe import NIQE_MIN_SIDE, NiqeScorer
 from rag4dmc.pipeline.config import SelectionConfig
 from rag4dmc.pipeline.core.selection import (

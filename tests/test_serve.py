@@ -29,6 +29,7 @@ import pytest
 import yaml
 from PIL import Image
 from pydantic import SecretStr
+
 from rag4dmc.actors.images import load_image
 from rag4dmc.deploy.app import APP_NAME, COMPLETE_PATH, DEPLOYMENTS, HEALTH_PATH, build_app
 from rag4dmc.deploy.protocol import (
@@ -44,7 +45,6 @@ from rag4dmc.deploy.protocol import (
     read_body,
 )
 from rag4dmc.pipeline.config import ConfigError, JobConfig, KBConfig, MappingConfig, ServeConfig, validate
-
 from tests.conftest import LOOPBACK
 from tests.processes import until
 
@@ -279,7 +279,7 @@ def _free_port() -> int:
 def kb(ray_local, tmp_path_factory) -> str:
     from rag4dmc.pipeline.demo.corpus import make_external, make_internal
     from rag4dmc.pipeline.io.datasets import write_parquet
-    from rag4dmc.pipeline.kb.runner import KBBuildSpec, run_kb_build
+    from rag4dmc.pipeline.job.kb_runner import KBBuildSpec, run_kb_build
 
     """The service's KB is built the way most users build theirs: from precomputed embeddings in the
     clip-retrieval layout (here the layout a build from images wrote), its entries pointing at the images by
@@ -344,7 +344,8 @@ def test_health_and_completions_carry_the_jobs_provenance(service):
     import tempfile
 
     import requests
-    from rag4dmc.actors.encoders import create_encoder
+
+    from rag4dmc.actors.factory import create_encoder
     from rag4dmc.pipeline.config import EncoderConfig
     from rag4dmc.pipeline.io.kb_images import ExampleImages
     from rag4dmc.pipeline.kb import store as kb_store

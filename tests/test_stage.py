@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+
 from rag4dmc.actors.stage import ChainError, Column, Produced, Stage, apply, check_chain, run_chain
 from rag4dmc.pipeline.config import CalibrationConfig, IndexConfig, JobConfig, KBConfig, MappingConfig
 from rag4dmc.pipeline.schema import INPUT_SCHEMA, TASK_FAILED, TASK_I2T, TASK_OBSERVED, TASK_T2I
@@ -128,8 +129,8 @@ def three_shard_kb(tmp_path_factory):
     from rag4dmc.pipeline.demo.corpus import make_internal
     from rag4dmc.pipeline.io.datasets import ShardResult
     from rag4dmc.pipeline.job.reader import keyed_rows
-    from rag4dmc.pipeline.kb import knowledge_base as kbmod
     from rag4dmc.pipeline.kb import store as kb_store
+    from rag4dmc.pipeline.kb.in_memory import build_knowledge_base
 
     enc = EncoderConfig()
     pairs = make_internal(160, seed=0).select(["id", "image", "text"])
@@ -141,7 +142,7 @@ def three_shard_kb(tmp_path_factory):
                    calibration=CalibrationConfig(enabled=False), use_external=False)
     from rag4dmc.actors.encoders import describe_encoder
 
-    kb = kbmod.build_knowledge_base(pairs, vectors, cfg=cfg, encoder_info=describe_encoder(enc))
+    kb = build_knowledge_base(pairs, vectors, cfg=cfg, encoder_info=describe_encoder(enc))
     out = str(tmp_path_factory.mktemp("kb3") / "kb")
     kb_store.save(kb, out)
     return out

@@ -8,7 +8,8 @@ import json
 
 import numpy as np
 import pytest
-from rag4dmc.actors import encoders, generators, standin
+
+from rag4dmc.actors import encoders, factory, generators, standin
 from rag4dmc.actors.embed import EmbedQueries
 from rag4dmc.actors.generators import Example, NearestNeighbourImageGenerator, NearestNeighbourTextGenerator
 from rag4dmc.pipeline.config import EncoderConfig, GeneratorConfig
@@ -48,34 +49,34 @@ def _examples(n_rows: int, per_row: int = 3) -> tuple[list[str], list[list[Examp
 def test_off_by_default_the_factories_return_the_configured_classes(monkeypatch):
     monkeypatch.delenv(standin.ENV, raising=False)
     assert not standin.enabled()
-    assert encoders.encoder_class(LITE) is encoders.LiteEncoder
-    assert encoders.encoder_class(OPEN_CLIP) is encoders.OpenClipEncoder
-    assert generators.text_generator_class(NN) is NearestNeighbourTextGenerator
-    assert generators.image_generator_class(NN) is NearestNeighbourImageGenerator
-    assert generators.text_generator_class(MODELS) is generators.Blip2TextGenerator
-    assert generators.image_generator_class(MODELS) is generators.SdxlImageGenerator
-    assert isinstance(generators.create_text_generator(NN), NearestNeighbourTextGenerator)
-    assert isinstance(generators.create_image_generator(NN), NearestNeighbourImageGenerator)
+    assert factory.encoder_class(LITE) is encoders.LiteEncoder
+    assert factory.encoder_class(OPEN_CLIP) is encoders.OpenClipEncoder
+    assert factory.text_generator_class(NN) is NearestNeighbourTextGenerator
+    assert factory.image_generator_class(NN) is NearestNeighbourImageGenerator
+    assert factory.text_generator_class(MODELS) is generators.Blip2TextGenerator
+    assert factory.image_generator_class(MODELS) is generators.SdxlImageGenerator
+    assert isinstance(factory.create_text_generator(NN), NearestNeighbourTextGenerator)
+    assert isinstance(factory.create_image_generator(NN), NearestNeighbourImageGenerator)
 
 
 @pytest.mark.parametrize("cfg", [LITE, OPEN_CLIP], ids=["lite", "open_clip"])
 def test_on_every_factory_returns_a_standin_whatever_the_config(on, cfg):
     assert standin.enabled()
-    assert encoders.encoder_class(cfg) is standin.StandinEncoder
-    assert isinstance(encoders.create_encoder(cfg), standin.StandinEncoder)
+    assert factory.encoder_class(cfg) is standin.StandinEncoder
+    assert isinstance(factory.create_encoder(cfg), standin.StandinEncoder)
     for gen in (NN, MODELS):
-        assert generators.text_generator_class(gen) is standin.StandinTextGenerator
-        assert generators.image_generator_class(gen) is standin.StandinImageGenerator
-        assert isinstance(generators.create_text_generator(gen), standin.StandinTextGenerator)
-        assert isinstance(generators.create_image_generator(gen), standin.StandinImageGenerator)
+        assert factory.text_generator_class(gen) is standin.StandinTextGenerator
+        assert factory.image_generator_class(gen) is standin.StandinImageGenerator
+        assert isinstance(factory.create_text_generator(gen), standin.StandinTextGenerator)
+        assert isinstance(factory.create_image_generator(gen), standin.StandinImageGenerator)
 
 
 def test_each_call_is_logged_with_its_role_rows_and_times(on, held, monkeypatch, tmp_path):
     monkeypatch.setenv(standin.ENV, json.dumps({"scale": 0.5, "log": str(tmp_path / "holds")}))
-    enc = encoders.create_encoder(LITE)
+    enc = factory.create_encoder(LITE)
     enc.encode_texts(["a", "b", "c"])
     texts, examples = _examples(2)
-    generators.create_image_generator(NN).generate_indexed(texts, examples, 2, seed=0)
+    factory.create_image_generator(NN).generate_indexed(texts, examples, 2, seed=0)
     lines = sorted(line.split() for f in (tmp_path / "holds").iterdir() for line in f.read_text().splitlines())
     # the node the call ran on: this process's Ray node where an earlier test left Ray running, else "-"
     import ray
@@ -122,7 +123,7 @@ def test_the_embed_stage_asks_for_a_gpu_with_standins_on(on, monkeypatch):
 @pytest.mark.parametrize("cfg", [LITE, OPEN_CLIP], ids=["lite", "open_clip"])
 def test_embeddings_are_deterministic_unit_rows_of_the_configured_dims(on, held, cfg):
     described = encoders.describe_encoder(cfg)
-    enc = encoders.create_encoder(cfg)
+    enc = factory.create_encoder(cfg)
     assert (enc.image_dim, enc.text_dim) == (described["image_dim"], described["text_dim"])
     assert enc.image_size == encoders.encoder_image_size(cfg)
     rng = np.random.default_rng(0)
@@ -133,7 +134,7 @@ def test_embeddings_are_deterministic_unit_rows_of_the_configured_dims(on, held,
     assert img.dtype == txt.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1, rtol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(txt, axis=1), 1, rtol=1e-5)
-    again = encoders.create_encoder(cfg)  # another actor: the same vectors
+    again = factory.create_encoder(cfg)  # another actor: the same vectors
     np.testing.assert_array_equal(again.encode_pixels(pixels), img)
     np.testing.assert_array_equal(txt[0], txt[2])
     assert not np.allclose(txt[0], txt[1])
@@ -145,7 +146,7 @@ def test_embeddings_are_deterministic_unit_rows_of_the_configured_dims(on, held,
 
 def test_the_encoder_holds_its_gpu_for_the_scaled_time_per_row(on, held):
     on(0.5)
-    enc = encoders.create_encoder(LITE)
+    enc = factory.create_encoder(LITE)
     per_row = encoders.OpenClipEncoder.RESOURCES.seconds_per_row * 0.5
     enc.encode_pixels(np.zeros((7, enc.image_size, enc.image_size, 3), np.uint8))
     enc.encode_texts(["x"] * 10)
@@ -153,8 +154,8 @@ def test_the_encoder_holds_its_gpu_for_the_scaled_time_per_row(on, held):
 
 
 @pytest.mark.parametrize(("create", "nn_class", "real_class", "queries"), [
-    (generators.create_text_generator, NearestNeighbourTextGenerator, generators.Blip2TextGenerator, "images"),
-    (generators.create_image_generator, NearestNeighbourImageGenerator, generators.SdxlImageGenerator, "texts"),
+    (factory.create_text_generator, NearestNeighbourTextGenerator, generators.Blip2TextGenerator, "images"),
+    (factory.create_image_generator, NearestNeighbourImageGenerator, generators.SdxlImageGenerator, "texts"),
 ], ids=["text", "image"])
 def test_generators_return_the_neighbours_candidates_after_the_scaled_sleep(on, held, create, nn_class, real_class,
                                                                            queries):
@@ -174,8 +175,8 @@ def test_generators_return_the_neighbours_candidates_after_the_scaled_sleep(on, 
 def test_off_nothing_is_held(monkeypatch, held):
     monkeypatch.delenv(standin.ENV, raising=False)
     texts, examples = _examples(2)
-    generators.create_text_generator(NN).generate_indexed([None, None], examples, 2, seed=0)
-    generators.create_image_generator(NN).generate_indexed(texts, examples, 2, seed=0)
+    factory.create_text_generator(NN).generate_indexed([None, None], examples, 2, seed=0)
+    factory.create_image_generator(NN).generate_indexed(texts, examples, 2, seed=0)
     assert held == []
 
 

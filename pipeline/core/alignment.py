@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
 from rag4dmc.pipeline.core.knn import (
     DEFAULT_BLOCK,
     EmbeddingError,

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import faiss
 import numpy as np
+
 from rag4dmc.pipeline.core.knn import (
     DEFAULT_BLOCK,
     flat_index,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+
 from rag4dmc.pipeline.config import IndexConfig
 from rag4dmc.pipeline.core.knn import DEFAULT_BLOCK, EmbeddingError, normalize_rows
 

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+
 from rag4dmc.pipeline.config import MappingConfig
 from rag4dmc.pipeline.core.knn import EmbeddingError, check_matrix, normalize_rows
-from torch import nn
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from rag4dmc.pipeline.config import RetrievalConfig
 from rag4dmc.pipeline.core.index import VectorIndex
 from rag4dmc.pipeline.core.knn import EmbeddingError, normalize_rows

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
+
 from rag4dmc.pipeline.config import SelectionConfig
 from rag4dmc.pipeline.core.knn import check_matrix
 

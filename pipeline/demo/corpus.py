@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw
+
 from rag4dmc.pipeline.io.datasets import CANONICAL_SCHEMA, write_jsonl, write_parquet, write_webdataset
 
 IMAGE_SIZE = 128

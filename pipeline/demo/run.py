@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+
 from rag4dmc.pipeline.config import JobConfig, KBConfig
 
 log = logging.getLogger(__name__)
@@ -20,11 +21,12 @@ def run_demo(out: str, n_internal: int = 600, n_external: int = 1200, n_incomple
              niqe_params: str | None = None, seed: int = 0) -> int:
     """Generate a corpus, build the KB, complete the incomplete split, evaluate the variants, report."""
     import ray
+
     from rag4dmc.pipeline.config import EvalConfig
     from rag4dmc.pipeline.demo.corpus import write_demo_corpus
     from rag4dmc.pipeline.evaluation.runner import evaluate_datasets, markdown_table
+    from rag4dmc.pipeline.job.kb_runner import KBBuildSpec, run_kb_build
     from rag4dmc.pipeline.job.runner import JobSpec, run_job
-    from rag4dmc.pipeline.kb.runner import KBBuildSpec, run_kb_build
 
     t0 = time.perf_counter()
     root = Path(out).resolve()

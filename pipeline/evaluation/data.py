@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
+
 from rag4dmc.pipeline.config import (
     EncoderConfig,
     EvalConfig,

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from rag4dmc.pipeline.core.metrics import recall_at_k
 from torch import nn
+
+from rag4dmc.pipeline.core.metrics import recall_at_k
 
 
 @dataclass(frozen=True)

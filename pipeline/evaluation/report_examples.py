@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+
 from rag4dmc.pipeline.evaluation.data import EvalData
 
 

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+
 from rag4dmc.pipeline.config import (
     SWEEP_KEYS,
     EvalConfig,
@@ -77,8 +78,9 @@ from rag4dmc.pipeline.evaluation.variants import (
     table_columns,
 )
 from rag4dmc.pipeline.io.datasets import LABEL_COLUMN
-from rag4dmc.pipeline.kb import knowledge_base as kbmod
 from rag4dmc.pipeline.kb.calibrate import effective_settings
+from rag4dmc.pipeline.kb.in_memory import build_knowledge_base
+from rag4dmc.pipeline.kb.knowledge_base import KnowledgeBase
 from rag4dmc.pipeline.schema import TASK_FAILED, TASK_I2T, TASK_T2I
 
 log = logging.getLogger(__name__)
@@ -104,7 +106,7 @@ class VariantResult:
 class VariantKB:
     """A knowledge base, the encoder's own (unaligned) embeddings of its entries and their labels, row for row."""
 
-    kb: kbmod.KnowledgeBase
+    kb: KnowledgeBase
     raw: dict[str, np.ndarray] | None  # None: entries could not be matched to the embedded data
     labels: np.ndarray | None = None  # each entry's label (None: no label column)
     niqe: dict[str, float] = field(default_factory=dict)  # NIQE of candidate images scored so far, by hash
@@ -134,14 +136,14 @@ def build_variant_kbs(data: EvalData, cfg: EvalConfig, needed: set[str] | None =
     out = {}
     for name in KB_DESCRIPTIONS:
         if name in needed:
-            kb = kbmod.build_knowledge_base(internal, emb, *configs[name])
+            kb = build_knowledge_base(internal, emb, *configs[name])
             entry_labels = None if labels is None else np.array(
                 [labels.get(i) for i in kb.entries.column("id").to_pylist()], dtype=object)
             out[name] = VariantKB(kb, _raw_vectors(kb, emb, data), entry_labels)
     return out
 
 
-def _raw_vectors(kb: kbmod.KnowledgeBase, internal: dict[str, np.ndarray], data: EvalData
+def _raw_vectors(kb: KnowledgeBase, internal: dict[str, np.ndarray], data: EvalData
                  ) -> dict[str, np.ndarray] | None:
     """The embeddings of ``kb``'s entries as the encoder made them (the KB holds external ones aligned).
 
@@ -505,7 +507,7 @@ def _finite(value):
 def evaluate_datasets(data: str, external: str, out: str, cfg: EvalConfig, data_format: str = "auto"
                       ) -> tuple[dict, dict[str, str]]:
     """``rag4dmc evaluate``: read, embed, evaluate every repeat, rate and variant, write the report; (payload, files)."""
-    from rag4dmc.actors.encoders import create_encoder
+    from rag4dmc.actors.factory import create_encoder
     from rag4dmc.actors.niqe import NiqeScorer
 
     ev = cfg.evaluation

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from rag4dmc.pipeline.config import ColumnsConfig
 from rag4dmc.pipeline.io.storage import is_remote, url_to_fs
 

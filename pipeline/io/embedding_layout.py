@@ -42,6 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
+
 from rag4dmc.pipeline.io.datasets import NOT_TRANSIENT, with_retries
 from rag4dmc.pipeline.io.storage import url_to_fs
 

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
+
 from rag4dmc.pipeline.config import ColumnsConfig
 from rag4dmc.pipeline.io.datasets import detect_format, read_shard, with_retries
 from rag4dmc.pipeline.io.storage import url_to_fs

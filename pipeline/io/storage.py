@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from pyarrow.fs import FSSpecHandler, PyFileSystem
+
 from rag4dmc.pipeline.config import StorageConfig
 
 log = logging.getLogger(__name__)

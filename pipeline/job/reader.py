@@ -16,13 +16,14 @@ from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
+from ray.data import ReadTask
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource
+
 from rag4dmc.actors.preprocess import route_row
 from rag4dmc.pipeline.config import ColumnsConfig
 from rag4dmc.pipeline.io import datasets
 from rag4dmc.pipeline.schema import INPUT_SCHEMA, TASK_FAILED
-from ray.data import ReadTask
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource
 
 ROW_KEY = "row_key"
 

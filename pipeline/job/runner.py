@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from rag4dmc.actors import faults
 from rag4dmc.actors.resources import use_gpus
 from rag4dmc.pipeline.config import ConfigError, JobConfig

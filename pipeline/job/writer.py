@@ -15,6 +15,8 @@ from urllib.parse import quote
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from ray.data import Datasink
+
 from rag4dmc.actors import faults
 from rag4dmc.pipeline.schema import (
     OUTPUT_SCHEMA,
@@ -26,7 +28,6 @@ from rag4dmc.pipeline.schema import (
     TASK_FAILED,
     TASK_OBSERVED,
 )
-from ray.data import Datasink
 
 
 def _missing(v) -> bool:

@@ -18,7 +18,7 @@ Order (coordinate ascent, each step cheap): the alignment's settings (proximal s
 the default thresholds; then tau_cent x tau_inst with that alignment (k-means runs once; thresholds only
 re-cut its similarities); then, on the chosen knowledge base, alpha x top_k x n x the selection lambdas,
 separately per direction. The caller retrains the mapping on all pairs and builds the final KB with the
-chosen purification (:func:`rag4dmc.pipeline.kb.knowledge_base.build_knowledge_base`).
+chosen purification (:func:`rag4dmc.pipeline.kb.in_memory.build_knowledge_base`).
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+
 from rag4dmc.pipeline.config import CalibrationConfig, KBConfig, RetrievalConfig, SelectionConfig, Stream
 from rag4dmc.pipeline.core.knn import normalize_rows
 from rag4dmc.pipeline.core.mapping import MIN_TRAIN_PAIRS, CrossModalMapper, train_mapping
 from rag4dmc.pipeline.core.retrieval import (
+    MODALITIES,
     Neighbours,
     fusion_scores,
     merge_candidates,
@@ -43,6 +45,7 @@ from rag4dmc.pipeline.core.retrieval import (
 )
 from rag4dmc.pipeline.core.selection import consensus_bleu, image_score, sentence_bleu, text_score
 from rag4dmc.pipeline.core.significance import mean_ci, paired
+from rag4dmc.pipeline.kb import purification
 
 log = logging.getLogger(__name__)
 
@@ -315,8 +318,6 @@ def calibrate(internal_texts: list[str], internal_images: pa.ChunkedArray | None
     ``purification`` (the chosen filter and align keys, and every scored candidate), ``directions`` (per task
     the chosen retrieval and selection keys, their fidelity and CI, the default's and top-1's, the cross-fit)
     and ``grid`` (every scored point per task)."""
-    from rag4dmc.pipeline.kb import knowledge_base as kbmod
-
     cal = cfg.calibration
     t0 = time.perf_counter()
     n = len(internal_texts)
@@ -345,7 +346,7 @@ def calibrate(internal_texts: list[str], internal_images: pa.ChunkedArray | None
         vectors, raw, texts = dict(part), dict(part), list(rest_texts)
         kept = np.flatnonzero(keep) if keep is not None else np.zeros(0, np.int64)
         if kept.size:
-            for m in kbmod.MODALITIES:
+            for m in MODALITIES:
                 vectors[m] = np.concatenate([part[m], aligned[m][kept]])
                 raw[m] = np.concatenate([part[m], external[m][kept]])
             texts += [external_texts[i] for i in kept]
@@ -359,7 +360,7 @@ def calibrate(internal_texts: list[str], internal_images: pa.ChunkedArray | None
             return None if images is None else images[row].as_py()
 
         vectors = {m: np.ascontiguousarray(v, np.float32) for m, v in vectors.items()}
-        return Candidates(kbmod.build_shards(vectors, cfg), mapping, texts, raw, image_of, source_of, niqe_cache,
+        return Candidates(purification.build_shards(vectors, cfg), mapping, texts, raw, image_of, source_of, niqe_cache,
                           fidelity_cache)
 
     record: dict = {"holdout_pairs": len(held), "train_pairs": len(rest), "purification": None,
@@ -395,20 +396,18 @@ def _calibrate_purification(part, external, held, cfg: KBConfig, retrieval, sele
     """Alignment settings at the configured thresholds, then the thresholds with that alignment; the chosen
     settings' record, kept mask and aligned external rows. A setting replaces the default only if it scores
     strictly higher."""
-    from rag4dmc.pipeline.kb import knowledge_base as kbmod
-
     cal = cfg.calibration
-    filt = kbmod.filter_external(part, external, cfg)
+    filt = purification.filter_external(part, external, cfg)
     tried = []
     # Alignment: the configured settings unless another beats them beyond noise (paired over held-out queries).
     default_vec, best = None, None
     for proximal in _first_default(cal.align_proximal, cfg.align.proximal):
         acfg = cfg.model_copy(update={"align": cfg.align.model_copy(update={"proximal": proximal})})
-        _, results = kbmod.align_external(part, external, filt["keep"], acfg)
+        _, results = purification.align_external(part, external, filt["keep"], acfg)
         for pick in _first_default(cal.align_pick, cfg.align.pick):
             aligned = {m: external[m] if results[m] is None else
                        normalize_rows(external[m] @ getattr(results[m], pick), f"aligned external {m}")
-                       for m in kbmod.MODALITIES}
+                       for m in MODALITIES}
             score, vec = kb_fidelity(candidates(filt["keep"], aligned), held, cal, retrieval, selection, niqe)
             tried.append({"step": "align", "proximal": proximal, "pick": pick, **score})
             default_vec = vec if default_vec is None else default_vec
@@ -419,7 +418,7 @@ def _calibrate_purification(part, external, held, cfg: KBConfig, retrieval, sele
     default_vec, best = None, None
     for tau_cent, tau_inst in itertools.product(_first_default(cal.tau_cent, cfg.filter.tau_cent),
                                                 _first_default(cal.tau_inst, cfg.filter.tau_inst)):
-        keep = kbmod.threshold_filter(filt["results"], tau_cent, tau_inst, cfg.filter.modality)
+        keep = purification.threshold_filter(filt["results"], tau_cent, tau_inst, cfg.filter.modality)
         score, vec = kb_fidelity(candidates(keep, best_w), held, cal, retrieval, selection, niqe)
         tried.append({"step": "filter", "tau_cent": tau_cent, "tau_inst": tau_inst, "kept": int(keep.sum()), **score})
         default_vec = vec if default_vec is None else default_vec
@@ -463,3 +462,20 @@ def effective_settings(retrieval: RetrievalConfig, selection: SelectionConfig, c
                   "lambda_cos": selection.lambda_cos, **{k: getattr(selection, k) for k in CALIBRATED_SELECTION},
                   "calibrated": calibrated, "user": user}
     return retrieval, selection, provenance
+
+
+def calibration_summary(calibration: dict | None) -> dict | None:
+    """What the manifest keeps of a calibration: the chosen settings per direction and their fidelity beside
+    the default's (the full grids stay in report.json)."""
+    if calibration is None:
+        return None
+    keep = ("retrieval", "selection", "fidelity", "ci", "cross_fitted_fidelity", "gain_over_default",
+            "gain_over_default_ci")
+    out = {"holdout_pairs": calibration["holdout_pairs"],
+           "directions": {t: {k: d.get(k) for k in keep} | {"default_fidelity": (d["default"] or {}).get("fidelity"),
+                                                             "top1_fidelity": (d["top1"] or {}).get("fidelity")}
+                          for t, d in calibration["directions"].items()}}
+    if calibration["purification"] is not None:
+        out["purification"] = {k: calibration["purification"][k] for k in ("filter", "align", "fidelity",
+                                                                            "default_fidelity", "internal_only_fidelity")}
+    return out

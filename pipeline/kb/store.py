@@ -23,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+
 from rag4dmc.pipeline.core.index import VectorIndex
 from rag4dmc.pipeline.core.mapping import CrossModalMapper
 from rag4dmc.pipeline.core.retrieval import MODALITIES, Shard
+from rag4dmc.pipeline.kb.knowledge_base import KnowledgeBase
 
 FORMAT_VERSION = 3  # 3: entries by reference (no image bytes), float16 vectors; 2: entries.arrow with bytes
 ENTRIES_FILE = "entries.arrow"
@@ -53,7 +55,7 @@ def new_manifest(encoder: dict, rows: int, dims: tuple[int, int], cfg, calibrati
     """The manifest of a KB in this format, with its version."""
     import time
 
-    from rag4dmc.pipeline.kb.knowledge_base import calibration_summary
+    from rag4dmc.pipeline.kb.calibrate import calibration_summary
 
     manifest = {"format": FORMAT_VERSION, "encoder": encoder or {}, "rows": rows, "image_dim": int(dims[0]),
                 "text_dim": int(dims[1]), "shards": shards, "config": cfg.model_dump(mode="json"),
@@ -240,6 +242,4 @@ def load(uri: str, storage_options: dict | None = None, shards: list[int] | None
             VectorIndex.load(root / s["path"] / m, with_index=searched in (None, m)) for m in MODALITIES)))
     entries = open_entries(root / ENTRIES_FILE) if with_entries else pa.table({})
     report = json.loads((root / "report.json").read_text())
-    from rag4dmc.pipeline.kb.knowledge_base import KnowledgeBase
-
     return KnowledgeBase(entries, CrossModalMapper.load(root / "mapping.pt"), loaded, report, manifest)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from ray.data import Datasink
+
 from rag4dmc.actors.embed import EmbedPairs
 from rag4dmc.actors.preprocess import CPU_TASK, FetchAndDecode
 from rag4dmc.actors.resources import use_gpus
@@ -30,7 +32,6 @@ from rag4dmc.pipeline.job.mapper import actor_class
 from rag4dmc.pipeline.job.reader import ROW_KEY, ShardDatasource, shard_name
 from rag4dmc.pipeline.kb import build as kb_build
 from rag4dmc.pipeline.schema import INPUT_SCHEMA, TASK_FAILED, TASK_OBSERVED
-from ray.data import Datasink
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ def embed_pool(declared, spec: KBBuildSpec):
 def embed_to_layout(path: str, dest: str, spec: KBBuildSpec, storage: Storage) -> dict:
     """Complete pairs of the dataset at ``path``, embedded, written as layout shards to ``dest``; counts only."""
     import ray
+
     from rag4dmc.actors.encoders import encoder_image_size
 
     enc = spec.cfg.encoder
@@ -193,6 +195,7 @@ def side_layout(side: str, data: str | None, embeddings: str | None, spec: KBBui
 def run_kb_build(spec: KBBuildSpec) -> dict:
     """Build the purified knowledge base and save it to ``spec.out``; returns its version, rows and report."""
     import ray
+
     from rag4dmc.actors.encoders import describe_encoder
 
     if not (spec.internal or spec.internal_embeddings):
