@@ -294,6 +294,6 @@ def run_stage(batch: Batch, *, stage: Stage):
 
     It lives here, beside the contract, rather than in the job plan: a task worker imports only this module and
     the stage's own, not the plan's model libraries (importing ``rag4dmc.pipeline.job.mapper`` costs a fresh worker about 4 s of
-    CPU and 770 MiB of RSS, torch and FAISS most of it; ``rag4dmc.pipeline.kb.build.BASE_PROCESS_BYTES``)."""
+    CPU and 770 MiB of RSS, torch and FAISS most of it; ``rag4dmc.pipeline.kb.build_memory.BASE_PROCESS_BYTES``)."""
     stage.ensure_setup()
     return typed_block(apply(stage, restore_nulls(batch)))

@@ -1,7 +1,7 @@
 """Recall@10 and query speed of a built knowledge base's indexes at each (nprobe, rerank depth).
 
 The build measures this grid on its held-out queries and keeps the pair ``rag4dmc.pipeline.core.index.pick_search`` chooses
-(``rag4dmc.pipeline.kb.build.recall_report``); this measures the same grid on any KB, with the build's own code:
+(``rag4dmc.pipeline.kb.build_index.recall_report``); this measures the same grid on any KB, with the build's own code:
 leave-one-out queries drawn from the KB's rows, exact top-10 by a blockwise scan of the memory-mapped float16
 vectors, and the approximate search of every shard merged, at each pair. nprobe only changes how an index is
 searched, so a KB built before the build tuned it is measured here as a rebuild would search it. Queries/s are
@@ -27,10 +27,11 @@ import numpy as np  # noqa: E402
 
 from bench.common import report  # noqa: E402
 from rag4dmc.pipeline.config import IndexConfig  # noqa: E402
+from rag4dmc.pipeline.core import index as index_module  # noqa: E402
 from rag4dmc.pipeline.core.cluster_filter import sample_ids  # noqa: E402
 from rag4dmc.pipeline.core.index import pick_search  # noqa: E402
 from rag4dmc.pipeline.core.retrieval import MODALITIES  # noqa: E402
-from rag4dmc.pipeline.kb import build as kb_build  # noqa: E402
+from rag4dmc.pipeline.kb import build_index  # noqa: E402
 from rag4dmc.pipeline.kb import store as kb_store
 
 SCAN_ROWS = 200_000  # rows of float16 vectors read at a time by the exact scan (its top-k: ~16 B per query and row)
@@ -45,7 +46,7 @@ def exact_top(vectors: np.ndarray, queries: np.ndarray, k: int, offset: int) -> 
         sims = queries @ piece.T
         kk = min(k, sims.shape[1])
         top = np.argpartition(sims, sims.shape[1] - kk, axis=1)[:, -kk:]
-        best_s, best_i = kb_build.topk_merge(np.hstack([best_s, np.take_along_axis(sims, top, 1)]),
+        best_s, best_i = build_index.topk_merge(np.hstack([best_s, np.take_along_axis(sims, top, 1)]),
                                              np.hstack([best_i, top + offset + start]), k)
     return best_s, best_i
 
@@ -65,7 +66,7 @@ def main() -> None:
     cfg = IndexConfig(**kb.manifest["config"]["index"])
     n = kb.shards[-1].stop
     query_ids = sample_ids(n, args.queries, 11)
-    k = kb_build.RECALL_K + 1  # leave-one-out: the query is a KB row
+    k = index_module.RECALL_K + 1  # leave-one-out: the query is a KB row
     first = kb.shards[0].index("image")
     saved = {m: (kb.shards[0].index(m).nprobe, kb.shards[0].index(m).rerank_factor) for m in MODALITIES}
     nlist = min(faiss.extract_index_ivf(sh.index(m).index).nlist for sh in kb.shards for m in MODALITIES) \
@@ -87,7 +88,7 @@ def main() -> None:
                 index.rerank_factor = f
                 r[m]["approx"][(p, f)] = index.search(q, k)
             speed[m][(p, f)] = len(q) / (time.perf_counter() - t0)
-    rec = kb_build.recall_report(results, query_ids, cfg.min_recall)
+    rec = build_index.recall_report(results, query_ids, cfg.min_recall)
     recall = {m: {(e["nprobe"], e["rerank_factor"]): e["recall"] for e in rec["by_search"][m]} for m in MODALITIES}
     rows = [{"nprobe": p, "rerank_factor": f, **{f"recall@10 {m}": recall[m][(p, f)] for m in MODALITIES},
              **{f"queries/s {m}": round(speed[m][(p, f)], 1) for m in MODALITIES}} for p, f in grid]

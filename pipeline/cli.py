@@ -206,7 +206,8 @@ def _parse_sweeps(specs: list[str]) -> dict[str, list[str]]:
 def cmd_evaluate(args) -> int:
     from rag4dmc.pipeline.config import EvalConfig
     from rag4dmc.pipeline.evaluation.data import EvaluationError
-    from rag4dmc.pipeline.evaluation.runner import evaluate_datasets, markdown_table
+    from rag4dmc.pipeline.evaluation.markdown import markdown_table
+    from rag4dmc.pipeline.evaluation.runner import evaluate_datasets
 
     specs = getattr(args, "evaluation.sweeps")
     if specs is not None:
@@ -226,7 +227,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from rag4dmc.deploy.app import run_local
+    from rag4dmc.deploy.local import run_local
     from rag4dmc.pipeline.config import ServeConfig
 
     if args.api_key is None:

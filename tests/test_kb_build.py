@@ -30,7 +30,7 @@ from rag4dmc.pipeline.core.index import VectorIndex
 from rag4dmc.pipeline.core.knn import knn, normalize_rows
 from rag4dmc.pipeline.io import embedding_layout as layout
 from rag4dmc.pipeline.io.kb_images import ExampleImages
-from rag4dmc.pipeline.kb import build as kb_build
+from rag4dmc.pipeline.kb import build_fit, build_index, build_memory, build_purify, build_sides
 from rag4dmc.pipeline.kb import store as kb_store
 from rag4dmc.pipeline.kb.in_memory import build_knowledge_base
 from rag4dmc.pipeline.kb.purification import align_external, purify_external
@@ -103,11 +103,11 @@ def test_streaming_purification_equals_the_in_memory_build(world, tmp_path):
     internal, external, labels = world
     _write_side(f"{tmp_path}/int", internal, 2, "i")
     _write_side(f"{tmp_path}/ext", external, 3, "e")
-    inside, outside = kb_build.open_side("internal", f"{tmp_path}/int", None), \
-        kb_build.open_side("external", f"{tmp_path}/ext", None)
+    inside, outside = build_sides.open_side("internal", f"{tmp_path}/int", None), \
+        build_sides.open_side("external", f"{tmp_path}/ext", None)
 
-    fitted = kb_build.fit(inside, outside, CFG, None)
-    counts = [kb_build.purify_shard({"side": "external", "shard": s, "out": str(tmp_path / "kb"),
+    fitted = build_fit.fit(inside, outside, CFG, None)
+    counts = [build_purify.purify_shard({"side": "external", "shard": s, "out": str(tmp_path / "kb"),
                                      "storage_options": None, "fitted": fitted}) for s in outside.shards]
     parts = layout.list_embedding_shards(f"{tmp_path}/kb/{kb_store.PARTS_DIR}/external")
     streamed_ids = [i for p in parts for i in layout.read_metadata(p).column("id").to_pylist()]
@@ -132,11 +132,11 @@ def test_a_mapping_sample_smaller_than_the_internal_pairs_purifies_the_same_in_m
     cfg = CFG.model_copy(update={"mapping": CFG.mapping.model_copy(update={"max_rows": 500})})
     _write_side(f"{tmp_path}/int", internal, 2, "i")
     _write_side(f"{tmp_path}/ext", external, 3, "e")
-    fitted = kb_build.fit(kb_build.open_side("internal", f"{tmp_path}/int", None),
-                          kb_build.open_side("external", f"{tmp_path}/ext", None), cfg, None)
+    fitted = build_fit.fit(build_sides.open_side("internal", f"{tmp_path}/int", None),
+                          build_sides.open_side("external", f"{tmp_path}/ext", None), cfg, None)
     assert fitted.report["internal_sample_rows"] == 500 < len(internal["image"])
-    for s in kb_build.open_side("external", f"{tmp_path}/ext", None).shards:
-        kb_build.purify_shard({"side": "external", "shard": s, "out": str(tmp_path / "kb"), "storage_options": None,
+    for s in build_sides.open_side("external", f"{tmp_path}/ext", None).shards:
+        build_purify.purify_shard({"side": "external", "shard": s, "out": str(tmp_path / "kb"), "storage_options": None,
                                "fitted": fitted})
     parts = layout.list_embedding_shards(f"{tmp_path}/kb/{kb_store.PARTS_DIR}/external")
     streamed = [i for p in parts for i in layout.read_metadata(p).column("id").to_pylist()]
@@ -159,23 +159,23 @@ def test_a_samples_texts_come_in_its_order_from_every_shard(tmp_path):
     """The calibration's BLEU reads the texts of sampled ids: in the sample's order, across shards."""
     v = normalize_rows(np.random.default_rng(3).normal(size=(90, D)).astype(np.float32), "v")
     _write_side(f"{tmp_path}/side", {"image": v, "text": v}, 3, "s")
-    side = kb_build.open_side("external", f"{tmp_path}/side", None)
+    side = build_sides.open_side("external", f"{tmp_path}/side", None)
     ids = np.array([75, 2, 31, 89, 30, 0])
-    assert kb_build._texts(side, ids, None) == [f"s {j}" for j in ids]
+    assert build_fit.read_texts(side, ids, None) == [f"s {j}" for j in ids]
 
 
 def test_a_purified_part_already_written_is_not_redone(world, tmp_path):
     internal, external, _ = world
     _write_side(f"{tmp_path}/ext", external, 1, "e")
     _write_side(f"{tmp_path}/int", internal, 1, "i")
-    inside, outside = kb_build.open_side("internal", f"{tmp_path}/int", None), \
-        kb_build.open_side("external", f"{tmp_path}/ext", None)
-    fitted = kb_build.fit(inside, outside, CFG, None)
+    inside, outside = build_sides.open_side("internal", f"{tmp_path}/int", None), \
+        build_sides.open_side("external", f"{tmp_path}/ext", None)
+    fitted = build_fit.fit(inside, outside, CFG, None)
     item = {"side": "external", "shard": outside.shards[0], "out": str(tmp_path / "kb"), "storage_options": None,
             "fitted": fitted}
-    first = kb_build.purify_shard(item)
+    first = build_purify.purify_shard(item)
     written = {p: p.stat().st_mtime_ns for p in (tmp_path / "kb").rglob("*") if p.is_file()}
-    again = kb_build.purify_shard(item)
+    again = build_purify.purify_shard(item)
     assert again["resumed"] and again["kept"] == first["kept"]
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "kb").rglob("*") if p.is_file()} == written
 
@@ -186,22 +186,22 @@ def test_index_shards_populated_in_parallel_answer_as_one_index(tmp_path):
     base, _ = clustered(rng, rng.normal(size=(20, D)) * 3, 6000, 0.5)
     base = normalize_rows(base, "base")
     _write_side(f"{tmp_path}/parts", {"image": base, "text": base[::-1].copy()}, 3, "p")
-    parts = kb_build.Side("kb", str(tmp_path), layout.list_embedding_shards(f"{tmp_path}/parts"))
+    parts = build_sides.Side("kb", str(tmp_path), layout.list_embedding_shards(f"{tmp_path}/parts"))
     cfg = CFG.model_copy(update={"index": IndexConfig(nlist=32, nprobe=8, rerank_factor=10, recall_queries=50)})
-    trained = kb_build.train_indexes(parts, "ivfpq", cfg, None)
+    trained = build_index.train_indexes(parts, "ivfpq", cfg, None)
     queries = {m: base[:40] for m in ("image", "text")}
     common = {"kind": "ivfpq", "cfg": cfg, "out": str(tmp_path / "kb"), "storage_options": None}
-    results = [kb_build.build_index_shard({**common, "start": a, "stop": b, "shard": i, "path": f"shard-{i:05d}"},
+    results = [build_index.build_index_shard({**common, "start": a, "stop": b, "shard": i, "path": f"shard-{i:05d}"},
                                           parts, trained, queries)
                for i, (a, b) in enumerate([(0, 3500), (3500, 6000)])]
-    report = kb_build.recall_report(results, np.arange(40), 0.9)
-    kb_build.save_search_params(str(tmp_path / "kb"), ["shard-00000", "shard-00001"], report, cfg, None)
+    report = build_index.recall_report(results, np.arange(40), 0.9)
+    build_index.save_search_params(str(tmp_path / "kb"), ["shard-00000", "shard-00001"], report, cfg, None)
     shards = [VectorIndex.load(tmp_path / "kb" / f"shard-{i:05d}" / "image") for i in range(2)]
     assert shards[0].vectors.dtype == np.float16 and shards[1].offset == 3500
     assert {(s.nprobe, s.rerank_factor) for s in shards} == {(report["nprobe"]["image"],
                                                               report["rerank_factor"]["image"])}
     answers = [s.search(base[:40], 10) for s in shards]
-    merged = kb_build.topk_merge(np.hstack([a[0] for a in answers]), np.hstack([a[1] for a in answers]), 10)[1]
+    merged = build_index.topk_merge(np.hstack([a[0] for a in answers]), np.hstack([a[1] for a in answers]), 10)[1]
     one = faiss.deserialize_index(trained["image"])  # the same trained empty index, filled with every row at once
     one.add(base.astype(np.float16).astype(np.float32))
     whole = VectorIndex(base.astype(np.float16), one, "ivfpq", report["rerank_factor"]["image"])
@@ -226,29 +226,29 @@ def test_recall_below_min_at_every_search_setting_marks_the_report_and_warns_wit
 
     grid = {(32, 20): found(3), (32, 40): found(4), (64, 20): found(5), (64, 40): found(6)}
     result = {m: {"exact": (scores, exact_ids), "approx": grid} for m in ("image", "text")}
-    report = kb_build.recall_report([result], queries, 0.9)
+    report = build_index.recall_report([result], queries, 0.9)
     assert report["image"] == report["text"] == 0.6 and report["below_min"]
     assert (report["nprobe"]["image"], report["rerank_factor"]["image"]) == (64, 40)  # the best pair is kept
     with caplog.at_level("WARNING", logger="rag4dmc.pipeline.kb.build"):
-        assert kb_build.warn_if_below_min(report)
+        assert build_index.warn_if_below_min(report)
     text = caplog.text
     assert "below index.min_recall 0.90" in text and "nprobe 64 and rerank_factor 40" in text
     assert all(knob in text for knob in ("index.max_nprobe", "index.max_rerank_factor", "index.bytes_per_row"))
     caplog.clear()
-    report = kb_build.recall_report([result], queries, 0.5)  # met at (64, 20): no warning
-    assert not report["below_min"] and not kb_build.warn_if_below_min(report) and not caplog.text
+    report = build_index.recall_report([result], queries, 0.5)  # met at (64, 20): no warning
+    assert not report["below_min"] and not build_index.warn_if_below_min(report) and not caplog.text
 
 
 def _one_index_shard(tmp_path, base: np.ndarray, kind: str, index: IndexConfig) -> tuple[KBConfig, dict]:
     """``base`` as both modalities' parts, one index shard of it built with its first 60 rows as recall queries."""
     _write_side(f"{tmp_path}/parts", {"image": base, "text": base.copy()}, 2, "p")
-    parts = kb_build.Side("kb", str(tmp_path), layout.list_embedding_shards(f"{tmp_path}/parts"))
+    parts = build_sides.Side("kb", str(tmp_path), layout.list_embedding_shards(f"{tmp_path}/parts"))
     cfg = CFG.model_copy(update={"index": index})
-    trained = kb_build.train_indexes(parts, kind, cfg, None)
+    trained = build_index.train_indexes(parts, kind, cfg, None)
     queries = {m: base[:60] for m in ("image", "text")}
     task = {"start": 0, "stop": len(base), "shard": 0, "path": "shard-00000", "kind": kind, "cfg": cfg,
             "out": str(tmp_path / "kb"), "storage_options": None}
-    return cfg, kb_build.build_index_shard(task, parts, trained, queries)
+    return cfg, build_index.build_index_shard(task, parts, trained, queries)
 
 
 def test_the_build_keeps_the_least_rerank_depth_that_reaches_min_recall(tmp_path):
@@ -260,13 +260,13 @@ def test_the_build_keeps_the_least_rerank_depth_that_reaches_min_recall(tmp_path
     base = normalize_rows(base, "base")
     cfg, result = _one_index_shard(tmp_path, base, "ivfpq", IndexConfig(
         nlist=16, nprobe=16, pq_m=4, rerank_factor=1, max_rerank_factor=64, recall_queries=60))
-    report = kb_build.recall_report([result], np.arange(60), 0.9)
+    report = build_index.recall_report([result], np.arange(60), 0.9)
     by_factor = {e["rerank_factor"]: e["recall"] for e in report["by_search"]["image"]}
     chosen = report["rerank_factor"]["image"]
     assert sorted(by_factor) == [1, 2, 4, 8, 16, 32, 64] and report["nprobe"]["image"] == 16
     assert by_factor[1] < 0.9 <= by_factor[chosen] == report["image"]
     assert all(by_factor[f] < 0.9 for f in by_factor if f < chosen)  # the least depth that is enough
-    kb_build.save_search_params(str(tmp_path / "kb"), ["shard-00000"], report, cfg, None)
+    build_index.save_search_params(str(tmp_path / "kb"), ["shard-00000"], report, cfg, None)
     assert VectorIndex.load(tmp_path / "kb" / "shard-00000" / "image").rerank_factor == chosen
 
 
@@ -279,7 +279,7 @@ def test_the_build_probes_as_many_lists_as_recall_needs_and_the_kb_searches_with
     cfg, result = _one_index_shard(tmp_path, base, "ivf", IndexConfig(
         nlist=64, hnsw_quantizer_min_lists=64, nprobe=1, max_nprobe=64, rerank_factor=1, max_rerank_factor=4,
         recall_queries=60, quantizer_ef_per_probe=2))
-    report = kb_build.recall_report([result], np.arange(60), 0.9)
+    report = build_index.recall_report([result], np.arange(60), 0.9)
     grid = {(e["nprobe"], e["rerank_factor"]): e["recall"] for e in report["by_search"]["image"]}
     assert sorted({p for p, _ in grid}) == [1, 2, 4, 8, 16, 32, 64]
     assert {f for _, f in grid} == {1}  # IVF-Flat's scores are exact: nothing to rerank, no depth measured
@@ -287,7 +287,7 @@ def test_the_build_probes_as_many_lists_as_recall_needs_and_the_kb_searches_with
     nprobe, factor = report["nprobe"]["image"], report["rerank_factor"]["image"]
     assert grid[(nprobe, factor)] >= 0.9 and nprobe > 1
     assert all(r < 0.9 for (p, _), r in grid.items() if p < nprobe)  # the least nprobe that is enough
-    kb_build.save_search_params(str(tmp_path / "kb"), ["shard-00000"], report, cfg, None)
+    build_index.save_search_params(str(tmp_path / "kb"), ["shard-00000"], report, cfg, None)
     saved = VectorIndex.load(tmp_path / "kb" / "shard-00000" / "image")
     assert (saved.nprobe, saved.rerank_factor, saved.quantizer_ef) == (nprobe, factor, max(2 * nprobe, 16))
     exact = knn(base[60:120], base, 10)[1]
@@ -303,18 +303,18 @@ def test_an_index_shard_is_written_in_place_locally_and_uploaded_whole_to_object
     rng = np.random.default_rng(2)
     base = normalize_rows(rng.normal(size=(1500, D)).astype(np.float32), "base")
     _write_side(f"{tmp_path}/parts", {"image": base, "text": base[::-1].copy()}, 2, "p")
-    parts = kb_build.Side("kb", str(tmp_path), layout.list_embedding_shards(f"{tmp_path}/parts"))
+    parts = build_sides.Side("kb", str(tmp_path), layout.list_embedding_shards(f"{tmp_path}/parts"))
     cfg = CFG.model_copy(update={"index": IndexConfig(nlist=8, nprobe=8, recall_queries=20)})
-    trained = kb_build.train_indexes(parts, "ivf", cfg, None)
+    trained = build_index.train_indexes(parts, "ivf", cfg, None)
     queries = {m: base[:20] for m in ("image", "text")}
     stale = tmp_path / "kb" / "shard-00000" / "image" / "left-by-a-killed-build.npy"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"x")
     task = {"start": 0, "stop": 1500, "shard": 0, "path": "shard-00000", "kind": "ivf", "cfg": cfg}
-    local = kb_build.build_index_shard({**task, "out": str(tmp_path / "kb"), "storage_options": None},
+    local = build_index.build_index_shard({**task, "out": str(tmp_path / "kb"), "storage_options": None},
                                       parts, trained, queries)
     assert not stale.exists()
-    remote = kb_build.build_index_shard({**task, "out": f"{s3_bucket}/kb", "storage_options": s3_server.storage_options},
+    remote = build_index.build_index_shard({**task, "out": f"{s3_bucket}/kb", "storage_options": s3_server.storage_options},
                                        parts, trained, queries)
     fs = s3fs.S3FileSystem(**s3_server.storage_options)
     for m in ("image", "text"):
@@ -328,10 +328,10 @@ def test_an_index_shard_is_written_in_place_locally_and_uploaded_whole_to_object
 
 def test_each_step_gets_the_cluster_cpus_shared_out_between_its_tasks():
     """A lone index shard takes a whole node, many shards take build.task_cpus each, never more than a node."""
-    assert kb_build.spread_cpus(1, 1.0, node_cpus=8, cluster_cpus=32) == 8
-    assert kb_build.spread_cpus(4, 1.0, node_cpus=8, cluster_cpus=16) == 4
-    assert kb_build.spread_cpus(100, 1.0, node_cpus=8, cluster_cpus=16) == 1.0
-    assert kb_build.spread_cpus(3, 0.5, node_cpus=2, cluster_cpus=2) == 0.5
+    assert build_memory.spread_cpus(1, 1.0, node_cpus=8, cluster_cpus=32) == 8
+    assert build_memory.spread_cpus(4, 1.0, node_cpus=8, cluster_cpus=16) == 4
+    assert build_memory.spread_cpus(100, 1.0, node_cpus=8, cluster_cpus=16) == 1.0
+    assert build_memory.spread_cpus(3, 0.5, node_cpus=2, cluster_cpus=2) == 0.5
 
 
 def test_a_build_task_computes_on_every_cpu_it_reserved(ray_local):
@@ -408,15 +408,15 @@ def test_a_completed_row_names_the_examples_whose_image_could_not_be_had_and_use
 
 def test_the_memory_estimate_refuses_what_no_node_holds():
     cfg = KBConfig(build=BuildConfig(piece_rows=5_000_000))
-    est = kb_build.estimate_memory(100_000, 1_000_000_000, (768, 768), cfg)
+    est = build_memory.estimate_memory(100_000, 1_000_000_000, (768, 768), cfg)
     assert est["sizes"]["shards"] == 101 and est["sizes"]["kind"] == "ivfpq"
     with pytest.raises(MemoryError, match="build.piece_rows"):
-        kb_build.check_memory(est, node_bytes=16 * 2**30, driver_bytes=16 * 2**30)
-    fine = kb_build.estimate_memory(100_000, 10_000_000, (512, 512), KBConfig())
+        build_memory.check_memory(est, node_bytes=16 * 2**30, driver_bytes=16 * 2**30)
+    fine = build_memory.estimate_memory(100_000, 10_000_000, (512, 512), KBConfig())
     assert fine["driver"] < 2 * 2**30 and max(fine[k] for k in ("fit", "purify", "index")) < 6 * 2**30
-    kb_build.check_memory(fine, node_bytes=16 * 2**30, driver_bytes=16 * 2**30)
+    build_memory.check_memory(fine, node_bytes=16 * 2**30, driver_bytes=16 * 2**30)
     # The driver's share does not grow with the corpus.
-    assert kb_build.estimate_memory(100_000, 10**9, (512, 512), KBConfig())["driver"] == fine["driver"]
+    assert build_memory.estimate_memory(100_000, 10**9, (512, 512), KBConfig())["driver"] == fine["driver"]
 
 
 @pytest.mark.timeout(900)
@@ -474,22 +474,22 @@ def test_a_resumed_build_reuses_its_fit_and_clears_the_parts_of_other_settings(w
     internal, external, _ = world
     _write_side(f"{tmp_path}/int", internal, 1, "i")
     _write_side(f"{tmp_path}/ext", external, 2, "e")
-    inside, outside = kb_build.open_side("internal", f"{tmp_path}/int", None), \
-        kb_build.open_side("external", f"{tmp_path}/ext", None)
+    inside, outside = build_sides.open_side("internal", f"{tmp_path}/int", None), \
+        build_sides.open_side("external", f"{tmp_path}/ext", None)
     out = str(tmp_path / "kb")
-    key = kb_build.fingerprint(inside, outside, CFG)
-    fitted = kb_build.fit(inside, outside, CFG, None)
-    kb_build.save_fit(out, key, fitted, None)
-    kb_build.purify_shard({"side": "external", "shard": outside.shards[0], "out": out, "storage_options": None,
+    key = build_fit.fingerprint(inside, outside, CFG)
+    fitted = build_fit.fit(inside, outside, CFG, None)
+    build_fit.save_fit(out, key, fitted, None)
+    build_purify.purify_shard({"side": "external", "shard": outside.shards[0], "out": out, "storage_options": None,
                            "fitted": fitted})
-    again = kb_build.resumed_fit(out, key, None)
+    again = build_fit.resumed_fit(out, key, None)
     np.testing.assert_array_equal(again.rotations["image"], fitted.rotations["image"])  # the same W, not refitted
     assert (tmp_path / "kb" / kb_store.PARTS_DIR / "external").exists()
-    assert kb_build.fingerprint(inside, outside, CFG.model_copy(update={"build": BuildConfig(piece_rows=5)})) == key
-    other = kb_build.fingerprint(inside, outside, CFG.model_copy(
+    assert build_fit.fingerprint(inside, outside, CFG.model_copy(update={"build": BuildConfig(piece_rows=5)})) == key
+    other = build_fit.fingerprint(inside, outside, CFG.model_copy(
         update={"filter": CFG.filter.model_copy(update={"tau_cent": 0.6})}))
     assert other != key
-    assert kb_build.resumed_fit(out, other, None) is None  # other settings: the old parts are not mixed in
+    assert build_fit.resumed_fit(out, other, None) is None  # other settings: the old parts are not mixed in
     assert not (tmp_path / "kb" / kb_store.PARTS_DIR).exists()
 
 
@@ -538,12 +538,12 @@ def test_a_tasks_anonymous_peak_counts_the_memory_it_held_and_not_the_files_it_m
     mib = 2**20
     path = tmp_path / "vectors.npy"
     np.save(path, np.ones(256 * mib // 2, np.float16))
-    with kb_build.PeakAnon(interval=0.01) as mapped:
-        start = kb_build._anon_bytes()
+    with build_memory.PeakAnon(interval=0.01) as mapped:
+        start = build_memory.anon_bytes()
         assert float(np.load(path, mmap_mode="r").sum(dtype=np.float64)) == 128 * mib  # every page read
     assert mapped.peak - start < 64 * mib
-    with kb_build.PeakAnon(interval=0.01) as held:
-        start = kb_build._anon_bytes()
+    with build_memory.PeakAnon(interval=0.01) as held:
+        start = build_memory.anon_bytes()
         block = np.ones(256 * mib, np.uint8)
         time.sleep(0.2)  # held a while (the sampler runs when this thread lets go of the GIL)
         del block

@@ -28,8 +28,8 @@ from PIL import Image
 from rag4dmc.pipeline.cli import main
 from rag4dmc.pipeline.config import VARIANT_NAMES
 from rag4dmc.pipeline.demo.corpus import write_demo_corpus
+from rag4dmc.pipeline.evaluation.markdown import markdown_table
 from rag4dmc.pipeline.evaluation.report import render_html
-from rag4dmc.pipeline.evaluation.runner import markdown_table
 from rag4dmc.pipeline.evaluation.variants import METRICS, VARIANTS
 
 N_COMPLETE, N_EXTERNAL = 100, 120

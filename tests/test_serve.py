@@ -31,7 +31,8 @@ from PIL import Image
 from pydantic import SecretStr
 
 from rag4dmc.actors.images import load_image
-from rag4dmc.deploy.app import APP_NAME, COMPLETE_PATH, DEPLOYMENTS, HEALTH_PATH, build_app
+from rag4dmc.deploy.app import APP_NAME, build_app
+from rag4dmc.deploy.deployments import COMPLETE_PATH, DEPLOYMENTS, HEALTH_PATH
 from rag4dmc.deploy.protocol import (
     API_KEY_HEADER,
     MAX_ID_CHARS,
@@ -203,11 +204,11 @@ def test_serve_config_validates_and_shares_the_jobs_config_hash():
 
 
 def test_cli_serve_builds_the_config_from_flags_and_environment(monkeypatch):
-    import rag4dmc.deploy.app
+    import rag4dmc.deploy.local
     from rag4dmc.pipeline import cli
 
     seen = {}
-    monkeypatch.setattr(rag4dmc.deploy.app, "run_local", lambda cfg, host, port: seen.update(cfg=cfg, host=host, port=port))
+    monkeypatch.setattr(rag4dmc.deploy.local, "run_local", lambda cfg, host, port: seen.update(cfg=cfg, host=host, port=port))
     monkeypatch.setenv(cli.API_KEY_ENV, "from-env")
     assert cli.main(["serve", "--kb", "some/kb", "--alpha", "0.25", "--max-upload-bytes", "1000", "--port", "9"]) == 0
     cfg = seen["cfg"]

@@ -197,7 +197,10 @@ def pick_search(recall: dict[tuple[int, int], float], min_recall: float) -> tupl
     return min(recall, key=lambda pf: (-recall[pf], pf))
 
 
-def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int = 10) -> float:
+RECALL_K = 10  # the k of the recall@k an index is measured at (the KB build keeps the search that reaches min_recall)
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int = RECALL_K) -> float:
     """Mean |approx top-k & exact top-k| / k over queries (padding ids < 0 never match)."""
     hits = [len(set(a[:k][a[:k] >= 0]) & set(e[:k][e[:k] >= 0])) for a, e in zip(approx, exact)]
     return float(np.mean(hits) / k) if hits else float("nan")

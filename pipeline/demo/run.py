@@ -24,7 +24,8 @@ def run_demo(out: str, n_internal: int = 600, n_external: int = 1200, n_incomple
 
     from rag4dmc.pipeline.config import EvalConfig
     from rag4dmc.pipeline.demo.corpus import write_demo_corpus
-    from rag4dmc.pipeline.evaluation.runner import evaluate_datasets, markdown_table
+    from rag4dmc.pipeline.evaluation.markdown import markdown_table
+    from rag4dmc.pipeline.evaluation.runner import evaluate_datasets
     from rag4dmc.pipeline.job.kb_runner import KBBuildSpec, run_kb_build
     from rag4dmc.pipeline.job.runner import JobSpec, run_job
 

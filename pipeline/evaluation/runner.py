@@ -35,10 +35,8 @@ complete. The result is one payload (:func:`evaluate`) that :func:`write_report`
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +52,6 @@ from rag4dmc.pipeline.config import (
     StorageConfig,
 )
 from rag4dmc.pipeline.core.metrics import bleu4, cider, mean_cosine
-from rag4dmc.pipeline.core.significance import HOLDS, NOISE, REVERSED, UNKNOWN, mean_ci, paired, verdict
 from rag4dmc.pipeline.evaluation.data import (
     LEFT_OUT_SHOWN,
     EvalData,
@@ -64,18 +61,12 @@ from rag4dmc.pipeline.evaluation.data import (
     split,
 )
 from rag4dmc.pipeline.evaluation.downstream import HeadConfig, evaluate_heads, train_heads
+from rag4dmc.pipeline.evaluation.markdown import markdown_report
 from rag4dmc.pipeline.evaluation.report_examples import examples
+from rag4dmc.pipeline.evaluation.statistics import VariantResult, aggregate, finite, orderings, orderings_text
 from rag4dmc.pipeline.evaluation.variants import (
     KB_DESCRIPTIONS,
-    METRIC_COLUMNS,
-    METRICS,
-    ORDERINGS,
-    REFERENCES,
-    SETTING_COLUMNS,
     VARIANTS,
-    format_estimate,
-    format_value,
-    table_columns,
 )
 from rag4dmc.pipeline.io.datasets import LABEL_COLUMN
 from rag4dmc.pipeline.kb.calibrate import effective_settings
@@ -86,20 +77,7 @@ from rag4dmc.pipeline.schema import TASK_FAILED, TASK_I2T, TASK_T2I
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class VariantResult:
-    name: str
-    label: str
-    settings: dict
-    metrics: dict = field(default_factory=dict)
-    completion: dict | None = None  # what complete_variant returned (for the examples)
-    kb: str | None = None
-    seconds: float = 0.0
-
-
-# ------------------------------------------------------------------------------------------------
-# Variants
-# ------------------------------------------------------------------------------------------------
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -367,82 +345,6 @@ def run_evaluation(data: EvalData, cfg: EvalConfig, encoder, heads: HeadConfig =
             "seconds": time.perf_counter() - t0}
 
 
-def aggregate(runs: list[list[dict]], names: list[str]) -> list[dict]:
-    """One table entry per (missing rate, variant) from ``runs[repeat][rate]``: per metric the mean, its 95%
-    interval and the per-repeat values, and the paired difference against each of ``REFERENCES``."""
-    entries = []
-    for k, first in enumerate(runs[0]):
-        per_repeat = {r.name: [rep[k]["by_name"][r.name] for rep in runs] for r in first["variants"]}
-        for r in first["variants"]:
-            results = per_repeat[r.name]
-            values = {m: [res.metrics.get(m) for res in results] for m in METRIC_COLUMNS}
-            values = {m: [np.nan if v is None else float(v) for v in vs] for m, vs in values.items()
-                      if any(v is not None for v in vs)}
-            stats = {m: mean_ci(vs) for m, vs in values.items()}
-            entry = {"name": r.name, "label": r.label, "missing_rate": first["missing_rate"], "settings": r.settings,
-                     "metrics": _finite({m: st[0] for m, st in stats.items()}),
-                     "ci": _finite({m: st[1] for m, st in stats.items()}),
-                     "values": _finite(values), "repeats": len(results),
-                     "seconds": round(float(np.mean([res.seconds for res in results])), 3), "paired": {}}
-            for ref in REFERENCES:
-                if ref in per_repeat and ref != r.name:
-                    entry["paired"][ref] = _finite(paired_differences(values, per_repeat[ref]))
-            entries.append(entry)
-    return entries
-
-
-def paired_differences(values: dict[str, list[float]], reference: list[VariantResult]) -> dict[str, dict]:
-    """Per metric: mean and 95% interval of (this variant - reference) over the repeats, and the verdict."""
-    out = {}
-    for m, vs in values.items():
-        ref = [np.nan if res.metrics.get(m) is None else float(res.metrics[m]) for res in reference]
-        if all(np.isnan(ref)):
-            continue
-        diff, ci, n = paired(vs, ref)
-        out[m] = {"diff": diff, "ci": ci, "pairs": n, "verdict": verdict(diff, ci, METRICS[m][1] is not False)}
-    return out
-
-
-def orderings(entries: list[dict]) -> list[dict]:
-    """The paper's orderings (``ORDERINGS``) checked on this data: per rate and metric, a - b with its 95%
-    interval and whether "a beats b" holds, is reversed, or is within noise."""
-    at = {(e["missing_rate"], e["name"]): e for e in entries}
-    out = []
-    for rate in sorted({e["missing_rate"] for e in entries}):
-        for a, b, metrics, claim in ORDERINGS:
-            ea, eb = at.get((rate, a)), at.get((rate, b))
-            if ea is None or eb is None:
-                continue
-            for m in metrics:
-                va, vb = ea["values"].get(m), eb["values"].get(m)
-                if va is None or vb is None:
-                    continue
-                diff, ci, n = paired([np.nan if v is None else v for v in va], [np.nan if v is None else v for v in vb])
-                out.append(_finite({"missing_rate": rate, "a": a, "b": b, "metric": m, "claim": claim, "diff": diff,
-                                    "ci": ci, "pairs": n, "verdict": verdict(diff, ci, METRICS[m][1] is not False)}))
-    return out
-
-
-def orderings_text(found: list[dict], labels: dict[str, str]) -> list[str]:
-    """One sentence per (rate, claim): on which metrics it holds, is reversed, or is within noise."""
-    lines = []
-    for (rate, a, b, claim), group in itertools.groupby(found, key=lambda o: (o["missing_rate"], o["a"], o["b"],
-                                                                              o["claim"])):
-        group = list(group)
-        parts = []
-        for word in (HOLDS, REVERSED, NOISE, UNKNOWN):
-            ms = [f"{o['metric']} ({_signed(o['diff'])} ± {format_value(o['ci'])})" for o in group
-                  if o["verdict"] == word]
-            if ms:
-                parts.append(f"{word} on {', '.join(ms)}")
-        lines.append(f"At missing rate {rate:g}, {labels[a]} vs {labels[b]} ({claim}): {'; '.join(parts)}.")
-    return lines
-
-
-def _signed(v) -> str:
-    return "-" if v is None else f"{v:+.3f}"
-
-
 def evaluate(splits: list[EvalData], cfg: EvalConfig, encoder, niqe=None, heads: HeadConfig = HeadConfig(),
              meta: dict | None = None) -> dict:
     """Every repeat, missing rate and variant; the sweeps at the first rate of the first repeat: the payload.
@@ -484,24 +386,13 @@ def evaluate(splits: list[EvalData], cfg: EvalConfig, encoder, niqe=None, heads:
         "orderings": found,
         "findings": orderings_text(found, {n: VARIANTS[n]["label"] for n in VARIANTS}),
         "runs": [{"missing_rate": run["missing_rate"], "kb_rows": run["kb_rows"], "masked": run["masked"],
-                  "purification": _finite(run["purification"]), "seconds": round(run["seconds"], 3)}
+                  "purification": finite(run["purification"]), "seconds": round(run["seconds"], 3)}
                  for run in runs[0]],
-        "sweeps": [s | {"points": [p | {"metrics": _finite(p["metrics"])} for p in s["points"]]}
+        "sweeps": [s | {"points": [p | {"metrics": finite(p["metrics"])} for p in s["points"]]}
                    for s in primary["sweeps"]],
         "examples": examples(primary["data"], primary, ev.examples, ev.thumbnail_px),
         "seconds": round(time.perf_counter() - t0, 3),
     }
-
-
-def _finite(value):
-    """``value`` with NaN and infinities as None (JSON has neither), recursively."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def evaluate_datasets(data: str, external: str, out: str, cfg: EvalConfig, data_format: str = "auto"
@@ -530,49 +421,6 @@ def evaluate_datasets(data: str, external: str, out: str, cfg: EvalConfig, data_
               for rep in range(ev.repeats)]
     payload = evaluate(splits, cfg, encoder, niqe, meta=meta)
     return payload, write_report(payload, out, cfg.storage)
-
-
-def markdown_table(entries: list[dict]) -> str:
-    """The variants table: one row per (missing rate, variant), its settings, then every metric (mean ± 95% CI)."""
-    settings, metrics = table_columns(entries)
-    head = ["missing rate", "variant", *settings, *metrics]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for e in entries:
-        cells = [f"{e['missing_rate']:g}", e["label"], *(format_value(SETTING_COLUMNS[c](e["settings"]))
-                                                         for c in settings),
-                 *(format_estimate(e["metrics"].get(m), e.get("ci", {}).get(m)) for m in metrics)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def paired_table(entries: list[dict], reference: str) -> str:
-    """Each variant minus ``reference`` per metric (mean ± 95% CI over the repeats), marked where it is real."""
-    rows = [e for e in entries if reference in e.get("paired", {})]
-    metrics = [m for m in METRIC_COLUMNS if m != "train_pairs" and any(m in e["paired"][reference] for e in rows)]
-    if not rows or not metrics:
-        return ""
-    mark = {HOLDS: " (better)", REVERSED: " (worse)", NOISE: "", UNKNOWN: ""}
-    lines = ["| missing rate | variant | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 2)]
-    for e in rows:
-        d = e["paired"][reference]
-        cells = [f"{_signed(d[m]['diff'])} ± {format_value(d[m]['ci'])}{mark[d[m]['verdict']]}" if m in d else "-"
-                 for m in metrics]
-        lines.append(f"| {e['missing_rate']:g} | {e['label']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def markdown_report(payload: dict) -> str:
-    """metrics.md: the table, the paired differences against the references, and what holds in words."""
-    parts = [f"Means ± 95% confidence intervals over {payload.get('repeats', 1)} repeats (independent splits "
-             "and masks).", "", markdown_table(payload["variants"])]
-    for ref in REFERENCES:
-        table = paired_table(payload["variants"], ref)
-        if table:
-            parts += ["", f"## Paired differences against {VARIANTS[ref]['label']} (same split, same mask)", "", table]
-    if payload.get("findings"):
-        parts += ["", "## Which of the paper's orderings hold on this data", "",
-                  *[f"- {line}" for line in payload["findings"]]]
-    return "\n".join(parts) + "\n"
 
 
 def write_report(payload: dict, out: str | Path, storage: StorageConfig = StorageConfig()) -> dict[str, str]:

@@ -30,7 +30,7 @@ from rag4dmc.pipeline.io.datasets import list_shards
 from rag4dmc.pipeline.io.storage import Storage
 from rag4dmc.pipeline.job.mapper import actor_class
 from rag4dmc.pipeline.job.reader import ROW_KEY, ShardDatasource, shard_name
-from rag4dmc.pipeline.kb import build as kb_build
+from rag4dmc.pipeline.kb import build, build_sides
 from rag4dmc.pipeline.schema import INPUT_SCHEMA, TASK_FAILED, TASK_OBSERVED
 
 log = logging.getLogger(__name__)
@@ -203,16 +203,16 @@ def run_kb_build(spec: KBBuildSpec) -> dict:
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
     storage = Storage(spec.storage)
-    internal, int_counts = side_layout(kb_build.INTERNAL, spec.internal, spec.internal_embeddings, spec, storage)
+    internal, int_counts = side_layout(build_sides.INTERNAL, spec.internal, spec.internal_embeddings, spec, storage)
     external, ext_counts = (None, {})
     if spec.cfg.use_external:
-        external, ext_counts = side_layout(kb_build.EXTERNAL, spec.external, spec.external_embeddings, spec, storage)
+        external, ext_counts = side_layout(build_sides.EXTERNAL, spec.external, spec.external_embeddings, spec, storage)
     encoder = describe_encoder(spec.cfg.encoder)
-    inputs = kb_build.BuildInputs(
+    inputs = build.BuildInputs(
         internal=internal, external=external, out=spec.out.rstrip("/"), dims=(encoder["image_dim"], encoder["text_dim"]),
         encoder_info=encoder, storage_options=storage.options, columns=spec.columns.model_dump(),
         report={"embedding": {"internal": int_counts, "external": ext_counts},
                 "skipped_rows": {"internal": int_counts.get("skipped", 0), "external": ext_counts.get("skipped", 0)}})
     if internal is None:
         raise ValueError(f"no internal pairs found at {spec.internal}")
-    return kb_build.build(inputs, spec.cfg)
+    return build.build(inputs, spec.cfg)

@@ -1,0 +1,173 @@
+"""Step 1 of the out-of-core build, fit (one Ray task): the mapping MLP on internal pairs, the cluster filter's k-means
+on both sides and the CSLS/Procrustes rotation W, all on bounded random samples (the calibration runs on the same
+samples); and its resume: a build of the same inputs and config reuses a saved fit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import pickle
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from rag4dmc.pipeline.config import KBConfig
+from rag4dmc.pipeline.core.alignment import align_candidate_ids, align_with_report, first_kept
+from rag4dmc.pipeline.core.cluster_filter import (
+    external_sample_ids,
+    fit_filter,
+    sample_ids,
+)
+from rag4dmc.pipeline.core.retrieval import MODALITIES
+from rag4dmc.pipeline.io import embedding_layout as layout
+from rag4dmc.pipeline.kb.build_memory import peak_rss
+from rag4dmc.pipeline.kb.build_sides import Side
+from rag4dmc.pipeline.kb.store import PARTS_DIR
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class Fitted:
+    """What the fit step hands the streaming passes: small, whatever the corpus size."""
+
+    mapping: object  # CrossModalMapper
+    filters: dict | None  # modality -> FilterModel (None: no external part or purification off)
+    rotations: dict | None  # modality -> W (None where alignment was skipped)
+    cfg: KBConfig  # with the calibration's chosen purification settings
+    report: dict
+    calibration: dict | None
+    peak_rss: int = 0
+
+
+def kept_mask(filters: dict, block: dict[str, np.ndarray], cfg: KBConfig) -> tuple[np.ndarray, dict]:
+    """keep of each row (both modalities' filters, or the configured one), and per-modality drop counts."""
+    f = cfg.filter
+    masks, counts = {}, {}
+    for m in MODALITIES:
+        keep, by_cluster, by_instance = filters[m].threshold(block[m], f.tau_cent, f.tau_inst)
+        masks[m] = keep
+        counts[m] = {"instances_kept": int(keep.sum()), "instances_dropped_by_cluster": int(by_cluster.sum()),
+                     "instances_dropped_by_instance": int(by_instance.sum())}
+    keep = masks["image"] & masks["text"] if f.modality == "both" else masks[f.modality]
+    return keep, counts
+
+
+def fit(internal: Side, external: Side | None, cfg: KBConfig, storage_options: dict | None) -> Fitted:
+    """Step 1, run as one task: everything the streaming passes need, fitted on bounded random samples."""
+    from rag4dmc.pipeline.core.mapping import train_mapping
+    from rag4dmc.pipeline.kb.calibrate import calibrate
+
+    t0 = time.perf_counter()
+    int_ids = sample_ids(internal.rows, cfg.mapping.max_rows, cfg.mapping.seed)
+    inner = {m: internal.read(int_ids, m, storage_options) for m in MODALITIES}
+    report: dict = {"internal_rows": internal.rows, "internal_sample_rows": len(int_ids)}
+    use_external = external is not None and external.rows > 0 and cfg.use_external
+    calibration = None
+    if cfg.calibration.enabled:
+        ext_cal = None
+        if use_external:
+            cal_ids = sample_ids(external.rows, cfg.calibration.max_rows, cfg.calibration.seed)
+            ext_cal = {m: external.read(cal_ids, m, storage_options) for m in MODALITIES}
+        calibration = calibrate(read_texts(internal, int_ids, storage_options), None, inner,
+                                read_texts(external, cal_ids, storage_options) if use_external else None, None,
+                                ext_cal, cfg)
+        if calibration is not None and calibration["purification"] is not None:
+            chosen = calibration["purification"]
+            cfg = cfg.model_copy(update={"filter": cfg.filter.model_copy(update=chosen["filter"]),
+                                         "align": cfg.align.model_copy(update=chosen["align"])})
+    mapping, map_report = train_mapping(inner["image"], inner["text"], cfg.mapping)
+    report["mapping"] = map_report.to_dict()
+    filters = rotations = None
+    if use_external and cfg.purify:
+        f = cfg.filter
+        ext_ids = external_sample_ids(external.rows, f.n_clusters_external, f.points_per_centroid, f.seed)
+        filters = {}
+        for m in MODALITIES:  # one modality's sample in memory at a time
+            filters[m] = fit_filter(inner[m], external.read(ext_ids, m, storage_options), external.rows,
+                                    n_clusters_internal=f.n_clusters_internal,
+                                    n_clusters_external=f.n_clusters_external,
+                                    points_per_centroid=f.points_per_centroid, niter=f.niter, nredo=f.nredo,
+                                    seed=f.seed, block_size=cfg.align.block_size)
+        rotations, report["align"], report["align_sample_rows"] = _fit_rotations(inner, external, filters, cfg,
+                                                                                 storage_options)
+    report["fit_seconds"] = round(time.perf_counter() - t0, 3)
+    return Fitted(mapping, filters, rotations, cfg, report, calibration, peak_rss())
+
+
+def alignment_rows(external: Side, filters: dict, cfg: KBConfig, storage_options: dict | None) -> np.ndarray:
+    """The external rows W is fitted on: the first ``align.max_rows`` kept ones of a random order, read in pieces."""
+    a = cfg.align
+    candidates = align_candidate_ids(external.rows, a.max_rows, a.seed)
+    kept, found = [], 0
+    for start in range(0, len(candidates), cfg.build.piece_rows):
+        piece = candidates[start:start + cfg.build.piece_rows]
+        keep, _ = kept_mask(filters, {m: external.read(piece, m, storage_options) for m in MODALITIES}, cfg)
+        kept.append(keep)
+        found += int(keep.sum())
+        if a.max_rows is not None and found >= a.max_rows:
+            break
+    mask = np.concatenate(kept) if kept else np.zeros(0, bool)
+    return first_kept(candidates[:len(mask)], mask, a.max_rows)
+
+
+def _fit_rotations(inner: dict, external: Side, filters: dict, cfg: KBConfig,
+                   storage_options: dict | None) -> tuple[dict, dict, int]:
+    rows = alignment_rows(external, filters, cfg, storage_options)
+    a = cfg.align
+    rotations, report = {}, {}
+    for m in MODALITIES:
+        if len(rows) < 2:
+            rotations[m], report[m] = None, {"skipped": "fewer than 2 external rows left after filtering"}
+            continue
+        result = align_with_report(
+            inner[m], external.read(rows, m, storage_options), k=a.csls_k, max_rounds=a.max_rounds, eps=a.eps,
+            init=a.init, criterion_pairs=a.criterion_pairs, max_rows=a.max_rows, proximal=a.proximal, pick=a.pick,
+            seed=a.seed, block_size=a.block_size)
+        rotations[m], report[m] = result.W, result.report.to_dict()
+    return rotations, report, len(rows)
+
+
+def read_texts(side: Side, ids: np.ndarray, storage_options: dict | None) -> list[str]:
+    """Texts of side-global row ids in their order (for the calibration's BLEU), from the metadata row groups that
+    hold them."""
+    ids = np.asarray(ids, np.int64)
+    texts = np.empty(len(ids), object)
+    offsets = side.offsets
+    for i, shard in enumerate(side.shards):
+        where = np.flatnonzero((ids >= offsets[i]) & (ids < offsets[i + 1]))
+        if len(where):
+            meta = layout.read_metadata(shard, storage_options, rows=ids[where] - offsets[i])
+            texts[where] = [t or "" for t in meta.column("text").to_pylist()]
+    return texts.tolist()
+
+
+def fingerprint(internal: Side, external: Side | None, cfg: KBConfig) -> str:
+    """What the purified parts depend on: the inputs' shards and the config (not how the build runs)."""
+    sides = [(s.name, s.root, [(sh.number, sh.rows) for sh in s.shards]) for s in (internal, external) if s]
+    payload = {"sides": sides, "cfg": cfg.model_dump(mode="json", exclude={"build"})}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resumed_fit(out: str, key: str, storage_options: dict | None) -> Fitted | None:
+    """The fit of an interrupted build of the same inputs and config; otherwise its leftover parts are cleared."""
+    fs, path = layout.url_to_fs(f"{out}/{PARTS_DIR}", storage_options)
+    try:
+        if json.loads(fs.cat_file(f"{path}/fit.json"))["fingerprint"] == key:
+            return pickle.loads(fs.cat_file(f"{path}/fitted.pkl"))
+    except (FileNotFoundError, KeyError, ValueError, pickle.UnpicklingError):
+        pass
+    if fs.exists(path):
+        log.info("removing the parts of an interrupted build of other inputs or settings at %s", path)
+        fs.rm(path, recursive=True)
+    return None
+
+
+def save_fit(out: str, key: str, fitted: Fitted, storage_options: dict | None) -> None:
+    """Keep the fit beside the parts, so a resumed build purifies its remaining shards with the same W."""
+    fs, path = layout.url_to_fs(f"{out}/{PARTS_DIR}", storage_options)
+    fs.makedirs(path, exist_ok=True)
+    fs.pipe_file(f"{path}/fitted.pkl", pickle.dumps(fitted))
+    fs.pipe_file(f"{path}/fit.json", json.dumps({"fingerprint": key}).encode())  # last: marks the fit saved
