@@ -229,7 +229,7 @@ def test_recall_below_min_at_every_search_setting_marks_the_report_and_warns_wit
     report = build_index.recall_report([result], queries, 0.9)
     assert report["image"] == report["text"] == 0.6 and report["below_min"]
     assert (report["nprobe"]["image"], report["rerank_factor"]["image"]) == (64, 40)  # the best pair is kept
-    with caplog.at_level("WARNING", logger="rag4dmc.pipeline.kb.build"):
+    with caplog.at_level("WARNING", logger="rag4dmc.pipeline.kb.build_index"):
         assert build_index.warn_if_below_min(report)
     text = caplog.text
     assert "below index.min_recall 0.90" in text and "nprobe 64 and rerank_factor 40" in text

@@ -24,10 +24,10 @@ from rag4dmc.pipeline.job.writer import (
     count_output_rows,
     file_name,
     output_files,
+    output_tar,
     read_output,
     read_tar,
     shard_dir,
-    tar_bytes,
     tar_key,
     write_file,
 )
@@ -71,7 +71,7 @@ def _members(payload: bytes) -> dict[str, bytes]:
 
 def test_tar_members_follow_img2dataset_layout_per_status():
     table = _rows()
-    members = _members(tar_bytes(table))
+    members = _members(output_tar(table))
     keys = [tar_key(k) for k in table.column("row_key").to_pylist()]
     assert len(set(keys)) == 4 and all(KEY.match(k) for k in keys)
     observed, text_done, image_done, failed = keys
@@ -92,20 +92,20 @@ def test_tar_members_follow_img2dataset_layout_per_status():
     failed_meta = json.loads(members[f"{failed}.json"])
     assert failed_meta["status"] == "failed" and failed_meta["error"] == "image could not be decoded"
     assert failed_meta["text"] == "a caption kept in the json"
-    assert tar_bytes(table) == tar_bytes(table)  # a retried write task rewrites the same bytes
+    assert output_tar(table) == output_tar(table)  # a retried write task rewrites the same bytes
 
 
 def test_tar_reads_back_into_the_output_rows():
     table = _rows()
-    back = read_tar(io.BytesIO(tar_bytes(table)))
+    back = read_tar(io.BytesIO(output_tar(table)))
     assert back.schema == OUTPUT_SCHEMA
     want = table.to_pylist()
     want[3]["image"] = None  # a failed row's input image is not kept (retry reads the input again)
     want[1]["candidate_scores"], want[1]["seconds_generate"] = [0.25, None], None
     assert back.to_pylist() == want
-    slim = read_tar(io.BytesIO(tar_bytes(table)), ["row_key", "status"])
+    slim = read_tar(io.BytesIO(output_tar(table)), ["row_key", "status"])
     assert slim.column_names == ["row_key", "status"] and slim.num_rows == 4
-    assert read_tar(io.BytesIO(tar_bytes(OUTPUT_SCHEMA.empty_table()))).num_rows == 0
+    assert read_tar(io.BytesIO(output_tar(OUTPUT_SCHEMA.empty_table()))).num_rows == 0
 
 
 def test_keys_of_odd_row_keys_are_safe_distinct_and_stable():
@@ -117,7 +117,7 @@ def test_keys_of_odd_row_keys_are_safe_distinct_and_stable():
     assert tar_key("a.b:1").startswith("a_b_1_") and tar_key("a.b:1") == tar_key("a.b:1")
     table = pa.Table.from_pylist([_row(k, "observed", image=_image("PNG"), text=f"t{i}") for i, k in enumerate(odd)],
                                  schema=OUTPUT_SCHEMA)
-    payload = tar_bytes(table)
+    payload = output_tar(table)
     assert all("." not in name.split(".", 1)[0] for name in _members(payload))
     assert read_tar(io.BytesIO(payload)).column("row_key").to_pylist() == odd
 
@@ -125,7 +125,7 @@ def test_keys_of_odd_row_keys_are_safe_distinct_and_stable():
 def test_the_projects_webdataset_reader_reads_the_output_tars(tmp_path):
     """The tars are input to img2dataset-style readers, this project's included: id, image and text per row."""
     path = tmp_path / "out.tar"
-    path.write_bytes(tar_bytes(_rows()))
+    path.write_bytes(output_tar(_rows()))
     got = read_shard(str(path), format="webdataset").table
     assert got.column("id").to_pylist() == ["0", "1", "2", "3"]
     assert got.column("text").to_pylist()[:3] == ["a red square", "a generated caption", "words"]

@@ -17,19 +17,25 @@ import io
 import json
 import logging
 import random
-import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, TypeVar
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rag4dmc.pipeline.config import ColumnsConfig
 from rag4dmc.pipeline.io.storage import is_remote, url_to_fs
+from rag4dmc.pipeline.io.webdataset import (
+    IMAGE_EXTENSIONS,
+    META_EXTENSION,
+    TEXT_EXTENSION,
+    image_extension,
+    parse_tar,
+    tar_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +43,6 @@ T = TypeVar("T")
 
 FORMATS = ("parquet", "jsonl", "webdataset")
 SHARD_EXTENSIONS = {"parquet": (".parquet",), "jsonl": (".jsonl",), "webdataset": (".tar",)}
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # img2dataset's image members
-TEXT_EXTENSION = "txt"
-META_EXTENSION = "json"
 DEFAULT_COLUMNS = ColumnsConfig()
 
 RETRY_ATTEMPTS = 4
@@ -47,7 +50,6 @@ RETRY_BASE_DELAY_S = 0.5  # the readers look this up at call time, so a test (or
 RETRY_JITTER = 0.25  # each delay is base * 2**attempt * (1 + U(0, jitter)): growing, never colliding
 NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
-TAR_BLOCK = tarfile.BLOCKSIZE
 SUSPECT_SAMPLE = "a neighbouring tar member was unreadable, so this sample may be missing a member"
 
 LABEL_COLUMN = "label"  # read_shard appends it (strings) when columns.label names an input column
@@ -60,7 +62,6 @@ CANONICAL_SCHEMA = pa.schema([
     ("input_error", pa.string()),
 ])
 
-_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"GIF8", "gif"))
 
 
 class ShardFormatError(ValueError):
@@ -109,11 +110,6 @@ def with_retries(fn: Callable[[], T], attempts: int = RETRY_ATTEMPTS, base_delay
     raise AssertionError("unreachable")
 
 
-def _filesystem(uri: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem of ``uri`` and its path there (``rag4dmc.pipeline.io.storage.url_to_fs``)."""
-    return url_to_fs(uri, storage_options)
-
-
 def _check_format(format: str) -> None:
     if format != "auto" and format not in FORMATS:
         raise ValueError(f"unknown dataset format {format!r}: use 'auto' or one of {', '.join(FORMATS)}")
@@ -135,7 +131,7 @@ def _is_data_file(path: str) -> bool:
 def list_shards(path: str, storage_options: dict | None = None, format: str = "auto") -> list[str]:
     """The shard files at ``path`` (one file or a folder of shards), sorted; raises if there are none."""
     _check_format(format)
-    fs, root = _filesystem(path, storage_options)
+    fs, root = url_to_fs(path, storage_options)
     if not with_retries(lambda: fs.exists(root), base_delay=RETRY_BASE_DELAY_S):
         raise FileNotFoundError(f"input {path} does not exist: check the path and the storage options "
                                 "(endpoint, credentials)")
@@ -164,7 +160,7 @@ def read_shard(uri: str, columns: ColumnsConfig = DEFAULT_COLUMNS, storage_optio
     _check_format(format)
     fmt = detect_format(uri) if format == "auto" else format
     try:
-        fs, path = _filesystem(uri, storage_options)
+        fs, path = url_to_fs(uri, storage_options)
         data = with_retries(lambda: fs.cat_file(path), attempts, RETRY_BASE_DELAY_S)
     except OSError as exc:
         tries = "" if isinstance(exc, NOT_TRANSIENT) else f" after {attempts} attempts"
@@ -254,74 +250,24 @@ def _parse_jsonl(data: bytes, shard: str, columns: ColumnsConfig) -> tuple[_RawR
     return rows, errors
 
 
-def _split_member(name: str) -> tuple[str, str]:
-    """WebDataset naming: the key is the path up to the first dot of the file name, the rest the extension."""
-    folder, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
-
-
-def _nonzero(data: bytes, start: int, end: int) -> bool:
-    return data[start:end].strip(b"\0") != b""
-
-
 def _parse_tar(data: bytes, shard: str, columns: ColumnsConfig) -> tuple[_RawRows, list[str]]:
-    """img2dataset layout: ``<key>.jpg|png|webp``, ``<key>.txt``, ``<key>.json`` grouped by key.
-
-    A member whose header or data is corrupt is reported and skipped; reading resumes at the next
-    readable header. The samples bordering a skipped region are kept but marked with an input error,
-    since the lost member may have been theirs (a text-only row must not be completed with a new image
-    when its own image was merely unreadable).
-    """
-    samples: dict[str, dict[str, Any]] = {}
-    errors: list[str] = []
-    suspects: set[str] = set()
-    expected, previous = 0, None  # where the next header should start; the key of the last member
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:", ignore_zeros=True) as tar:
-        while True:
-            try:
-                member = tar.next()
-            except (tarfile.TarError, OSError, EOFError) as exc:
-                errors.append(f"corrupt tar member in {shard} at byte {expected}: {exc}; the rest is unreadable")
-                suspects.update(k for k in (previous,) if k)
-                expected = len(data)
-                break
-            if member is None:
-                break
-            key, ext = _split_member(member.name)
-            if member.offset > expected and _nonzero(data, expected, member.offset):
-                errors.append(f"corrupt tar member in {shard}: unreadable bytes {expected}-{member.offset} skipped")
-                suspects.update(k for k in (previous, key) if k)
-            if member.offset_data + member.size > len(data):
-                errors.append(f"corrupt tar member {member.name} in {shard}: truncated after "
-                              f"{len(data) - member.offset_data} of {member.size} bytes; the rest is lost")
-                suspects.add(key)
-                expected = len(data)
-                break
-            expected = member.offset_data + -(-member.size // TAR_BLOCK) * TAR_BLOCK
-            previous = key
-            if not member.isfile():
-                continue
-            try:
-                payload = tar.extractfile(member).read()
-            except (tarfile.TarError, OSError, EOFError) as exc:
-                errors.append(f"corrupt tar member {member.name} in {shard}: {exc}")
-                suspects.add(key)
-                continue
-            _add_member(samples.setdefault(key, {}), ext, payload)
-    if expected < len(data) and _nonzero(data, expected, len(data)):
-        errors.append(f"corrupt tar member in {shard}: unreadable bytes {expected}-{len(data)} at the end")
-        suspects.update(k for k in (previous,) if k)
-    return _tar_rows(samples, suspects, columns), errors
-
-
-def _add_member(sample: dict[str, Any], ext: str, payload: bytes) -> None:
-    if ext in IMAGE_EXTENSIONS:
-        sample.setdefault("image", payload)
-    elif ext == TEXT_EXTENSION:
-        sample["text"] = payload
-    elif ext == META_EXTENSION:
-        sample["meta"] = payload
+    """An input tar in img2dataset's layout as rows (``rag4dmc.pipeline.io.webdataset.parse_tar``: corrupt members
+    are reported and skipped). The samples bordering a skipped region are kept but marked with an input error,
+    since the lost member may have been theirs (a text-only row must not be completed with a new image when its
+    own image was merely unreadable)."""
+    parsed = parse_tar(data, shard)
+    samples = {}
+    for key, members in parsed.samples.items():
+        sample = {}
+        image = next((members[e] for e in members if e in IMAGE_EXTENSIONS), None)
+        if image is not None:
+            sample["image"] = image
+        if TEXT_EXTENSION in members:
+            sample["text"] = members[TEXT_EXTENSION]
+        if META_EXTENSION in members:
+            sample["meta"] = members[META_EXTENSION]
+        samples[key] = sample
+    return _tar_rows(samples, parsed.suspects, columns), parsed.errors
 
 
 def _tar_rows(samples: dict[str, dict[str, Any]], suspects: set[str], columns: ColumnsConfig) -> _RawRows:
@@ -408,17 +354,10 @@ def _canonical(raw: _RawRows, shard: str) -> pa.Table:
 
 
 def _put(uri: str, payload: bytes, storage_options: dict | None) -> None:
-    fs, path = _filesystem(uri, storage_options)
+    fs, path = url_to_fs(uri, storage_options)
     if not is_remote(uri):
         fs.makedirs(str(PurePosixPath(path).parent), exist_ok=True)
     with_retries(lambda: fs.pipe_file(path, payload), base_delay=RETRY_BASE_DELAY_S)
-
-
-def image_extension(data: bytes, default: str = "jpg") -> str:
-    """The file extension of encoded image bytes (png, jpg, webp, gif), from their magic number."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return next((ext for magic, ext in _IMAGE_MAGIC if data.startswith(magic)), default)
 
 
 def write_parquet(table: pa.Table, uri: str, storage_options: dict | None = None) -> None:
@@ -458,25 +397,20 @@ def write_webdataset(table: pa.Table, uri: str, storage_options: dict | None = N
     the text column the .txt member, other binary columns ``<key>.<column>.<ext>`` members and every
     other column the JSON metadata.
     """
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for i, row in enumerate(table.to_pylist()):
-            key = f"{i:09d}"
-            members: dict[str, bytes] = {}
-            image, text = row.pop(columns.image, None), row.pop(columns.text, None)
-            if isinstance(image, bytes):
-                if image:  # empty bytes: the image is missing
-                    members[image_extension(image)] = image
-            elif image is not None:
-                row[columns.image] = image
-            if text is not None:
-                members[TEXT_EXTENSION] = str(text).encode()
-            for name, value in list(row.items()):
-                if isinstance(value, bytes):
-                    members[f"{name}.{image_extension(value, default='bin')}"] = row.pop(name)
-            members[META_EXTENSION] = json.dumps(row, default=str).encode()
-            for ext, payload in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-    _put(uri, buf.getvalue(), storage_options)
+    samples = []
+    for i, row in enumerate(table.to_pylist()):
+        members: dict[str, bytes] = {}
+        image, text = row.pop(columns.image, None), row.pop(columns.text, None)
+        if isinstance(image, bytes):
+            if image:  # empty bytes: the image is missing
+                members[image_extension(image)] = image
+        elif image is not None:
+            row[columns.image] = image
+        if text is not None:
+            members[TEXT_EXTENSION] = str(text).encode()
+        for name, value in list(row.items()):
+            if isinstance(value, bytes):
+                members[f"{name}.{image_extension(value, default='bin')}"] = row.pop(name)
+        members[META_EXTENSION] = json.dumps(row, default=str).encode()
+        samples.append((f"{i:09d}", list(members.items())))
+    _put(uri, tar_bytes(samples), storage_options)

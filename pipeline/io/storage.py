@@ -70,47 +70,48 @@ def url_to_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.Abs
 
 
 class Storage:
-    """Reads and writes paths that are local or ``s3://``, with the job's storage options."""
+    """Reads and writes paths that are local or ``s3://``, with the job's storage options (every path goes through
+    :func:`url_to_fs`, the one rule)."""
 
     def __init__(self, cfg: StorageConfig = StorageConfig()):
-        log_storage_retries()
         self.cfg = cfg
         self.options = cfg.fsspec_options()
-        self._fs: dict[str, fsspec.AbstractFileSystem] = {}
+
+    def locate(self, path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        """The filesystem of ``path`` and its path there."""
+        return url_to_fs(path, self.options)
 
     def fs(self, path: str) -> fsspec.AbstractFileSystem:
-        proto = path.split("://", 1)[0] if "://" in path else "file"
-        if proto not in self._fs:
-            self._fs[proto] = fsspec.filesystem(proto, **(self.options if takes_options(path) else {}))
-        return self._fs[proto]
-
-    def _strip(self, path: str) -> str:
-        return path.split("://", 1)[1] if "://" in path else path
+        return self.locate(path)[0]
 
     def exists(self, path: str) -> bool:
-        return self.fs(path).exists(self._strip(path))
+        fs, p = self.locate(path)
+        return fs.exists(p)
 
     def read_bytes(self, path: str) -> bytes:
-        return self.fs(path).cat_file(self._strip(path))
+        fs, p = self.locate(path)
+        return fs.cat_file(p)
 
     def write_bytes(self, path: str, data: bytes) -> None:
-        fs, p = self.fs(path), self._strip(path)
+        fs, p = self.locate(path)
         if isinstance(fs, LocalFileSystem):
             fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
         fs.pipe_file(p, data)
 
     def open(self, path: str, mode: str = "rb"):
-        return self.fs(path).open(self._strip(path), mode)
+        fs, p = self.locate(path)
+        return fs.open(p, mode)
 
     def glob(self, pattern: str) -> list[str]:
         proto = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
-        return sorted(proto + p for p in self.fs(pattern).glob(self._strip(pattern)))
+        fs, p = self.locate(pattern)
+        return sorted(proto + found for found in fs.glob(p))
 
     def write_table(self, table: pa.Table, path: str) -> None:
         """Write a parquet file in one piece (object stores replace objects atomically; locally via rename)."""
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        fs, p = self.fs(path), self._strip(path)
+        fs, p = self.locate(path)
         if isinstance(fs, LocalFileSystem):
             fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
             tmp = f"{p}.{uuid.uuid4().hex[:8]}.tmp"  # unique: two writers of one name never share a temp file
@@ -120,10 +121,11 @@ class Storage:
             fs.pipe_file(p, buf.getvalue())
 
     def move(self, src: str, dst: str) -> None:
-        self.fs(src).mv(self._strip(src), self._strip(dst))
+        fs, p = self.locate(src)
+        fs.mv(p, self.locate(dst)[1])
 
     def remove(self, path: str) -> None:
-        fs, p = self.fs(path), self._strip(path)
+        fs, p = self.locate(path)
         if fs.exists(p):
             fs.rm(p, recursive=True)
 
@@ -134,4 +136,4 @@ class Storage:
 
     def arrow_path(self, path: str) -> str:
         """``path`` as Ray Data wants it beside :meth:`arrow_fs`: bucket/key for object storage."""
-        return self._strip(path) if "://" in path and not path.startswith("file://") else path
+        return self.locate(path)[1] if is_remote(path) else path

@@ -27,9 +27,9 @@ from rag4dmc.actors.stage import check_chain, run_stage
 from rag4dmc.pipeline.config import ColumnsConfig, KBConfig, StageResources, StorageConfig
 from rag4dmc.pipeline.io import embedding_layout as layout
 from rag4dmc.pipeline.io.datasets import list_shards
-from rag4dmc.pipeline.io.storage import Storage
+from rag4dmc.pipeline.io.storage import Storage, url_to_fs
 from rag4dmc.pipeline.job.mapper import actor_class
-from rag4dmc.pipeline.job.reader import ROW_KEY, ShardDatasource, shard_name
+from rag4dmc.pipeline.job.reader import ROW_KEY, ShardDatasource, committed_keys, shard_name
 from rag4dmc.pipeline.kb import build, build_sides
 from rag4dmc.pipeline.schema import INPUT_SCHEMA, TASK_FAILED, TASK_OBSERVED
 
@@ -120,15 +120,15 @@ class LayoutSink(Datasink):
 def committed_rows(dest: str, name: str, storage_options: dict | None) -> set[str]:
     """Row keys of input shard ``name`` already written to the layout at ``dest`` (read in that shard's read
     task, from that shard's parts only: the cost of resuming does not grow with the rest of the corpus)."""
-    fs, path = layout.url_to_fs(f"{dest}/{layout.METADATA_DIR}", storage_options)
+    fs, path = url_to_fs(f"{dest}/{layout.METADATA_DIR}", storage_options)
     if not fs.exists(path):
         return set()
-    keys: set[str] = set()
-    for f in fs.glob(f"{path}/metadata_{shard_code(name)}*.parquet"):
+
+    def read_keys(f: str) -> list[str]:
         with fs.open(f, "rb") as fh:
-            keys.update(k for k in pq.read_table(fh, columns=[ROW_KEY]).column(ROW_KEY).to_pylist()
-                        if k.rsplit(":", 1)[0] == name)
-    return keys
+            return pq.read_table(fh, columns=[ROW_KEY]).column(ROW_KEY).to_pylist()
+
+    return committed_keys(fs.glob(f"{path}/metadata_{shard_code(name)}*.parquet"), read_keys, name)
 
 
 def embed_pool(declared, spec: KBBuildSpec):

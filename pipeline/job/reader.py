@@ -12,7 +12,7 @@ and skips them (``rag4dmc.pipeline.job.writer.committed_keys``: one shard's fold
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +26,20 @@ from rag4dmc.pipeline.io import datasets
 from rag4dmc.pipeline.schema import INPUT_SCHEMA, TASK_FAILED
 
 ROW_KEY = "row_key"
+
+
+def row_key(shard: str, row: int | str) -> str:
+    """The key of a row of input shard ``shard`` (a row number, or ``error:<i>`` for a part it could not read):
+    unique across the input and stable across runs, so a resumed run knows the rows it has."""
+    return f"{shard}:{row}"
+
+
+def committed_keys(files: Iterable[str], read_keys: Callable[[str], Iterable[str]], shard: str) -> set[str]:
+    """The keys of input shard ``shard``'s rows found in committed ``files`` (each read by ``read_keys``): the rows a
+    resumed read of that shard skips. The one resume rule of both jobs (``complete``'s output files,
+    ``kb build``'s embedding layout): a row is done once its key is in a committed file."""
+    prefix = row_key(shard, "")
+    return {k for f in files for k in read_keys(f) if k.startswith(prefix)}
 
 
 def shard_name(shard: str, root: str) -> str:
@@ -55,7 +69,7 @@ def keyed_rows(shard: str, result: datasets.ShardResult, root: str) -> pa.Table:
     n = table.num_rows
     task, text, error = routed(table)
     rows = {
-        ROW_KEY: pa.array([f"{name}:{i}" for i in range(n)], pa.string()),
+        ROW_KEY: pa.array([row_key(name, i) for i in range(n)], pa.string()),
         "id": table.column("id").cast(pa.string()),
         "image": table.column("image").cast(pa.binary()),
         "image_uri": table.column("image_uri").cast(pa.string()),
@@ -67,8 +81,8 @@ def keyed_rows(shard: str, result: datasets.ShardResult, root: str) -> pa.Table:
     out = pa.table(rows, schema=INPUT_SCHEMA)
     if result.errors:
         errs = {
-            ROW_KEY: [f"{name}:error:{i}" for i in range(len(result.errors))],
-            "id": [f"{name}:error:{i}" for i in range(len(result.errors))],
+            ROW_KEY: [row_key(name, f"error:{i}") for i in range(len(result.errors))],
+            "id": [row_key(name, f"error:{i}") for i in range(len(result.errors))],
             "image": [None] * len(result.errors),
             "image_uri": [None] * len(result.errors),
             "text": [None] * len(result.errors),

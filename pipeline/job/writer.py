@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import re
-import tarfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +17,14 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 
 from rag4dmc.actors import faults
+from rag4dmc.pipeline.io.webdataset import (
+    META_EXTENSION,
+    TEXT_EXTENSION,
+    image_extension,
+    iter_members,
+    tar_bytes,
+)
+from rag4dmc.pipeline.job.reader import committed_keys as keys_in
 from rag4dmc.pipeline.schema import (
     OUTPUT_SCHEMA,
     RETRIES,
@@ -92,7 +99,6 @@ def finalize(batch: dict[str, np.ndarray], *, kb_version: str, config_hash: str)
 # how a table becomes the file's bytes and how the file is read back (rows, row keys, row count). Everything
 # else goes through the functions below, which pick the format from a file's extension.
 PARQUET, WEBDATASET = "parquet", "webdataset"
-TAR_TEXT, TAR_META = "txt", "json"  # img2dataset's members beside the image: <key>.txt, <key>.json
 TAR_MEDIA = ("image", "text")  # the columns that are members of their own; every other column is in the json
 _UNSAFE_KEY = re.compile(r"[^A-Za-z0-9_-]")
 MAX_KEY_CHARS = 80  # member names stay well under tar's 100-character name field
@@ -127,45 +133,28 @@ def _jsonable(v):
     return v
 
 
-def tar_bytes(table: pa.Table) -> bytes:
-    """Output rows as one tar in img2dataset's layout: per row ``<key>.jpg|png|webp`` (the image bytes' type),
-    ``<key>.txt`` (the text) and ``<key>.json`` (every other column, and ``key``). A row lacks the member of a
-    modality it has none of; a failed row has only its json (its text, if any, is in the json: a loader never
-    meets a failed row's undecodable or unprocessed image as a sample)."""
-    from rag4dmc.pipeline.io.datasets import image_extension
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for row in table.to_pylist():
-            key = tar_key(row["row_key"])
-            image, text = row.pop("image", None), row.pop("text", None)
-            members: list[tuple[str, bytes]] = []
-            if row.get("status") == STATUS_FAILED:
-                if text is not None:
-                    row["text"] = text
-            else:
-                if image:
-                    members.append((image_extension(image), image))
-                if text is not None:
-                    members.append((TAR_TEXT, text.encode("utf-8")))
-            meta = {"key": key, **{k: _jsonable(v) for k, v in row.items()}}
-            members.append((TAR_META, json.dumps(meta, allow_nan=False, ensure_ascii=False).encode("utf-8")))
-            for ext, payload in members:
-                info = tarfile.TarInfo(f"{key}.{ext}")  # mtime 0: a rewrite of the same rows is the same file
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-    return buf.getvalue()
-
-
-def _tar_members(fh, wanted: Callable[[str], bool]):
-    """(key, extension, payload) of the tar's members, in order; only ``wanted`` extensions' data is read."""
-    with tarfile.open(fileobj=fh, mode="r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.rpartition("/")[2].partition(".")
-            if wanted(ext):
-                yield key, ext, tar.extractfile(member).read()
+def output_tar(table: pa.Table) -> bytes:
+    """Output rows as one tar in img2dataset's layout (``rag4dmc.pipeline.io.webdataset``): per row
+    ``<key>.jpg|png|webp`` (the image bytes' type), ``<key>.txt`` (the text) and ``<key>.json`` (every other column,
+    and ``key``). A row lacks the member of a modality it has none of; a failed row has only its json (its text, if
+    any, is in the json: a loader never meets a failed row's undecodable or unprocessed image as a sample)."""
+    samples = []
+    for row in table.to_pylist():
+        key = tar_key(row["row_key"])
+        image, text = row.pop("image", None), row.pop("text", None)
+        members: list[tuple[str, bytes]] = []
+        if row.get("status") == STATUS_FAILED:
+            if text is not None:
+                row["text"] = text
+        else:
+            if image:
+                members.append((image_extension(image), image))
+            if text is not None:
+                members.append((TEXT_EXTENSION, text.encode("utf-8")))
+        meta = {"key": key, **{k: _jsonable(v) for k, v in row.items()}}
+        members.append((META_EXTENSION, json.dumps(meta, allow_nan=False, ensure_ascii=False).encode("utf-8")))
+        samples.append((key, members))
+    return tar_bytes(samples)
 
 
 def read_parquet(fh, columns: list[str] | None = None) -> pa.Table:
@@ -182,19 +171,19 @@ def read_parquet(fh, columns: list[str] | None = None) -> pa.Table:
 
 
 def read_tar(fh, columns: list[str] | None = None) -> pa.Table:
-    """A tar written by :func:`tar_bytes` as ``OUTPUT_SCHEMA`` rows (``columns`` only, when given); the image and
+    """A tar written by :func:`output_tar` as ``OUTPUT_SCHEMA`` rows (``columns`` only, when given); the image and
     text members are read only when those columns are asked for."""
     media = {c for c in TAR_MEDIA if columns is None or c in columns}
 
     def wanted(ext: str) -> bool:
-        return ext == TAR_META or ("text" if ext == TAR_TEXT else "image") in media
+        return ext == META_EXTENSION or ("text" if ext == TEXT_EXTENSION else "image") in media
 
     rows: dict[str, dict] = {}
-    for key, ext, payload in _tar_members(fh, wanted):
+    for key, ext, payload in iter_members(fh, wanted):
         row = rows.setdefault(key, {})
-        if ext == TAR_META:  # a failed row's text is in its json; any other row's is its .txt member
+        if ext == META_EXTENSION:  # a failed row's text is in its json; any other row's is its .txt member
             row.update({k: v for k, v in json.loads(payload).items() if k not in row})
-        elif ext == TAR_TEXT:
+        elif ext == TEXT_EXTENSION:
             row["text"] = payload.decode("utf-8")
         else:
             row["image"] = payload
@@ -203,12 +192,11 @@ def read_tar(fh, columns: list[str] | None = None) -> pa.Table:
 
 
 def _tar_row_keys(fh) -> list[str]:
-    return [json.loads(payload)["row_key"] for *_, payload in _tar_members(fh, lambda e: e == TAR_META)]
+    return [json.loads(payload)["row_key"] for *_, payload in iter_members(fh, lambda e: e == META_EXTENSION)]
 
 
 def _tar_rows(fh) -> int:
-    with tarfile.open(fileobj=fh, mode="r:") as tar:
-        return sum(m.isfile() and m.name.endswith(f".{TAR_META}") for m in tar)
+    return sum(1 for _ in iter_members(fh, lambda e: e == META_EXTENSION))  # a row's json member: small
 
 
 @dataclass(frozen=True)
@@ -227,7 +215,7 @@ OUTPUT_FORMATS: dict[str, OutputFormat] = {
         ".parquet", _parquet_bytes, lambda fh, columns=None: read_parquet(fh, columns),
         lambda fh: pq.read_table(fh, columns=["row_key"]).column("row_key").to_pylist(),
         lambda fh: pq.read_metadata(fh).num_rows),  # the footer only
-    WEBDATASET: OutputFormat(".tar", tar_bytes, read_tar, _tar_row_keys, _tar_rows),  # the json members only
+    WEBDATASET: OutputFormat(".tar", output_tar, read_tar, _tar_row_keys, _tar_rows),  # the json members only
 }
 
 
@@ -291,7 +279,7 @@ def write_file(storage, table: pa.Table, path: str) -> None:
     from fsspec.implementations.local import LocalFileSystem
 
     payload = format_of(path).encode(table)
-    fs, p = storage.fs(path), path.split("://", 1)[1] if "://" in path else path
+    fs, p = storage.locate(path)
     if isinstance(fs, LocalFileSystem):
         fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
         tmp = f"{p}.{uuid.uuid4().hex[:8]}.tmp"  # unique: two writers of one name never share a temp file
@@ -302,11 +290,9 @@ def write_file(storage, table: pa.Table, path: str) -> None:
 
 
 def committed_keys(storage, out: str, shard_name: str) -> set[str]:
-    """The row keys of input shard ``shard_name`` already committed under ``out`` (a resume skips them)."""
-    keys: set[str] = set()
-    for f in shard_files(storage, out, shard_name):
-        keys.update(file_row_keys(storage, f))
-    return keys
+    """The row keys of input shard ``shard_name`` already committed under ``out`` (a resume skips them; the rule:
+    ``rag4dmc.pipeline.job.reader.committed_keys``)."""
+    return keys_in(shard_files(storage, out, shard_name), lambda f: file_row_keys(storage, f), shard_name)
 
 
 def count_output_rows(storage, out: str) -> int:

@@ -10,6 +10,7 @@ import logging
 import pyarrow as pa
 
 from rag4dmc.pipeline.io import embedding_layout as layout
+from rag4dmc.pipeline.io.storage import url_to_fs
 from rag4dmc.pipeline.kb.build_sides import PART_SCHEMA, Side
 
 log = logging.getLogger(__name__)
@@ -35,14 +36,14 @@ def write_entries(parts: Side, uri: str, storage_options: dict | None) -> tuple[
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 24), b""):
                 digest.update(chunk)
-        fs, dest = layout.url_to_fs(uri, storage_options)
+        fs, dest = url_to_fs(uri, storage_options)
         fs.put_file(str(path), dest)
     return rows, digest.hexdigest()
 
 
 def unmark(out: str, storage_options: dict | None) -> None:
     """Remove an earlier KB's manifest at ``out`` before its files are rewritten."""
-    fs, path = layout.url_to_fs(f"{out}/manifest.json", storage_options)
+    fs, path = url_to_fs(f"{out}/manifest.json", storage_options)
     if fs.exists(path):
         log.info("rebuilding the knowledge base at %s", out)
         fs.rm(path)

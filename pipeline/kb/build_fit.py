@@ -23,6 +23,7 @@ from rag4dmc.pipeline.core.cluster_filter import (
 )
 from rag4dmc.pipeline.core.retrieval import MODALITIES
 from rag4dmc.pipeline.io import embedding_layout as layout
+from rag4dmc.pipeline.io.storage import url_to_fs
 from rag4dmc.pipeline.kb.build_memory import peak_rss
 from rag4dmc.pipeline.kb.build_sides import Side
 from rag4dmc.pipeline.kb.store import PARTS_DIR
@@ -153,7 +154,7 @@ def fingerprint(internal: Side, external: Side | None, cfg: KBConfig) -> str:
 
 def resumed_fit(out: str, key: str, storage_options: dict | None) -> Fitted | None:
     """The fit of an interrupted build of the same inputs and config; otherwise its leftover parts are cleared."""
-    fs, path = layout.url_to_fs(f"{out}/{PARTS_DIR}", storage_options)
+    fs, path = url_to_fs(f"{out}/{PARTS_DIR}", storage_options)
     try:
         if json.loads(fs.cat_file(f"{path}/fit.json"))["fingerprint"] == key:
             return pickle.loads(fs.cat_file(f"{path}/fitted.pkl"))
@@ -167,7 +168,7 @@ def resumed_fit(out: str, key: str, storage_options: dict | None) -> Fitted | No
 
 def save_fit(out: str, key: str, fitted: Fitted, storage_options: dict | None) -> None:
     """Keep the fit beside the parts, so a resumed build purifies its remaining shards with the same W."""
-    fs, path = layout.url_to_fs(f"{out}/{PARTS_DIR}", storage_options)
+    fs, path = url_to_fs(f"{out}/{PARTS_DIR}", storage_options)
     fs.makedirs(path, exist_ok=True)
     fs.pipe_file(f"{path}/fitted.pkl", pickle.dumps(fitted))
     fs.pipe_file(f"{path}/fit.json", json.dumps({"fingerprint": key}).encode())  # last: marks the fit saved

@@ -19,6 +19,7 @@ from rag4dmc.pipeline.core.cluster_filter import (
 from rag4dmc.pipeline.core.index import RECALL_K
 from rag4dmc.pipeline.core.retrieval import MODALITIES
 from rag4dmc.pipeline.io import embedding_layout as layout
+from rag4dmc.pipeline.io.storage import url_to_fs
 from rag4dmc.pipeline.kb.build_memory import PeakAnon, peak_rss
 from rag4dmc.pipeline.kb.build_sides import Side
 
@@ -81,7 +82,7 @@ def build_index_shard(task: dict, parts: Side, trained: dict, queries: dict) -> 
             dest = f"{task['out']}/{task['path']}/{m}"
             # a local KB is written in place (its vectors are the largest files: no second copy on disk);
             # object storage gets a local folder, one modality at a time, uploaded when complete
-            folder = Path(tmp) / m if remote else Path(layout.url_to_fs(dest, opts)[1])
+            folder = Path(tmp) / m if remote else Path(url_to_fs(dest, opts)[1])
             if folder.exists():
                 shutil.rmtree(folder)  # an interrupted build's files of this shard
             folder.mkdir(parents=True)
@@ -134,7 +135,7 @@ def build_index_shard(task: dict, parts: Side, trained: dict, queries: dict) -> 
 
 def _upload(folder, dest: str, storage_options: dict | None) -> None:
     """Copy a local folder's files to ``dest`` (a local folder or an object-storage prefix)."""
-    fs, path = layout.url_to_fs(dest, storage_options)
+    fs, path = url_to_fs(dest, storage_options)
     fs.makedirs(path, exist_ok=True)
     for f in sorted(folder.iterdir()):
         fs.put_file(str(f), f"{path}/{f.name}")
@@ -186,7 +187,7 @@ def save_search_params(out: str, shard_paths: list[str], recall: dict, cfg: KBCo
 
     for path in shard_paths:
         for m in MODALITIES:
-            fs, p = layout.url_to_fs(f"{out}/{path}/{m}/{META_FILE}", storage_options)
+            fs, p = url_to_fs(f"{out}/{path}/{m}/{META_FILE}", storage_options)
             meta = json.loads(fs.cat_file(p))
             meta.update(rerank_factor=recall["rerank_factor"][m], nprobe=recall["nprobe"][m])
             if meta.get("quantizer_ef"):

@@ -14,6 +14,7 @@ from rag4dmc.actors.resources import use_assigned_cpus
 from rag4dmc.pipeline.core.knn import normalize_rows
 from rag4dmc.pipeline.core.retrieval import MODALITIES
 from rag4dmc.pipeline.io import embedding_layout as layout
+from rag4dmc.pipeline.io.storage import url_to_fs
 from rag4dmc.pipeline.kb.build_fit import Fitted, kept_mask
 from rag4dmc.pipeline.kb.build_memory import peak_rss
 from rag4dmc.pipeline.kb.build_sides import EXTERNAL, LOCATION_SCHEMA
@@ -26,7 +27,7 @@ def purify_shard(item: dict) -> dict:
     fitted: Fitted = item["fitted"]
     part_root = f"{out}/{PARTS_DIR}/{side}"
     counts_uri = f"{part_root}/counts/counts_{shard.number}.json"
-    fs, counts_path = layout.url_to_fs(counts_uri, opts)
+    fs, counts_path = url_to_fs(counts_uri, opts)
     if shard.number in layout.written_numbers(part_root, opts) and fs.exists(counts_path):
         return json.loads(fs.cat_file(counts_path)) | {"resumed": True}
     piece = fitted.cfg.build.piece_rows

@@ -27,6 +27,7 @@ import pyarrow as pa
 from rag4dmc.pipeline.core.index import VectorIndex
 from rag4dmc.pipeline.core.mapping import CrossModalMapper
 from rag4dmc.pipeline.core.retrieval import MODALITIES, Shard
+from rag4dmc.pipeline.io.storage import url_to_fs
 from rag4dmc.pipeline.kb.knowledge_base import KnowledgeBase
 
 FORMAT_VERSION = 3  # 3: entries by reference (no image bytes), float16 vectors; 2: entries.arrow with bytes
@@ -65,17 +66,10 @@ def new_manifest(encoder: dict, rows: int, dims: tuple[int, int], cfg, calibrati
     return manifest
 
 
-def _url_to_fs(uri: str, storage_options: dict | None):
-    """fsspec filesystem and path; the storage options apply to object storage only."""
-    from rag4dmc.pipeline.io.storage import url_to_fs
-
-    return url_to_fs(uri, storage_options)
-
-
 def write_small(uri: str, mapping: CrossModalMapper, report: dict, manifest: dict,
                 storage_options: dict | None = None) -> None:
     """mapping.pt, report.json, then manifest.json (last: it marks the KB complete) at ``uri``."""
-    fs, path = _url_to_fs(uri, storage_options)
+    fs, path = url_to_fs(uri, storage_options)
     fs.makedirs(path, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="rag4dmc-kb-") as tmp:
         mapping.save(Path(tmp) / "mapping.pt")
@@ -94,7 +88,7 @@ def _json_default(v):
 
 def remove_parts(uri: str, storage_options: dict | None = None) -> None:
     """Remove the build's intermediate parts once the KB is complete."""
-    fs, path = _url_to_fs(uri, storage_options)
+    fs, path = url_to_fs(uri, storage_options)
     if fs.exists(f"{path}/{PARTS_DIR}"):
         fs.rm(f"{path}/{PARTS_DIR}", recursive=True)
 
@@ -123,7 +117,7 @@ def save(kb, uri: str, storage_options: dict | None = None) -> str:
             for m in MODALITIES:
                 s.index(m).save(root / shard_dir(i) / m)
         (root / "manifest.json").write_text(json.dumps(kb.manifest, indent=2))
-        fs, path = _url_to_fs(uri, storage_options)
+        fs, path = url_to_fs(uri, storage_options)
         if fs.exists(f"{path}/manifest.json"):
             fs.rm(path, recursive=True)
         fs.makedirs(path, exist_ok=True)
@@ -146,7 +140,7 @@ def local_copy(uri: str, storage_options: dict | None = None, cache_dir: str | N
     """
     from fsspec.implementations.local import LocalFileSystem
 
-    fs, path = _url_to_fs(uri, storage_options)
+    fs, path = url_to_fs(uri, storage_options)
     if not fs.exists(f"{path}/manifest.json"):
         raise FileNotFoundError(f"no knowledge base at {uri} (manifest.json missing): run `rag4dmc kb build` first")
     if isinstance(fs, LocalFileSystem):
