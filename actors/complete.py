@@ -20,7 +20,7 @@ from rag4dmc.actors.generators import Example
 from rag4dmc.actors.images import InputError, encode_image, load_image
 from rag4dmc.actors.niqe import NiqeScorer
 from rag4dmc.actors.resources import Resources
-from rag4dmc.actors.stage import Column, Produced, Stage
+from rag4dmc.actors.stage import Column, Produced, Stage, object_column
 from rag4dmc.pipeline.config import ColumnsConfig, EncoderConfig, GeneratorConfig, SelectionConfig
 from rag4dmc.pipeline.core.selection import (
     candidate_cosines,
@@ -33,6 +33,19 @@ from rag4dmc.pipeline.kb import store as kb_store
 from rag4dmc.pipeline.schema import STATUS_COMPLETED, TASK_I2T, TASK_T2I
 
 log = logging.getLogger(__name__)
+
+
+def completion_batch(task: str, row_keys, texts, images, ids: np.ndarray, fused: np.ndarray, cross: np.ndarray,
+                     pseudo: np.ndarray, **extra) -> dict[str, np.ndarray]:
+    """The batch the completion stages (``CompleteTexts``, ``CompleteImages``) take, for callers outside the job's
+    plan (the evaluation, the service): one row per key, what it observed (``texts`` / ``images``, None where
+    absent), its retrieval (neighbour ids, fused and cross scores: ``[n, k]``) and its pseudo-embedding; ``extra``
+    columns ride along."""
+    n = len(row_keys)
+    return {"row_key": object_column(row_keys), "task": object_column([task] * n),
+            "error": object_column([None] * n), "text": object_column(texts), "image": object_column(images),
+            "ret_ids": np.asarray(ids), "ret_fused": np.asarray(fused), "ret_cross": np.asarray(cross),
+            "pseudo": np.asarray(pseudo), **extra}
 
 
 def batch_seed(base: int, row_keys) -> int:

@@ -124,6 +124,14 @@ class Stage:
         return f"{type(self).__name__}({'/'.join(self.tasks)})"
 
 
+def object_column(values) -> np.ndarray:
+    """An object column of ``values``, filled item by item (numpy must not split bytes or nest lists)."""
+    values = list(values)
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
 def _column(values: Any, m: int) -> np.ndarray:
     """A stage's values as an array of length ``m`` (lists of objects become object arrays, item by item)."""
     if isinstance(values, np.ndarray):

@@ -31,8 +31,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -141,25 +139,16 @@ def run_ray_job(data: Path, kb: str, out: Path, cfg: JobConfig) -> dict:
 
 
 class PlainLoop:
-    """The job's stages called in this process, one batch at a time (``rag4dmc.actors.stage.run_chain``).
-
-    Each input shard is read and routed by the job's datasource code; each batch's rows of each direction go
-    through that direction's stages (``rag4dmc.pipeline.job.mapper.direction_stages``: decode/check -> embed -> retrieve
-    -> complete), then ``finalize``; one parquet file per shard: the work of ``rag4dmc.pipeline.job.mapper.build_plan``
-    without Ray."""
+    """The job's stages called in this process, one batch at a time (``rag4dmc.pipeline.job.local_chain``: each
+    shard read and routed by the job's reader code, each direction's rows through its stages, then ``finalize``);
+    one parquet file per shard: the work of ``rag4dmc.pipeline.job.mapper.build_plan`` without Ray."""
 
     def __init__(self, kb: str, cfg: JobConfig):
         from rag4dmc.actors.preprocess import CPU_TASK
-        from rag4dmc.pipeline.job.mapper import DIRECTIONS, direction_stages
-        from rag4dmc.pipeline.kb import store as kb_store
+        from rag4dmc.pipeline.job.local_chain import LocalChain
 
-        self.cfg = cfg
-        self.manifest = kb_store.load(kb, shards=[], with_entries=False).manifest
+        self.chain = LocalChain(kb, cfg)
         self.batch_size = CPU_TASK.batch_size
-        self.chains = {task: direction_stages(task, cfg, kb, self.manifest, None) for task, _ in DIRECTIONS}
-        for stages in self.chains.values():
-            for stage in stages:
-                stage.ensure_setup()  # models and KB shards load once, as in the job's actors
 
     @staticmethod
     def set_threads(n: int) -> None:
@@ -170,24 +159,8 @@ class PlainLoop:
         torch.set_num_threads(n)
         faiss.omp_set_num_threads(n)
 
-    def batch(self, b: dict[str, np.ndarray]) -> pa.Table:
-        """Each direction's stages on its own rows; the rest (complete pairs, failed rows) straight to finalize."""
-        from rag4dmc.actors.stage import run_chain
-        from rag4dmc.pipeline.job.mapper import PASS_TASKS
-        from rag4dmc.pipeline.job.writer import finalize
-
-        task = np.asarray(b["task"], dtype=object)
-        parts = [{k: v[np.isin(task, PASS_TASKS)] for k, v in b.items()}]
-        for t, stages in self.chains.items():
-            rows = {k: v[task == t] for k, v in b.items()}
-            if len(rows["row_key"]):
-                parts.append(run_chain(stages, rows))
-        fin = {"kb_version": self.manifest["version"], "config_hash": self.cfg.config_hash()}
-        return pa.concat_tables([finalize(p, **fin) for p in parts if len(p["row_key"])])
-
     def run(self, data: Path, out: Path) -> dict:
         from rag4dmc.pipeline.io import datasets
-        from rag4dmc.pipeline.job.reader import keyed_rows
 
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
@@ -196,13 +169,7 @@ class PlainLoop:
         t0 = time.perf_counter()
         with measure() as m:
             for j, shard in enumerate(datasets.list_shards(str(data))):
-                table = keyed_rows(shard, datasets.read_shard(shard), root)
-                parts = []
-                for s in range(0, table.num_rows, self.batch_size):
-                    chunk = table.slice(s, self.batch_size)
-                    parts.append(self.batch({c: np.asarray(chunk.column(c).to_pylist(), dtype=object)
-                                             for c in chunk.column_names}))
-                done = pa.concat_tables(parts)
+                done = self.chain.shard(shard, root, self.batch_size)
                 pq.write_table(done, out / f"part-{j:05d}.parquet")
                 first = first if first is not None else time.perf_counter() - t0
                 status += done.column("status").to_pylist()

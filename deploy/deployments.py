@@ -16,8 +16,9 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from rag4dmc.actors.complete import CompleteImages, CompleteTexts
+from rag4dmc.actors.complete import CompleteImages, CompleteTexts, completion_batch
 from rag4dmc.actors.factory import create_encoder
+from rag4dmc.actors.stage import object_column
 from rag4dmc.deploy.protocol import (
     API_KEY_HEADER,
     CompletionRequest,
@@ -210,24 +211,15 @@ class Generator(Pingable):
 
 def generation_batch(task: str, requests: list[CompletionRequest], retrieved: list[Retrieved],
                      seconds_embed: list[float]) -> dict[str, np.ndarray]:
-    """The numpy batch the job's completion stage takes, one row per request (``row_key`` is the request id)."""
-    n = len(requests)
-
-    def column(values: list) -> np.ndarray:
-        out = np.empty(n, dtype=object)  # filled item by item: numpy must not split bytes or lists
-        out[:] = values
-        return out
-
-    ids = column([r.id for r in requests])
-    return {
-        "row_key": ids, "id": ids,
-        "task": column([task] * n), "error": column([None] * n),
-        "text": column([r.text for r in requests]), "image": column([r.image for r in requests]),
-        "ret_ids": np.stack([r.ids for r in retrieved]), "ret_fused": np.stack([r.fused for r in retrieved]),
-        "ret_cross": np.stack([r.cross for r in retrieved]), "pseudo": np.stack([r.pseudo for r in retrieved]),
-        "seconds_embed": np.asarray(seconds_embed, np.float32),
-        "seconds_retrieve": np.asarray([r.batch.seconds for r in retrieved], np.float32),
-    }
+    """The completion stages' batch (``rag4dmc.actors.complete.completion_batch``), one row per request
+    (``row_key`` is the request id), with the seconds its embedding and retrieval took."""
+    ids = [r.id for r in requests]
+    return completion_batch(
+        task, ids, [r.text for r in requests], [r.image for r in requests], np.stack([r.ids for r in retrieved]),
+        np.stack([r.fused for r in retrieved]), np.stack([r.cross for r in retrieved]),
+        np.stack([r.pseudo for r in retrieved]), id=object_column(ids),
+        seconds_embed=np.asarray(seconds_embed, np.float32),
+        seconds_retrieve=np.asarray([r.batch.seconds for r in retrieved], np.float32))
 
 
 @serve.deployment(name=INGRESS)

@@ -12,110 +12,122 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, get_args
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
-from rag4dmc.pipeline.config import ConfigError, JobConfig, KBConfig, read_yaml, validate
+from pydantic import BaseModel, SecretStr
+from pydantic.fields import FieldInfo
+
+from rag4dmc.pipeline.config import (
+    ConfigError,
+    EvalConfig,
+    JobConfig,
+    KBConfig,
+    ServeConfig,
+    read_yaml,
+    validate,
+)
 
 log = logging.getLogger("rag4dmc")
 
-# flag -> (config key, type, help). One table per config model; the YAML file uses the same keys.
-STORAGE_FLAGS = {
-    "--endpoint-url": ("storage.endpoint_url", str, "S3-compatible endpoint (default: AWS settings)"),
-    "--aws-key": ("storage.key", str, "access key (default: AWS environment/config)"),
-    "--aws-secret": ("storage.secret", str, "secret key (default: AWS environment/config)"),
-    "--region": ("storage.region", str, "object-storage region"),
-}
-COLUMN_FLAGS = {
-    "--id-column": ("columns.id", str, "column with the sample id"),
-    "--image-column": ("columns.image", str, "column with image bytes or a path/URI"),
-    "--text-column": ("columns.text", str, "column with the text"),
-}
-LABEL_FLAGS = {"--label-column": ("columns.label", str, "column with a class label: the report adds label agreement")}
+# flag -> config key. One table per command's group of keys; the YAML file uses the same keys. A flag's type,
+# choices, default and help come from the key's field in pipeline/config.py (its description): one text, no copy.
+STORAGE_FLAGS = {"--endpoint-url": "storage.endpoint_url", "--aws-key": "storage.key", "--aws-secret": "storage.secret",
+                 "--region": "storage.region"}
+COLUMN_FLAGS = {"--id-column": "columns.id", "--image-column": "columns.image", "--text-column": "columns.text"}
+LABEL_FLAGS = {"--label-column": "columns.label"}
 KB_FLAGS = {
-    "--encoder": ("encoder.backend", str, "lite (offline default) or open_clip"),
-    "--model-name": ("encoder.model_name", str, "open_clip architecture, e.g. ViT-L-14"),
-    "--pretrained": ("encoder.pretrained", str, "open_clip tag, local checkpoint or s3:// checkpoint"),
-    "--model-dir": ("encoder.model_dir", str, "folder with downloaded encoder weights"),
-    "--device": ("encoder.device", str, "auto, cpu or cuda"),
-    "--tau-cent": ("filter.tau_cent", float, "drop external clusters below this centroid cosine"),
-    "--tau-inst": ("filter.tau_inst", float, "drop external rows below this cosine to their matched centroid"),
-    "--csls-k": ("align.csls_k", int, "neighbours in the CSLS hubness correction"),
-    "--align-rounds": ("align.max_rounds", int, "Procrustes refinement rounds"),
-    "--index-kind": ("index.kind", str, "auto, flat, ivf, ivfpq or hnsw"),
-    "--shards": ("index.shards", int, "index shards (one per retrieval actor)"),
-    "--mapping-epochs": ("mapping.max_epochs", int, "maximum epochs of the mapping MLP"),
-    "--no-calibration": ("calibration.enabled", None, "keep the configured settings instead of calibrating them "
-                         "on held-out internal pairs"),
+    "--encoder": "encoder.backend", "--model-name": "encoder.model_name", "--pretrained": "encoder.pretrained",
+    "--model-dir": "encoder.model_dir", "--device": "encoder.device", "--tau-cent": "filter.tau_cent",
+    "--tau-inst": "filter.tau_inst", "--csls-k": "align.csls_k", "--align-rounds": "align.max_rounds",
+    "--index-kind": "index.kind", "--shards": "index.shards", "--mapping-epochs": "mapping.max_epochs",
+    "--no-calibration": "calibration.enabled",  # a switch: sets the boolean key to False
 }
 JOB_FLAGS = {
-    "--alpha": ("retrieval.alpha", float, "fusion weight of the intra-modal cosine"),
-    "--top-k": ("retrieval.top_k", int, "stage-1 candidates"),
-    "--n-results": ("retrieval.n_results", int, "neighbours handed to generation"),
-    "--retrieval-mode": ("retrieval.mode", str, "fusion, intra or mapped"),
-    "--text-generator": ("generator.text_backend", str, "nn (offline default) or blip2"),
-    "--image-generator": ("generator.image_backend", str, "nn (offline default) or sdxl"),
-    "--n-candidates": ("generator.n_candidates", int, "candidates generated per row"),
-    "--blip2-model": ("generator.blip2_model", str, "BLIP2 checkpoint: hub name, local path or s3://"),
-    "--sdxl-model": ("generator.sdxl_model", str, "SDXL checkpoint: hub name, local path or s3://"),
-    "--generator-model-dir": ("generator.model_dir", str, "folder with downloaded generator weights"),
-    "--strength": ("generator.strength", float, "SDXL img2img strength"),
-    "--image-format": ("generator.image_format", str, "png, jpeg or webp"),
-    "--niqe-params": ("selection.niqe_params", str, "NIQE parameter file (.npz or .mat)"),
-    "--image-quality": ("selection.image_quality", str, "niqe, or none to rank images by cosine only"),
-    "--lambda-cos": ("selection.lambda_cos", float, "weight of the cosine term in selection"),
-    "--lambda-quality": ("selection.lambda_quality", float, "weight of BLEU / NIQE in selection"),
-    "--lambda-retrieval": ("selection.lambda_retrieval", float,
-                           "weight of the fused retrieval score of a retrieved candidate in selection"),
-    "--accelerators": ("accelerators", str, "auto, gpu or cpu"),
+    "--alpha": "retrieval.alpha", "--top-k": "retrieval.top_k", "--n-results": "retrieval.n_results",
+    "--retrieval-mode": "retrieval.mode", "--text-generator": "generator.text_backend",
+    "--image-generator": "generator.image_backend", "--n-candidates": "generator.n_candidates",
+    "--blip2-model": "generator.blip2_model", "--sdxl-model": "generator.sdxl_model",
+    "--generator-model-dir": "generator.model_dir", "--strength": "generator.strength",
+    "--image-format": "generator.image_format", "--niqe-params": "selection.niqe_params",
+    "--image-quality": "selection.image_quality", "--lambda-cos": "selection.lambda_cos",
+    "--lambda-quality": "selection.lambda_quality", "--lambda-retrieval": "selection.lambda_retrieval",
+    "--accelerators": "accelerators",
 }
-# `rag4dmc complete` only (the service writes no files)
-OUTPUT_FLAGS = {"--output-format": ("output_format", str, "committed files: parquet, or webdataset tars in "
-                                    "img2dataset's layout (a resumed run keeps its format)")}
-OUTPUT_CHOICES = {"--output-format": {"choices": list(get_args(JobConfig.model_fields["output_format"].annotation))}}
-# `rag4dmc evaluate`: its own keys (EVAL_NARGS: flags that take several values), and the job's retrieval and
-# selection flags, which every retrieval variant shares.
+OUTPUT_FLAGS = {"--output-format": "output_format"}  # `rag4dmc complete` only (the service writes no files)
+# `rag4dmc evaluate`: its own keys, and the job's retrieval and selection flags, which every retrieval variant shares
 EVAL_FLAGS = {
-    "--missing-rate": ("evaluation.missing_rates", float,
-                       "fractions of training rows that lose a modality, in (0, 1); several give a plot"),
-    "--variants": ("evaluation.variants", str, "variants to run: drop direct vanilla combined kfa rag4dmc complete"),
-    "--image-loss-ratio": ("evaluation.image_loss_ratio", float, "share of the masked rows that lose the image"),
-    "--test-fraction": ("evaluation.test_fraction", float, "complete pairs held out for downstream recall"),
-    "--sweep": ("evaluation.sweeps", str, "NAME=V1,V2,...: the sweep variant at each value of alpha "
-                "(retrieval.alpha), k (retrieval.top_k), n (retrieval.n_results) or lambda "
-                "(selection.lambda_quality); repeat for several sweeps"),
-    "--sweep-variant": ("evaluation.sweep_variant", str, "the variant the sweeps evaluate"),
-    "--examples": ("evaluation.examples", int, "example completions shown in the report"),
-    "--repeats": ("evaluation.repeats", int, "independent splits and masks: means with 95% intervals, paired "
-                  "differences between variants"),
-    "--seed": ("evaluation.seed", int, "seed of the test split and the masking"),
+    "--missing-rate": "evaluation.missing_rates", "--variants": "evaluation.variants",
+    "--image-loss-ratio": "evaluation.image_loss_ratio", "--test-fraction": "evaluation.test_fraction",
+    "--sweep": "evaluation.sweeps", "--sweep-variant": "evaluation.sweep_variant", "--examples": "evaluation.examples",
+    "--repeats": "evaluation.repeats", "--seed": "evaluation.seed",
 }
-EVAL_NARGS = {"--missing-rate": {"nargs": "+", "action": "extend"}, "--variants": {"nargs": "+", "action": "extend"},
-              "--sweep": {"action": "append"}}
 EVAL_JOB_FLAGS = {flag: JOB_FLAGS[flag] for flag in ("--alpha", "--top-k", "--n-results", "--lambda-cos",
                                                      "--lambda-quality", "--lambda-retrieval", "--niqe-params",
                                                      "--image-quality")}
 # `rag4dmc serve`: the service's own keys (ServeConfig); the job's flags set retrieval, generation and selection.
 API_KEY_ENV = "RAG4DMC_API_KEY"  # keeps the key off the command line (and out of process listings)
 SERVE_HOST, SERVE_PORT = "127.0.0.1", 8000
-SERVE_FLAGS = {
-    "--kb": ("kb", str, "knowledge base built by `rag4dmc kb build` (required, here or in --config)"),
-    "--api-key": ("api_key", str, f"clients must send it in the x-api-key header (default: ${API_KEY_ENV}; "
-                  "neither: no key needed)"),
-    "--max-upload-bytes": ("max_upload_bytes", int, "largest request body accepted (413 above)"),
-    "--max-text-chars": ("max_text_chars", int, "longest text accepted"),
-    "--batch-wait": ("batch_wait_timeout_s", float, "seconds a batch waits for more requests"),
-    "--request-timeout": ("request_timeout_s", float, "seconds before an unanswered request gets 504"),
-}
+SERVE_FLAGS = {"--kb": "kb", "--api-key": "api_key", "--max-upload-bytes": "max_upload_bytes",
+               "--max-text-chars": "max_text_chars", "--batch-wait": "batch_wait_timeout_s",
+               "--request-timeout": "request_timeout_s"}
+# What the command line says beyond the field: a form the field's type does not give, or where a default comes from
+FLAG_NOTES = {"--sweep": "NAME=V1,V2,... with NAME one of alpha (retrieval.alpha), k (retrieval.top_k), n "
+                         "(retrieval.n_results), lambda (selection.lambda_quality); repeat for several sweeps",
+              "--api-key": f"default: ${API_KEY_ENV}", "--kb": "required, here or in --config"}
 
 
-def _add_flags(parser: argparse.ArgumentParser, table: dict, extra: dict | None = None) -> None:
-    """One option per flag of ``table``; ``extra`` adds argparse keywords per flag (nargs, action)."""
-    for flag, (key, typ, text) in table.items():
-        if typ is None:  # a switch that sets a boolean key to False
-            parser.add_argument(flag, action="store_const", const=False, default=None, dest=key, help=f"{text} [{key}]")
+def field_of(model: type[BaseModel], key: str) -> FieldInfo:
+    """The pydantic field of a dotted configuration key (``retrieval.alpha``) of ``model``."""
+    *parents, leaf = key.split(".")
+    for name in parents:
+        model = _models(model.model_fields[name].annotation)[0]
+    return model.model_fields[leaf]
+
+
+def _models(annotation) -> list:
+    """The types an annotation allows (``X | None`` gives X), None left out."""
+    args = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    return [a for a in args if a is not type(None)]
+
+
+def _argparse_kind(annotation) -> tuple[type, list | None, bool]:
+    """(value type, choices, takes several values) of a field's annotation, as argparse wants them."""
+    (kind,) = _models(annotation)[:1]
+    many = get_origin(kind) is list
+    if many:
+        (kind,) = get_args(kind)
+    if get_origin(kind) is Literal:
+        return str, list(get_args(kind)), many
+    return (kind if kind in (int, float) else str), None, many
+
+
+def flag_help(field: FieldInfo, key: str, note: str | None = None) -> str:
+    """A flag's help: the field's description, the command line's note, its choices, default and key."""
+    default = field.get_default(call_default_factory=True)
+    shown = "" if default is None or isinstance(default, (dict, SecretStr)) else f"; default {default}"
+    choices = _argparse_kind(field.annotation)[1] if field.annotation is not bool else None
+    shown = f"; one of {', '.join(choices)}{shown}" if choices else shown
+    text = f"{field.description or ''}{f' ({note})' if note else ''}{shown} [{key}]"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def _add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], table: dict[str, str]) -> None:
+    """One option per flag of ``table``, typed, checked and described by the field of its key in ``model``."""
+    for flag, key in table.items():
+        field = field_of(model, key)
+        text = flag_help(field, key, FLAG_NOTES.get(flag))
+        if field.annotation is bool:  # a switch that turns a key on by default off
+            parser.add_argument(flag, action="store_const", const=False, default=None, dest=key,
+                                help=f"turn off: {text}")
             continue
-        parser.add_argument(flag, type=typ, default=None, dest=key, help=f"{text} [{key}]",
-                            **(extra or {}).get(flag, {}))
+        kind, choices, many = _argparse_kind(field.annotation)
+        if get_origin(_models(field.annotation)[0]) is dict:  # given as NAME=V1,V2,...; repeatable
+            parser.add_argument(flag, action="append", default=None, dest=key, help=text)
+            continue
+        extra = {"nargs": "+", "action": "extend"} if many else {}
+        parser.add_argument(flag, type=kind, choices=choices, default=None, dest=key, help=text,
+                            metavar=key.rsplit(".", 1)[-1].upper(), **extra)
 
 
 def _set(tree: dict, key: str, value: Any) -> None:
@@ -129,7 +141,7 @@ def build_config(args: argparse.Namespace, model, tables: list[dict]):
     """The config from ``--config`` YAML overlaid with the flags that were given."""
     data: dict = read_yaml(args.config) if getattr(args, "config", None) else {}
     for table in tables:
-        for key, *_ in table.values():
+        for key in table.values():
             value = getattr(args, key, None)
             if value is not None:
                 _set(data, key, value)
@@ -138,7 +150,7 @@ def build_config(args: argparse.Namespace, model, tables: list[dict]):
 
 def _storage_only(args) -> dict:
     data: dict = {}
-    for key, *_ in STORAGE_FLAGS.values():
+    for key in STORAGE_FLAGS.values():
         value = getattr(args, key, None)
         if value is not None:
             _set(data, key, value)
@@ -153,7 +165,7 @@ def cmd_kb_build(args) -> int:
     spec = KBBuildSpec(
         internal=args.internal, external=args.external, out=args.out, cfg=cfg,
         internal_embeddings=args.internal_embeddings, external_embeddings=args.external_embeddings,
-        columns=ColumnsConfig(**{k.split(".")[1]: getattr(args, k) for k, *_ in COLUMN_FLAGS.values()
+        columns=ColumnsConfig(**{k.split(".")[1]: getattr(args, k) for k in COLUMN_FLAGS.values()
                                  if getattr(args, k) is not None}),
         storage=StorageConfig(**_storage_only(args)), data_format=args.format,
     )
@@ -204,7 +216,6 @@ def _parse_sweeps(specs: list[str]) -> dict[str, list[str]]:
 
 
 def cmd_evaluate(args) -> int:
-    from rag4dmc.pipeline.config import EvalConfig
     from rag4dmc.pipeline.evaluation.data import EvaluationError
     from rag4dmc.pipeline.evaluation.markdown import markdown_table
     from rag4dmc.pipeline.evaluation.runner import evaluate_datasets
@@ -228,7 +239,6 @@ def cmd_evaluate(args) -> int:
 
 def cmd_serve(args) -> int:
     from rag4dmc.deploy.local import run_local
-    from rag4dmc.pipeline.config import ServeConfig
 
     if args.api_key is None:
         args.api_key = os.environ.get(API_KEY_ENV) or None
@@ -269,9 +279,9 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--out", required=True, help="KB folder or s3:// prefix")
     build.add_argument("--config", help="YAML file with knowledge-base keys")
     build.add_argument("--format", default="auto", choices=["auto", "parquet", "jsonl", "webdataset"])
-    _add_flags(build, KB_FLAGS)
-    _add_flags(build, COLUMN_FLAGS)
-    _add_flags(build, STORAGE_FLAGS)
+    _add_flags(build, KBConfig, KB_FLAGS)
+    _add_flags(build, JobConfig, COLUMN_FLAGS)
+    _add_flags(build, JobConfig, STORAGE_FLAGS)
     build.set_defaults(func=cmd_kb_build)
 
     comp = sub.add_parser("complete", help="complete every incomplete sample of a dataset",
@@ -285,10 +295,8 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--dry-run", action="store_true",
                       help="print the plan on this cluster (pools and sizes, rows per direction, expected GPU-hours "
                       "and wall time) and start nothing")
-    _add_flags(comp, JOB_FLAGS)
-    _add_flags(comp, OUTPUT_FLAGS, OUTPUT_CHOICES)
-    _add_flags(comp, COLUMN_FLAGS)
-    _add_flags(comp, STORAGE_FLAGS)
+    for table in (JOB_FLAGS, OUTPUT_FLAGS, COLUMN_FLAGS, STORAGE_FLAGS):
+        _add_flags(comp, JobConfig, table)
     comp.set_defaults(func=cmd_complete)
 
     ev = sub.add_parser("evaluate", help="the table of variants on your own complete data, with an HTML report",
@@ -299,12 +307,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="report folder or s3:// prefix")
     ev.add_argument("--config", help="YAML file with knowledge-base, retrieval, selection and evaluation keys")
     ev.add_argument("--format", default="auto", choices=["auto", "parquet", "jsonl", "webdataset"])
-    _add_flags(ev, EVAL_FLAGS, EVAL_NARGS)
-    _add_flags(ev, EVAL_JOB_FLAGS)
-    _add_flags(ev, KB_FLAGS)
-    _add_flags(ev, COLUMN_FLAGS)
-    _add_flags(ev, LABEL_FLAGS)
-    _add_flags(ev, STORAGE_FLAGS)
+    for table in (EVAL_FLAGS, EVAL_JOB_FLAGS, KB_FLAGS, COLUMN_FLAGS, LABEL_FLAGS, STORAGE_FLAGS):
+        _add_flags(ev, EvalConfig, table)
     ev.set_defaults(func=cmd_evaluate)
 
     srv = sub.add_parser("serve", help="serve completions over HTTP (Ray Serve), one sample per request",
@@ -313,9 +317,8 @@ def parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default=SERVE_HOST, help="address to listen on (default: loopback only)")
     srv.add_argument("--port", type=int, default=SERVE_PORT, help="HTTP port")
     srv.add_argument("--config", help="YAML file with serve keys (pipeline/config.py ServeConfig)")
-    _add_flags(srv, SERVE_FLAGS)
-    _add_flags(srv, JOB_FLAGS)
-    _add_flags(srv, STORAGE_FLAGS)
+    for table in (SERVE_FLAGS, JOB_FLAGS, STORAGE_FLAGS):
+        _add_flags(srv, ServeConfig, table)
     srv.set_defaults(func=cmd_serve)
 
     setup = sub.add_parser("setup", help="install the data files rag4dmc needs offline (NIQE's parameters)",

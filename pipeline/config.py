@@ -39,13 +39,15 @@ class _Strict(BaseModel):
 class EncoderConfig(_Strict):
     """Which frozen encoders embed images and texts (``rag4dmc.actors.factory.create_encoder``)."""
 
-    backend: Literal["lite", "open_clip"] = "lite"
+    backend: Literal["lite", "open_clip"] = Field("lite",
+        description="the frozen encoders: lite (offline default) or open_clip")
     model_name: str = Field("ViT-L-14", description="open_clip architecture name")
     pretrained: str | None = Field(
         None, description="open_clip pretrained tag (e.g. laion2b_s32b_b82k) or a local/s3:// checkpoint"
     )
     model_dir: str | None = Field(None, description="folder with downloaded weights (no hub access)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto",
+        description="where the encoders run (auto: a GPU when the actor has one)")
     precision: Literal["fp32", "fp16", "bf16"] = "fp16"
     cpu_runtime: Literal["onnxruntime", "torch"] = Field(
         "onnxruntime", description="what runs the lite image tower on CPU: ONNX Runtime (exported once per machine, "
@@ -64,7 +66,7 @@ class MappingConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     batch_size: int = Field(256, ge=1)
-    max_epochs: int = Field(200, ge=1)
+    max_epochs: int = Field(200, ge=1, description="most epochs of the mapping MLP's training")
     patience: int = Field(10, ge=1, description="epochs without held-out improvement before stopping")
     val_fraction: float = Field(0.1, gt=0, lt=1)
     max_rows: int = Field(
@@ -93,7 +95,7 @@ class FilterConfig(_Strict):
 class AlignConfig(_Strict):
     """CSLS mutual nearest neighbours + iterative orthogonal Procrustes."""
 
-    csls_k: int = Field(10, ge=1)
+    csls_k: int = Field(10, ge=1, description="neighbours in CSLS's hubness correction")
     max_rounds: int = Field(5, ge=1, description="refinement rounds (MUSE's default n_refinement is 5)")
     eps: float = Field(1e-4, gt=0, description="stop when ||W_r - W_(r-1)||_F < eps")
     criterion_pairs: int = Field(10_000, ge=1, description="top CSLS pairs averaged for model selection")
@@ -116,7 +118,8 @@ class AlignConfig(_Strict):
 class IndexConfig(_Strict):
     """FAISS indexes of the knowledge base: the kind from a byte budget per row, trained once on a random sample."""
 
-    kind: Literal["auto", "flat", "ivf", "ivfpq", "hnsw"] = "auto"
+    kind: Literal["auto", "flat", "ivf", "ivfpq", "hnsw"] = Field("auto",
+        description="index type (auto: chosen by the KB's size)")
     flat_max_rows: int = Field(200_000, ge=1, description="auto: exact search up to this many rows (search speed)")
     bytes_per_row: int = Field(
         64, ge=8, description="auto, above flat_max_rows: FAISS code bytes per row and modality. IVF-Flat when the "
@@ -174,7 +177,8 @@ class RetrievalConfig(_Strict):
         "against the other modality (shared space only); mapped: the pseudo-embedding against the other modality",
     )
     top_k: int = Field(20, ge=1, description="stage-1 intra-modal candidates")
-    alpha: float = Field(0.5, ge=0, le=1)
+    alpha: float = Field(0.5, ge=0, le=1,
+        description="fusion weight of the intra-modal cosine (1 - alpha weighs the cross term)")
     n_results: int = Field(4, ge=1, description="reranked neighbours handed to generation")
 
     @model_validator(mode="after")
@@ -187,8 +191,9 @@ class RetrievalConfig(_Strict):
 class SelectionConfig(_Strict):
     """Candidate selection: s_T = l1*cos + l2*BLEU (+ l3*sim_fuse), s_I = l1*cos - l2*NIQE (+ l3*sim_fuse)."""
 
-    lambda_cos: float = Field(1.0, ge=0)
-    lambda_quality: float = Field(0.1, ge=0)
+    lambda_cos: float = Field(1.0, ge=0, description="weight of the cosine term in selection")
+    lambda_quality: float = Field(0.1, ge=0,
+        description="weight of BLEU (texts) / NIQE (images) in selection")
     lambda_retrieval: float = Field(
         0.0, ge=0, description="weight of the retrieval's fused score when a candidate is a retrieved KB entry "
         "(nearest-neighbour generators); 0 is the paper's score"
@@ -206,23 +211,29 @@ class SelectionConfig(_Strict):
 class GeneratorConfig(_Strict):
     """Generators for each missing modality, with n candidates per query."""
 
-    text_backend: Literal["nn", "blip2"] = "nn"
-    image_backend: Literal["nn", "sdxl"] = "nn"
-    n_candidates: int = Field(4, ge=1)
-    blip2_model: str = "Salesforce/blip2-opt-2.7b"
-    sdxl_model: str = "stabilityai/stable-diffusion-xl-base-1.0"
-    model_dir: str | None = None
+    text_backend: Literal["nn", "blip2"] = Field("nn",
+        description="image->text generator: nn (offline default: retrieved captions) or blip2")
+    image_backend: Literal["nn", "sdxl"] = Field("nn",
+        description="text->image generator: nn (offline default: retrieved images) or sdxl")
+    n_candidates: int = Field(4, ge=1, description="candidates generated per row")
+    blip2_model: str = Field("Salesforce/blip2-opt-2.7b",
+        description="BLIP2 checkpoint: hub name, local path or s3://")
+    sdxl_model: str = Field("stabilityai/stable-diffusion-xl-base-1.0",
+        description="SDXL checkpoint: hub name, local path or s3://")
+    model_dir: str | None = Field(None,
+        description="folder with downloaded generator weights (no hub access)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp16"
     max_new_tokens: int = Field(30, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(0.9, gt=0, le=1)
     sdxl_mode: Literal["img2img", "text2img"] = "img2img"
-    strength: float = Field(0.6, gt=0, le=1)
+    strength: float = Field(0.6, gt=0, le=1,
+        description="SDXL img2img strength: how far from the retrieved image")
     steps: int = Field(30, ge=1)
     guidance_scale: float = Field(5.0, ge=0)
     image_size: int = Field(512, ge=8)
-    image_format: Literal["png", "jpeg", "webp"] = "png"
+    image_format: Literal["png", "jpeg", "webp"] = Field("png", description="format of the generated images")
     batch_size: int = Field(8, ge=1)
     seed: int = 0
 
@@ -242,19 +253,19 @@ class StageResources(_Strict):
 
 
 class ColumnsConfig(_Strict):
-    id: str = "id"
-    image: str = "image"
-    text: str = "text"
+    id: str = Field("id", description="input column with the sample id")
+    image: str = Field("image", description="input column with the image bytes or a path/URI")
+    text: str = Field("text", description="input column with the text")
     label: str | None = Field(None, description="optional class label of a row (evaluation: label agreement)")
 
 
 class StorageConfig(_Strict):
     """fsspec/s3fs options; None falls back to the usual AWS environment and config files."""
 
-    endpoint_url: str | None = None
-    key: str | None = None
-    secret: str | None = None
-    region: str | None = None
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint URL (None: the AWS settings)")
+    key: str | None = Field(None, description="access key (None: the AWS environment or config)")
+    secret: str | None = Field(None, description="secret key (None: the AWS environment or config)")
+    region: str | None = Field(None, description="object-storage region")
     anon: bool = False
     retries: int = Field(5, ge=0, description="attempts for transient object-storage errors")
     example_cache_mb: int = Field(
@@ -288,7 +299,8 @@ class CalibrationConfig(_Strict):
     settings; retrieval and selection are then chosen on the chosen knowledge base.
     """
 
-    enabled: bool = True
+    enabled: bool = Field(True,
+        description="calibrate retrieval, selection and purification on held-out internal pairs at KB build")
     holdout_fraction: float = Field(0.15, gt=0, lt=1, description="share of internal pairs held out")
     min_holdout: int = Field(30, ge=4, description="held-out pairs at least (fewer internal pairs: no calibration)")
     max_holdout: int = Field(400, ge=4, description="held-out pairs at most: a bounded sample at any corpus size")
@@ -483,7 +495,8 @@ class EvaluationConfig(_Strict):
     )
     image_loss_ratio: float = Field(0.5, ge=0, le=1, description="share of the masked rows that lose the image")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out complete pairs for downstream recall")
-    variants: list[VariantName] = Field(default_factory=lambda: list(VARIANT_NAMES), min_length=1)
+    variants: list[VariantName] = Field(default_factory=lambda: list(VARIANT_NAMES), min_length=1,
+        description="the variants to run")
     sweeps: dict[SweepName, list[float]] = Field(
         default_factory=dict, description="values of alpha / k / n / lambda to evaluate one at a time"
     )
@@ -493,7 +506,7 @@ class EvaluationConfig(_Strict):
     niqe_sample: int = Field(64, ge=1, description="completed images per variant scored with NIQE")
     repeats: int = Field(5, ge=1, description="independent train/test splits and masks; means get 95% intervals "
                          "and variants paired differences (2 or more)")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the test split and the masking")
 
     @field_validator("missing_rates")
     @classmethod

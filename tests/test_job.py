@@ -295,13 +295,9 @@ def test_model_generators_complete_every_row_through_the_same_plan(kb, tmp_path)
 @pytest.mark.timeout(900)
 def test_a_three_shard_kb_chained_one_shard_per_actor_gives_the_in_process_chain_s_rows(ray_local, tmp_path):
     """Three retrieval pools per direction (first / middle / last shard group) on Ray: each row's neighbours and
-    completion are the ones the same stages give in one process (``rag4dmc.actors.stage.run_chain``)."""
-    from rag4dmc.actors.stage import run_chain
+    completion are the ones the same stages give in one process (``rag4dmc.pipeline.job.local_chain``)."""
     from rag4dmc.pipeline.config import IndexConfig
-    from rag4dmc.pipeline.io.datasets import read_shard
-    from rag4dmc.pipeline.job.mapper import DIRECTIONS, direction_stages
-    from rag4dmc.pipeline.job.reader import keyed_rows
-    from rag4dmc.pipeline.kb import store as kb_store
+    from rag4dmc.pipeline.job.local_chain import LocalChain
 
     root = tmp_path / "kb-src"
     write_parquet(make_internal(150, seed=0).select(["id", "image", "text"]), f"{root}/internal/part-0.parquet")
@@ -315,18 +311,18 @@ def test_a_three_shard_kb_chained_one_shard_per_actor_gives_the_in_process_chain
     assert summary["rows_out"] == summary["unique_row_keys"] == 40 and summary["failed"] == 0
     out = read_output(Storage(), str(tmp_path / "out")).to_pandas().set_index("row_key")
 
-    manifest = kb_store.load(kb3, shards=[], with_entries=False).manifest
-    assert len(manifest["shards"]) == 3
+    local = LocalChain(kb3, job)
+    assert len(local.manifest["shards"]) == 3
+    completed = 0
     for shard in sorted(data.glob("*.parquet")):
-        rows = keyed_rows(str(shard), read_shard(str(shard), job.columns, {}, "auto"), str(data))
-        batch = {c: np.asarray(rows.column(c).to_pylist(), dtype=object) for c in rows.column_names}
-        for task, _ in DIRECTIONS:
-            local = run_chain(direction_stages(task, job, kb3, manifest, None), batch)
-            for i in np.flatnonzero(batch["task"] == task):
-                row = out.loc[batch["row_key"][i]]
-                assert list(row.retrieved_ids) == local["retrieved_ids"][i]
-                generated = "text" if task == "i2t" else "image"
-                assert row[generated] == local[generated][i] and row.status == "completed"
+        for row in local.shard(str(shard), str(data), batch_rows=64).to_pylist():
+            if row["status"] != "completed":
+                continue
+            completed += 1
+            distributed = out.loc[row["row_key"]]
+            assert list(distributed.retrieved_ids) == row["retrieved_ids"] and distributed.status == "completed"
+            assert distributed[row["generated"]] == row[row["generated"]]
+    assert completed == summary["completed"] > 0
 
 
 @pytest.mark.timeout(600)

@@ -167,20 +167,14 @@ class _CachedNiqe:
 
 
 def completion_batch(task: str, rows: np.ndarray, data: EvalData, neigh, pseudo: np.ndarray) -> dict:
-    """The numpy batch the job's completion stage takes for masked training rows ``rows`` of ``task``."""
+    """The completion stages' batch (``rag4dmc.actors.complete.completion_batch``) for masked training rows ``rows``
+    of ``task``: an i2t row observed its image (its embedding is the query), a t2i row its text."""
+    from rag4dmc.actors.complete import completion_batch as stage_batch
     from rag4dmc.pipeline.schema import TASK_I2T
 
-    def objects(values) -> np.ndarray:
-        out = np.empty(len(values), dtype=object)
-        out[:] = values
-        return out
-
-    n = len(rows)
     texts = data.train.column("text").to_pylist()
-    return {"row_key": objects([f"train:{i}" for i in rows]), "task": objects([task] * n),
-            "error": objects([None] * n), "image": objects([None] * n),
-            "text": objects([None if task == TASK_I2T else texts[i] for i in rows]),
-            "ret_ids": neigh.ids, "ret_fused": neigh.fused, "ret_cross": neigh.cross, "pseudo": pseudo}
+    return stage_batch(task, [f"train:{i}" for i in rows], [None if task == TASK_I2T else texts[i] for i in rows],
+                       [None] * len(rows), neigh.ids, neigh.fused, neigh.cross, pseudo)
 
 
 def complete_variant(vkb: VariantKB, data: EvalData, name: str, cfg: EvalConfig, encoder, niqe=None) -> dict:

@@ -44,7 +44,8 @@ from rag4dmc.pipeline.schema import (
 
 log = logging.getLogger(__name__)
 
-DIRECTIONS = ((TASK_I2T, "image"), (TASK_T2I, "text"))  # (task, observed modality)
+DIRECTIONS = ((TASK_I2T, "image"), (TASK_T2I, "text"))  # (direction, observed modality): a row's direction
+# is its ``task`` column (rag4dmc.pipeline.schema); "task" alone, in this module, is a Ray task
 PASS_TASKS = (TASK_OBSERVED, TASK_FAILED)  # rows that go straight to the output
 # CPU tasks besides the reads that must be able to run at any time beside the actor pools: a prepare task per
 # direction, a finalize per branch, the commit. Without a CPU for them, reads held back by the rows-in-flight
@@ -64,27 +65,27 @@ def shard_groups(n_shards: int, max_per_actor: int) -> list[list[int]]:
     return [ids[i : i + max_per_actor] for i in range(0, n_shards, max_per_actor)] or [[]]
 
 
-def direction_stages(task: str, cfg: JobConfig, kb_uri: str, kb_manifest: dict, storage_options: dict | None,
+def direction_stages(direction: str, cfg: JobConfig, kb_uri: str, kb_manifest: dict, storage_options: dict | None,
                      entries=None) -> list[Stage]:
-    """The stages that complete rows of ``task`` (i2t or t2i), in order, with this direction's settings.
+    """The stages that complete rows of ``direction`` (i2t or t2i), in order, with this direction's settings.
 
     ``entries``: the KB's entries table when it is already in this process (else the stages read ``kb_uri``).
     """
     from rag4dmc.actors.encoders import encoder_image_size
 
-    observed = "image" if task == TASK_I2T else "text"
+    observed = "image" if direction == TASK_I2T else "text"
     encoder = EncoderConfig.model_validate(kb_manifest["config"]["encoder"])
     retrieval, selection, settings = effective_settings(cfg.retrieval, cfg.selection,
-                                                        kb_manifest.get("calibration"), task)
+                                                        kb_manifest.get("calibration"), direction)
     groups = shard_groups(len(kb_manifest["shards"]), cfg.shards_per_actor)
-    if task == TASK_I2T:
+    if direction == TASK_I2T:
         prepare: Stage = FetchAndDecode(encoder_image_size(encoder), encoder.max_image_pixels, storage_options)
     else:
         prepare = CheckTexts()
     stages: list[Stage] = [prepare, EmbedQueries(encoder, observed)]
     stages += [RetrieveNeighbours(kb_uri, storage_options, group, observed, retrieval, role_of(g, len(groups)),
                                   kb_manifest["image_dim"], kb_manifest["text_dim"]) for g, group in enumerate(groups)]
-    complete = CompleteTexts if task == TASK_I2T else CompleteImages
+    complete = CompleteTexts if direction == TASK_I2T else CompleteImages
     stages.append(complete(cfg.generator, selection, encoder, entries if entries is not None else kb_uri,
                            storage_options, settings=settings, example_cache_mb=cfg.storage.example_cache_mb))
     policy = StagePolicy(cfg.batch_timeout_s, cfg.transient_retries, cfg.retry_backoff_s)
@@ -98,11 +99,25 @@ def check_stages(stages: list[Stage]) -> None:
     check_chain(stages, source=INPUT_SCHEMA.names)
 
 
-def pool_name(stage: Stage, task: str, position: int) -> str:
+def pool_name(stage: Stage, direction: str, position: int) -> str:
     """``<stage>:<direction>[:<shard group>]``, the key of an actor pool in logs and in ``plan_resources``."""
     if isinstance(stage, RetrieveNeighbours):
-        return f"{stage.name}:{task}:{position}"
-    return f"{stage.name}:{task}"
+        return f"{stage.name}:{direction}:{position}"
+    return f"{stage.name}:{direction}"
+
+
+def chain_pools(direction: str, stages: list[Stage]) -> list[tuple[str | None, Stage]]:
+    """Each stage of a direction's chain with the name of its actor pool (None: it runs as CPU tasks); retrieval
+    stages are numbered by shard group. The one place pools are named."""
+    named, groups = [], 0
+    for stage in stages:
+        if not stage.ACTOR:
+            named.append((None, stage))
+            continue
+        position = groups if isinstance(stage, RetrieveNeighbours) else 0
+        groups += isinstance(stage, RetrieveNeighbours)
+        named.append((pool_name(stage, direction, position), stage))
+    return named
 
 
 def stage_override(cfg: JobConfig, pool: str) -> StageResources | None:
@@ -117,20 +132,16 @@ def stage_override(cfg: JobConfig, pool: str) -> StageResources | None:
 def actor_pools(cfg: JobConfig, chains: dict[str, list[Stage]], has_gpu: bool,
                 shares: dict[str, float] | None = None) -> dict[str, Pool]:
     """Each actor pool of the plan: the stage's declaration with the config's override, and the share of the rows
-    to complete that its direction holds (``shares``, by task; half each by default)."""
+    to complete that its direction holds (``shares``, by direction; half each by default)."""
     pools: dict[str, Pool] = {}
-    for task, stages in chains.items():
-        groups = 0
-        for stage in stages:
-            if not stage.ACTOR:
+    for direction, stages in chains.items():
+        for name, stage in chain_pools(direction, stages):
+            if name is None:
                 continue
-            position = groups if isinstance(stage, RetrieveNeighbours) else 0
-            groups += isinstance(stage, RetrieveNeighbours)
-            name = pool_name(stage, task, position)
             override = stage_override(cfg, name)
             declared = stage.RESOURCES.with_overrides(override).for_gpu(has_gpu)
             pools[name] = Pool(
-                declared, (shares or {}).get(task, 1.0 / len(chains)),
+                declared, (shares or {}).get(direction, 1.0 / len(chains)),
                 fixed=override is not None and override.max_actors is not None)
     return pools
 
@@ -246,7 +257,7 @@ def build_plan(cfg: JobConfig, data: str, kb_uri: str, kb_manifest: dict, out: s
     (``rag4dmc.pipeline.job.scaling.read_capacity``)."""
     import ray
 
-    chains = {task: direction_stages(task, cfg, kb_uri, kb_manifest, storage.options) for task, _ in DIRECTIONS}
+    chains = {d: direction_stages(d, cfg, kb_uri, kb_manifest, storage.options) for d, _ in DIRECTIONS}
     for stages in chains.values():
         check_stages(stages)
     pools = plan_resources(cfg, chains, has_gpu, capacity, shares)
@@ -269,9 +280,9 @@ def build_plan(cfg: JobConfig, data: str, kb_uri: str, kb_manifest: dict, out: s
     cpu = {"num_cpus": CPU_TASK.num_cpus, "batch_size": None, "batch_format": "numpy", **faults.remote_args()}
     fin = {"fn_kwargs": {"kb_version": kb_manifest["version"], "config_hash": cfg.config_hash()}, **cpu}
 
-    def read(tasks: tuple[str, ...], name: str):
+    def read(directions: tuple[str, ...], name: str):
         source = ShardDatasource(data, cfg.columns, storage.options, data_format, shards=shards, keys=keys,
-                                 tasks=tasks, block_rows=cfg.block_rows, committed=committed, name=name,
+                                 tasks=directions, block_rows=cfg.block_rows, committed=committed, name=name,
                                  flow=counter)
         # Ray Data hands on a read task's rows as one block when the task ends: split it into blocks of
         # block_rows (streaming, no shuffle), the unit that flows through the pools and is committed, so the
@@ -281,16 +292,13 @@ def build_plan(cfg: JobConfig, data: str, kb_uri: str, kb_manifest: dict, out: s
         return ds.repartition(target_num_rows_per_block=cfg.block_rows)
 
     branches = []
-    for task, _ in DIRECTIONS:
-        ds = read((task,), f"Read{task.upper()}")
-        groups, split = 0, False
-        for stage in chains[task]:
-            if not stage.ACTOR:
+    for direction, _ in DIRECTIONS:
+        ds = read((direction,), f"Read{direction.upper()}")
+        split = False
+        for name, stage in chain_pools(direction, chains[direction]):
+            if name is None:
                 ds = ds.map_batches(run_stage, fn_kwargs={"stage": stage}, **cpu)
                 continue
-            position = groups if isinstance(stage, RetrieveNeighbours) else 0
-            groups += isinstance(stage, RetrieveNeighbours)
-            name = pool_name(stage, task, position)
             rows = task_rows(pools[name], cfg.block_rows, cfg.task_seconds)
             if rows < cfg.block_rows:  # long work per row: tasks smaller than a block, merged again before commit
                 ds = ds.repartition(target_num_rows_per_block=rows)
