@@ -68,6 +68,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import REPO, Target, count, report  # noqa: E402
+from bench.common import start_cluster as common_start_cluster  # noqa: E402
 
 log = logging.getLogger("bench.cluster")
 
@@ -422,19 +423,12 @@ class NodeWatch:
 
 def start_cluster(gpus: int, gpus_per_node: int, head_cpus: int):
     """A CPU head and ``gpus / gpus_per_node`` GPU nodes, each raylet in its own processes on this machine."""
-    from ray.cluster_utils import Cluster
-
     if gpus % gpus_per_node:
         raise ValueError(f"{gpus} GPUs do not split into nodes of {gpus_per_node}")
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": head_cpus, "num_gpus": 0, "object_store_memory": HEAD_OBJECT_STORE_BYTES,
-        "include_dashboard": False})
-    for _ in range(gpus // gpus_per_node):
-        cluster.add_node(num_cpus=NODE_CPUS_PER_GPU * gpus_per_node, num_gpus=gpus_per_node,
-                         memory=NODE_MEMORY_GB_PER_GPU * gpus_per_node * 1024**3,
-                         object_store_memory=NODE_OBJECT_STORE_BYTES)
-    cluster.wait_for_nodes()
-    return cluster
+    node = {"num_cpus": NODE_CPUS_PER_GPU * gpus_per_node, "num_gpus": gpus_per_node,
+            "memory": NODE_MEMORY_GB_PER_GPU * gpus_per_node * 1024**3, "object_store_memory": NODE_OBJECT_STORE_BYTES}
+    return common_start_cluster({"num_cpus": head_cpus, "num_gpus": 0, "object_store_memory": HEAD_OBJECT_STORE_BYTES},
+                                [node] * (gpus // gpus_per_node))
 
 
 def result_row(gpus: int, label: str, r: dict, ideal: float | None, capacity: float | None) -> dict:

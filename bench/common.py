@@ -234,3 +234,36 @@ def render_markdown(path: Path) -> str:
         out.append(f"- {verdict}: {t['target']}: {t['value']:.4g}{t['unit']} (target {t['comparison']} "
                    f"{t['threshold']:g}{t['unit']})")
     return "\n".join(out).rstrip() + "\n"
+
+
+def start_cluster(head: dict, nodes: list[dict], object_store_bytes: int | None = None):
+    """A simulated multi-node Ray cluster on this machine (``ray.cluster_utils.Cluster``: one raylet per node, fake
+    GPUs, no dashboard): a head of ``head``'s resources and one node per entry of ``nodes`` (``add_node`` keywords),
+    each with ``object_store_bytes`` unless the entry says otherwise. Returns it once every node has joined."""
+    from ray.cluster_utils import Cluster
+
+    store = {} if object_store_bytes is None else {"object_store_memory": object_store_bytes}
+    cluster = Cluster(initialize_head=True, head_node_args={**store, **head, "include_dashboard": False})
+    for node in nodes:
+        cluster.add_node(**{**store, **node})
+    cluster.wait_for_nodes()
+    return cluster
+
+
+def wait_healthy(proc, url: str, log: Path, timeout_s: float) -> float:
+    """Wait for a ``rag4dmc serve`` process to answer ``/healthz`` with 200; returns the seconds it took. Raises,
+    with the end of its log, when it exits first or ``timeout_s`` passes."""
+    import requests
+
+    t0 = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"rag4dmc serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return time.monotonic() - t0
+        except requests.RequestException:
+            pass
+        if time.monotonic() - t0 >= timeout_s:
+            raise TimeoutError(f"no /healthz 200 within {timeout_s:g} s:\n{log.read_text()[-3000:]}")
+        time.sleep(1)

@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import REPO, Target, report  # noqa: E402
+from bench.common import REPO, Target, report, wait_healthy  # noqa: E402
 
 WORK = REPO / "runs" / "serve_load"
 LOOPBACK = "127.0.0.1"
@@ -88,7 +88,6 @@ class Server:
     """``rag4dmc serve`` in a process group of its own, ready once ``/healthz`` answers 200."""
 
     def __init__(self, kb: str, config: dict, log: Path):
-        import requests
 
         with socket.socket() as s:
             s.bind((LOOPBACK, 0))
@@ -102,20 +101,11 @@ class Server:
             self.proc = subprocess.Popen([rag4dmc, "serve", "--kb", kb, "--host", LOOPBACK, "--port", str(self.port),
                                           "--config", str(cfg_file)], stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True, env={**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"})
-        t0, deadline = time.monotonic(), time.monotonic() + START_TIMEOUT_S
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"rag4dmc serve exited ({self.proc.returncode}); see {log}")
-            try:
-                if requests.get(f"{self.url}/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit(f"rag4dmc serve not ready after {START_TIMEOUT_S} s; see {log}")
-            time.sleep(1)
-        self.start_s = time.monotonic() - t0
+        try:
+            self.start_s = wait_healthy(self.proc, self.url, log, START_TIMEOUT_S)
+        except (RuntimeError, TimeoutError) as exc:
+            self.stop()
+            raise SystemExit(f"rag4dmc serve did not start: {exc}") from None
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -22,24 +22,19 @@ OBJECT_STORE_BYTES = 200 * 1024**2  # per node; the rows are small
 
 
 def start_cluster():
-    from ray.cluster_utils import Cluster
+    from bench.common import start_cluster as local_cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={**HEAD, "object_store_memory": OBJECT_STORE_BYTES,
-                                                            "include_dashboard": False})
-    for _ in range(WORKERS):
-        cluster.add_node(**WORKER, object_store_memory=OBJECT_STORE_BYTES)
-    cluster.wait_for_nodes()
-    return cluster
+    return local_cluster(HEAD, [WORKER] * WORKERS, OBJECT_STORE_BYTES)
 
 
 def main(work: Path, result_file: Path) -> None:
     import ray
 
-    from rag4dmc.pipeline.config import JobConfig, StageResources
+    from rag4dmc.pipeline.config import JobConfig
     from rag4dmc.pipeline.io.shared_paths import PathNotShared, check_local_paths
     from rag4dmc.pipeline.job.runner import JobSpec, run_job
     from tests.test_job import JOB, _incomplete, _write_shards, build_job_kb
-    from tests.tiny_models import TINY_IMAGE, save_tiny_blip2, save_tiny_sdxl
+    from tests.tiny_models import tiny_model_job
 
     cluster = start_cluster()
     ray.init(address=cluster.address, log_to_driver=False)
@@ -52,16 +47,9 @@ def main(work: Path, result_file: Path) -> None:
         result["dry_run_wrote"] = sorted(p.name for p in (work / "dry").glob("*")) if (work / "dry").exists() else []
         result["cpu"] = run_job(JobSpec(data=str(data), kb=kb, out=str(work / "out-cpu"), cfg=JobConfig()))
 
-        weights = work / "weights"
-        blip2, sdxl = save_tiny_blip2(weights), save_tiny_sdxl(weights)
         gpu_data = work / "gpu-data"
         _write_shards(_incomplete(24, seed=4), gpu_data, 2)
-        cfg = JOB.model_copy(update={"accelerators": "gpu", "generator": JOB.generator.model_copy(update={
-            "text_backend": "blip2", "blip2_model": str(blip2), "image_backend": "sdxl", "sdxl_model": str(sdxl),
-            "n_candidates": 2, "steps": 2, "image_size": TINY_IMAGE, "max_new_tokens": 8}),
-            # the declarations ask for what the real models need (12-14 GiB); the tiny ones need little. Only the
-            # memory is set: the pools' sizes are the cluster's
-            "resources": {"generate": StageResources(memory_gb=1.0)}})
+        cfg = tiny_model_job(JOB, work / "weights", accelerators="gpu")
         result["gpu"] = run_job(JobSpec(data=str(gpu_data), kb=kb, out=str(work / "out-gpu"), cfg=cfg))
         try:
             check_local_paths({"--data": str(work / "only-on-some-machine")})

@@ -51,14 +51,9 @@ POLL_S = 1.0
 
 
 def start_cluster():
-    from ray.cluster_utils import Cluster
+    from bench.common import start_cluster as local_cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={**HEAD, "object_store_memory": OBJECT_STORE_BYTES,
-                                                            "include_dashboard": False})
-    for _ in range(WORKERS):
-        cluster.add_node(**WORKER, object_store_memory=OBJECT_STORE_BYTES)
-    cluster.wait_for_nodes()
-    return cluster
+    return local_cluster(HEAD, [WORKER] * WORKERS, OBJECT_STORE_BYTES)
 
 
 def free_port() -> int:
@@ -145,20 +140,9 @@ def deployed_bounds(app_name: str) -> dict[str, dict]:
 
 
 def wait_healthy(proc: subprocess.Popen, url: str, log: Path) -> None:
-    import requests
+    from bench.common import wait_healthy as wait
 
-    deadline = time.monotonic() + HEALTH_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"rag4dmc serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"no /healthz 200 within {HEALTH_TIMEOUT_S:g} s:\n{log.read_text()[-3000:]}")
-        time.sleep(1)
+    wait(proc, url, log, HEALTH_TIMEOUT_S)
 
 
 def serve_under_load(cluster_address: str, kb: str, work: Path, result: dict) -> None:

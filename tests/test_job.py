@@ -268,23 +268,17 @@ def test_a_cluster_with_no_cpu_left_for_the_pools_is_a_clear_error():
 @pytest.mark.timeout(900)
 def test_model_generators_complete_every_row_through_the_same_plan(kb, tmp_path):
     """The BLIP2 and SDXL classes (tiny random checkpoints) in the job: n candidates scored in the actor."""
-    from tests.tiny_models import TINY_IMAGE, save_tiny_blip2, save_tiny_sdxl
+    from tests.tiny_models import TINY_IMAGE, tiny_model_job
 
-    weights = tmp_path / "weights"
-    blip2, sdxl = save_tiny_blip2(weights), save_tiny_sdxl(weights)
     data = tmp_path / "data"
     _write_shards(_incomplete(12, seed=6), data, 1)
-    cfg = JOB.model_copy(update={"accelerators": "cpu", "generator": JOB.generator.model_copy(update={
-        "text_backend": "blip2", "blip2_model": str(blip2), "image_backend": "sdxl", "sdxl_model": str(sdxl),
-        "n_candidates": 2, "steps": 2, "image_size": TINY_IMAGE, "max_new_tokens": 8, "device": "cpu"}),
-        # the declarations ask for what the real models need (12-14 GiB); the tiny ones need little
-        "resources": {"generate": StageResources(memory_gb=1.0)}})
+    cfg = tiny_model_job(JOB, tmp_path / "weights", accelerators="cpu", device="cpu")
     summary = run_job(JobSpec(data=str(data), kb=kb, out=str(tmp_path / "out"), cfg=cfg))
     out = read_output(Storage(), str(tmp_path / "out")).to_pandas()
     assert len(out) == summary["rows_out"] == 12 and out.row_key.is_unique
     done = out[out.status == "completed"]
     assert set(done.generated) == {"text", "image"} and summary["failed"] == 0
-    assert set(done.generator) == {f"blip2:{blip2}", f"sdxl:{sdxl}"}
+    assert set(done.generator) == {f"blip2:{cfg.generator.blip2_model}", f"sdxl:{cfg.generator.sdxl_model}"}
     for _, row in done.iterrows():
         assert len(row.candidate_scores) == 2 and 0 <= row.chosen < 2
     for img in done[done.generated == "image"].image:

@@ -114,3 +114,17 @@ def save_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
     out = folder / "sdxl"
     pipe.save_pretrained(out)
     return out
+
+
+def tiny_model_job(job, weights: Path, accelerators: str, **generator):
+    """``job`` (a JobConfig) with the BLIP2 and SDXL classes on tiny random checkpoints saved under ``weights``: two
+    candidates, two denoising steps, TINY_IMAGE pixels, eight new tokens (``generator`` adds or overrides keys).
+    Their declarations ask for what the real models need (12-14 GiB); the tiny ones need little: only the memory
+    is set, so the pools' sizes stay the cluster's."""
+    from rag4dmc.pipeline.config import StageResources
+
+    blip2, sdxl = save_tiny_blip2(weights), save_tiny_sdxl(weights)
+    return job.model_copy(update={"accelerators": accelerators, "generator": job.generator.model_copy(update={
+        "text_backend": "blip2", "blip2_model": str(blip2), "image_backend": "sdxl", "sdxl_model": str(sdxl),
+        "n_candidates": 2, "steps": 2, "image_size": TINY_IMAGE, "max_new_tokens": 8, **generator}),
+        "resources": {"generate": StageResources(memory_gb=1.0)}})
