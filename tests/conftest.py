@@ -25,6 +25,10 @@ S3_REGION = "us-east-1"
 S3_TEST_CREDENTIAL = "testing"
 RAY_NUM_CPUS = 2
 RAY_OBJECT_STORE_BYTES = 500 * 1024**2
+# Ray keeps idle task workers up to num_workers_soft_limit (default: the CPUs, 2 here) and kills the rest after a
+# second idle: every job of the session would start its read, decode and finalize workers again (a Python process
+# importing Ray, pyarrow and numpy each). A session of many small jobs keeps them (each ~150 MiB).
+RAY_WORKERS_KEPT = 12
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -82,8 +86,8 @@ def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         paths = [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
         patch.setenv("PYTHONPATH", os.pathsep.join(dict.fromkeys(paths)))
         ray.init(num_cpus=RAY_NUM_CPUS, object_store_memory=RAY_OBJECT_STORE_BYTES, include_dashboard=False,
-                 ignore_reinit_error=True, log_to_driver=False,
-                 _temp_dir=str(tmp_path_factory.mktemp("ray")))
+                 ignore_reinit_error=True, log_to_driver=False, _temp_dir=str(tmp_path_factory.mktemp("ray")),
+                 _system_config={"num_workers_soft_limit": RAY_WORKERS_KEPT})
         try:
             yield ray
         finally:

@@ -1,7 +1,7 @@
 """A simulated multi-node cluster, and the default commands run on it (``tests/test_multinode.py`` runs this file in a
 process of its own: a Ray driver connects to one cluster at a time, and the suite's session has its own).
 
-    python -m tests.multinode WORKDIR RESULT.json
+    python -m tests.multinode WORKDIR RESULT.json KB
 
 The cluster is ``ray.cluster_utils.Cluster``: a 2-CPU head and two workers of 6 logical CPUs and 2 fake GPUs each
 (one raylet per node; fake GPUs have no CUDA, so models run on CPU there). On it: ``kb build``, ``complete`` with
@@ -27,20 +27,19 @@ def start_cluster():
     return local_cluster(HEAD, [WORKER] * WORKERS, OBJECT_STORE_BYTES)
 
 
-def main(work: Path, result_file: Path) -> None:
+def main(work: Path, result_file: Path, kb: str) -> None:
     import ray
 
     from rag4dmc.pipeline.config import JobConfig
     from rag4dmc.pipeline.io.shared_paths import PathNotShared, check_local_paths
     from rag4dmc.pipeline.job.runner import JobSpec, run_job
-    from tests.test_job import JOB, _incomplete, _write_shards, build_job_kb
+    from tests.test_job import JOB, _incomplete, _write_shards
     from tests.tiny_models import tiny_model_job
 
     cluster = start_cluster()
     ray.init(address=cluster.address, log_to_driver=False)
     result: dict = {"nodes": {n["NodeID"][:12]: n["Resources"] for n in ray.nodes() if n["Alive"]}}
     try:
-        kb = build_job_kb(work / "kb-build")
         data = work / "data"
         _write_shards(_incomplete(240, seed=3), data, 4)
         result["dry_run"] = run_job(JobSpec(data=str(data), kb=kb, out=str(work / "dry"), dry_run=True))
@@ -63,4 +62,4 @@ def main(work: Path, result_file: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])

@@ -2,11 +2,11 @@
 (``tests/test_serve_scaling.py`` runs this file in a process of its own: a Ray driver connects to one cluster at a
 time, and the suite's session has its own).
 
-    python -m tests.serve_cluster WORKDIR RESULT.json
+    python -m tests.serve_cluster WORKDIR RESULT.json KB
 
 The cluster is ``ray.cluster_utils.Cluster``: a 2-CPU head and two workers of 4 logical CPUs (no GPUs). On it this
-process builds a small KB, then starts ``python -m rag4dmc.pipeline.cli serve`` (the command an operator runs) with
-``RAY_ADDRESS`` set to the cluster, so ``run_local`` connects to it and ``compose`` sizes each deployment's replicas
+process serves the KB it is given (the session's small job KB): ``python -m rag4dmc.pipeline.cli serve`` (the
+command an operator runs) with ``RAY_ADDRESS`` set to the cluster, so ``run_local`` connects to it and ``compose`` sizes each deployment's replicas
 from its 10 CPUs. Once /healthz answers, ``CLIENTS`` threads post completions to 127.0.0.1 (at most ``MAX_REQUESTS``
 or ``LOAD_S`` seconds) while ``serve.status()`` is polled; the load stops once a deployment has more than one
 RUNNING replica. The service is then stopped with SIGINT, as Ctrl-C stops it. What was seen goes to RESULT.json:
@@ -193,20 +193,7 @@ def serve_under_load(cluster_address: str, kb: str, work: Path, result: dict) ->
         result["serve_log_tail"] = log.read_text()[-4000:]
 
 
-def build_kb(root: Path) -> str:
-    """The job tests' small KB (generated pairs, lite encoders, no calibration), its mapping trained a few epochs:
-    what the answers say does not matter here, only that they are served."""
-    from rag4dmc.pipeline.job.kb_runner import KBBuildSpec, run_kb_build
-    from tests.test_job import FAST_KB, write_kb_sources
-
-    internal, external = write_kb_sources(root)
-    mapping = FAST_KB.mapping.model_copy(update={"max_epochs": 5, "hidden_dim": 64})
-    run_kb_build(KBBuildSpec(internal=internal, external=external, out=f"{root}/kb",
-                             cfg=FAST_KB.model_copy(update={"mapping": mapping})))
-    return f"{root}/kb"
-
-
-def main(work: Path, result_file: Path) -> None:
+def main(work: Path, result_file: Path, kb: str) -> None:
     import ray
 
     result: dict = {}
@@ -214,7 +201,6 @@ def main(work: Path, result_file: Path) -> None:
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         result["nodes"] = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
-        kb = build_kb(work / "kb-build")
         serve_under_load(cluster.address, kb, work, result)
     except BaseException as exc:
         result["error"] = repr(exc)[:4000]
@@ -226,4 +212,4 @@ def main(work: Path, result_file: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])

@@ -420,33 +420,34 @@ def test_the_memory_estimate_refuses_what_no_node_holds():
 
 
 @pytest.mark.timeout(900)
-def test_precomputed_embeddings_build_the_same_kb_that_complete_uses(ray_local, tmp_path):
-    """kb build from images writes the clip-retrieval layout; a second build from that layout
-    (--internal-embeddings / --external-embeddings) gives the same KB, and the job completes against it."""
-    from rag4dmc.pipeline.demo.corpus import make_external, make_incomplete, make_internal
+def test_precomputed_embeddings_build_the_same_kb_that_complete_uses(kb, tmp_path):
+    """kb build from images (the session's job KB) writes the clip-retrieval layout; a second build from that layout
+    (--internal-embeddings / --external-embeddings) gives the same KB, and the job completes against it; a rerun of
+    the build from images embeds nothing again."""
+    import shutil
+
+    from rag4dmc.pipeline.demo.corpus import make_incomplete
     from rag4dmc.pipeline.io.datasets import write_parquet
     from rag4dmc.pipeline.io.storage import Storage
     from rag4dmc.pipeline.job.kb_runner import KBBuildSpec, run_kb_build
     from rag4dmc.pipeline.job.runner import JobSpec, read_output, run_job
+    from tests.test_job import FAST_KB, kb_sources
 
-    cfg = KBConfig(mapping=MappingConfig(max_epochs=20, hidden_dim=128), calibration=CalibrationConfig(enabled=False))
-    write_parquet(make_internal(120, seed=0).select(["id", "image", "text"]), f"{tmp_path}/internal/part-0.parquet")
-    write_parquet(make_external(160, seed=0).select(["id", "image", "text"]), f"{tmp_path}/external/part-0.parquet")
-    first = run_kb_build(KBBuildSpec(internal=f"{tmp_path}/internal", external=f"{tmp_path}/external",
-                                     out=f"{tmp_path}/kb", cfg=cfg))
-    emb = f"{tmp_path}/kb/embeddings"
-    assert layout.total_rows(layout.list_embedding_shards(f"{emb}/external")) == 160
-    assert not [p for p in (tmp_path / "kb").rglob("*") if p.suffix in (".png", ".jpg")]
-    meta = pq.read_table(next((tmp_path / "kb" / "embeddings" / "external" / "metadata").iterdir()))
+    internal, external = kb_sources(kb)
+    emb = f"{kb}/embeddings"
+    assert layout.total_rows(layout.list_embedding_shards(f"{emb}/external")) == 150
+    assert not [p for p in Path(kb).rglob("*") if p.suffix in (".png", ".jpg")]
+    meta = pq.read_table(next((Path(emb) / "external" / "metadata").iterdir()))
     assert meta.column("image_shard")[0].as_py().endswith("external/part-0.parquet")
 
-    again = run_kb_build(KBBuildSpec(internal=f"{tmp_path}/internal", external=f"{tmp_path}/external",
-                                     out=f"{tmp_path}/kb", cfg=cfg))  # a rerun: nothing embedded twice
-    assert again["report"]["embedding"]["external"]["resumed_rows"] == 160
+    rerun = str(tmp_path / "kb-again")
+    shutil.copytree(kb, rerun)  # the session's KB stays as it is
+    again = run_kb_build(KBBuildSpec(internal=internal, external=external, out=rerun, cfg=FAST_KB))
+    assert again["report"]["embedding"]["external"]["resumed_rows"] == 150  # nothing embedded twice
     second = run_kb_build(KBBuildSpec(internal=None, internal_embeddings=f"{emb}/internal",
-                                      external_embeddings=f"{emb}/external", out=f"{tmp_path}/kb2", cfg=cfg))
-    assert second["rows"] == first["rows"]
-    a = kb_store.load(f"{tmp_path}/kb").entries.to_pydict()
+                                      external_embeddings=f"{emb}/external", out=f"{tmp_path}/kb2", cfg=FAST_KB))
+    assert second["rows"] == kb_store.load(kb, shards=[], with_entries=False).manifest["rows"]
+    a = kb_store.load(kb).entries.to_pydict()
     b = kb_store.load(f"{tmp_path}/kb2").entries.to_pydict()
     assert a == b  # same entries, same order, same image locations
 

@@ -18,11 +18,11 @@ from tests.multinode import WORKER, WORKERS
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(kb, tmp_path_factory):
     work = tmp_path_factory.mktemp("multinode")
     result = work / "result.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "tests.multinode", str(work), str(result)], cwd=REPO_ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "tests.multinode", str(work), str(result), kb], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return work, json.loads(result.read_text())

@@ -18,10 +18,10 @@ from tests.serve_cluster import WORKER, WORKERS
 
 
 @pytest.mark.timeout(1600)
-def test_rag4dmc_serve_on_a_cluster_scales_a_deployment_past_one_replica_under_load(tmp_path):
+def test_rag4dmc_serve_on_a_cluster_scales_a_deployment_past_one_replica_under_load(kb, tmp_path):
     result_file = tmp_path / "result.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.Popen([sys.executable, "-m", "tests.serve_cluster", str(tmp_path), str(result_file)],
+    proc = subprocess.Popen([sys.executable, "-m", "tests.serve_cluster", str(tmp_path), str(result_file), kb],
                             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
