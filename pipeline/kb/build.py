@@ -46,6 +46,7 @@ from rag4dmc.pipeline.kb.build_index import (
 from rag4dmc.pipeline.kb.build_memory import (
     check_memory,
     estimate_memory,
+    fresh_worker,
     host_bytes,
     largest_node_bytes,
     peak_rss,
@@ -109,7 +110,8 @@ def build(inputs: BuildInputs, cfg: KBConfig = KBConfig()) -> dict:
     unmark(inputs.out, opts)  # a KB folder being rebuilt is not a KB until its new manifest is written
 
     def task(fn, step: str, cpus: float):
-        return ray.remote(num_cpus=cpus, memory=min(estimate[step], node), max_calls=1)(_with_assigned_cpus(fn))
+        return ray.remote(num_cpus=cpus, memory=min(estimate[step], node),
+                          **fresh_worker(estimate[step]))(_with_assigned_cpus(fn))
 
     # 1. fit (or the fit of an interrupted build of the same inputs and config)
     t0 = time.perf_counter()
@@ -140,7 +142,7 @@ def build(inputs: BuildInputs, cfg: KBConfig = KBConfig()) -> dict:
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     counts = list(ds.map(purify_row, num_cpus=spread_cpus(len(items), cfg.build.task_cpus, node_cpus, cluster_cpus),
                          memory=min(estimate["purify"], node),
-                         max_calls=1).iter_rows())
+                         **fresh_worker(estimate["purify"])).iter_rows())
     _stage(report, "purify", t0, [c["peak_rss"] for c in counts])
     report["resumed_parts"] = sum(bool(c.get("resumed")) for c in counts)
     if n_ext:

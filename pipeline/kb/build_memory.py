@@ -24,6 +24,10 @@ METADATA_BYTES_PER_ROW = 256  # an entry's id, caption and image location in Arr
 
 
 MEMORY_SAMPLE_S = 0.25  # how often a task's anonymous memory is sampled for its peak
+# A step whose tasks need more than this beyond a bare process runs each task in a fresh worker (Ray's max_calls=1:
+# the memory goes back to the node when the task ends); smaller ones reuse workers, which spares every task of a
+# small build the start of a process that imports torch and FAISS (2-4 s each on a laptop core).
+FRESH_WORKER_ABOVE_BYTES = 2**30
 
 
 def peak_rss() -> int:
@@ -82,7 +86,7 @@ def plan_sizes(n_int: int, n_ext: int, dims: tuple[int, int], cfg: KBConfig) -> 
         "kmeans_internal": kmeans_sample_size(min(n_int, cfg.mapping.max_rows), k_int, f.points_per_centroid),
         "kmeans_external": kmeans_sample_size(n_ext, k_ext, f.points_per_centroid) if n_ext else 0,
         "align_rows": min(n_ext, a.max_rows or n_ext),
-        "piece_rows": cfg.build.piece_rows,
+        "piece_rows": min(cfg.build.piece_rows, max(1, rows)),  # a piece never holds more rows than there are
         "shards": shards,
         "shard_rows": math.ceil(rows / shards) if rows else 0,
         "kind": kind,
@@ -102,7 +106,8 @@ def estimate_memory(n_int: int, n_ext: int, dims: tuple[int, int], cfg: KBConfig
            + s["kmeans_external"] * d_max * f4 * 2  # one modality's external k-means sample, and its normalised copy
            + s["piece_rows"] * d_sum * f4 * 2
            + s["align_rows"] * d_max * f4 * 4)  # aligned sample, W applied, CSLS blocks
-    purify = s["piece_rows"] * d_sum * f4 * 4 + max_shard_rows * d_sum * 2  # a piece's work, the part's float16
+    piece = min(s["piece_rows"], max_shard_rows) if max_shard_rows else s["piece_rows"]  # pieces of one shard
+    purify = piece * d_sum * f4 * 4 + max_shard_rows * d_sum * 2  # a piece's work, the part's float16
     # codes (and the add's copy), a piece as float32, the recall queries' similarities to a piece (and their
     # argpartition's int64 positions), the exact rerank's gathered candidates and their product
     # (``VectorIndex.search`` bounds the gather), the grid's answers; the float16 vectors are streamed to a file
@@ -160,3 +165,10 @@ def host_bytes() -> int:
     import psutil
 
     return int(psutil.virtual_memory().total)
+
+
+def fresh_worker(task_bytes: int) -> dict:
+    """Ray remote arguments for a build task whose estimated peak is ``task_bytes``: ``max_calls=1`` (a fresh worker
+    per task) when it needs more than ``FRESH_WORKER_ABOVE_BYTES`` beyond a bare process; none (workers are reused)
+    for a smaller one."""
+    return {"max_calls": 1} if task_bytes - BASE_PROCESS_BYTES > FRESH_WORKER_ABOVE_BYTES else {}
