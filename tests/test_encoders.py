@@ -21,15 +21,14 @@ from rag4dmc.actors.encoders import (
     EncoderNotFoundError,
     LiteEncoder,
     OpenClipEncoder,
-    create_encoder,
     describe_encoder,
-    encoder_class,
     encoder_image_size,
     lite_image_tower,
     load_by_position,
     minilm_dir,
     resolve_checkpoint,
 )
+from rag4dmc.actors.factory import create_encoder, encoder_class
 from rag4dmc.actors.images import resize_for_model
 from rag4dmc.pipeline.config import EncoderConfig
 

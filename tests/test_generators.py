@@ -13,6 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
+from rag4dmc.actors.factory import (
+    create_image_generator,
+    create_text_generator,
+    image_generator_class,
+    text_generator_class,
+)
 from rag4dmc.actors.generators import (
     BLIP2_PROMPT,
     DIFFUSERS_MARKER,
@@ -27,14 +33,10 @@ from rag4dmc.actors.generators import (
     SdxlImageGenerator,
     blip2_prompt,
     clean_caption,
-    create_image_generator,
-    create_text_generator,
     derive_seed,
     fetch_prefix,
     grounding_text,
-    image_generator_class,
     resolve_model,
-    text_generator_class,
 )
 from rag4dmc.pipeline.config import GeneratorConfig
 from tests.tiny_models import CORPUS, MIN_CAPTION_TOKENS, TINY_IMAGE, save_tiny_blip2, save_tiny_sdxl
