@@ -261,8 +261,19 @@ def _evaluate_error(tmp_path: Path, capsys: pytest.CaptureFixture, *flags: str) 
     return capsys.readouterr().err
 
 
-def test_an_unknown_variant_is_an_error_naming_the_key_and_the_choices(tmp_path, capsys) -> None:
-    err = _evaluate_error(tmp_path, capsys, "--variants", "rag4dmc", "ragdmc")
+def test_an_unknown_variant_is_an_error_naming_the_flag_and_the_choices(tmp_path, capsys) -> None:
+    # the flag's choices come from the config's field, so argparse refuses it (exit 2) before any data is read
+    with pytest.raises(SystemExit) as exit_:
+        _evaluate_error(tmp_path, capsys, "--variants", "rag4dmc", "ragdmc")
+    assert exit_.value.code == 2 and not (tmp_path / "report").exists()
+    err = capsys.readouterr().err
+    assert "--variants" in err and "'ragdmc'" in err
+    assert all(f"'{name}'" in err for name in VARIANT_NAMES)
+
+
+def test_an_unknown_variant_in_a_config_file_is_an_error_naming_the_key_and_the_choices(tmp_path, capsys) -> None:
+    (tmp_path / "job.yaml").write_text("evaluation:\n  variants: [rag4dmc, ragdmc]\n")
+    err = _evaluate_error(tmp_path, capsys, "--config", str(tmp_path / "job.yaml"))
     assert "evaluation.variants.1" in err
     assert all(f"'{name}'" in err for name in VARIANT_NAMES)
 
