@@ -84,7 +84,7 @@ class _Complete(Stage):
         if not self.nn:
             from rag4dmc.actors.factory import create_encoder
 
-            self.encoder = create_encoder(self.ecfg)
+            self.encoder = create_encoder(self.ecfg, towers=(self.generated,))  # it embeds its candidates
         # A KB URI (the job's actors): its entries file memory-mapped, so an actor reads only the rows its
         # queries retrieve, however large the KB. A table: entries already in this process (tests, evaluation).
         src = self.entries_source

@@ -28,7 +28,7 @@ class EmbedQueries(Stage):
         self.RESOURCES = encoder_class(encoder).RESOURCES
 
     def setup(self) -> None:
-        self.encoder = create_encoder(self.cfg)
+        self.encoder = create_encoder(self.cfg, towers=(self.modality,))
 
     def process(self, rows):
         if self.modality == "image":

@@ -43,6 +43,7 @@ LITE_MEAN = (127 / 255,) * 3
 LITE_STD = (128 / 255,) * 3
 LITE_CLASSIFIER_PREFIX = "_fc."  # the checkpoint's ImageNet head, dropped for pooled features
 MINILM_MAX_TOKENS_FILE = "sentence_bert_config.json"  # where sentence-transformers keeps max_seq_length
+TOWERS = ("image", "text")  # an encoder's two towers; an actor that embeds one modality loads only its own
 OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 TAG_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
@@ -73,6 +74,14 @@ class Encoder(Protocol):
     def encode_texts(self, texts: list[str]) -> np.ndarray: ...
 
 
+def check_towers(towers: tuple[str, ...]) -> tuple[str, ...]:
+    """``towers`` as a tuple of "image" and/or "text", or a ValueError saying what would do."""
+    towers = tuple(towers)
+    if not towers or set(towers) - set(TOWERS):
+        raise ValueError(f"towers must be one or both of {TOWERS}, got {towers!r}")
+    return towers
+
+
 def pick_device(device: str) -> torch.device:
     """cuda when asked for or (``auto``) when visible, else cpu."""
     if device == "auto":
@@ -101,6 +110,13 @@ class _BatchedEncoder:
     def _set_normalisation(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+
+    towers: tuple[str, ...] = TOWERS  # the towers loaded (open_clip loads its model whole)
+
+    def _need(self, tower: str) -> None:
+        if tower not in self.towers:
+            raise RuntimeError(f"this {self.name} encoder was created with towers={self.towers}: create it with "
+                               f"towers including {tower!r} (create_encoder(cfg, towers=...)) to embed {tower}s")
 
     def _embed_pixels(self, x: torch.Tensor) -> np.ndarray:
         raise NotImplementedError
@@ -148,13 +164,27 @@ class LiteEncoder(_BatchedEncoder):
     name = LITE_NAME
     image_dim, text_dim, image_size = LITE_IMAGE_DIM, LITE_TEXT_DIM, LITE_IMAGE_SIZE
 
-    def __init__(self, device: str = "auto", batch_size: int = 64, cpu_runtime: str = "onnxruntime"):
-        from transformers import AutoModel, AutoTokenizer
-
+    def __init__(self, device: str = "auto", batch_size: int = 64, cpu_runtime: str = "onnxruntime",
+                 towers: tuple[str, ...] = TOWERS):
+        """``towers``: the ones to load (an actor that embeds one modality loads one: about half the start-up
+        time and memory of both)."""
         self.device, self.batch_size = pick_device(device), batch_size
+        self.towers = check_towers(towers)
+        self.onnx = self.image_model = self.text_model = None
+        if "image" in self.towers:
+            self._load_image_tower(cpu_runtime)
+        if "text" in self.towers:
+            from transformers import AutoModel, AutoTokenizer
+
+            text_dir = minilm_dir()
+            self.tokenizer = AutoTokenizer.from_pretrained(text_dir, local_files_only=True)
+            self.text_model = AutoModel.from_pretrained(text_dir, local_files_only=True).eval().to(self.device)
+            self.max_tokens = json.loads((Path(text_dir) / MINILM_MAX_TOKENS_FILE).read_text())["max_seq_length"]
+        self._set_normalisation(LITE_MEAN, LITE_STD)
+
+    def _load_image_tower(self, cpu_runtime: str) -> None:
         tower = lite_image_tower().eval()
-        self.onnx = None  # the image tower in ONNX Runtime: on CPU, unless torch is asked for
-        if self.device.type == "cpu" and cpu_runtime == "onnxruntime":
+        if self.device.type == "cpu" and cpu_runtime == "onnxruntime":  # the tower in ONNX Runtime on CPU
             from rag4dmc.actors.onnx_module import OnnxModule
 
             try:
@@ -166,14 +196,10 @@ class LiteEncoder(_BatchedEncoder):
         self.micro_batch = LITE_CPU_MICRO_BATCH if self.device.type == "cpu" else None  # None: the whole batch
         # channels_last: oneDNN's depthwise convolutions run on NHWC without reordering each layer's input
         self.image_model = tower.to(self.device, memory_format=torch.channels_last)
-        text_dir = minilm_dir()
-        self.tokenizer = AutoTokenizer.from_pretrained(text_dir, local_files_only=True)
-        self.text_model = AutoModel.from_pretrained(text_dir, local_files_only=True).eval().to(self.device)
-        self.max_tokens = json.loads((Path(text_dir) / MINILM_MAX_TOKENS_FILE).read_text())["max_seq_length"]
-        self._set_normalisation(LITE_MEAN, LITE_STD)
 
     @torch.inference_mode()
     def _embed_pixels(self, x: torch.Tensor) -> np.ndarray:
+        self._need("image")
         step = self.micro_batch or len(x)
         if self.onnx is not None:
             x = x.numpy()
@@ -184,6 +210,7 @@ class LiteEncoder(_BatchedEncoder):
 
     @torch.inference_mode()
     def _embed_texts(self, texts: list[str]) -> np.ndarray:
+        self._need("text")
         tok = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens,
                              return_tensors="pt").to(self.device)
         hidden = self.text_model(**tok).last_hidden_state

@@ -8,7 +8,7 @@ hands out the stand-ins instead, so the modules of the real models never depend 
 from __future__ import annotations
 
 from rag4dmc.actors import standin
-from rag4dmc.actors.encoders import Encoder, LiteEncoder, OpenClipEncoder
+from rag4dmc.actors.encoders import TOWERS, Encoder, LiteEncoder, OpenClipEncoder
 from rag4dmc.actors.generators import (
     Blip2TextGenerator,
     ImageGenerator,
@@ -27,12 +27,14 @@ def encoder_class(cfg: EncoderConfig) -> type[LiteEncoder] | type[OpenClipEncode
     return {"lite": LiteEncoder, "open_clip": OpenClipEncoder}[cfg.backend]
 
 
-def create_encoder(cfg: EncoderConfig, storage_options: dict | None = None) -> Encoder:
-    """The one place that turns an encoder configuration into a loaded encoder."""
+def create_encoder(cfg: EncoderConfig, storage_options: dict | None = None,
+                   towers: tuple[str, ...] = TOWERS) -> Encoder:
+    """The one place that turns an encoder configuration into a loaded encoder; ``towers``: the ones a caller
+    embeds with (the lite encoder loads only those; open_clip's model loads whole)."""
     if standin.enabled():
         return standin.create_encoder(cfg)
     if cfg.backend == "lite":
-        return LiteEncoder(device=cfg.device, batch_size=cfg.batch_size, cpu_runtime=cfg.cpu_runtime)
+        return LiteEncoder(device=cfg.device, batch_size=cfg.batch_size, cpu_runtime=cfg.cpu_runtime, towers=towers)
     return OpenClipEncoder(cfg.model_name, cfg.pretrained, cfg.model_dir, device=cfg.device,
                            precision=cfg.precision, batch_size=cfg.batch_size, storage_options=storage_options)
 

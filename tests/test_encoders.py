@@ -215,6 +215,27 @@ def test_mixed_sizes_and_modes_all_encode(lite, subjects):
     assert emb[2] @ emb[0] > 0.9  # a 256-colour palette keeps the picture
 
 
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_a_one_tower_encoder_loads_only_that_tower_and_embeds_as_both_towers_do(lite, subjects, tower):
+    one = create_encoder(EncoderConfig(backend="lite", device="cpu", batch_size=4), towers=(tower,))
+    other = "text" if tower == "image" else "image"
+    assert one.towers == (tower,) and getattr(one, f"{other}_model") is None  # the other tower never loaded
+    texts = ["a red bus parked on a wet street", "two dogs running in a sunny park"]
+    if tower == "image":
+        np.testing.assert_allclose(one.encode_images(subjects), lite.encode_images(subjects), atol=1e-5)
+        with pytest.raises(RuntimeError, match=r"towers=\('image',\).*including 'text'"):
+            one.encode_texts(texts)
+    else:
+        np.testing.assert_allclose(one.encode_texts(texts), lite.encode_texts(texts), atol=1e-5)
+        with pytest.raises(RuntimeError, match=r"towers=\('text',\).*including 'image'"):
+            one.encode_images(subjects)
+
+
+def test_towers_must_name_image_or_text():
+    with pytest.raises(ValueError, match="one or both of"):
+        LiteEncoder(device="cpu", towers=("audio",))
+
+
 def test_pixels_of_the_wrong_shape_are_refused(lite):
     with pytest.raises(ValueError, match=r"\[n, 224, 224, 3\]"):
         lite.encode_pixels(np.zeros((2, 32, 32, 3), np.uint8))
