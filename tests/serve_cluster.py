@@ -183,9 +183,11 @@ def serve_under_load(cluster_address: str, kb: str, work: Path, result: dict) ->
                       load_seconds=round(time.monotonic() - started, 1))
     finally:
         if proc.poll() is None:
+            signalled = time.monotonic()
             proc.send_signal(signal.SIGINT)  # as Ctrl-C stops it: the app is deleted
             try:
                 proc.wait(timeout=60)
+                result["seconds_to_stop"] = round(time.monotonic() - signalled, 1)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=30)
