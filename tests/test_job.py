@@ -7,6 +7,8 @@ offline nearest-neighbour generator, so these tests run the same classes as prod
 from __future__ import annotations
 
 import io
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -90,18 +92,38 @@ def _bad_rows(tmp: Path) -> pa.Table:
     return table, uri_rows
 
 
-@pytest.mark.timeout(600)
-def test_every_row_comes_out_exactly_once_with_bad_input_accounted_for(kb, tmp_path):
-    data = tmp_path / "data"
+@dataclass(frozen=True)
+class BadInputRun:
+    """One job over good rows and every kind of bad input, run once for the module: its data, output and summary."""
+
+    data: Path
+    out: Path
+    summary: dict
+    good: pa.Table
+    bad: pa.Table
+    uri_rows: pa.Table
+    missing: Path  # the image a row names that does not exist (yet)
+
+
+@pytest.fixture(scope="module")
+def bad_input_run(kb, tmp_path_factory) -> BadInputRun:
+    root = tmp_path_factory.mktemp("bad-input")
+    data = root / "data"
     good = _incomplete(60)
     _write_shards(good, data, 3)
-    bad, uri_rows = _bad_rows(tmp_path)
+    bad, uri_rows = _bad_rows(root)
     write_parquet(bad, f"{data}/bad-0.parquet")
     write_parquet(uri_rows, f"{data}/bad-uri.parquet")
     (data / "corrupt.parquet").write_bytes(b"PAR1 definitely not parquet")
+    summary = run_job(JobSpec(data=str(data), kb=kb, out=str(root / "out"), cfg=JOB))
+    return BadInputRun(data, root / "out", summary, good, bad, uri_rows, root / "nowhere.png")
 
-    summary = run_job(JobSpec(data=str(data), kb=kb, out=str(tmp_path / "out"), cfg=JOB))
-    out = read_output(Storage(), str(tmp_path / "out")).to_pandas()
+
+@pytest.mark.timeout(600)
+def test_every_row_comes_out_exactly_once_with_bad_input_accounted_for(bad_input_run):
+    run = bad_input_run
+    out = read_output(Storage(), str(run.out)).to_pandas()
+    good, bad, uri_rows, summary = run.good, run.bad, run.uri_rows, run.summary
 
     n_in = good.num_rows + bad.num_rows + uri_rows.num_rows + 1  # + one row reporting the corrupt shard
     assert len(out) == n_in == summary["rows_out"]
@@ -138,7 +160,7 @@ def test_every_row_comes_out_exactly_once_with_bad_input_accounted_for(kb, tmp_p
     original = good.to_pandas().set_index("id")
     for _, row in observed.iterrows():  # complete pairs pass through unchanged
         assert row.text == original.loc[row.id, "text"] and row.image == original.loc[row.id, "image"]
-    summary_file = tmp_path / "out" / "summary.json"
+    summary_file = run.out / "summary.json"
     assert summary_file.exists() and summary["actor_seconds_per_completed_row"]["embed"] > 0
     # how the cluster was used: every pool ran, each actor's batches within the time it was alive
     pools = summary["pools"]
@@ -153,35 +175,42 @@ def test_every_row_comes_out_exactly_once_with_bad_input_accounted_for(kb, tmp_p
     assert summary["bounded_by"] == max(pools, key=lambda p: pools[p]["busy_share"])
 
 
+
 @pytest.mark.timeout(600)
-def test_rerun_is_a_no_op_and_a_changed_config_is_refused(kb, tmp_path):
-    data = tmp_path / "data"
-    _write_shards(_incomplete(30, seed=2), data, 2)
-    spec = JobSpec(data=str(data), kb=kb, out=str(tmp_path / "out"), cfg=JOB)
-    first = run_job(spec)
-    again = run_job(spec)  # checkpointed rows are skipped: nothing doubles
-    assert again["rows_out"] == first["rows_out"] == again["unique_row_keys"] == 30
+def test_rerun_is_a_no_op_and_a_changed_config_is_refused(kb, bad_input_run):
+    run = bad_input_run
+    before = sorted(p.name for p in run.out.rglob("*.parquet"))
+    again = run_job(JobSpec(data=str(run.data), kb=kb, out=str(run.out), cfg=JOB))
+    # a finished run's rows (failed ones too) are not computed again: nothing doubles, nothing is written
+    assert again["rows_out"] == run.summary["rows_out"] == again["unique_row_keys"]
+    assert sorted(p.name for p in run.out.rglob("*.parquet")) == before
     changed = JOB.model_copy(update={"retrieval": JOB.retrieval.model_copy(update={"alpha": 0.9})})
     with pytest.raises(RunMismatch, match="config_hash"):
-        run_job(JobSpec(data=str(data), kb=kb, out=str(tmp_path / "out"), cfg=changed))
+        run_job(JobSpec(data=str(run.data), kb=kb, out=str(run.out), cfg=changed))
 
 
 @pytest.mark.timeout(600)
-def test_retry_failed_recomputes_only_failed_rows_exactly_once(kb, tmp_path):
-    data = tmp_path / "data"
-    later = tmp_path / "arrives-later.png"
-    photo = make_internal(1, seed=9).column("image")[0].as_py()
-    _write_shards(_incomplete(20, seed=3), data, 1)
-    write_parquet(pa.table({"id": ["late"], "image": [str(later)], "text": [None]}), f"{data}/late.parquet")
-    spec = JobSpec(data=str(data), kb=kb, out=str(tmp_path / "out"), cfg=JOB)
-    first = run_job(spec)
-    assert first["failed"] == 1
-    later.write_bytes(photo)  # the missing object shows up
-    retried = run_job(JobSpec(**{**spec.__dict__, "retry_failed": True}))
-    out = read_output(Storage(), spec.out).to_pandas()
-    assert len(out) == 21 and out.row_key.is_unique
-    assert out.loc[out.id == "late", "status"].item() == "completed"
-    assert retried["failed"] == 0 and retried["rows_out"] == 21
+def test_retry_failed_recomputes_only_failed_rows_exactly_once(kb, bad_input_run, tmp_path):
+    run = bad_input_run
+    out = tmp_path / "out"
+    shutil.copytree(run.out, out)  # the module's output stays as the job left it
+    first = read_output(Storage(), str(out)).to_pandas()
+    failed_before = set(first.loc[first.status == "failed", "row_key"])
+    late = first.loc[first.id == "bad-missing-uri", "row_key"].item()
+    assert late in failed_before
+    if not run.missing.exists():
+        run.missing.write_bytes(make_internal(1, seed=9).column("image")[0].as_py())  # the missing object shows up
+    retried = run_job(JobSpec(data=str(run.data), kb=kb, out=str(out), cfg=JOB, retry_failed=True))
+    after = read_output(Storage(), str(out)).to_pandas()
+    assert len(after) == len(first) and after.row_key.is_unique  # each failed row replaced, none doubled
+    # only the failed rows were computed again (an unreadable shard's row has nothing to retry)
+    assert retried["rows_this_run"] == len({k for k in failed_before if ":error:" not in k})
+    assert after.loc[after.row_key == late, "status"].item() == "completed"
+    still = set(after.loc[after.status == "failed", "row_key"])
+    assert still == failed_before - {late} and retried["failed"] == len(still)  # bad input fails again, alone
+    unchanged = first[~first.row_key.isin(failed_before)].set_index("row_key")
+    kept = after.set_index("row_key").loc[unchanged.index]
+    assert (kept.status == unchanged.status).all() and (kept.text.fillna("") == unchanged.text.fillna("")).all()
 
 
 @pytest.mark.timeout(600)
