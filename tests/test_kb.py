@@ -188,7 +188,7 @@ def test_an_actor_downloads_only_its_part_of_a_remote_kb(built, s3_server, s3_bu
 
     part = kb_store.load(uri, opts, shards=[1], with_entries=False, searched="text")
     files = {p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file()}
-    assert files == {"manifest.json", "mapping.pt", "report.json", "shard-00001/image/meta.json",
+    assert files == {"manifest.json", "mapping.safetensors", "report.json", "shard-00001/image/meta.json",
                      "shard-00001/image/vectors.npy", "shard-00001/text/meta.json",
                      "shard-00001/text/vectors.npy", "shard-00001/text/index.faiss"}
     q = shards[1].text.vectors[:5]

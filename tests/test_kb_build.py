@@ -458,7 +458,7 @@ def test_precomputed_embeddings_build_the_same_kb_that_complete_uses(kb, tmp_pat
     assert len(out) == 30 == summary["rows_out"] and out.row_key.is_unique
     assert summary["failed"] == 0
     manifest = json.loads((tmp_path / "kb2" / "manifest.json").read_text())
-    assert manifest["format"] == kb_store.FORMAT_VERSION == 3
+    assert manifest["format"] == kb_store.FORMAT_VERSION == 4
 
 
 def test_http_image_urls_get_no_object_storage_options():

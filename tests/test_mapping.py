@@ -7,6 +7,8 @@ import torch
 from rag4dmc.pipeline.config import MappingConfig
 from rag4dmc.pipeline.core.knn import EmbeddingError
 from rag4dmc.pipeline.core.mapping import CrossModalMapper, train_mapping
+from rag4dmc.pipeline.core.mapping_arrays import MappingArrays
+from rag4dmc.pipeline.kb.store import load_mapping
 from tests.planted import unit
 
 FAST = MappingConfig(hidden_dim=128, max_epochs=60, patience=8, batch_size=128, lr=3e-3)
@@ -59,13 +61,48 @@ def test_training_is_deterministic_under_a_seed_and_early_stops():
     assert r1.epochs < 500
 
 
-def test_save_and_load_round_trip(tmp_path):
-    z_img, z_txt = _pairs(300, 20, 12)
+@pytest.mark.parametrize("dims", [(20, 12), (16, 16)], ids=["two-towers", "shared-space"])
+def test_save_and_load_round_trip(tmp_path, dims):
+    z_img, z_txt = _pairs(300, *dims)
     model, _ = train_mapping(z_img, z_txt, FAST.model_copy(update={"max_epochs": 3}))
-    model.save(tmp_path / "mapping.pt")
-    loaded = CrossModalMapper.load(tmp_path / "mapping.pt")
+    model.save(tmp_path / "mapping.safetensors")
+    loaded = CrossModalMapper.load(tmp_path / "mapping.safetensors")
     np.testing.assert_array_equal(model.image_to_text(z_img), loaded.image_to_text(z_img))
     np.testing.assert_array_equal(model.text_to_image(z_txt), loaded.text_to_image(z_txt))
+
+
+@pytest.mark.parametrize("dims", [(20, 12), (16, 16)], ids=["two-towers", "shared-space"])
+def test_the_numpy_mapping_gives_the_torch_modules_pseudo_embeddings(tmp_path, dims):
+    """What a stored KB's queries use (MappingArrays, no torch) is the trained module's forward pass."""
+    z_img, z_txt = _pairs(300, *dims)
+    model, _ = train_mapping(z_img, z_txt, FAST.model_copy(update={"max_epochs": 5, "num_layers": 3}))
+    model.save(tmp_path / "mapping.safetensors")
+    arrays = MappingArrays.load(tmp_path / "mapping.safetensors")
+    assert arrays.arch() == model.arch() and len(arrays.trunk) == 2
+    np.testing.assert_allclose(arrays.image_to_text(z_img), model.image_to_text(z_img), atol=2e-6)
+    np.testing.assert_allclose(arrays.text_to_image(z_txt), model.text_to_image(z_txt), atol=2e-6)
+    with pytest.raises(EmbeddingError, match=f"expects {dims[0]}-d image embeddings"):
+        arrays.image_to_text(z_img[:, :-1])
+    arrays.save(tmp_path / "again.safetensors")  # a loaded KB saved again keeps the same weights
+    np.testing.assert_array_equal(CrossModalMapper.load(tmp_path / "again.safetensors").image_to_text(z_img),
+                                  model.image_to_text(z_img))
+
+
+def test_a_format_3_torch_mapping_file_still_loads(tmp_path):
+    z_img, z_txt = _pairs(200, 20, 12)
+    model, _ = train_mapping(z_img, z_txt, FAST.model_copy(update={"max_epochs": 2}))
+    torch.save({"arch": model.arch(), "state_dict": model.state_dict(), "extra": {}}, tmp_path / "mapping.pt")
+    loaded = load_mapping(tmp_path / "mapping.pt")
+    assert isinstance(loaded, CrossModalMapper)
+    np.testing.assert_array_equal(loaded.image_to_text(z_img), model.image_to_text(z_img))
+
+
+def test_a_file_that_is_not_a_mapping_is_refused_saying_so(tmp_path):
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.zeros((2, 2), np.float32)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a rag4dmc mapping weights file"):
+        MappingArrays.load(tmp_path / "other.safetensors")
 
 
 def test_bad_inputs_are_refused_with_a_reason():

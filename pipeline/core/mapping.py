@@ -23,6 +23,7 @@ from torch import nn
 
 from rag4dmc.pipeline.config import MappingConfig
 from rag4dmc.pipeline.core.knn import EmbeddingError, check_matrix, normalize_rows
+from rag4dmc.pipeline.core.mapping_arrays import load_weights, save_weights
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +76,25 @@ class CrossModalMapper(nn.Module):
         if x.shape[1] != want:
             raise EmbeddingError(f"the mapping expects {want}-d {what} embeddings, got {x.shape[1]}-d")
 
-    def save(self, path: str | Path, extra: dict | None = None) -> None:
-        """Write weights and architecture to one torch file."""
-        arch = {"image_dim": self.image_dim, "text_dim": self.text_dim,
+    def arch(self) -> dict:
+        return {"image_dim": self.image_dim, "text_dim": self.text_dim,
                 "hidden_dim": self.hidden_dim, "num_layers": self.num_layers}
-        torch.save({"arch": arch, "state_dict": self.state_dict(), "extra": extra or {}}, path)
+
+    def save(self, path: str | Path) -> None:
+        """Write weights and architecture to one safetensors file, which ``MappingArrays`` reads without torch."""
+        save_weights(path, self.arch(), {k: v.detach().cpu().numpy() for k, v in self.state_dict().items()})
 
     @classmethod
     def load(cls, path: str | Path) -> CrossModalMapper:
-        """Read a mapping written by save()."""
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        model = cls(**blob["arch"])
-        model.load_state_dict(blob["state_dict"])
+        """Read a mapping written by save(), or the torch file of a format-3 knowledge base (``mapping.pt``)."""
+        if Path(path).suffix == ".pt":
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            arch, state = blob["arch"], blob["state_dict"]
+        else:
+            arch, arrays = load_weights(path)
+            state = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        model = cls(**arch)
+        model.load_state_dict(state)
         return model.eval()
 
 

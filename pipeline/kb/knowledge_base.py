@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from rag4dmc.pipeline.config import RetrievalConfig
-from rag4dmc.pipeline.core.mapping import CrossModalMapper
 from rag4dmc.pipeline.core.retrieval import Neighbours, Shard, search
+
+if TYPE_CHECKING:  # a stored KB's mapping is MappingArrays: loading one never imports torch
+    from rag4dmc.pipeline.core.mapping import CrossModalMapper
+    from rag4dmc.pipeline.core.mapping_arrays import MappingArrays
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +30,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class KnowledgeBase:
     entries: pa.Table  # id, source, text, image
-    mapping: CrossModalMapper
+    mapping: CrossModalMapper | MappingArrays  # trained in this process, or loaded from a stored KB
     shards: list[Shard]
     report: dict
     manifest: dict = field(default_factory=dict)

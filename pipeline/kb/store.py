@@ -1,4 +1,4 @@
-"""The knowledge base on disk or object storage: save, load, local copies, the entries file (format 3).
+"""The knowledge base on disk or object storage: save, load, local copies, the entries file (format 4).
 
 Layout of a knowledge base folder (local or object storage)::
 
@@ -7,7 +7,9 @@ Layout of a knowledge base folder (local or object storage)::
                        (image_uri, or image_shard + image_row of the input data), as an uncompressed Arrow
                        IPC file memory-mapped by its readers. Never the image bytes: completion actors fetch
                        the few example images they use (rag4dmc.pipeline.io.kb_images).
-    mapping.pt         the bidirectional image<->text MLP
+    mapping.safetensors  the bidirectional image<->text MLP (its architecture in the metadata); loaded as
+                       ``MappingArrays``, so a process that only queries the KB never imports torch
+                       (format 3 kept it in the torch file mapping.pt: still read, with torch)
     report.json        build report: mapping, purification with sample sizes, index recall, stage costs
     shard-00000/       rows [start, stop): image/ and text/ VectorIndex folders (FAISS index, float16 vectors)
 """
@@ -25,12 +27,14 @@ import numpy as np
 import pyarrow as pa
 
 from rag4dmc.pipeline.core.index import VectorIndex
-from rag4dmc.pipeline.core.mapping import CrossModalMapper
+from rag4dmc.pipeline.core.mapping_arrays import MappingArrays
 from rag4dmc.pipeline.core.retrieval import MODALITIES, Shard
 from rag4dmc.pipeline.io.storage import url_to_fs
 from rag4dmc.pipeline.kb.knowledge_base import KnowledgeBase
 
-FORMAT_VERSION = 3  # 3: entries by reference (no image bytes), float16 vectors; 2: entries.arrow with bytes
+FORMAT_VERSION = 4  # 4: the mapping as safetensors; 3: entries by reference, float16 vectors; 2: image bytes
+MAPPING_FILES = {3: "mapping.pt", 4: "mapping.safetensors"}  # the formats this version reads: the mapping's file
+MAPPING_FILE = MAPPING_FILES[FORMAT_VERSION]
 ENTRIES_FILE = "entries.arrow"
 ENTRIES_BATCH_ROWS = 4096  # rows per IPC record batch of entries.arrow
 PARTS_DIR = "parts"  # build intermediates (rag4dmc.pipeline.kb.build), removed when the build is done
@@ -66,14 +70,15 @@ def new_manifest(encoder: dict, rows: int, dims: tuple[int, int], cfg, calibrati
     return manifest
 
 
-def write_small(uri: str, mapping: CrossModalMapper, report: dict, manifest: dict,
+def write_small(uri: str, mapping, report: dict, manifest: dict,
                 storage_options: dict | None = None) -> None:
-    """mapping.pt, report.json, then manifest.json (last: it marks the KB complete) at ``uri``."""
+    """The mapping (``CrossModalMapper`` or ``MappingArrays``), report.json, then manifest.json (last: it marks the
+    KB complete) at ``uri``."""
     fs, path = url_to_fs(uri, storage_options)
     fs.makedirs(path, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="rag4dmc-kb-") as tmp:
-        mapping.save(Path(tmp) / "mapping.pt")
-        fs.put_file(str(Path(tmp) / "mapping.pt"), f"{path}/mapping.pt")
+        mapping.save(Path(tmp) / MAPPING_FILE)
+        fs.put_file(str(Path(tmp) / MAPPING_FILE), f"{path}/{MAPPING_FILE}")
     fs.pipe_file(f"{path}/report.json", json.dumps(report, indent=2, default=_json_default).encode())
     fs.pipe_file(f"{path}/manifest.json", json.dumps(manifest, indent=2).encode())
 
@@ -111,7 +116,7 @@ def save(kb, uri: str, storage_options: dict | None = None) -> str:
     with tempfile.TemporaryDirectory(prefix="rag4dmc-kb-") as tmp:
         root = Path(tmp)
         write_entries(entries_by_reference(kb.entries), root / ENTRIES_FILE)
-        kb.mapping.save(root / "mapping.pt")
+        kb.mapping.save(root / MAPPING_FILE)
         (root / "report.json").write_text(json.dumps(kb.report, indent=2, default=_json_default))
         for i, s in enumerate(kb.shards):
             for m in MODALITIES:
@@ -205,10 +210,19 @@ def input_columns(uri: str, storage_options: dict | None = None):
 
 
 def _check_format(manifest: dict, uri: str) -> None:
-    if manifest.get("format") != FORMAT_VERSION:
+    if manifest.get("format") not in MAPPING_FILES:
         raise ValueError(f"knowledge base at {uri} has format {manifest.get('format')}, this version of rag4dmc "
-                         f"reads format {FORMAT_VERSION} (entries by reference, no image bytes): rebuild it with "
-                         "`rag4dmc kb build`")
+                         f"reads formats {sorted(MAPPING_FILES)} (entries by reference, no image bytes): rebuild it "
+                         "with `rag4dmc kb build`")
+
+
+def load_mapping(path: Path):
+    """A stored KB's mapping: ``MappingArrays`` (numpy, no torch), or from a format-3 torch file, the torch module."""
+    if path.name == MAPPING_FILES[3]:
+        from rag4dmc.pipeline.core.mapping import CrossModalMapper
+
+        return CrossModalMapper.load(path)
+    return MappingArrays.load(path)
 
 
 def load(uri: str, storage_options: dict | None = None, shards: list[int] | None = None,
@@ -224,7 +238,8 @@ def load(uri: str, storage_options: dict | None = None, shards: list[int] | None
     manifest = json.loads((root / "manifest.json").read_text())
     _check_format(manifest, uri)
     wanted = range(len(manifest["shards"])) if shards is None else shards
-    parts = ["mapping.pt", "report.json", *([ENTRIES_FILE] if with_entries else [])]
+    mapping_file = MAPPING_FILES[manifest["format"]]
+    parts = [mapping_file, "report.json", *([ENTRIES_FILE] if with_entries else [])]
     for i in wanted:
         for m in MODALITIES:
             parts += [f"{manifest['shards'][i]['path']}/{m}/{f}" for f in VectorIndex.files(with_index=searched in (None, m))]
@@ -236,4 +251,4 @@ def load(uri: str, storage_options: dict | None = None, shards: list[int] | None
             VectorIndex.load(root / s["path"] / m, with_index=searched in (None, m)) for m in MODALITIES)))
     entries = open_entries(root / ENTRIES_FILE) if with_entries else pa.table({})
     report = json.loads((root / "report.json").read_text())
-    return KnowledgeBase(entries, CrossModalMapper.load(root / "mapping.pt"), loaded, report, manifest)
+    return KnowledgeBase(entries, load_mapping(root / mapping_file), loaded, report, manifest)
