@@ -298,7 +298,7 @@ def check_chain(stages: Sequence[Stage], source: Iterable[str], sink: Iterable[s
 
 def run_stage(batch: Batch, *, stage: Stage):
     """One batch through ``stage`` (``setup`` first if it has not run), typed for the next operator: what Ray Data
-    calls per batch, as a task for a CPU stage and inside an actor (``rag4dmc.pipeline.job.mapper.StageActor``) for the rest.
+    calls per batch, as a task for a CPU stage and inside an actor (``rag4dmc.pipeline.job.stage_actor.StageActor``) for the rest.
 
     It lives here, beside the contract, rather than in the job plan: a task worker imports only this module and
     the stage's own, not the plan's model libraries (importing ``rag4dmc.pipeline.job.mapper`` costs a fresh worker about 4 s of

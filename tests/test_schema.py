@@ -5,7 +5,7 @@ import pyarrow as pa
 from ray.data.block import BlockAccessor
 
 from rag4dmc.actors.stage import Column, Produced, Stage, run_stage
-from rag4dmc.pipeline.job.mapper import StageActor
+from rag4dmc.pipeline.job.stage_actor import StageActor
 from rag4dmc.pipeline.schema import OUTPUT_SCHEMA, restore_nulls
 
 

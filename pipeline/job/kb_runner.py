@@ -28,8 +28,8 @@ from rag4dmc.pipeline.config import ColumnsConfig, KBConfig, StageResources, Sto
 from rag4dmc.pipeline.io import embedding_layout as layout
 from rag4dmc.pipeline.io.datasets import list_shards
 from rag4dmc.pipeline.io.storage import Storage, url_to_fs
-from rag4dmc.pipeline.job.mapper import actor_class
 from rag4dmc.pipeline.job.reader import ROW_KEY, ShardDatasource, committed_keys, shard_name
+from rag4dmc.pipeline.job.stage_actor import actor_class
 from rag4dmc.pipeline.kb import build, build_sides
 from rag4dmc.pipeline.schema import INPUT_SCHEMA, TASK_FAILED, TASK_OBSERVED
 

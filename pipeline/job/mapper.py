@@ -29,9 +29,10 @@ from rag4dmc.actors.retrieve import RetrieveNeighbours, role_of
 from rag4dmc.actors.stage import Stage, StagePolicy, check_chain, run_stage
 from rag4dmc.pipeline.config import EncoderConfig, JobConfig, StageResources, StorageConfig
 from rag4dmc.pipeline.job import in_flight as flow
-from rag4dmc.pipeline.job.pool_usage import Meter, bounding_pool, pool_usage, start_log
+from rag4dmc.pipeline.job.pool_usage import bounding_pool, pool_usage, start_log
 from rag4dmc.pipeline.job.reader import ShardDatasource
 from rag4dmc.pipeline.job.scaling import Capacity, Pool, size_pools, task_rows
+from rag4dmc.pipeline.job.stage_actor import actor_class
 from rag4dmc.pipeline.job.writer import OutputSink, committed_keys, finalize
 from rag4dmc.pipeline.kb.calibrate import effective_settings
 from rag4dmc.pipeline.schema import (
@@ -170,25 +171,6 @@ def plan_resources(cfg: JobConfig, chains: dict[str, list[Stage]], has_gpu: bool
     reserved = task_cpus(cfg, len(chains), capacity.cpus_now)
     sized = size_pools(pools, capacity, reserved)
     return dict(zip(sized, fit_to_cpus(list(sized.values()), capacity.cpus_now - reserved)))
-
-
-class StageActor:
-    """A stage as Ray Data's callable class: ``setup`` once per actor, then :func:`rag4dmc.actors.stage.run_stage` per batch,
-    each batch timed for the run's usage log (``rag4dmc.pipeline.job.pool_usage``)."""
-
-    def __init__(self, stage: Stage, pool: str = "", usage=None):
-        self.stage = stage
-        self.meter = Meter(pool or stage.name, usage)  # started before the model loads: loading is alive, not busy
-        stage.ensure_setup()
-
-    def __call__(self, batch):
-        with self.meter.batch(len(batch["row_key"])):
-            return run_stage(batch, stage=self.stage)
-
-
-def actor_class(stage: Stage) -> type[StageActor]:
-    """:class:`StageActor` named after the stage, so Ray Data's logs and progress say which pool is which."""
-    return type(f"{type(stage).__name__}Actor", (StageActor,), {"__module__": __name__})
 
 
 def _committed(storage_cfg: StorageConfig, out: str, shard: str) -> set[str]:
