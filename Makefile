@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
-.PHONY: env demo test bench lint clean system-deps
+.PHONY: env demo test test-quick bench lint clean system-deps
 
 # Site pip configuration may cap torch below the pinned pair (a machine-wide constraints file): the
 # project's pins are the ones that hold, so the install reads no pip configuration file.
@@ -36,6 +36,10 @@ demo: env
 
 test: env system-deps
 	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
+
+# The inner loop: every test that starts no Ray and runs no model end to end (-m "not slow"); `make test` is the suite.
+test-quick: env
+	$(PY) -m pytest -q --durations=10 -m "not slow" $(PYTEST_ARGS)
 
 # Debian packages some tests use: chromium opens the evaluation report (tests/test_report.py), and the real
 # emoji corpus (bench/emoji.py: Noto Color Emoji drawn by Pillow, named by unicode-data's emoji-test.txt) is

@@ -32,6 +32,17 @@ RAY_WORKERS_KEPT = 12
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+# Fixtures that start Ray (the session's, or a cluster of a test's own): a test that uses one is marked ``slow``, so
+# that ``make test-quick`` (pytest -m "not slow") is the inner loop of everything else. CI runs every test.
+RAY_FIXTURES = ("ray_local", "kb", "ray_head")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(name in RAY_FIXTURES for name in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @dataclass(frozen=True)
 class S3Server:
     """A moto S3 server: its endpoint, and the matching ``StorageConfig`` and fsspec options."""

@@ -92,6 +92,7 @@ def test_default_kb_build_and_completion_on_clip_art(ray_local, emoji_split):
         assert row["candidate_ids"][0] in row["retrieved_ids"]
 
 
+@pytest.mark.slow  # the evaluation of three variants, twice, on the real corpus
 def test_evaluation_with_labels_and_repeats_on_clip_art(emoji_split, tmp_path):
     from rag4dmc.pipeline.evaluation.runner import evaluate_datasets
 
