@@ -32,8 +32,9 @@ RAY_WORKERS_KEPT = 12
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-# Fixtures that start Ray (the session's, or a cluster of a test's own): a test that uses one is marked ``slow``, so
-# that ``make test-quick`` (pytest -m "not slow") is the inner loop of everything else. CI runs every test.
+# Fixtures that start Ray (the session's, or a cluster of a test's own): a test that uses one is marked ``slow`` (a test
+# that starts Ray in a process of its own is marked by hand), so that ``make test-quick`` (pytest -m "not slow") is
+# the inner loop of everything else. CI runs every test.
 RAY_FIXTURES = ("ray_local", "kb", "ray_head")
 
 

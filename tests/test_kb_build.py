@@ -494,6 +494,7 @@ def test_a_resumed_build_reuses_its_fit_and_clears_the_parts_of_other_settings(w
     assert not (tmp_path / "kb" / kb_store.PARTS_DIR).exists()
 
 
+@pytest.mark.slow  # `rag4dmc kb build` in processes of their own, each with its own Ray
 @pytest.mark.timeout(900)
 def test_a_killed_kb_build_resumes_without_redoing_the_parts_it_had_written(world, tmp_path):
     """`rag4dmc kb build --internal-embeddings --external-embeddings` killed (SIGKILL, its whole process group)
