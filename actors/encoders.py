@@ -104,14 +104,13 @@ class _BatchedEncoder:
     image_size: int
     batch_size: int
     device: torch.device
+    towers: tuple[str, ...] = TOWERS  # the towers loaded (open_clip loads its model whole)
     mean: torch.Tensor
     std: torch.Tensor
 
     def _set_normalisation(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-
-    towers: tuple[str, ...] = TOWERS  # the towers loaded (open_clip loads its model whole)
 
     def _need(self, tower: str) -> None:
         if tower not in self.towers:

@@ -22,8 +22,14 @@ import torch
 from torch import nn
 
 from rag4dmc.pipeline.config import MappingConfig
-from rag4dmc.pipeline.core.knn import EmbeddingError, check_matrix, normalize_rows
-from rag4dmc.pipeline.core.mapping_arrays import load_weights, save_weights
+from rag4dmc.pipeline.core.knn import EmbeddingError, normalize_rows
+from rag4dmc.pipeline.core.mapping_arrays import (
+    ROWS_PER_BLOCK,
+    check_query,
+    load_weights,
+    save_weights,
+    unit_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,29 +58,21 @@ class CrossModalMapper(nn.Module):
         return self.to_text(self.trunk(self.in_image(z_image))), self.to_image(self.trunk(self.in_text(z_text)))
 
     @torch.inference_mode()
-    def image_to_text(self, z_image: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    def image_to_text(self, z_image: np.ndarray, batch_size: int = ROWS_PER_BLOCK) -> np.ndarray:
         """Pseudo text embeddings z_hat_T = f_I->T(z_I), unit-normalised."""
-        x = check_matrix(z_image, "image embeddings")
-        self._check_dim(x, self.image_dim, "image")
+        x = check_query(z_image, self.image_dim, "image")
         return self._apply(lambda t: self.to_text(self.trunk(self.in_image(t))), x, batch_size)
 
     @torch.inference_mode()
-    def text_to_image(self, z_text: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    def text_to_image(self, z_text: np.ndarray, batch_size: int = ROWS_PER_BLOCK) -> np.ndarray:
         """Pseudo image embeddings z_hat_I = f_T->I(z_T), unit-normalised."""
-        x = check_matrix(z_text, "text embeddings")
-        self._check_dim(x, self.text_dim, "text")
+        x = check_query(z_text, self.text_dim, "text")
         return self._apply(lambda t: self.to_image(self.trunk(self.in_text(t))), x, batch_size)
 
     def _apply(self, fn, x: np.ndarray, batch_size: int) -> np.ndarray:
         self.eval()
         out = [fn(torch.from_numpy(x[s : s + batch_size])).numpy() for s in range(0, len(x), batch_size)]
-        y = np.concatenate(out) if out else np.zeros((0, self.to_text.out_features), np.float32)
-        return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
-
-    @staticmethod
-    def _check_dim(x: np.ndarray, want: int, what: str) -> None:
-        if x.shape[1] != want:
-            raise EmbeddingError(f"the mapping expects {want}-d {what} embeddings, got {x.shape[1]}-d")
+        return unit_rows(np.concatenate(out) if out else np.zeros((0, self.to_text.out_features), np.float32))
 
     def arch(self) -> dict:
         return {"image_dim": self.image_dim, "text_dim": self.text_dim,

@@ -20,6 +20,19 @@ ARCH_KEY = "rag4dmc.mapping.arch"  # safetensors metadata: image_dim, text_dim, 
 ROWS_PER_BLOCK = 4096  # query rows per forward pass: bounded temporaries (hidden_dim floats per row)
 
 
+def check_query(z: np.ndarray, want: int, what: str) -> np.ndarray:
+    """``z`` as float32 [n, want] (the mapping's input for ``what`` embeddings), or an EmbeddingError saying why not."""
+    x = check_matrix(z, f"{what} embeddings")
+    if x.shape[1] != want:
+        raise EmbeddingError(f"the mapping expects {want}-d {what} embeddings, got {x.shape[1]}-d")
+    return x
+
+
+def unit_rows(y: np.ndarray) -> np.ndarray:
+    """The mapped rows scaled to unit length: pseudo-embeddings are compared by cosine."""
+    return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+
+
 def gelu(x: np.ndarray) -> np.ndarray:
     """GELU(x) = x / 2 * (1 + erf(x / sqrt 2)), the exact form of torch.nn.GELU()."""
     from scipy.special import erf
@@ -34,10 +47,10 @@ class MappingArrays:
         self.image_dim, self.text_dim = int(arch["image_dim"]), int(arch["text_dim"])
         self.hidden_dim, self.num_layers = int(arch["hidden_dim"]), int(arch["num_layers"])
         w = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
-        self.weights = w
+        self.weights = w  # the layers below are views of these: one copy of the weights in memory
 
         def layer(name: str) -> tuple[np.ndarray, np.ndarray]:
-            return w[f"{name}.weight"].T.copy(), w[f"{name}.bias"]
+            return w[f"{name}.weight"].T, w[f"{name}.bias"]
 
         self.in_image, self.in_text = layer("in_image"), layer("in_text")
         # the torch trunk is [GELU, Linear, GELU, Linear, GELU, ...]: its Linear layers sit at the odd positions
@@ -53,17 +66,14 @@ class MappingArrays:
         return self._apply(z_text, self.text_dim, "text", self.in_text, self.to_image)
 
     def _apply(self, z: np.ndarray, want: int, what: str, first, last) -> np.ndarray:
-        x = check_matrix(z, f"{what} embeddings")
-        if x.shape[1] != want:
-            raise EmbeddingError(f"the mapping expects {want}-d {what} embeddings, got {x.shape[1]}-d")
+        x = check_query(z, want, what)
         out = []
         for s in range(0, len(x), ROWS_PER_BLOCK):
             h = gelu(x[s : s + ROWS_PER_BLOCK] @ first[0] + first[1])
             for w, b in self.trunk:
                 h = gelu(h @ w + b)
             out.append(h @ last[0] + last[1])
-        y = np.concatenate(out)
-        return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+        return unit_rows(np.concatenate(out))
 
     def arch(self) -> dict:
         return {"image_dim": self.image_dim, "text_dim": self.text_dim, "hidden_dim": self.hidden_dim,
