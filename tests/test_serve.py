@@ -582,17 +582,30 @@ def test_a_replica_that_crashes_mid_request_gives_a_json_500_with_an_error_id_an
     assert set(statuses[:-1]) <= {500, 503, 504}, statuses
 
 
-@pytest.mark.timeout(600)
-def test_rag4dmc_serve_stops_within_ten_seconds_of_sigterm_with_its_ray_processes(faulty):
-    """A signal ends `rag4dmc serve` and every process of its group (its local Ray) within 10 s, here after the
-    faults above (a replica crashed and restarted, a generation hung). SIGTERM is the signal Ray's own handler
-    also wants (``ray.init`` installs one); SIGINT (Ctrl-C) stops the server on a cluster in
-    tests/test_serve_scaling.py, within the same bound."""
-    server = faulty.server
+def _stops_within_ten_seconds(server: ServeProcess, sig: signal.Signals) -> None:
+    """``sig`` ends a healthy `rag4dmc serve` and every process of its group (its local Ray) within 10 s."""
     assert server.healthy() and len(server.group()) > 1  # the server and its Ray processes
     deadline = time.monotonic() + 10
-    server.proc.send_signal(signal.SIGTERM)
+    server.proc.send_signal(sig)
     server.proc.wait(timeout=10)
     until(lambda: not server.group(), max(0.0, deadline - time.monotonic()),
           "the server's processes to exit within 10 s of the signal",
           detail=lambda: str([p.name() for p in server.group()]))
+
+
+@pytest.mark.timeout(600)
+def test_rag4dmc_serve_stops_within_ten_seconds_of_sigterm_with_its_ray_processes(faulty):
+    """SIGTERM (the signal Ray's own handler also wants: ``ray.init`` installs one), here after the faults above:
+    a replica crashed and was restarted, a generation hung."""
+    _stops_within_ten_seconds(faulty.server, signal.SIGTERM)
+
+
+@pytest.mark.timeout(900)
+def test_rag4dmc_serve_stops_within_ten_seconds_of_sigint_with_its_ray_processes(kb, tmp_path):
+    """SIGINT (Ctrl-C) on a server of its own: the server and its local Ray's processes, all within 10 s."""
+    server = ServeProcess(kb, tmp_path / "serve.log")
+    try:
+        server.wait_healthy()
+        _stops_within_ten_seconds(server, signal.SIGINT)
+    finally:
+        server.kill()
