@@ -96,19 +96,18 @@ class _Complete(Stage):
         """The retrieved KB entries of each row (ids < 0 are padding), gathered in one take for the batch."""
         keep = np.asarray(ids) >= 0
         rows = kb_store.take_entries(self.entries, np.asarray(ids, dtype=np.int64)[keep])
-        held = rows.get("image")  # an in-memory KB holds the bytes; a stored one says where the image is
         out, at = [], 0
         for s, c, k in zip(scores, cross, keep):
             sc, cr = np.asarray(s)[k], np.asarray(c)[k]
             out.append([Example(id=rows["id"][at + j], text=rows["text"][at + j] or "",
-                                image=held[at + j] if held is not None else None, score=float(sc[j]),
+                                image=None, score=float(sc[j]),
                                 cross=float(cr[j]), fetch=self._fetcher(rows, at + j))
                         for j in range(len(sc))])
             at += len(sc)
         return out
 
     def _fetcher(self, rows: dict, i: int):
-        """Fetches entry ``i``'s image by reference when (if) a generator asks for it and it is not held."""
+        """Fetches entry ``i``'s image by reference when (if) a generator asks for it."""
         uri, shard, row = (rows.get(c, [None] * (i + 1))[i] for c in ("image_uri", "image_shard", "image_row"))
         return lambda: self.images.get(uri, shard, row)
 

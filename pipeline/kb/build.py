@@ -53,7 +53,7 @@ from rag4dmc.pipeline.kb.build_memory import (
     ray_cpus,
     spread_cpus,
 )
-from rag4dmc.pipeline.kb.build_purify import purification_report, purify_row
+from rag4dmc.pipeline.kb.build_purify import purification_report, purify_row, purify_shard
 from rag4dmc.pipeline.kb.build_sides import EXTERNAL, INTERNAL, Side, open_side, purified_parts
 
 log = logging.getLogger(__name__)
@@ -81,13 +81,95 @@ def _stage(report: dict, name: str, t0: float, peaks: list[int], anon: list[int]
     report.setdefault("stages", {})[name] = stage
 
 
-def build(inputs: BuildInputs, cfg: KBConfig = KBConfig()) -> dict:
-    """Fit, purify, index and save the knowledge base at ``inputs.out``; returns its manifest and report."""
-    import ray
+class RayTasks:
+    """Runs the steps as Ray tasks on the connected cluster (``rag4dmc kb build``): each task reserves the memory
+    its step is estimated to need, and the parallel steps share the cluster's CPUs out."""
 
+    def __init__(self, cfg: KBConfig):
+        self.cfg = cfg
+        self.node_bytes = largest_node_bytes()
+        self.node_cpus, self.cluster_cpus = ray_cpus()
+        self.single = cfg.build.single_task_cpus or self.node_cpus
+        if max(self.single, cfg.build.task_cpus) > self.node_cpus:
+            raise ValueError(f"build.single_task_cpus {self.single} / build.task_cpus {cfg.build.task_cpus}: the "
+                             f"largest Ray node has {self.node_cpus:g} CPUs, so such a task would never be "
+                             "scheduled; lower them")
+        self.estimate: dict = {}
+
+    def check(self, estimate: dict) -> None:
+        """Refuse a build whose steps would not fit the largest node (or the driver's host)."""
+        check_memory(estimate, self.node_bytes, host_bytes())
+        self.estimate = estimate
+
+    def _task(self, fn, step: str, cpus: float):
+        import ray
+
+        return ray.remote(num_cpus=cpus, memory=min(self.estimate[step], self.node_bytes),
+                          **fresh_worker(self.estimate[step]))(_with_assigned_cpus(fn))
+
+    def _spread(self, n_tasks: int) -> float:
+        return spread_cpus(n_tasks, self.cfg.build.task_cpus, self.node_cpus, self.cluster_cpus)
+
+    def share(self, value):
+        """``value`` put once in the object store, for every task that takes it."""
+        import ray
+
+        return ray.put(value)
+
+    def one(self, fn, step: str, *args):
+        """``fn(*args)`` as one task with the node's CPUs (fit, index training)."""
+        import ray
+
+        log.info("%s: one task, %g CPUs", step, self.single)
+        return ray.get(self._task(fn, step, self.single).remote(*args))
+
+    def each(self, fn, step: str, calls: list[tuple]) -> list:
+        """``fn(*args)`` for each args in ``calls``, as parallel tasks."""
+        import ray
+
+        remote = self._task(fn, step, self._spread(len(calls)))
+        return ray.get([remote.remote(*args) for args in calls])
+
+    def purify(self, items: list[dict]) -> list[dict]:
+        """The purify pass, streaming: one Ray Data task per layout shard."""
+        import ray
+
+        fitted = ray.put(items[0]["fitted"])  # the same fit for every shard: put once, read by reference
+        items = [{**item, "fitted": fitted} for item in items]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        step = self.estimate["purify"]
+        return list(ds.map(purify_row, num_cpus=self._spread(len(items)), memory=min(step, self.node_bytes),
+                           **fresh_worker(step)).iter_rows())
+
+
+class InProcess:
+    """Runs the steps in this process, one after another: for input that is already in memory
+    (:func:`rag4dmc.pipeline.kb.in_memory.build_knowledge_base`: the evaluation, tests), no Ray."""
+
+    def check(self, estimate: dict) -> None:
+        """Nothing to check: the input is in this process's memory already."""
+
+    def share(self, value):
+        return value
+
+    def one(self, fn, step: str, *args):
+        return fn(*args)
+
+    def each(self, fn, step: str, calls: list[tuple]) -> list:
+        return [fn(*args) for args in calls]
+
+    def purify(self, items: list[dict]) -> list[dict]:
+        return [purify_shard(item) for item in items]
+
+
+def build(inputs: BuildInputs, cfg: KBConfig = KBConfig(), runner: RayTasks | InProcess | None = None) -> dict:
+    """Fit, purify, index and save the knowledge base at ``inputs.out``; returns its manifest and report.
+
+    ``runner`` runs the steps: Ray tasks on the connected cluster (the default), or :class:`InProcess`."""
     from rag4dmc.pipeline.core.index import choose_kind
     from rag4dmc.pipeline.kb import store as kb_store
 
+    runner = runner or RayTasks(cfg)
     opts = inputs.storage_options
     t_all = time.perf_counter()
     internal = open_side(INTERNAL, inputs.internal, opts, inputs.dims)
@@ -98,20 +180,10 @@ def build(inputs: BuildInputs, cfg: KBConfig = KBConfig()) -> dict:
     n_ext = external.rows if external is not None and cfg.use_external else 0
     largest = max(sh.rows for side in (internal, external) if side is not None for sh in side.shards)
     estimate = estimate_memory(internal.rows, n_ext, inputs.dims, cfg, largest)
-    node = largest_node_bytes()
-    check_memory(estimate, node, host_bytes())
-    node_cpus, cluster_cpus = ray_cpus()
-    single = cfg.build.single_task_cpus or node_cpus
-    if max(single, cfg.build.task_cpus) > node_cpus:
-        raise ValueError(f"build.single_task_cpus {single} / build.task_cpus {cfg.build.task_cpus}: the largest Ray "
-                         f"node has {node_cpus:g} CPUs, so such a task would never be scheduled; lower them")
+    runner.check(estimate)
     log.info("kb build: %d internal and %d external rows; estimated peaks %s", internal.rows, n_ext,
              {k: f"{v / 2**30:.2f} GiB" for k, v in estimate.items() if k != "sizes"})
     unmark(inputs.out, opts)  # a KB folder being rebuilt is not a KB until its new manifest is written
-
-    def task(fn, step: str, cpus: float):
-        return ray.remote(num_cpus=cpus, memory=min(estimate[step], node),
-                          **fresh_worker(estimate[step]))(_with_assigned_cpus(fn))
 
     # 1. fit (or the fit of an interrupted build of the same inputs and config)
     t0 = time.perf_counter()
@@ -120,10 +192,10 @@ def build(inputs: BuildInputs, cfg: KBConfig = KBConfig()) -> dict:
     resumed = fitted is not None
     sizes = estimate["sizes"]
     if fitted is None:
-        log.info("fit (one task, %g CPUs; minutes): the mapping on %d internal pairs, k-means on %d internal + %d "
-                 "external rows, W on up to %d rows per side", single, sizes["internal_sample"],
+        log.info("fit (minutes on a large corpus): the mapping on %d internal pairs, k-means on %d internal + %d "
+                 "external rows, W on up to %d rows per side", sizes["internal_sample"],
                  sizes["kmeans_internal"], sizes["kmeans_external"], sizes["align_rows"])
-        fitted = ray.get(task(fit, "fit", single).remote(internal, external if n_ext else None, cfg, opts))
+        fitted = runner.one(fit, "fit", internal, external if n_ext else None, cfg, opts, inputs.columns)
         save_fit(inputs.out, key, fitted, opts)
         log.info("fit done in %.0f s", time.perf_counter() - t0)
     else:
@@ -133,16 +205,11 @@ def build(inputs: BuildInputs, cfg: KBConfig = KBConfig()) -> dict:
               "memory_estimate_bytes": {k: int(v) for k, v in estimate.items() if k != "sizes"},
               "sizes": estimate["sizes"]}
     _stage(report, "fit", t0, [fitted.peak_rss])
-    # 2. purify (streaming: one Ray Data task per layout shard; a written part is skipped)
+    # 2. purify (one task per layout shard; a written part is skipped)
     t0 = time.perf_counter()
-    fitted_ref = ray.put(fitted)
     sides = (internal, *([external] if n_ext else []))
-    items = [{"side": s.name, "shard": sh, "out": inputs.out, "storage_options": opts, "fitted": fitted_ref}
-             for s in sides for sh in s.shards]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    counts = list(ds.map(purify_row, num_cpus=spread_cpus(len(items), cfg.build.task_cpus, node_cpus, cluster_cpus),
-                         memory=min(estimate["purify"], node),
-                         **fresh_worker(estimate["purify"])).iter_rows())
+    counts = runner.purify([{"side": s.name, "shard": sh, "out": inputs.out, "storage_options": opts,
+                             "fitted": fitted} for s in sides for sh in s.shards])
     _stage(report, "purify", t0, [c["peak_rss"] for c in counts])
     report["resumed_parts"] = sum(bool(c.get("resumed")) for c in counts)
     if n_ext:
@@ -160,17 +227,16 @@ def build(inputs: BuildInputs, cfg: KBConfig = KBConfig()) -> dict:
     n_shards = max(1, min(estimate["sizes"]["shards"], n))
     log.info("index (%s): trained on a random sample in one task, then populated by %d shard task(s)", kind,
              n_shards)
-    parts_ref = ray.put(parts)
-    trained = ray.get(task(train_indexes, "train", single).remote(parts_ref, kind, cfg, opts))
+    parts_ref = runner.share(parts)
+    trained = runner.one(train_indexes, "train", parts_ref, kind, cfg, opts)
     query_ids = sample_ids(n, cfg.index.recall_queries, (cfg.filter.seed, Stream.RECALL_QUERIES))
-    queries = ray.put({m: parts.read(query_ids, m, opts) for m in MODALITIES})
-    trained_ref = ray.put({m: trained[m] for m in MODALITIES})
+    queries = runner.share({m: parts.read(query_ids, m, opts) for m in MODALITIES})
+    trained_ref = runner.share({m: trained[m] for m in MODALITIES})
     bounds = np.linspace(0, n, n_shards + 1).astype(int)
-    shard_fn = task(build_index_shard, "index", spread_cpus(n_shards, cfg.build.task_cpus, node_cpus, cluster_cpus))
-    results = ray.get([shard_fn.remote({"start": int(a), "stop": int(b), "shard": i, "kind": kind,
-                                         "path": kb_store.shard_dir(i), "cfg": cfg, "out": inputs.out,
-                                         "storage_options": opts}, parts_ref, trained_ref, queries)
-                       for i, (a, b) in enumerate(zip(bounds, bounds[1:]))])
+    results = runner.each(build_index_shard, "index", [
+        ({"start": int(a), "stop": int(b), "shard": i, "kind": kind, "path": kb_store.shard_dir(i), "cfg": cfg,
+          "out": inputs.out, "storage_options": opts}, parts_ref, trained_ref, queries)
+        for i, (a, b) in enumerate(zip(bounds, bounds[1:]))])
     _stage(report, "index", t0, [trained["peak_rss"], *(r["peak_rss"] for r in results)],
            [r["peak_anon"] for r in results])
     report["index_kind"] = kind

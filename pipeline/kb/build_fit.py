@@ -10,11 +10,12 @@ import json
 import logging
 import pickle
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from rag4dmc.pipeline.config import KBConfig
+from rag4dmc.pipeline.config import ColumnsConfig, KBConfig
 from rag4dmc.pipeline.core.alignment import align_candidate_ids, align_with_report, first_kept
 from rag4dmc.pipeline.core.cluster_filter import (
     external_sample_ids,
@@ -23,9 +24,10 @@ from rag4dmc.pipeline.core.cluster_filter import (
 )
 from rag4dmc.pipeline.core.retrieval import MODALITIES
 from rag4dmc.pipeline.io import embedding_layout as layout
+from rag4dmc.pipeline.io.kb_images import ExampleImages
 from rag4dmc.pipeline.io.storage import url_to_fs
 from rag4dmc.pipeline.kb.build_memory import peak_rss
-from rag4dmc.pipeline.kb.build_sides import Side
+from rag4dmc.pipeline.kb.build_sides import LOCATION_SCHEMA, Side
 from rag4dmc.pipeline.kb.store import PARTS_DIR
 
 log = logging.getLogger(__name__)
@@ -56,8 +58,10 @@ def kept_mask(filters: dict, block: dict[str, np.ndarray], cfg: KBConfig) -> tup
     return keep, counts
 
 
-def fit(internal: Side, external: Side | None, cfg: KBConfig, storage_options: dict | None) -> Fitted:
-    """Step 1, run as one task: everything the streaming passes need, fitted on bounded random samples."""
+def fit(internal: Side, external: Side | None, cfg: KBConfig, storage_options: dict | None,
+        columns: dict | None = None) -> Fitted:
+    """Step 1, run as one task: everything the streaming passes need, fitted on bounded random samples.
+    ``columns``: the input data's columns (``ColumnsConfig``), where the calibration finds a row's image."""
     from rag4dmc.pipeline.core.mapping import train_mapping
     from rag4dmc.pipeline.kb.calibrate import calibrate
 
@@ -68,13 +72,15 @@ def fit(internal: Side, external: Side | None, cfg: KBConfig, storage_options: d
     use_external = external is not None and external.rows > 0 and cfg.use_external
     calibration = None
     if cfg.calibration.enabled:
-        ext_cal = None
+        ext_cal = ext_texts = ext_images = None
+        images = ExampleImages(storage_options, columns=ColumnsConfig(**(columns or {})))
         if use_external:
             cal_ids = sample_ids(external.rows, cfg.calibration.max_rows, cfg.calibration.seed)
             ext_cal = {m: external.read(cal_ids, m, storage_options) for m in MODALITIES}
-        calibration = calibrate(read_texts(internal, int_ids, storage_options), None, inner,
-                                read_texts(external, cal_ids, storage_options) if use_external else None, None,
-                                ext_cal, cfg)
+            ext_texts, ext_images = read_texts_and_images(external, cal_ids, storage_options, images)
+        int_texts, int_images = read_texts_and_images(internal, int_ids, storage_options, images)
+        calibration = calibrate(int_texts, int_images, inner, ext_texts, ext_images, ext_cal, cfg)
+        report["calibration_images"] = images.stats()
         if calibration is not None and calibration["purification"] is not None:
             chosen = calibration["purification"]
             cfg = cfg.model_copy(update={"filter": cfg.filter.model_copy(update=chosen["filter"]),
@@ -131,18 +137,21 @@ def _fit_rotations(inner: dict, external: Side, filters: dict, cfg: KBConfig,
     return rotations, report, len(rows)
 
 
-def read_texts(side: Side, ids: np.ndarray, storage_options: dict | None) -> list[str]:
+def read_texts_and_images(side: Side, ids: np.ndarray, storage_options: dict | None, images: ExampleImages
+                          ) -> tuple[list[str], Callable[[int], bytes | None]]:
     """Texts of side-global row ids in their order (for the calibration's BLEU), from the metadata row groups that
-    hold them."""
+    hold them; and a reader of the i-th row's image by reference, asked only for the candidates NIQE scores."""
     ids = np.asarray(ids, np.int64)
-    texts = np.empty(len(ids), object)
+    texts, where = np.empty(len(ids), object), np.empty((len(ids), 3), object)
     offsets = side.offsets
     for i, shard in enumerate(side.shards):
-        where = np.flatnonzero((ids >= offsets[i]) & (ids < offsets[i + 1]))
-        if len(where):
-            meta = layout.read_metadata(shard, storage_options, rows=ids[where] - offsets[i])
-            texts[where] = [t or "" for t in meta.column("text").to_pylist()]
-    return texts.tolist()
+        found = np.flatnonzero((ids >= offsets[i]) & (ids < offsets[i + 1]))
+        if len(found):
+            meta = layout.read_metadata(shard, storage_options, rows=ids[found] - offsets[i], extra=LOCATION_SCHEMA)
+            texts[found] = [t or "" for t in meta.column("text").to_pylist()]
+            for j, c in enumerate(("image_uri", "image_shard", "image_row")):
+                where[found, j] = meta.column(c).to_pylist()
+    return texts.tolist(), lambda i: images.get(*where[i])[0]
 
 
 def fingerprint(internal: Side, external: Side | None, cfg: KBConfig) -> str:

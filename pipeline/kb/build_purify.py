@@ -78,7 +78,7 @@ def purify_row(item: dict) -> dict:
 
 
 def purification_report(fitted: Fitted, counts: list[dict]) -> dict:
-    """The filter's report per modality (the in-memory build's fields, from the fit and the streamed counts)."""
+    """The filter's report per modality (from the fit and the streamed counts)."""
     f = fitted.cfg.filter
     report: dict = {"filter": {}}
     for m in MODALITIES:

@@ -17,8 +17,8 @@ says how much of the winner's margin is selection luck.
 Order (coordinate ascent, each step cheap): the alignment's settings (proximal step, best or last round) at
 the default thresholds; then tau_cent x tau_inst with that alignment (k-means runs once; thresholds only
 re-cut its similarities); then, on the chosen knowledge base, alpha x top_k x n x the selection lambdas,
-separately per direction. The caller retrains the mapping on all pairs and builds the final KB with the
-chosen purification (:func:`rag4dmc.pipeline.kb.in_memory.build_knowledge_base`).
+separately per direction. The build's fit (:func:`rag4dmc.pipeline.kb.build_fit.fit`) then trains the mapping on
+its whole sample and purifies with the chosen settings.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
 
 from rag4dmc.pipeline.config import CalibrationConfig, KBConfig, RetrievalConfig, SelectionConfig, Stream
 from rag4dmc.pipeline.core.knn import normalize_rows
@@ -306,15 +305,23 @@ def _niqe_scorer(selection: SelectionConfig):
         return None
 
 
-def calibrate(internal_texts: list[str], internal_images: pa.ChunkedArray | None, internal: dict[str, np.ndarray],
-              external_texts: list[str] | None, external_images: pa.ChunkedArray | None,
+ImageOf = Callable[[int], "bytes | None"]  # a row of a side -> its image bytes (None: no image)
+
+
+def _rows_of(image_of: ImageOf, rows: np.ndarray) -> ImageOf:
+    """``image_of`` of a subsample: row i of the subsample is row ``rows[i]`` of the side."""
+    return lambda i: image_of(int(rows[i]))
+
+
+def calibrate(internal_texts: list[str], internal_images: ImageOf | None, internal: dict[str, np.ndarray],
+              external_texts: list[str] | None, external_images: ImageOf | None,
               external: dict[str, np.ndarray] | None, cfg: KBConfig,
               retrieval: RetrievalConfig = RetrievalConfig(), selection: SelectionConfig = SelectionConfig()
               ) -> dict | None:
     """Choose purification, retrieval and selection settings on held-out internal pairs (module docstring).
 
     ``internal`` / ``external`` map "image" and "text" to unit-norm, row-aligned embeddings (external ones
-    unaligned); ``*_images`` are the entries' image columns, read only for the candidates NIQE scores. Returns the calibration record (None when the internal pairs are too few to hold any out):
+    unaligned); ``*_images`` give a row's image bytes, asked only for the candidates NIQE scores. Returns the calibration record (None when the internal pairs are too few to hold any out):
     ``purification`` (the chosen filter and align keys, and every scored candidate), ``directions`` (per task
     the chosen retrieval and selection keys, their fidelity and CI, the default's and top-1's, the cross-fit)
     and ``grid`` (every scored point per task)."""
@@ -333,7 +340,7 @@ def calibrate(internal_texts: list[str], internal_images: pa.ChunkedArray | None
         ext_rows = np.sort(rng.choice(len(external["image"]), cal.max_rows, replace=False))
         external = {m: v[ext_rows] for m, v in external.items()}
         external_texts = [external_texts[i] for i in ext_rows]
-        external_images = None if external_images is None else external_images.take(pa.array(ext_rows))
+        external_images = None if external_images is None else _rows_of(external_images, ext_rows)
     held = HeldOut(internal["image"][held_rows], internal["text"][held_rows], [internal_texts[i] for i in held_rows])
     part = {m: internal[m][rest] for m in internal}
     mapping, _ = train_mapping(part["image"], part["text"], cfg.mapping)
@@ -357,7 +364,7 @@ def calibrate(internal_texts: list[str], internal_images: pa.ChunkedArray | None
         def image_of(e: int) -> bytes | None:
             side, row = source_of(e)
             images = internal_images if side == "internal" else external_images
-            return None if images is None else images[row].as_py()
+            return None if images is None else images(row)
 
         vectors = {m: np.ascontiguousarray(v, np.float32) for m, v in vectors.items()}
         return Candidates(purification.build_shards(vectors, cfg), mapping, texts, raw, image_of, source_of, niqe_cache,

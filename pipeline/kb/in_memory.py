@@ -1,27 +1,34 @@
-"""Build a knowledge base in memory from embedding matrices: for corpora that fit in memory (the evaluation, the
-demo, tests). ``rag4dmc kb build`` builds out of core (``rag4dmc.pipeline.kb.build``) with the same purification
-(``rag4dmc.pipeline.kb.purification``) and the same manifest (``rag4dmc.pipeline.kb.store``).
+"""A knowledge base from input already in memory (the evaluation, tests): ``rag4dmc kb build``'s out-of-core build
+(``rag4dmc.pipeline.kb.build``) run in this process on that input.
+
+The entries and their embeddings are written as the build's input (the clip-retrieval layout, float32; image
+bytes to a parquet file that the entries point into by shard and row), built step by step in this process
+(``build.InProcess``), and loaded back: the same fit, purification, index, entries schema (by reference, never
+image bytes) and manifest as a KB built on a cluster.
 """
 
 from __future__ import annotations
 
-import logging
-import time
+import shutil
+import tempfile
+import weakref
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from rag4dmc.pipeline.config import KBConfig
-from rag4dmc.pipeline.core.cluster_filter import sample_ids
+from rag4dmc.pipeline.config import ColumnsConfig, KBConfig
 from rag4dmc.pipeline.core.knn import EmbeddingError, normalize_rows
-from rag4dmc.pipeline.core.mapping import train_mapping
 from rag4dmc.pipeline.core.retrieval import MODALITIES
+from rag4dmc.pipeline.io import embedding_layout as layout
+from rag4dmc.pipeline.io.storage import url_to_fs
 from rag4dmc.pipeline.kb import store as kb_store
-from rag4dmc.pipeline.kb.calibrate import calibrate
+from rag4dmc.pipeline.kb.build import BuildInputs, InProcess, build
+from rag4dmc.pipeline.kb.build_sides import EXTERNAL, INTERNAL
 from rag4dmc.pipeline.kb.knowledge_base import KnowledgeBase
-from rag4dmc.pipeline.kb.purification import build_shards, purify_external
 
-log = logging.getLogger(__name__)
+INPUT_DIR = "input"  # in the KB's folder: the layout the build read, and the images its entries point into
+IMAGE_ROW_GROUP = 64  # rows per row group of the images file: fetching one image reads one group
 
 
 def build_knowledge_base(
@@ -31,82 +38,62 @@ def build_knowledge_base(
     external: dict[str, np.ndarray] | None = None,
     cfg: KBConfig = KBConfig(),
     encoder_info: dict | None = None,
+    out: str | None = None,
+    storage_options: dict | None = None,
 ) -> KnowledgeBase:
-    """Train the mapping on internal pairs, purify the external part, and index everything.
+    """Train the mapping on internal pairs, purify the external part, index everything, save and load the KB.
 
-    ``*_entries`` hold id, text and image (bytes) per row; ``internal`` / ``external`` map "image" and
-    "text" to row-aligned embeddings of those rows.
+    ``*_entries`` hold id and text per row, and the image as bytes (``image``) or where it is (``image_uri``, or
+    ``image_shard`` + ``image_row``) when they have one; ``internal`` / ``external`` map "image" and "text" to
+    row-aligned embeddings of those rows. ``out``: the KB's folder or prefix (default: a temporary folder, removed
+    when the returned KB is garbage-collected).
     """
-    t0 = time.perf_counter()
     internal = {m: normalize_rows(internal[m], f"internal {m} embeddings") for m in MODALITIES}
-    if len(internal["image"]) != len(internal["text"]) or len(internal["image"]) != internal_entries.num_rows:
-        raise EmbeddingError("internal entries, image and text embeddings must have the same number of rows")
-    use_external = cfg.use_external and external_entries is not None and external_entries.num_rows > 0
-    if use_external:
-        external = {m: normalize_rows(external[m], f"external {m} embeddings") for m in MODALITIES}
-    calibration = None
-    if cfg.calibration.enabled:
-        calibration = calibrate(
-            _texts(internal_entries), _images(internal_entries), internal,
-            _texts(external_entries) if use_external else None, _images(external_entries) if use_external else None,
-            external if use_external else None, cfg)
-        if calibration is not None and calibration["purification"] is not None:
-            chosen = calibration["purification"]  # the final build purifies with the chosen settings
-            cfg = cfg.model_copy(update={"filter": cfg.filter.model_copy(update=chosen["filter"]),
-                                         "align": cfg.align.model_copy(update=chosen["align"])})
-    rows = sample_ids(len(internal["image"]), cfg.mapping.max_rows, cfg.mapping.seed)  # all of a small set
-    mapping, map_report = train_mapping(internal["image"][rows], internal["text"][rows], cfg.mapping)
-    report: dict = {"mapping": map_report.to_dict(), "internal_rows": internal_entries.num_rows}
-
-    tables = [_entries(internal_entries, "internal")]
-    vectors = {m: [internal[m]] for m in MODALITIES}
-    if use_external:
-        report["external_rows"] = external_entries.num_rows
-        if cfg.purify:
-            # fitted on the mapping's sample of the internal pairs, as the out-of-core build fits them
-            keep, aligned, purification = purify_external({m: internal[m][rows] for m in MODALITIES}, external, cfg)
-            report.update(purification)
-        else:
-            keep, aligned = np.ones(external_entries.num_rows, bool), external
-            report["purification"] = "disabled"
-        tables.append(_entries(external_entries.filter(pa.array(keep)), "external"))
-        for m in MODALITIES:
-            vectors[m].append(aligned[m])
-    entries = pa.concat_tables(tables)
-    full = {m: np.ascontiguousarray(np.concatenate(vectors[m]), dtype=np.float32) for m in MODALITIES}
-    shards = build_shards(full, cfg)
-    report["kb_rows"] = entries.num_rows
-    report["index_kind"] = shards[0].image.kind
-    report["calibration"] = calibration if calibration is not None else (
-        "disabled" if not cfg.calibration.enabled else "skipped: too few internal pairs to hold any out")
-    report["build_seconds"] = round(time.perf_counter() - t0, 3)
-    manifest = kb_store.new_manifest(
-        encoder=encoder_info or {}, rows=entries.num_rows, dims=(full["image"].shape[1], full["text"].shape[1]),
-        cfg=cfg, calibration=calibration, shards=[{"start": s.start, "stop": s.stop, "path": kb_store.shard_dir(i)}
-                                                  for i, s in enumerate(shards)],
-        content=[np.ascontiguousarray(full[m]).tobytes() for m in MODALITIES])
-    log.info("knowledge base %s: %d rows (%s)", manifest["version"], entries.num_rows, report.get("filter", {}))
-    return KnowledgeBase(entries, mapping, shards, report, manifest)
+    temporary = out is None
+    root = tempfile.mkdtemp(prefix="rag4dmc-kb-") if temporary else out.rstrip("/")
+    try:
+        sides = {INTERNAL: _write_side(f"{root}/{INPUT_DIR}/{INTERNAL}", internal_entries, internal,
+                                       storage_options)}
+        if external_entries is not None and external_entries.num_rows:
+            external = {m: normalize_rows(external[m], f"external {m} embeddings") for m in MODALITIES}
+            sides[EXTERNAL] = _write_side(f"{root}/{INPUT_DIR}/{EXTERNAL}", external_entries, external,
+                                          storage_options)
+        dims = (internal["image"].shape[1], internal["text"].shape[1])
+        build(BuildInputs(internal=sides[INTERNAL], external=sides.get(EXTERNAL), out=root, dims=dims,
+                          encoder_info=encoder_info or {}, storage_options=storage_options,
+                          columns=ColumnsConfig().model_dump()), cfg, InProcess())
+        kb = kb_store.load(root, storage_options)
+    except BaseException:
+        if temporary:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+    if temporary:
+        weakref.finalize(kb, shutil.rmtree, root, True)
+    return kb
 
 
-def _texts(table: pa.Table) -> list[str]:
-    return [t or "" for t in table.column("text").to_pylist()]
-
-
-def _images(table: pa.Table) -> pa.ChunkedArray | None:
-    return table.column("image") if "image" in table.column_names else None
-
-
-def _entries(table: pa.Table, source: str) -> pa.Table:
-    """id, source, text, image bytes (in memory only) and where the image is, when the table says so."""
-    n = table.num_rows
-    cols = {
-        "id": table.column("id").cast(pa.string()),
-        "source": pa.array([source] * n, pa.string()),
-        "text": table.column("text").cast(pa.string()),
-        "image": table.column("image").cast(pa.binary()) if "image" in table.column_names
-        else pa.nulls(n, pa.binary()),
-    }
-    for name, typ in (("image_uri", pa.string()), ("image_shard", pa.string()), ("image_row", pa.int64())):
-        cols[name] = table.column(name).cast(typ) if name in table.column_names else pa.nulls(n, typ)
-    return pa.table(cols)
+def _write_side(root: str, entries: pa.Table, vectors: dict[str, np.ndarray], storage_options: dict | None) -> str:
+    """One side as a one-shard layout at ``root`` (float32: nothing lost before the build's own float16 parts),
+    with its image bytes, if any, in ``root/images.parquet``; returns ``root``."""
+    if not entries.num_rows == len(vectors["image"]) == len(vectors["text"]):
+        raise EmbeddingError(f"{root.rsplit('/', 1)[-1]} entries ({entries.num_rows} rows), image and text embeddings "
+                             f"({len(vectors['image'])}, {len(vectors['text'])}) must have the same number of rows")
+    meta = {"id": entries.column("id").cast(pa.string()), "caption": entries.column("text").cast(pa.string())}
+    if "image_uri" in entries.column_names:
+        meta["image_uri"] = entries.column("image_uri").cast(pa.string())
+    if "image_shard" in entries.column_names:
+        meta["image_shard"] = entries.column("image_shard").cast(pa.string())
+        meta["image_row"] = entries.column("image_row").cast(pa.int64())
+    elif "image" in entries.column_names:
+        images = f"{root}/images.parquet"
+        fs, path = url_to_fs(images, storage_options)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(path, "wb") as f:
+            pq.write_table(pa.table({ColumnsConfig().image: entries.column("image").cast(pa.binary())}), f,
+                           row_group_size=IMAGE_ROW_GROUP)
+        present = pa.array(entries.column("image").is_valid())
+        meta["image_shard"] = pa.array([images if ok else None for ok in present.to_pylist()], pa.string())
+        meta["image_row"] = pa.array([i if ok else None for i, ok in enumerate(present.to_pylist())], pa.int64())
+    layout.write_embedding_shard(root, "0", vectors["image"], vectors["text"], pa.table(meta), storage_options,
+                                 dtype="float32")
+    return root

@@ -1,8 +1,8 @@
 """The purified dual knowledge base as one object: its entries, mapping and shards; query it.
 
-Built in memory by ``rag4dmc.pipeline.kb.in_memory`` (the evaluation, the demo, tests) or out of core by
-``rag4dmc kb build`` (``rag4dmc.pipeline.kb.build``), with the same purification (``rag4dmc.pipeline.kb.purification``);
-saved and loaded by ``rag4dmc.pipeline.kb.store``. A KB's shards hold both modalities of the same row range, so a retrieval actor that
+Built by ``rag4dmc kb build`` (``rag4dmc.pipeline.kb.build``; from input already in memory, by the same build run
+in this process: ``rag4dmc.pipeline.kb.in_memory``) and loaded by ``rag4dmc.pipeline.kb.store``. Its entries say
+where each image is, never hold its bytes: :meth:`KnowledgeBase.images` fetches them. A KB's shards hold both modalities of the same row range, so a retrieval actor that
 holds one shard computes both fusion terms (intra and cross) of its own candidates; shards merge by the
 intra score (stage 1), and the fused rerank (stage 2) runs on the merged candidates.
 """
@@ -22,6 +22,7 @@ from rag4dmc.pipeline.core.retrieval import Neighbours, Shard, search
 if TYPE_CHECKING:  # a stored KB's mapping is MappingArrays: loading one never imports torch
     from rag4dmc.pipeline.core.mapping import CrossModalMapper
     from rag4dmc.pipeline.core.mapping_arrays import MappingArrays
+    from rag4dmc.pipeline.io.kb_images import ExampleImages
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +30,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class KnowledgeBase:
-    entries: pa.Table  # id, source, text, image
+    entries: pa.Table  # store.ENTRY_SCHEMA: id, source, text and where the image is
     mapping: CrossModalMapper | MappingArrays  # trained in this process, or loaded from a stored KB
     shards: list[Shard]
     report: dict
     manifest: dict = field(default_factory=dict)
+    storage_options: dict | None = None  # where the entries' images are read from
+    _images: ExampleImages | None = field(default=None, repr=False)
 
     @property
     def version(self) -> str:
@@ -41,6 +44,19 @@ class KnowledgeBase:
 
     def __len__(self) -> int:
         return self.entries.num_rows
+
+    def images(self, rows) -> list[bytes | None]:
+        """The images of entries ``rows``, fetched by reference (None where an entry has none, or it cannot be
+        read)."""
+        if self._images is None:
+            from rag4dmc.pipeline.config import ColumnsConfig
+            from rag4dmc.pipeline.io.kb_images import ExampleImages
+
+            self._images = ExampleImages(self.storage_options,
+                                         columns=ColumnsConfig(**self.manifest.get("input_columns", {})))
+        picked = self.entries.select(["image_uri", "image_shard", "image_row"]).take(
+            pa.array(np.asarray(rows, np.int64))).to_pylist()
+        return [self._images.get(e["image_uri"], e["image_shard"], e["image_row"])[0] for e in picked]
 
     def pseudo(self, query: np.ndarray, observed: str) -> np.ndarray:
         """z_hat of the missing modality from the observed one (the mapping MLP)."""

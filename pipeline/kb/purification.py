@@ -1,6 +1,7 @@
 """The purification step over both modalities, from a KB's configuration (RAG4DMC, Key Design 2): the cluster
-filter's keep mask, the alignment's rotations, and the KB's shards over both modalities. Shared by the in-memory
-build (``rag4dmc.pipeline.kb.in_memory``) and the calibration (``rag4dmc.pipeline.kb.calibrate``); the math is in
+filter's keep mask, the alignment's rotations, and the KB's shards over both modalities, all in memory: the
+calibration (``rag4dmc.pipeline.kb.calibrate``) scores candidate settings with them on its samples, and the build's
+fit and purify pass (``rag4dmc.pipeline.kb.build_fit``, ``build_purify``) stream the same math; which is in
 ``rag4dmc.pipeline.core.cluster_filter`` and ``rag4dmc.pipeline.core.alignment``.
 """
 
@@ -56,19 +57,6 @@ def align_external(internal: dict[str, np.ndarray], external: dict[str, np.ndarr
         )
         aligned[m] = normalize_rows(external[m] @ results[m].W, f"aligned external {m}")
     return aligned, results
-
-
-def purify_external(
-    internal: dict[str, np.ndarray], external: dict[str, np.ndarray], cfg: KBConfig
-) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
-    """Cluster-filter then align the external embeddings per modality; returns (kept mask, aligned, report)."""
-    filt = filter_external(internal, external, cfg)
-    keep = filt["keep"]
-    aligned, results = align_external(internal, external, keep, cfg)
-    report = {"filter": filt["report"], "align": {
-        m: {"skipped": "fewer than 2 external rows left after filtering"} if r is None else r.report.to_dict()
-        for m, r in results.items()}}
-    return keep, {m: aligned[m][keep] for m in MODALITIES}, report
 
 
 def build_shards(vectors: dict[str, np.ndarray], cfg: KBConfig) -> list[Shard]:

@@ -98,42 +98,6 @@ def remove_parts(uri: str, storage_options: dict | None = None) -> None:
         fs.rm(f"{path}/{PARTS_DIR}", recursive=True)
 
 
-def entries_by_reference(entries: pa.Table) -> pa.Table:
-    """Entries in the stored schema: where each image is (from ``image_uri`` / ``image_shard`` + ``image_row``
-    columns when the table has them), never its bytes."""
-    n = entries.num_rows
-    cols = {}
-    for f in ENTRY_SCHEMA:
-        cols[f.name] = entries.column(f.name).cast(f.type) if f.name in entries.column_names else pa.nulls(n, f.type)
-    return pa.table(cols, schema=ENTRY_SCHEMA)
-
-
-def save(kb, uri: str, storage_options: dict | None = None) -> str:
-    """Write an in-memory knowledge base (``rag4dmc.pipeline.kb.knowledge_base.KnowledgeBase``) to a folder or prefix; returns its version.
-
-    Its entries are stored by reference: an entry whose image only exists as bytes in memory is stored
-    without an image location (completion skips it as an image example, with that reason)."""
-    with tempfile.TemporaryDirectory(prefix="rag4dmc-kb-") as tmp:
-        root = Path(tmp)
-        write_entries(entries_by_reference(kb.entries), root / ENTRIES_FILE)
-        kb.mapping.save(root / MAPPING_FILE)
-        (root / "report.json").write_text(json.dumps(kb.report, indent=2, default=_json_default))
-        for i, s in enumerate(kb.shards):
-            for m in MODALITIES:
-                s.index(m).save(root / shard_dir(i) / m)
-        (root / "manifest.json").write_text(json.dumps(kb.manifest, indent=2))
-        fs, path = url_to_fs(uri, storage_options)
-        if fs.exists(f"{path}/manifest.json"):
-            fs.rm(path, recursive=True)
-        fs.makedirs(path, exist_ok=True)
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.json")
-        for p in files + [root / "manifest.json"]:
-            dest = f"{path}/{p.relative_to(root).as_posix()}"
-            fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
-            fs.put_file(str(p), dest)
-    return kb.version
-
-
 def local_copy(uri: str, storage_options: dict | None = None, cache_dir: str | None = None,
                parts: list[str] | None = None) -> Path:
     """A local folder holding the knowledge base at ``uri``.
@@ -195,8 +159,8 @@ def load_entries(uri: str, storage_options: dict | None = None) -> pa.Table:
 
 
 def take_entries(entries: pa.Table, ids: np.ndarray) -> dict[str, list]:
-    """The given KB rows' columns, in order (one gather for a whole batch): id, text, and either the image bytes
-    (an in-memory KB's ``image`` column) or where the image is (image_uri, image_shard, image_row)."""
+    """The given KB rows' columns, in order (one gather for a whole batch): id, text, and where the image is
+    (image_uri, image_shard, image_row)."""
     rows = entries.take(pa.array(np.asarray(ids, dtype=np.int64)))
     return {c: rows.column(c).to_pylist() for c in rows.column_names}
 
@@ -251,4 +215,4 @@ def load(uri: str, storage_options: dict | None = None, shards: list[int] | None
             VectorIndex.load(root / s["path"] / m, with_index=searched in (None, m)) for m in MODALITIES)))
     entries = open_entries(root / ENTRIES_FILE) if with_entries else pa.table({})
     report = json.loads((root / "report.json").read_text())
-    return KnowledgeBase(entries, load_mapping(root / mapping_file), loaded, report, manifest)
+    return KnowledgeBase(entries, load_mapping(root / mapping_file), loaded, report, manifest, storage_options)
