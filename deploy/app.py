@@ -79,13 +79,15 @@ def replica_resources(declared: dict[str, Resources], overrides: dict[str, Stage
     return size_pools(pools, capacity)
 
 
-def deployment_options(res: Resources, max_ongoing_requests: int | None = None) -> tuple[dict[str, Any], int]:
+def deployment_options(res: Resources, cfg: ServeConfig, max_ongoing_requests: int | None = None
+                       ) -> tuple[dict[str, Any], int]:
     """Serve options for replicas of ``res`` (sized: :func:`replica_resources`) and its batch size. Serve autoscales
-    each deployment between its least and most replicas on the requests in flight."""
+    each deployment between its least and most replicas on the requests in flight, after ``cfg``'s delays."""
     batch_size = res.effective_batch_size()
     ongoing = max_ongoing_requests or ONGOING_PER_BATCH * batch_size
     autoscaling = {"min_replicas": res.min_actors, "max_replicas": res.max_actors,
-                   "target_ongoing_requests": max(1, ongoing // ONGOING_PER_BATCH)}
+                   "target_ongoing_requests": max(1, ongoing // ONGOING_PER_BATCH),
+                   "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s}
     return ({"ray_actor_options": res.serve_options(), "autoscaling_config": autoscaling,
              "max_ongoing_requests": ongoing}, batch_size)
 
@@ -112,17 +114,17 @@ def compose(cfg: ServeConfig) -> Application:
         cfg.resources, use_gpus(cfg.accelerators), read_capacity() if ray.is_initialized() else None)
     for name, res in sized.items():
         log.info("deployment %s: %d..%d replicas", name, res.min_actors, res.max_actors)
-    enc_opts, enc_batch = deployment_options(sized["embed"])
-    ret_opts, ret_batch = deployment_options(sized["retrieve"])
+    enc_opts, enc_batch = deployment_options(sized["embed"], cfg)
+    ret_opts, ret_batch = deployment_options(sized["retrieve"], cfg)
     generators, retrieval = [], {}
     for name, task, observed in ((TEXT_GENERATOR, TASK_I2T, "image"), (IMAGE_GENERATOR, TASK_T2I, "text")):
         retrieval[observed], selection, settings = effective_settings(cfg.retrieval, cfg.selection,
                                                                       manifest.get("calibration"), task)
-        gen_opts, gen_batch = deployment_options(sized[f"generate:{task}"])
+        gen_opts, gen_batch = deployment_options(sized[f"generate:{task}"], cfg)
         generators.append(Generator.options(name=name, **gen_opts).bind(
             cfg.kb, storage_options, task, cfg.generator, selection, encoder, cfg.job_config().config_hash(),
             gen_batch, wait, settings))
-    ingress_opts, _ = deployment_options(sized["ingress"], cfg.max_ongoing_requests)
+    ingress_opts, _ = deployment_options(sized["ingress"], cfg, cfg.max_ongoing_requests)
     # overload: past max_ongoing_requests per replica and max_queued_requests per proxy, 503 + Retry-After
     ingress_opts |= {"max_queued_requests": cfg.max_queued_requests,
                      "backpressure_config": {"status_code": 503, "retry_after_s": cfg.retry_after_s}}

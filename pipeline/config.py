@@ -462,6 +462,13 @@ class ServeConfig(_Strict):
         64, ge=1, description="requests an ingress replica holds at once (each up to max_upload_bytes)"
     )
     request_timeout_s: float = Field(60.0, gt=0, description="a request not answered within this gets 504")
+    upscale_delay_s: float = Field(
+        30.0, ge=0, description="how long a deployment's requests in flight stay above its target before Serve adds "
+        "a replica (Serve's default); lower it for bursty traffic"
+    )
+    downscale_delay_s: float = Field(
+        600.0, ge=0, description="how long they stay below it before Serve removes one (Serve's default)"
+    )
     max_queued_requests: int = Field(
         128, ge=1, description="requests each HTTP proxy holds waiting for an ingress replica once every replica has "
         "max_ongoing_requests; the next ones get 503 at once, with Retry-After (overload never hangs a client)"

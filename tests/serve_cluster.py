@@ -12,10 +12,10 @@ or ``LOAD_S`` seconds) while ``serve.status()`` is polled; the load stops once a
 RUNNING replica. The service is then stopped with SIGINT, as Ctrl-C stops it. What was seen goes to RESULT.json:
 each deployment's autoscaling bounds as deployed, its peak RUNNING replicas, and every request's status.
 
-The one setting changed from the defaults is ``resources.<embed|generate>.batch_size`` = ``BATCH``: Serve's
+Two settings change from the defaults. ``resources.<embed|generate>.batch_size`` = ``BATCH``: Serve's
 autoscaling target per replica is the deployment's batch size (``rag4dmc.deploy.app.deployment_options``), 64 by default,
-which a handful of clients never reaches; with a batch of 2 the target is 2 requests in flight per replica.
-Serve's own autoscaling delays (30 s to decide an upscale) are left as they are.
+which a handful of clients never reaches; with a batch of 2 the target is 2 requests in flight per replica. And
+``upscale_delay_s`` = ``UPSCALE_DELAY_S`` instead of Serve's 30 s, which the test would otherwise wait out.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ WORKER = {"num_cpus": 4, "num_gpus": 0}
 WORKERS = 2
 OBJECT_STORE_BYTES = 200 * 1024**2  # per node; the requests are small
 BATCH = 2  # the Encoder's and the generators' batch, so their autoscaling target (requests per replica)
+UPSCALE_DELAY_S = 3.0  # Serve adds a replica after 3 s above target, not its default 30 s
 CLIENTS = 16
 MAX_REQUESTS = 5000
 LOAD_S = 330.0  # the load stops here at the latest, scaled or not (Serve decides an upscale after 30 s)
@@ -152,7 +153,7 @@ def serve_under_load(cluster_address: str, kb: str, work: Path, result: dict) ->
     url = f"http://{LOOPBACK}:{port}"
     config = work / "serve.yaml"
     config.write_text(yaml.safe_dump({"resources": {"embed": {"batch_size": BATCH}, "generate": {"batch_size": BATCH}},
-                                      "request_timeout_s": HTTP_TIMEOUT_S}))
+                                      "request_timeout_s": HTTP_TIMEOUT_S, "upscale_delay_s": UPSCALE_DELAY_S}))
     log = work / "serve.log"
     cmd = [sys.executable, "-m", "rag4dmc.pipeline.cli", "serve", "--kb", kb, "--host", LOOPBACK, "--port", str(port),
            "--image-quality", "none", "--config", str(config)]

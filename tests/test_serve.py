@@ -223,27 +223,30 @@ def test_replicas_are_sized_from_the_actor_declarations():
     from rag4dmc.actors.encoders import LiteEncoder
     from rag4dmc.actors.generators import Blip2TextGenerator
     from rag4dmc.deploy.app import deployment_options, replica_resources
-    from rag4dmc.pipeline.config import StageResources
+    from rag4dmc.pipeline.config import ServeConfig, StageResources
     from rag4dmc.pipeline.job.scaling import capacity_of
 
     def sized(declared, override=None, use_gpus=False, capacity=None):
         return replica_resources({"generate:i2t": declared}, {"generate": override}, use_gpus, capacity)["generate:i2t"]
 
-    opts, batch = deployment_options(sized(LiteEncoder.RESOURCES))
+    cfg = ServeConfig(kb="unused", upscale_delay_s=5)
+    opts, batch = deployment_options(sized(LiteEncoder.RESOURCES), cfg)
+    assert opts["autoscaling_config"]["upscale_delay_s"] == 5  # the configured delays, Serve's defaults otherwise
+    assert opts["autoscaling_config"]["downscale_delay_s"] == ServeConfig(kb="unused").downscale_delay_s == 600
     assert opts["ray_actor_options"] == LiteEncoder.RESOURCES.serve_options()
     assert batch == LiteEncoder.RESOURCES.batch_size and opts["max_ongoing_requests"] > batch
     assert opts["autoscaling_config"]["max_replicas"] == 1  # no cluster read: its least size
     declared = Blip2TextGenerator.RESOURCES
-    opts, batch = deployment_options(sized(declared, StageResources(max_actors=3, memory_gb=20), use_gpus=True))
+    opts, batch = deployment_options(sized(declared, StageResources(max_actors=3, memory_gb=20), use_gpus=True), cfg)
     assert opts["ray_actor_options"] == {"num_cpus": declared.num_cpus, "num_gpus": declared.num_gpus,
                                          "memory": 20 * 1024**3}
     assert batch == declared.gpu_batch_size and opts["autoscaling_config"]["max_replicas"] == 3
-    opts, batch = deployment_options(sized(declared))  # a CPU-only cluster: no GPU request
+    opts, batch = deployment_options(sized(declared), cfg)  # a CPU-only cluster: no GPU request
     assert "num_gpus" not in opts["ray_actor_options"] and batch == declared.batch_size
     # with no max_actors set, replicas go up to what the cluster holds: 4 GPUs take 4 BLIP2s of 0.75 GPU (a fraction
     # of a GPU is placed on one GPU: two never share one)
     four_gpus = capacity_of([{"CPU": 16, "GPU": 4, "memory": 256 * 1024**3}])
-    opts, _ = deployment_options(sized(declared, use_gpus=True, capacity=four_gpus))
+    opts, _ = deployment_options(sized(declared, use_gpus=True, capacity=four_gpus), cfg)
     assert (opts["autoscaling_config"]["min_replicas"], opts["autoscaling_config"]["max_replicas"]) == (1, 4)
 
 
