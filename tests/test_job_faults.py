@@ -21,9 +21,10 @@ import pytest
 import yaml
 
 from rag4dmc.actors import faults
+from rag4dmc.pipeline.demo.corpus import write_split
 from rag4dmc.pipeline.io.storage import Storage
 from rag4dmc.pipeline.job.runner import read_output
-from tests.test_job import REPO, _incomplete, _write_shards
+from tests.test_job import REPO, _incomplete
 
 N, SHARDS = 48, 3
 # small blocks and batches: every stage sees several batches, so "batch 2" lands mid-job
@@ -33,7 +34,7 @@ CONFIG = {"block_rows": 8, "resources": {s: {"batch_size": 8} for s in ("embed",
 def _data(tmp_path: Path) -> Path:
     data = tmp_path / "data"
     if not data.exists():
-        _write_shards(_incomplete(N, seed=7), data, SHARDS)
+        write_split(_incomplete(N, seed=7), data, SHARDS)
     return data
 
 
@@ -79,7 +80,7 @@ def _rows(out: Path) -> dict[str, dict]:
 
 
 def _all_keys() -> set[str]:
-    bounds = np.linspace(0, N, SHARDS + 1).astype(int)  # as _write_shards splits the rows
+    bounds = np.linspace(0, N, SHARDS + 1).astype(int)  # as write_split splits the rows
     return {f"part-{j:03d}.parquet:{i}" for j in range(SHARDS) for i in range(bounds[j + 1] - bounds[j])}
 
 
@@ -93,7 +94,7 @@ def _poison_row() -> str:
     table = _incomplete(N, seed=7)
     first = int(np.linspace(0, N, SHARDS + 1).astype(int)[1])
     row = next(i for i in range(first, N) if table["image"][i].as_py() is None or table["text"][i].as_py() is None)
-    return f"part-001.parquet:{row - first}"
+    return f"part-00001.parquet:{row - first}"
 
 
 TIMEOUT_S = 30  # the job's batch_timeout_s here: past any real batch of 8 rows on 2 busy CPUs, short of the hang
@@ -133,17 +134,18 @@ def test_faults_inside_a_job_each_cost_only_their_own_rows_and_every_row_comes_o
 
 
 @pytest.mark.timeout(900)
-def test_a_job_killed_after_two_committed_blocks_resumes_without_recomputing_them(kb, tmp_path):
+def test_a_job_killed_after_two_committed_blocks_resumes_without_recomputing_them(kb, tmp_path, monkeypatch):
+    """``rag4dmc complete`` killed (SIGKILL, its own process and Ray) after two committed blocks; the same job run
+    again (on the session's cluster: the rerun needs no process of its own) completes the rest only."""
     killed, out, _ = _job(kb, tmp_path, [{"stage": "commit", "kind": "kill_job", "batch": 2}])
     assert killed.returncode == -signal.SIGKILL
     committed = set(_rows(out))
     assert 2 <= len(committed) < N  # the two blocks committed before the kill (and any committed beside them)
-    resumed, _, _ = _job(kb, tmp_path, [])
-    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    summary, _, _ = _run(kb, tmp_path, [], monkeypatch)
     rows = _rows(out)
     assert set(rows) == _all_keys()
-    summary = json.loads((out / "summary.json").read_text())
     assert summary["rows_this_run"] == N - len(committed)  # the committed rows were not computed again
+    assert json.loads((out / "summary.json").read_text())["rows_this_run"] == summary["rows_this_run"]
 
 
 def test_an_output_bucket_that_does_not_exist_fails_before_any_actor_starts(kb, s3_server, monkeypatch):
@@ -217,7 +219,7 @@ def test_object_storage_errors_and_resets_are_retried_and_every_row_comes_out_on
 
     direct = Storage(s3_server.storage_config)
     data, kb_uri, out = f"{s3_bucket}/incomplete", f"{s3_bucket}/kb", f"{s3_bucket}/out"
-    _write_shards(_incomplete(N, seed=7), data, SHARDS, s3_server.storage_options)
+    write_split(_incomplete(N, seed=7), data, SHARDS, s3_server.storage_options)
     direct.fs(kb_uri).put(kb.rstrip("/") + "/", kb_uri.split("://")[1], recursive=True)
     with FaultyProxy(s3_server.endpoint_url, every=5) as proxy:
         cfg = JobConfig(storage=s3_server.storage_config.model_copy(update={"endpoint_url": proxy.url,

@@ -162,7 +162,8 @@ def test_a_samples_texts_come_in_its_order_from_every_shard(tmp_path):
     _write_side(f"{tmp_path}/side", {"image": v, "text": v}, 3, "s")
     side = build_sides.open_side("external", f"{tmp_path}/side", None)
     ids = np.array([75, 2, 31, 89, 30, 0])
-    assert build_fit.read_texts(side, ids, None) == [f"s {j}" for j in ids]
+    texts, _ = build_fit.read_texts_and_images(side, ids, None, ExampleImages(cache_dir=tmp_path / "cache"))
+    assert texts == [f"s {j}" for j in ids]
 
 
 def test_a_purified_part_already_written_is_not_redone(world, tmp_path):
@@ -427,8 +428,7 @@ def test_precomputed_embeddings_build_the_same_kb_that_complete_uses(kb, tmp_pat
     the build from images embeds nothing again."""
     import shutil
 
-    from rag4dmc.pipeline.demo.corpus import make_incomplete
-    from rag4dmc.pipeline.io.datasets import write_parquet
+    from rag4dmc.pipeline.demo.corpus import make_incomplete, write_split
     from rag4dmc.pipeline.io.storage import Storage
     from rag4dmc.pipeline.job.kb_runner import KBBuildSpec, run_kb_build
     from rag4dmc.pipeline.job.runner import JobSpec, read_output, run_job
@@ -439,7 +439,7 @@ def test_precomputed_embeddings_build_the_same_kb_that_complete_uses(kb, tmp_pat
     assert layout.total_rows(layout.list_embedding_shards(f"{emb}/external")) == 150
     assert not [p for p in Path(kb).rglob("*") if p.suffix in (".png", ".jpg")]
     meta = pq.read_table(next((Path(emb) / "external" / "metadata").iterdir()))
-    assert meta.column("image_shard")[0].as_py().endswith("external/part-0.parquet")
+    assert meta.column("image_shard")[0].as_py().endswith("external/part-00000.parquet")
 
     rerun = str(tmp_path / "kb-again")
     shutil.copytree(kb, rerun)  # the session's KB stays as it is
@@ -452,8 +452,7 @@ def test_precomputed_embeddings_build_the_same_kb_that_complete_uses(kb, tmp_pat
     b = kb_store.load(f"{tmp_path}/kb2").entries.to_pydict()
     assert a == b  # same entries, same order, same image locations
 
-    write_parquet(make_incomplete(30, seed=3, missing_rate=0.8).select(["id", "image", "text"]),
-                  f"{tmp_path}/data/part-0.parquet")
+    write_split(make_incomplete(30, seed=3, missing_rate=0.8).select(["id", "image", "text"]), f"{tmp_path}/data")
     summary = run_job(JobSpec(data=f"{tmp_path}/data", kb=f"{tmp_path}/kb2", out=f"{tmp_path}/out"))
     out = read_output(Storage(), f"{tmp_path}/out").to_pandas()
     assert len(out) == 30 == summary["rows_out"] and out.row_key.is_unique
@@ -495,17 +494,18 @@ def test_a_resumed_build_reuses_its_fit_and_clears_the_parts_of_other_settings(w
     assert not (tmp_path / "kb" / kb_store.PARTS_DIR).exists()
 
 
-@pytest.mark.slow  # `rag4dmc kb build` in processes of their own, each with its own Ray
 @pytest.mark.timeout(900)
-def test_a_killed_kb_build_resumes_without_redoing_the_parts_it_had_written(world, tmp_path):
-    """`rag4dmc kb build --internal-embeddings --external-embeddings` killed (SIGKILL, its whole process group)
-    once its first purified parts are written: the rerun reuses the fit, skips every part whose counts file was
-    written (their files untouched) and finishes the KB."""
+def test_a_killed_kb_build_resumes_without_redoing_the_parts_it_had_written(world, tmp_path, ray_local):
+    """`rag4dmc kb build --internal-embeddings --external-embeddings` killed (SIGKILL, its whole process group, with
+    its own Ray) once its first purified parts are written: the same build run again (on the session's cluster: the
+    rerun needs no process of its own) reuses the fit, skips every part whose counts file was written (their files
+    untouched) and finishes the KB."""
     import os
-    import subprocess
     import sys
 
     import yaml
+
+    from rag4dmc.pipeline.job.kb_runner import KBBuildSpec, run_kb_build
 
     internal, external, _ = world
     lift = np.linalg.qr(np.random.default_rng(7).normal(size=(512, D)))[0].T.astype(np.float32)  # D -> 512, isometric
@@ -525,8 +525,8 @@ def test_a_killed_kb_build_resumes_without_redoing_the_parts_it_had_written(worl
     done = {(p.parent.parent.name, p.stem.rsplit("_", 1)[1]) for p in counts.glob("*/counts/*.json")}
     assert any(side == "external" for side, _ in done)
 
-    resumed = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run_kb_build(KBBuildSpec(internal=None, internal_embeddings=f"{tmp_path}/int",
+                             external_embeddings=f"{tmp_path}/ext", out=str(kb), cfg=KBConfig.model_validate(config)))
     report = json.loads((kb / "report.json").read_text())
     assert report["fit_resumed"]  # the same W: the parts already written stay valid
     assert report["resumed_parts"] == len(done)  # exactly the parts with a counts file were skipped, no more
