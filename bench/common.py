@@ -236,6 +236,26 @@ def render_markdown(path: Path) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def worker_pythonpath() -> str:
+    """``PYTHONPATH`` with this checkout first: Ray's workers inherit the driver's environment, and must import this
+    checkout (a shared virtual environment's editable install may point at another clone)."""
+    return os.pathsep.join(dict.fromkeys([str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
+
+
+def start_local_ray(num_cpus: int, temp_dir: str, object_store_bytes: int, workers_kept: int | None = None) -> float:
+    """A local Ray instance whose workers import this checkout, no dashboard (the tests' session cluster and the
+    benchmarks'); ``workers_kept``: idle workers Ray keeps for the next tasks (``num_workers_soft_limit``). Returns
+    the seconds it took to start."""
+    import ray
+
+    os.environ["PYTHONPATH"] = worker_pythonpath()
+    t0 = time.perf_counter()
+    ray.init(num_cpus=num_cpus, object_store_memory=object_store_bytes, include_dashboard=False, log_to_driver=False,
+             ignore_reinit_error=True, _temp_dir=temp_dir,
+             _system_config={"num_workers_soft_limit": workers_kept} if workers_kept else None)
+    return time.perf_counter() - t0
+
+
 def start_cluster(head: dict, nodes: list[dict], object_store_bytes: int | None = None):
     """A simulated multi-node Ray cluster on this machine (``ray.cluster_utils.Cluster``: one raylet per node, fake
     GPUs, no dashboard): a head of ``head``'s resources and one node per entry of ``nodes`` (``add_node`` keywords),

@@ -34,7 +34,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import REPO, Target, count, counts, measure, report  # noqa: E402
+from bench.common import Target, count, counts, measure, report, start_local_ray  # noqa: E402
 from rag4dmc.pipeline.config import JobConfig, KBConfig, MappingConfig  # noqa: E402
 
 RAY_OBJECT_STORE_BYTES = 1024**3  # the object store holds a few batches of 128px PNGs; 1 GiB is plenty
@@ -64,27 +64,23 @@ def job_config(niqe_params: str | None) -> JobConfig:
 
 
 def start_ray(num_cpus: int, temp_dir: str) -> float:
-    """A local Ray instance like the tests' (this checkout importable by workers); returns its start time."""
+    """A local Ray instance like the tests' (``bench.common.start_local_ray``), without progress bars; returns its
+    start time."""
     import ray
 
-    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([str(REPO), *filter(None, os.environ.get(
-        "PYTHONPATH", "").split(os.pathsep))]))
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    t0 = time.perf_counter()
-    ray.init(num_cpus=num_cpus, object_store_memory=RAY_OBJECT_STORE_BYTES, include_dashboard=False,
-             log_to_driver=False, _temp_dir=temp_dir)
+    seconds = start_local_ray(num_cpus, temp_dir, RAY_OBJECT_STORE_BYTES)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    return time.perf_counter() - t0
+    return seconds
 
 
 def build_kb(root: Path, n_internal: int, n_external: int) -> tuple[str, float, int]:
     """Generate internal and external pairs and build the KB with the KB job; (uri, seconds, rows)."""
-    from rag4dmc.pipeline.demo.corpus import make_external, make_internal
-    from rag4dmc.pipeline.io.datasets import write_parquet
+    from rag4dmc.pipeline.demo.corpus import make_external, make_internal, write_split
     from rag4dmc.pipeline.job.kb_runner import KBBuildSpec, run_kb_build
 
-    write_parquet(make_internal(n_internal).select(["id", "image", "text"]), f"{root}/internal/part-0.parquet")
-    write_parquet(make_external(n_external).select(["id", "image", "text"]), f"{root}/external/part-0.parquet")
+    write_split(make_internal(n_internal).select(["id", "image", "text"]), f"{root}/internal")
+    write_split(make_external(n_external).select(["id", "image", "text"]), f"{root}/external")
     cfg = KBConfig(mapping=MappingConfig(max_epochs=KB_MAPPING_EPOCHS))
     t0 = time.perf_counter()
     built = run_kb_build(KBBuildSpec(internal=f"{root}/internal", external=f"{root}/external", out=f"{root}/kb",
@@ -95,12 +91,10 @@ def build_kb(root: Path, n_internal: int, n_external: int) -> tuple[str, float, 
 def write_data(folder: Path, n: int, seed: int, missing_rate: float) -> None:
     """``n`` rows, ``missing_rate`` of them incomplete (half of those lack the image, half the text), in
     ROWS_PER_SHARD-row parquet shards."""
-    from rag4dmc.pipeline.demo.corpus import make_incomplete
-    from rag4dmc.pipeline.io.datasets import write_parquet
+    from rag4dmc.pipeline.demo.corpus import make_incomplete, write_split
 
     table = make_incomplete(n, seed=seed, missing_rate=missing_rate).select(["id", "image", "text"])
-    for j, s in enumerate(range(0, n, ROWS_PER_SHARD)):
-        write_parquet(table.slice(s, ROWS_PER_SHARD), f"{folder}/part-{j:05d}.parquet")
+    write_split(table, str(folder), -(-n // ROWS_PER_SHARD))
 
 
 class FirstFile:

@@ -93,13 +93,11 @@ def ray_local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """One local Ray instance for the session (2 CPUs, small object store, no dashboard); yields ``ray``."""
     import ray
 
+    from bench.common import start_local_ray, worker_pythonpath
+
     with pytest.MonkeyPatch.context() as patch:
-        # Workers inherit the driver's environment: make this checkout importable for them.
-        paths = [str(REPO_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-        patch.setenv("PYTHONPATH", os.pathsep.join(dict.fromkeys(paths)))
-        ray.init(num_cpus=RAY_NUM_CPUS, object_store_memory=RAY_OBJECT_STORE_BYTES, include_dashboard=False,
-                 ignore_reinit_error=True, log_to_driver=False, _temp_dir=str(tmp_path_factory.mktemp("ray")),
-                 _system_config={"num_workers_soft_limit": RAY_WORKERS_KEPT})
+        patch.setenv("PYTHONPATH", worker_pythonpath())  # the session's own setting again after it
+        start_local_ray(RAY_NUM_CPUS, str(tmp_path_factory.mktemp("ray")), RAY_OBJECT_STORE_BYTES, RAY_WORKERS_KEPT)
         try:
             yield ray
         finally:

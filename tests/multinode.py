@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 HEAD = {"num_cpus": 2, "num_gpus": 0}
@@ -31,25 +32,32 @@ def main(work: Path, result_file: Path, kb: str) -> None:
     import ray
 
     from rag4dmc.pipeline.config import JobConfig
+    from rag4dmc.pipeline.demo.corpus import write_split
     from rag4dmc.pipeline.io.shared_paths import PathNotShared, check_local_paths
     from rag4dmc.pipeline.job.runner import JobSpec, run_job
-    from tests.test_job import JOB, _incomplete, _write_shards
+    from tests.test_job import JOB, _incomplete
     from tests.tiny_models import tiny_model_job
 
+    t0 = time.perf_counter()
     cluster = start_cluster()
     ray.init(address=cluster.address, log_to_driver=False)
-    result: dict = {"nodes": {n["NodeID"][:12]: n["Resources"] for n in ray.nodes() if n["Alive"]}}
+    result: dict = {"nodes": {n["NodeID"][:12]: n["Resources"] for n in ray.nodes() if n["Alive"]}, "seconds": {}}
+    lap = _laps(result["seconds"], t0)
+    lap("cluster")
     try:
         data = work / "data"
-        _write_shards(_incomplete(240, seed=3), data, 4)
+        write_split(_incomplete(240, seed=3), data, 4)
         result["dry_run"] = run_job(JobSpec(data=str(data), kb=kb, out=str(work / "dry"), dry_run=True))
         result["dry_run_wrote"] = sorted(p.name for p in (work / "dry").glob("*")) if (work / "dry").exists() else []
+        lap("dry_run")
         result["cpu"] = run_job(JobSpec(data=str(data), kb=kb, out=str(work / "out-cpu"), cfg=JobConfig()))
+        lap("cpu_job")
 
         gpu_data = work / "gpu-data"
-        _write_shards(_incomplete(24, seed=4), gpu_data, 2)
+        write_split(_incomplete(24, seed=4), gpu_data, 2)
         cfg = tiny_model_job(JOB, work / "weights", accelerators="gpu")
         result["gpu"] = run_job(JobSpec(data=str(gpu_data), kb=kb, out=str(work / "out-gpu"), cfg=cfg))
+        lap("gpu_job")
         try:
             check_local_paths({"--data": str(work / "only-on-some-machine")})
             result["unseen_path"] = None
@@ -59,6 +67,18 @@ def main(work: Path, result_file: Path, kb: str) -> None:
         result_file.write_text(json.dumps(result, indent=2, default=str))
         ray.shutdown()
         cluster.shutdown()
+
+
+def _laps(seconds: dict, t0: float):
+    """A recorder of each step's wall seconds into ``seconds`` (RESULT.json's ``seconds``: where the time goes)."""
+    last = [t0]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        seconds[name] = round(now - last[0], 1)
+        last[0] = now
+
+    return lap
 
 
 if __name__ == "__main__":

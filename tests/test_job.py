@@ -11,7 +11,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -25,7 +24,7 @@ from rag4dmc.pipeline.config import (
     StageResources,
     StorageConfig,
 )
-from rag4dmc.pipeline.demo.corpus import make_external, make_incomplete, make_internal
+from rag4dmc.pipeline.demo.corpus import make_external, make_incomplete, make_internal, write_split
 from rag4dmc.pipeline.io.datasets import write_parquet
 from rag4dmc.pipeline.io.storage import Storage
 from rag4dmc.pipeline.job.kb_runner import KBBuildSpec, run_kb_build
@@ -46,8 +45,8 @@ def _png(img: Image.Image) -> bytes:
 
 def write_kb_sources(root: Path | str) -> tuple[str, str]:
     """The internal and external pairs of the job's small KB, written under ``root``; their two folders."""
-    write_parquet(make_internal(150, seed=0).select(["id", "image", "text"]), f"{root}/internal/part-0.parquet")
-    write_parquet(make_external(150, seed=0).select(["id", "image", "text"]), f"{root}/external/part-0.parquet")
+    write_split(make_internal(150, seed=0).select(["id", "image", "text"]), f"{root}/internal")
+    write_split(make_external(150, seed=0).select(["id", "image", "text"]), f"{root}/external")
     return f"{root}/internal", f"{root}/external"
 
 
@@ -66,12 +65,6 @@ def build_job_kb(root: Path) -> str:
 
 def _incomplete(n: int, seed: int = 1) -> pa.Table:
     return make_incomplete(n, seed=seed, missing_rate=0.8).select(["id", "image", "text"])
-
-
-def _write_shards(table: pa.Table, folder: Path | str, shards: int, storage_options: dict | None = None) -> None:
-    bounds = np.linspace(0, table.num_rows, shards + 1).astype(int)
-    for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        write_parquet(table.slice(a, b - a), f"{folder}/part-{j:03d}.parquet", storage_options)
 
 
 def _bad_rows(tmp: Path) -> pa.Table:
@@ -110,7 +103,7 @@ def bad_input_run(kb, tmp_path_factory) -> BadInputRun:
     root = tmp_path_factory.mktemp("bad-input")
     data = root / "data"
     good = _incomplete(60)
-    _write_shards(good, data, 3)
+    write_split(good, data, 3)
     bad, uri_rows = _bad_rows(root)
     write_parquet(bad, f"{data}/bad-0.parquet")
     write_parquet(uri_rows, f"{data}/bad-uri.parquet")
@@ -217,7 +210,7 @@ def test_retry_failed_recomputes_only_failed_rows_exactly_once(kb, bad_input_run
 def test_reads_from_and_writes_to_object_storage(kb, s3_bucket, s3_server, tmp_path):
     opts = s3_server.storage_options
     data = f"{s3_bucket}/incomplete"
-    _write_shards(_incomplete(24, seed=4), data, 2, opts)
+    write_split(_incomplete(24, seed=4), data, 2, opts)
     storage_cfg = StorageConfig(endpoint_url=s3_server.endpoint_url, key="testing", secret="testing")
     kb_uri = f"{s3_bucket}/kb"
     Storage(storage_cfg).fs(kb_uri).put(kb.rstrip("/") + "/", kb_uri.split("://")[1], recursive=True)
@@ -281,7 +274,7 @@ def test_model_generators_complete_every_row_through_the_same_plan(kb, tmp_path)
     from tests.tiny_models import TINY_IMAGE, tiny_model_job
 
     data = tmp_path / "data"
-    _write_shards(_incomplete(12, seed=6), data, 1)
+    write_split(_incomplete(12, seed=6), data, 1)
     cfg = tiny_model_job(JOB, tmp_path / "weights", accelerators="cpu", device="cpu")
     summary = run_job(JobSpec(data=str(data), kb=kb, out=str(tmp_path / "out"), cfg=cfg))
     out = read_output(Storage(), str(tmp_path / "out")).to_pandas()
@@ -304,12 +297,12 @@ def test_a_three_shard_kb_chained_one_shard_per_actor_gives_the_in_process_chain
     from rag4dmc.pipeline.job.local_chain import LocalChain
 
     root = tmp_path / "kb-src"
-    write_parquet(make_internal(150, seed=0).select(["id", "image", "text"]), f"{root}/internal/part-0.parquet")
+    write_split(make_internal(150, seed=0).select(["id", "image", "text"]), f"{root}/internal")
     cfg3 = FAST_KB.model_copy(update={"index": IndexConfig(shards=3), "use_external": False})
     kb3 = str(tmp_path / "kb3")
     run_kb_build(KBBuildSpec(internal=f"{root}/internal", out=kb3, cfg=cfg3))
     data = tmp_path / "data"
-    _write_shards(_incomplete(40, seed=7), data, 2)
+    write_split(_incomplete(40, seed=7), data, 2)
     job = JOB.model_copy(update={"shards_per_actor": 1})
     summary = run_job(JobSpec(data=str(data), kb=kb3, out=str(tmp_path / "out"), cfg=job))
     assert summary["rows_out"] == summary["unique_row_keys"] == 40 and summary["failed"] == 0
@@ -332,7 +325,7 @@ def test_a_three_shard_kb_chained_one_shard_per_actor_gives_the_in_process_chain
 @pytest.mark.timeout(600)
 def test_rows_in_flight_stay_within_the_configured_blocks_and_output_lands_per_block(kb, tmp_path):
     data = tmp_path / "data"
-    _write_shards(_incomplete(120, seed=8), data, 2)
+    write_split(_incomplete(120, seed=8), data, 2)
     small = StageResources(batch_size=8)
     cfg = JOB.model_copy(update={"block_rows": 8, "max_blocks_in_flight": 12,
                                  "resources": {"embed": small, "retrieve": small, "generate": small}})
@@ -353,7 +346,7 @@ def test_rows_in_flight_stay_within_the_configured_blocks_and_output_lands_per_b
 @pytest.mark.timeout(900)
 def test_pools_slower_than_task_seconds_a_block_share_each_block_and_output_is_committed_in_whole_blocks(kb, tmp_path):
     data = tmp_path / "data"
-    _write_shards(_incomplete(96, seed=9), data, 1)
+    write_split(_incomplete(96, seed=9), data, 1)
     small = StageResources(batch_size=8)
     # declared costs: encoder 0.023 s/row, retrieval 0.008, image generator 0.05: a 32-row block is over 0.1 s,
     # so their tasks are one batch of 8; the text generator (0.0004 s/row) takes whole blocks

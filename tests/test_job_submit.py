@@ -28,11 +28,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rag4dmc.pipeline.demo.corpus import write_split
 from rag4dmc.pipeline.io.storage import Storage
 from rag4dmc.pipeline.job.writer import read_output
 from tests.conftest import LOOPBACK, RAY_NUM_CPUS, RAY_OBJECT_STORE_BYTES, REPO_ROOT
 from tests.processes import processes_with_env, until
-from tests.test_job import FAST_KB, _incomplete, _write_shards, write_kb_sources
+from tests.test_job import FAST_KB, _incomplete, write_kb_sources
 
 BIN = Path(sys.executable).parent  # the virtual environment's ray and rag4dmc
 # What README's "On a cluster" passes as --runtime-env-json: the job's settings, nothing about where the code is.
@@ -168,7 +169,7 @@ def test_kb_build_and_complete_submitted_to_a_running_cluster(ray_head, tmp_path
 
     data, out = tmp_path / "data", tmp_path / "out"
     rows = _incomplete(80, seed=6)
-    _write_shards(rows, data, 2)
+    write_split(rows, data, 2)
     submit(ray_head, ["rag4dmc", "complete", "--data", str(data), "--kb", kb, "--out", str(out)])
 
     table = read_output(Storage(), str(out)).to_pandas()

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from rag4dmc.pipeline.config import JobConfig
+from rag4dmc.pipeline.demo.corpus import write_split
 from rag4dmc.pipeline.io.datasets import read_shard, write_parquet
 from rag4dmc.pipeline.io.storage import Storage
 from rag4dmc.pipeline.job.runner import RUN_FILE, SUMMARY_FILE, JobSpec, RunMismatch, _check_run, run_job
@@ -32,7 +33,7 @@ from rag4dmc.pipeline.job.writer import (
     write_file,
 )
 from rag4dmc.pipeline.schema import OUTPUT_SCHEMA, STAGES
-from tests.test_job import JOB, _incomplete, _write_shards
+from tests.test_job import JOB, _incomplete
 
 KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -194,7 +195,7 @@ def _parquet_files(out: Path) -> list[Path]:
 def test_job_writes_webdataset_tars_resumes_from_them_and_refuses_parquet(kb, tmp_path):  # noqa: F811
     data, out = tmp_path / "data", tmp_path / "out"
     good = _incomplete(24, seed=11)
-    _write_shards(good, data, 2)
+    write_split(good, data, 2)
     bad = pa.table({"id": ["bad-undecodable"], "image": pa.array([b"this is not an image"], pa.binary()),
                     "text": pa.array([None], pa.string())})
     write_parquet(bad, f"{data}/bad.parquet")

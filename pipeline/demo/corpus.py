@@ -325,12 +325,14 @@ def make_incomplete(n: int, seed: int = 0, missing_rate: float = 1.0, image_frac
                            missing_rate, image_fraction, seed)
 
 
-def _write_split(table: pa.Table, folder: str, format: str, shards: int, storage_options: dict | None) -> None:
-    user = table.select(list(_USER_COLUMNS))
-    bounds = np.linspace(0, user.num_rows, max(1, min(shards, user.num_rows)) + 1).astype(int)
+def write_split(table: pa.Table, folder: str, shards: int = 1, format: str = "parquet",
+                storage_options: dict | None = None) -> None:
+    """``table`` as ``shards`` shards of about equal rows, ``folder/part-00000.<ext>`` on, in ``format``: how the demo,
+    the benchmarks and the tests write a dataset."""
+    bounds = np.linspace(0, table.num_rows, max(1, min(shards, table.num_rows)) + 1).astype(int)
     for j, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
         uri = f"{folder}/part-{j:05d}.{_SHARD_EXTENSIONS[format]}"
-        part = user.slice(lo, hi - lo)
+        part = table.slice(lo, hi - lo)
         if format == "parquet":
             write_parquet(part, uri, storage_options)
         elif format == "jsonl":
@@ -359,6 +361,6 @@ def write_demo_corpus(out_dir: str, n_internal: int, n_external: int, n_incomple
     }
     paths = {name: f"{root}/{name}" for name in tables} | {"truth": f"{root}/truth"}
     for name, table in tables.items():
-        _write_split(table, paths[name], format, shards, storage_options)
+        write_split(table.select(list(_USER_COLUMNS)), paths[name], shards, format, storage_options)
         write_parquet(table, f"{paths['truth']}/{name}.parquet", storage_options)
     return paths
