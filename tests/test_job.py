@@ -210,7 +210,7 @@ def test_retry_failed_recomputes_only_failed_rows_exactly_once(kb, bad_input_run
 def test_reads_from_and_writes_to_object_storage(kb, s3_bucket, s3_server, tmp_path):
     opts = s3_server.storage_options
     data = f"{s3_bucket}/incomplete"
-    write_split(_incomplete(24, seed=4), data, 2, opts)
+    write_split(_incomplete(24, seed=4), data, 2, storage_options=opts)
     storage_cfg = StorageConfig(endpoint_url=s3_server.endpoint_url, key="testing", secret="testing")
     kb_uri = f"{s3_bucket}/kb"
     Storage(storage_cfg).fs(kb_uri).put(kb.rstrip("/") + "/", kb_uri.split("://")[1], recursive=True)

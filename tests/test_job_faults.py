@@ -219,7 +219,7 @@ def test_object_storage_errors_and_resets_are_retried_and_every_row_comes_out_on
 
     direct = Storage(s3_server.storage_config)
     data, kb_uri, out = f"{s3_bucket}/incomplete", f"{s3_bucket}/kb", f"{s3_bucket}/out"
-    write_split(_incomplete(N, seed=7), data, SHARDS, s3_server.storage_options)
+    write_split(_incomplete(N, seed=7), data, SHARDS, storage_options=s3_server.storage_options)
     direct.fs(kb_uri).put(kb.rstrip("/") + "/", kb_uri.split("://")[1], recursive=True)
     with FaultyProxy(s3_server.endpoint_url, every=5) as proxy:
         cfg = JobConfig(storage=s3_server.storage_config.model_copy(update={"endpoint_url": proxy.url,

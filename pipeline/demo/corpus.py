@@ -325,7 +325,7 @@ def make_incomplete(n: int, seed: int = 0, missing_rate: float = 1.0, image_frac
                            missing_rate, image_fraction, seed)
 
 
-def write_split(table: pa.Table, folder: str, shards: int = 1, format: str = "parquet",
+def write_split(table: pa.Table, folder: str, shards: int = 1, format: str = "parquet", *,
                 storage_options: dict | None = None) -> None:
     """``table`` as ``shards`` shards of about equal rows, ``folder/part-00000.<ext>`` on, in ``format``: how the demo,
     the benchmarks and the tests write a dataset."""
@@ -361,6 +361,7 @@ def write_demo_corpus(out_dir: str, n_internal: int, n_external: int, n_incomple
     }
     paths = {name: f"{root}/{name}" for name in tables} | {"truth": f"{root}/truth"}
     for name, table in tables.items():
-        write_split(table.select(list(_USER_COLUMNS)), paths[name], shards, format, storage_options)
+        write_split(table.select(list(_USER_COLUMNS)), paths[name], shards, format,
+                    storage_options=storage_options)
         write_parquet(table, f"{paths['truth']}/{name}.parquet", storage_options)
     return paths
