@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import uuid
 import weakref
 
 import numpy as np
@@ -74,7 +75,7 @@ def build_knowledge_base(
 
 def _write_side(root: str, entries: pa.Table, vectors: dict[str, np.ndarray], storage_options: dict | None) -> str:
     """One side as a one-shard layout at ``root`` (float32: nothing lost before the build's own float16 parts),
-    with its image bytes, if any, in ``root/images.parquet``; returns ``root``."""
+    with its image bytes, if any, in ``root/images-<id>.parquet``; returns ``root``."""
     if not entries.num_rows == len(vectors["image"]) == len(vectors["text"]):
         raise EmbeddingError(f"{root.rsplit('/', 1)[-1]} entries ({entries.num_rows} rows), image and text embeddings "
                              f"({len(vectors['image'])}, {len(vectors['text'])}) must have the same number of rows")
@@ -85,9 +86,13 @@ def _write_side(root: str, entries: pa.Table, vectors: dict[str, np.ndarray], st
         meta["image_shard"] = entries.column("image_shard").cast(pa.string())
         meta["image_row"] = entries.column("image_row").cast(pa.int64())
     elif "image" in entries.column_names:
-        images = f"{root}/images.parquet"
+        # a name of its own per build: image caches key on where an image is, and ``out`` may be built again
+        images = f"{root}/images-{uuid.uuid4().hex[:12]}.parquet"
         fs, path = url_to_fs(images, storage_options)
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        folder = path.rsplit("/", 1)[0]
+        fs.makedirs(folder, exist_ok=True)
+        for earlier in fs.glob(f"{folder}/images-*.parquet"):  # an earlier build's, which nothing points into now
+            fs.rm(earlier)
         with fs.open(path, "wb") as f:
             pq.write_table(pa.table({ColumnsConfig().image: entries.column("image").cast(pa.binary())}), f,
                            row_group_size=IMAGE_ROW_GROUP)

@@ -36,7 +36,7 @@ class KnowledgeBase:
     report: dict
     manifest: dict = field(default_factory=dict)
     storage_options: dict | None = None  # where the entries' images are read from
-    _images: ExampleImages | None = field(default=None, repr=False)
+    _images: ExampleImages | None = field(default=None, init=False, repr=False)  # made on first use
 
     @property
     def version(self) -> str:
