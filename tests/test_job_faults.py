@@ -81,7 +81,7 @@ def _rows(out: Path) -> dict[str, dict]:
 
 def _all_keys() -> set[str]:
     bounds = np.linspace(0, N, SHARDS + 1).astype(int)  # as write_split splits the rows
-    return {f"part-{j:03d}.parquet:{i}" for j in range(SHARDS) for i in range(bounds[j + 1] - bounds[j])}
+    return {f"part-{j:05d}.parquet:{i}" for j in range(SHARDS) for i in range(bounds[j + 1] - bounds[j])}
 
 
 def _fired_fault(state: Path, index: int) -> int:
