@@ -360,10 +360,12 @@ def _put(uri: str, payload: bytes, storage_options: dict | None) -> None:
     with_retries(lambda: fs.pipe_file(path, payload), base_delay=RETRY_BASE_DELAY_S)
 
 
-def write_parquet(table: pa.Table, uri: str, storage_options: dict | None = None) -> None:
-    """Write ``table`` as one parquet file at ``uri`` (any schema)."""
+def write_parquet(table: pa.Table, uri: str, storage_options: dict | None = None,
+                  row_group_size: int | None = None) -> None:
+    """Write ``table`` as one parquet file at ``uri`` (any schema); ``row_group_size``: rows per row group (pyarrow's
+    default when None)."""
     buf = io.BytesIO()
-    pq.write_table(table, buf)
+    pq.write_table(table, buf, row_group_size=row_group_size)
     _put(uri, buf.getvalue(), storage_options)
 
 

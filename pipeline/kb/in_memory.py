@@ -16,12 +16,12 @@ import weakref
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from rag4dmc.pipeline.config import ColumnsConfig, KBConfig
 from rag4dmc.pipeline.core.knn import EmbeddingError, normalize_rows
 from rag4dmc.pipeline.core.retrieval import MODALITIES
 from rag4dmc.pipeline.io import embedding_layout as layout
+from rag4dmc.pipeline.io.datasets import write_parquet
 from rag4dmc.pipeline.io.storage import url_to_fs
 from rag4dmc.pipeline.kb import store as kb_store
 from rag4dmc.pipeline.kb.build import BuildInputs, InProcess, build
@@ -88,17 +88,14 @@ def _write_side(root: str, entries: pa.Table, vectors: dict[str, np.ndarray], st
     elif "image" in entries.column_names:
         # a name of its own per build: image caches key on where an image is, and ``out`` may be built again
         images = f"{root}/images-{uuid.uuid4().hex[:12]}.parquet"
-        fs, path = url_to_fs(images, storage_options)
-        folder = path.rsplit("/", 1)[0]
-        fs.makedirs(folder, exist_ok=True)
-        for earlier in fs.glob(f"{folder}/images-*.parquet"):  # an earlier build's, which nothing points into now
+        fs, path = url_to_fs(root, storage_options)
+        for earlier in fs.glob(f"{path}/images-*.parquet"):  # an earlier build's, which nothing points into now
             fs.rm(earlier)
-        with fs.open(path, "wb") as f:
-            pq.write_table(pa.table({ColumnsConfig().image: entries.column("image").cast(pa.binary())}), f,
-                           row_group_size=IMAGE_ROW_GROUP)
-        present = pa.array(entries.column("image").is_valid())
-        meta["image_shard"] = pa.array([images if ok else None for ok in present.to_pylist()], pa.string())
-        meta["image_row"] = pa.array([i if ok else None for i, ok in enumerate(present.to_pylist())], pa.int64())
+        write_parquet(pa.table({ColumnsConfig().image: entries.column("image").cast(pa.binary())}), images,
+                      storage_options, row_group_size=IMAGE_ROW_GROUP)
+        present = entries.column("image").is_valid().to_pylist()
+        meta["image_shard"] = pa.array([images if ok else None for ok in present], pa.string())
+        meta["image_row"] = pa.array([i if ok else None for i, ok in enumerate(present)], pa.int64())
     layout.write_embedding_shard(root, "0", vectors["image"], vectors["text"], pa.table(meta), storage_options,
                                  dtype="float32")
     return root
