@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from rag4dmc.actors.images import resize_for_model
-from rag4dmc.actors.resources import Resources
+from rag4dmc.actors.resources import Resources, pick_device
 from rag4dmc.actors.weights import HF_CACHE, fetch_object, hub_offline
 from rag4dmc.pipeline.config import EncoderConfig
 
@@ -80,15 +80,6 @@ def check_towers(towers: tuple[str, ...]) -> tuple[str, ...]:
     if not towers or set(towers) - set(TOWERS):
         raise ValueError(f"towers must be one or both of {TOWERS}, got {towers!r}")
     return towers
-
-
-def pick_device(device: str) -> torch.device:
-    """cuda when asked for or (``auto``) when visible, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for but no CUDA device is visible; use --device auto or cpu")
-    return torch.device(device)
 
 
 def _unit_rows(x: torch.Tensor) -> np.ndarray:

@@ -7,8 +7,9 @@ hands out the stand-ins instead, so the modules of the real models never depend 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rag4dmc.actors import standin
-from rag4dmc.actors.encoders import TOWERS, Encoder, LiteEncoder, OpenClipEncoder
 from rag4dmc.actors.generators import (
     Blip2TextGenerator,
     ImageGenerator,
@@ -19,20 +20,28 @@ from rag4dmc.actors.generators import (
 )
 from rag4dmc.pipeline.config import EncoderConfig, GeneratorConfig
 
+if TYPE_CHECKING:  # the encoders' module imports torch: a stage without an encoder (retrieval, nn generation) never does
+    from rag4dmc.actors.encoders import Encoder, LiteEncoder, OpenClipEncoder
+
 
 def encoder_class(cfg: EncoderConfig) -> type[LiteEncoder] | type[OpenClipEncoder]:
     """The encoder class a config selects (its ``RESOURCES`` size the actor pools)."""
     if standin.enabled():  # a benchmark and test aid (actors/standin.py); off unless RAG4DMC_STANDIN is set
         return standin.encoder_class(cfg)
+    from rag4dmc.actors.encoders import LiteEncoder, OpenClipEncoder
+
     return {"lite": LiteEncoder, "open_clip": OpenClipEncoder}[cfg.backend]
 
 
 def create_encoder(cfg: EncoderConfig, storage_options: dict | None = None,
-                   towers: tuple[str, ...] = TOWERS) -> Encoder:
+                   towers: tuple[str, ...] | None = None) -> Encoder:
     """The one place that turns an encoder configuration into a loaded encoder; ``towers``: the ones a caller
-    embeds with (the lite encoder loads only those; open_clip's model loads whole)."""
+    embeds with (default both; the lite encoder loads only those, open_clip's model loads whole)."""
     if standin.enabled():
         return standin.create_encoder(cfg)
+    from rag4dmc.actors.encoders import TOWERS, LiteEncoder, OpenClipEncoder
+
+    towers = TOWERS if towers is None else towers
     if cfg.backend == "lite":
         return LiteEncoder(device=cfg.device, batch_size=cfg.batch_size, cpu_runtime=cfg.cpu_runtime, towers=towers)
     return OpenClipEncoder(cfg.model_name, cfg.pretrained, cfg.model_dir, device=cfg.device,

@@ -17,23 +17,25 @@ in the local cache: a missing model is a fast :class:`GeneratorNotFoundError`, n
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
 from PIL import Image
 
 from rag4dmc.actors import weights
-from rag4dmc.actors.encoders import pick_device
 from rag4dmc.actors.images import InputError, load_image
-from rag4dmc.actors.resources import Resources
+from rag4dmc.actors.resources import Resources, pick_device
 from rag4dmc.actors.weights import HF_CACHE
+
+if TYPE_CHECKING:  # torch is imported where a model runs: the nearest-neighbour generators never need it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ TRANSFORMERS_MARKER = "config.json"  # a folder without it holds no transformers
 DIFFUSERS_MARKER = "model_index.json"  # ... and without this no diffusers pipeline
 SDXL_MODES = ("img2img", "text2img")
 SDXL_SIZE_MULTIPLE = 8  # SDXL wants height and width divisible by 8
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # torch dtypes by name
 
 
 @dataclass
@@ -150,12 +152,29 @@ def torch_dtype(device: torch.device, precision: str) -> torch.dtype:
     """The requested half precision on cuda; fp32 on cpu, where half precision is slow or unsupported."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    return PRECISIONS[precision] if device.type == "cuda" else torch.float32
+    import torch
+
+    return getattr(torch, PRECISIONS[precision]) if device.type == "cuda" else torch.float32
+
+
+def inference(method: Callable) -> Callable:
+    """``method`` run under ``torch.inference_mode`` (torch imported on the first call, not with this module)."""
+
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        import torch
+
+        with torch.inference_mode():
+            return method(*args, **kwargs)
+
+    return run
 
 
 @contextlib.contextmanager
 def seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Within the block torch's global RNG (and the device's) starts from ``seed``; restored afterwards."""
+    import torch
+
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -290,7 +309,7 @@ class Blip2TextGenerator:
                 out[i] = [c for c in captions if c]
         return out
 
-    @torch.inference_mode()
+    @inference
     def _sample(self, images: list[Image.Image], prompts: list[str], n: int) -> list[str]:
         """n decoded samples per prompt, grouped by prompt, in one ``generate`` call."""
         inputs = self.processor(images=images, text=prompts, return_tensors="pt", padding=True).to(self.device)
@@ -363,9 +382,11 @@ class SdxlImageGenerator:
                 out[q] = images[k * n : (k + 1) * n]
         return out
 
-    @torch.inference_mode()
+    @inference
     def _sample(self, chunk: list[tuple[int, str, Image.Image | None]], n: int, seed: int) -> list[Image.Image]:
         """n images per (query, prompt, init image), grouped by query, in one pipeline call."""
+        import torch
+
         # cpu generators: the same draws on any device (diffusers moves the noise to the pipeline's device)
         generators = [torch.Generator(device="cpu").manual_seed(derive_seed(seed, q, j))
                       for q, _, _ in chunk for j in range(n)]

@@ -213,3 +213,36 @@ def test_the_modules_a_cpu_task_worker_imports_load_no_model_library():
     from rag4dmc.pipeline.job.writer import finalize
 
     assert run_stage.__module__ == "rag4dmc.actors.stage" and finalize.__module__ == "rag4dmc.pipeline.job.writer"
+
+
+def test_retrieval_and_nearest_neighbour_generation_never_import_torch(three_shard_kb, tmp_path):
+    """A retrieval actor and a nearest-neighbour generator (the defaults on CPU) load no model: unpickled in a fresh
+    process as Ray ships them to their actors and run on embedded rows, they never import torch (about 2 s of CPU
+    for every actor a job starts), the image -> text direction's selection (cosine + BLEU) included."""
+    import json
+    import pickle
+    import subprocess
+    import sys
+
+    from rag4dmc.pipeline.demo.corpus import make_incomplete
+    from rag4dmc.pipeline.io.datasets import ShardResult
+    from rag4dmc.pipeline.job.mapper import direction_stages
+    from rag4dmc.pipeline.job.reader import keyed_rows
+    from rag4dmc.pipeline.kb import store as kb_store
+
+    manifest = kb_store.load(three_shard_kb, shards=[]).manifest
+    stages = direction_stages(TASK_I2T, JobConfig(shards_per_actor=1), three_shard_kb, manifest, None)
+    queries = make_incomplete(12, seed=5, missing_rate=1.0).select(["id", "image", "text"])
+    batch = run_chain(stages[:2], _as_batch(keyed_rows("in", ShardResult(_canonical(queries), []), "")))
+    assert (batch["task"] == TASK_I2T).any()
+    (tmp_path / "work.pkl").write_bytes(pickle.dumps((stages[2:], batch)))
+    code = ("import json, pickle, sys\nfrom rag4dmc.actors.stage import run_chain\n"
+            f"stages, batch = pickle.loads(open({str(tmp_path / 'work.pkl')!r}, 'rb').read())\n"
+            "out = run_chain(stages, batch)\n"
+            "print(json.dumps({'statuses': [s for s, t in zip(out['status'], batch['task']) if t == 'i2t'],\n"
+            "                  'torch': 'torch' in sys.modules}))")
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    result = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert result["statuses"] == ["completed"] * int((batch["task"] == TASK_I2T).sum())
+    assert result["torch"] is False

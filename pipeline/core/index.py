@@ -30,6 +30,10 @@ RERANK_CHUNK_QUERIES = 4
 INDEX_FILE, VECTORS_FILE, META_FILE = "index.faiss", "vectors.npy", "meta.json"  # a saved index folder
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 PQ_CENTROIDS = 256  # 8-bit PQ codes
+# float16 values a process casts with numpy before it imports torch for the rest (to_float32): about 0.5 s of
+# numpy's cast here, a quarter of torch's import
+TORCH_CAST_AFTER = 2**28
+_numpy_casts = [0]  # values cast with numpy so far in this process
 
 
 @functools.cache
@@ -40,7 +44,13 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 def to_float32(src: np.ndarray, out: np.ndarray) -> None:
     """Copy float16 ``src`` into float32 ``out``. torch's copy is vectorised (F16C / AVX-512); numpy 2.4's cast
-    ran 8x slower, and it was most of an IVF-PQ search's exact rerank (bench/retrieval.py)."""
+    ran 8x slower, and it was most of an IVF-PQ search's exact rerank (bench/retrieval.py). Importing torch costs
+    a process about 2 s, so numpy casts until this process has cast ``TORCH_CAST_AFTER`` values (rent, then buy):
+    a small KB's or a short job's searches never import torch, a long search soon does."""
+    if _numpy_casts[0] < TORCH_CAST_AFTER:
+        _numpy_casts[0] += src.size
+        out[...] = src
+        return
     import torch
 
     torch.from_numpy(out).copy_(torch.from_numpy(src))
