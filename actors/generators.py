@@ -17,7 +17,6 @@ in the local cache: a missing model is a fast :class:`GeneratorNotFoundError`, n
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import re
@@ -30,8 +29,9 @@ import numpy as np
 from PIL import Image
 
 from rag4dmc.actors import weights
+from rag4dmc.actors.devices import inference, pick_device
 from rag4dmc.actors.images import InputError, load_image
-from rag4dmc.actors.resources import Resources, pick_device
+from rag4dmc.actors.resources import Resources
 from rag4dmc.actors.weights import HF_CACHE
 
 if TYPE_CHECKING:  # torch is imported where a model runs: the nearest-neighbour generators never need it
@@ -155,19 +155,6 @@ def torch_dtype(device: torch.device, precision: str) -> torch.dtype:
     import torch
 
     return getattr(torch, PRECISIONS[precision]) if device.type == "cuda" else torch.float32
-
-
-def inference(method: Callable) -> Callable:
-    """``method`` run under ``torch.inference_mode`` (torch imported on the first call, not with this module)."""
-
-    @functools.wraps(method)
-    def run(*args, **kwargs):
-        import torch
-
-        with torch.inference_mode():
-            return method(*args, **kwargs)
-
-    return run
 
 
 @contextlib.contextmanager

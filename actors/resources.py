@@ -110,17 +110,6 @@ def use_gpus(accelerators: str) -> bool:
     return accelerators == "gpu"
 
 
-def pick_device(device: str):
-    """The ``torch.device`` a model runs on: cuda when asked for or (``auto``) when visible, else cpu."""
-    import torch  # here, not with the module: the planner and the CPU stages import this module without a model
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for but no CUDA device is visible; use --device auto or cpu")
-    return torch.device(device)
-
-
 def fit_to_cpus(pools: Sequence[Resources], budget: float) -> list[Resources]:
     """The pools with their CPU requests scaled down (never up) so that every pool's minimum size fits.
 

@@ -16,7 +16,10 @@ stay within 0.999).
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,10 +72,11 @@ def reference_embeddings(pixels: np.ndarray) -> np.ndarray:
 
 def tower_sweep(pixels: np.ndarray, reference: np.ndarray, thread_counts: list[int]) -> list[dict]:
     """images/s and least cosine to ``reference`` per runtime x threads x images per forward (best of 2)."""
-    rows, threads_before = [], torch.get_num_threads()
+    rows, threads_before, omp_before = [], torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     for runtime in ("torch", "onnxruntime"):
         for threads in thread_counts:
-            torch.set_num_threads(threads)  # ONNX Runtime's session takes torch's count when it is created
+            torch.set_num_threads(threads)
+            os.environ["OMP_NUM_THREADS"] = str(threads)  # ONNX Runtime's session takes it when it is created
             enc = LiteEncoder(device="cpu", batch_size=len(pixels), cpu_runtime=runtime)
             for step in MICRO_BATCHES:
                 enc.micro_batch = step
@@ -87,6 +91,25 @@ def tower_sweep(pixels: np.ndarray, reference: np.ndarray, thread_counts: list[i
                              "least_cosine": float((out * reference).sum(axis=1).min())})
                 print(rows[-1], flush=True)
     torch.set_num_threads(threads_before)
+    if omp_before is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp_before
+    return rows
+
+
+def fresh_process_loads() -> list[dict]:
+    """Seconds a fresh process (as a new actor is) takes to import the encoder and load one tower, per runtime on
+    CPU: the ONNX graphs cached (the first process on a machine exported them), or torch with timm / transformers."""
+    rows = []
+    for runtime in ("onnxruntime", "torch"):
+        for tower in ("image", "text"):
+            code = ("from rag4dmc.actors.encoders import LiteEncoder\n"
+                    f"LiteEncoder(device='cpu', cpu_runtime={runtime!r}, towers=({tower!r},))\n")
+            subprocess.run([sys.executable, "-c", code], check=True)  # the graphs exported, the files in the page cache
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True)
+            rows.append({"runtime": runtime, "tower": tower, "fresh_process_seconds": time.perf_counter() - started})
     return rows
 
 
@@ -122,11 +145,15 @@ def main() -> None:
              "peak_rss_gib": m.peak_rss_gib} for name, n, m in steps]
     payload = {"encoder": enc.name, "device": str(enc.device), "torch_threads": torch.get_num_threads(),
                "image_runtime": "onnxruntime" if enc.onnx is not None else "torch",
+               "text_runtime": "onnxruntime" if enc.text_onnx is not None else "torch",
                "batch_size": args.batch_size, "photo_size": PHOTO_SIZE, "load_seconds": m_load.seconds,
                "rows": rows}
     print(f"{enc.name} on {enc.device} ({torch.get_num_threads()} torch threads, image tower in "
-          f"{payload['image_runtime']}), batch {args.batch_size}, loaded in {m_load.seconds:.1f} s")
+          f"{payload['image_runtime']}, text tower in {payload['text_runtime']}), batch {args.batch_size}, loaded in {m_load.seconds:.1f} s")
     print(table(rows, ["step", "items", "seconds", "items_per_s", "peak_rss_gib"]))
+    if enc.device.type == "cpu":
+        payload["fresh_process_loads"] = fresh_process_loads()
+        print(table(payload["fresh_process_loads"], ["runtime", "tower", "fresh_process_seconds"]))
     if enc.device.type == "cpu" and args.sweep_images:
         sample = preprocess(jpeg_photos(args.sweep_images, seed=1))
         counts = sorted({1, torch.get_num_threads()})

@@ -161,12 +161,36 @@ def test_paraphrases_are_nearest_each_other(lite):
     assert sims.argmax(axis=1).tolist() == partner
 
 
-def test_text_tower_matches_sentence_transformers(lite):
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+def test_text_tower_matches_sentence_transformers(runtime):
+    """In either runtime (the exported graph with the tokenizers library's tokens, or transformers in torch), in one
+    padded batch with a text past the tower's 256 tokens, accents and an emoji: sentence-transformers' embeddings."""
     from sentence_transformers import SentenceTransformer
 
-    texts = [t for pair in PARAPHRASES for t in pair] + ["word", "a much longer sentence " * 30]
+    enc = LiteEncoder(device="cpu", cpu_runtime=runtime, towers=("text",))
+    assert (enc.text_onnx is not None) == (runtime == "onnxruntime")
+    texts = [t for pair in PARAPHRASES for t in pair] + ["word", "a much longer sentence " * 30,
+                                                         "Crème brûlée à la café 🍮", ""]
     reference = SentenceTransformer(minilm_dir(), device="cpu").encode(texts, normalize_embeddings=True)
-    np.testing.assert_allclose(lite.encode_texts(texts), reference, atol=TOL)
+    np.testing.assert_allclose(enc.encode_texts(texts), reference, atol=TOL)
+
+
+def test_on_cpu_the_cached_lite_graphs_load_without_torch_timm_or_transformers(lite):
+    """Once this machine has the two graphs (the ``lite`` fixture made them), an actor's lite encoder loads and
+    embeds in ONNX Runtime alone: no torch (about 2 s a process), no timm, no transformers."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, sys\nfrom rag4dmc.actors.encoders import LiteEncoder\nimport numpy as np\n"
+            "enc = LiteEncoder(device='auto')\n"
+            "out = [enc.encode_texts(['a cat']).shape, enc.encode_pixels(np.zeros((1, 224, 224, 3), np.uint8)).shape]\n"
+            "print(json.dumps({'shapes': out, 'loaded': sorted({'torch', 'timm', 'transformers'} & set(sys.modules))}))")
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    result = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert result == {"shapes": [[1, 384], [1, 1280]], "loaded": []}
 
 
 # --- lite: contract --------------------------------------------------------------------------------------
@@ -445,3 +469,16 @@ def test_unknown_architecture_and_precision_are_config_errors():
         OpenClipEncoder("ViT-Nope", device="cpu")
     with pytest.raises(ValueError, match="precision"):
         OpenClipEncoder("ViT-B-32", device="cpu", precision="fp8")
+
+
+def test_a_process_that_can_see_no_gpu_picks_the_cpu_without_importing_torch(monkeypatch):
+    import sys
+
+    from rag4dmc.actors import devices
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # as Ray sets it for an actor given no GPU
+    assert devices.gpu_possible() is False
+    monkeypatch.setitem(sys.modules, "torch", None)  # importing torch now fails
+    assert devices.resolve_device("auto") == "cpu" and devices.resolve_device("cpu") == "cpu"
+    with pytest.raises(ImportError):
+        devices.resolve_device("cuda")  # asking for a GPU asks torch

@@ -64,9 +64,35 @@ def test_the_key_follows_the_input_size_but_not_the_batch():
     assert cache_key(net, (2, 3, 16, 16)) != cache_key(net, (2, 3, 32, 32))
 
 
-def test_the_session_runs_on_torchs_thread_count_unless_told(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+def test_the_session_runs_on_the_cpus_ray_gave_the_actor_unless_told(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # what Ray sets in an actor given 3 CPUs
     default = OnnxModule(small_convnet(0), torch.zeros(2, 3, 16, 16), cache_dir=tmp_path)
     given = OnnxModule(small_convnet(0), torch.zeros(2, 3, 16, 16), threads=1, cache_dir=tmp_path)
     assert default.session.get_session_options().intra_op_num_threads == 3
     assert given.session.get_session_options().intra_op_num_threads == 1
+
+
+def test_a_graph_keyed_by_its_weight_files_is_built_only_when_this_machine_has_none(tmp_path):
+    """``OnnxModule.cached`` finds a graph by the content of the files it is made from: the module is built (and
+    torch used) once; the same files load the cached graph without building anything; other content, a new graph."""
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"first weights")
+    built: list[int] = []
+
+    def build(seed: int):
+        def make():
+            built.append(seed)
+            return small_convnet(seed), (torch.zeros(2, 3, 16, 16),), ("x",), ({0: "batch"},)
+        return make
+
+    cache = tmp_path / "graphs"
+    first = OnnxModule.cached([weights], "convnet:16", build(0), threads=1, cache_dir=cache)
+    again = OnnxModule.cached([weights], "convnet:16", build(1), threads=1, cache_dir=cache)
+    assert built == [0] and again.path == first.path
+    x = np.random.default_rng(0).normal(size=(3, 3, 16, 16)).astype(np.float32)
+    with torch.inference_mode():
+        np.testing.assert_allclose(again(x), small_convnet(0)(torch.from_numpy(x)).numpy(), atol=1e-5)
+    weights.write_bytes(b"other weights")
+    other = OnnxModule.cached([weights], "convnet:16", build(1), threads=1, cache_dir=cache)
+    assert built == [0, 1] and other.path != first.path
+    assert OnnxModule.cached([weights], "convnet:32", build(2), cache_dir=cache).path != other.path  # spec
