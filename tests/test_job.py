@@ -22,7 +22,6 @@ from rag4dmc.pipeline.config import (
     KBConfig,
     MappingConfig,
     StageResources,
-    StorageConfig,
 )
 from rag4dmc.pipeline.demo.corpus import make_external, make_incomplete, make_internal, write_split
 from rag4dmc.pipeline.io.datasets import write_parquet
@@ -204,22 +203,6 @@ def test_retry_failed_recomputes_only_failed_rows_exactly_once(kb, bad_input_run
     unchanged = first[~first.row_key.isin(failed_before)].set_index("row_key")
     kept = after.set_index("row_key").loc[unchanged.index]
     assert (kept.status == unchanged.status).all() and (kept.text.fillna("") == unchanged.text.fillna("")).all()
-
-
-@pytest.mark.timeout(600)
-def test_reads_from_and_writes_to_object_storage(kb, s3_bucket, s3_server, tmp_path):
-    opts = s3_server.storage_options
-    data = f"{s3_bucket}/incomplete"
-    write_split(_incomplete(24, seed=4), data, 2, storage_options=opts)
-    storage_cfg = StorageConfig(endpoint_url=s3_server.endpoint_url, key="testing", secret="testing")
-    kb_uri = f"{s3_bucket}/kb"
-    Storage(storage_cfg).fs(kb_uri).put(kb.rstrip("/") + "/", kb_uri.split("://")[1], recursive=True)
-    cfg = JOB.model_copy(update={"storage": storage_cfg})
-    summary = run_job(JobSpec(data=data, kb=kb_uri, out=f"{s3_bucket}/out", cfg=cfg))
-    assert summary["rows_out"] == summary["unique_row_keys"] == 24
-    storage = Storage(storage_cfg)
-    assert storage.exists(f"{s3_bucket}/out/summary.json")
-    assert read_output(storage, f"{s3_bucket}/out").num_rows == 24
 
 
 def _manifest(n_shards: int) -> dict:

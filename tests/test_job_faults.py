@@ -227,6 +227,7 @@ def test_object_storage_errors_and_resets_are_retried_and_every_row_comes_out_on
         summary = run_job(JobSpec(data=data, kb=kb_uri, out=out, cfg=cfg))
     assert all(proxy.injected[k] > 0 for k in ("500", "503", "reset")), proxy.injected
     assert summary["rows_out"] == summary["unique_row_keys"] == N
+    assert direct.exists(f"{out}/summary.json") and direct.exists(f"{out}/run.json")
     table = read_output(direct, out, ["row_key", "status"])
     keys = table.column("row_key").to_pylist()
     assert len(keys) == len(set(keys)) == N and set(keys) == _all_keys()
