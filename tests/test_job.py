@@ -7,6 +7,7 @@ offline nearest-neighbour generator, so these tests run the same classes as prod
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 JOB = JobConfig()  # defaults: NIQE's parameters found where `rag4dmc setup` (make env) installed them
 # The job's own behaviour (rows, resume, retry, storage) does not depend on the KB's settings: no calibration
 # here keeps the module's KB build short; tests/test_real_data.py runs the job on a calibrated KB.
+# Jobs that test how rows flow (blocks, batches, commits) score image candidates without NIQE: its model loads in
+# the image generator and scores every candidate, the slowest stage of these small jobs. The other jobs here keep
+# the default selection.
+FLOW_SELECTION = JOB.selection.model_copy(update={"image_quality": "none"})
 FAST_KB = KBConfig(mapping=MappingConfig(max_epochs=30, hidden_dim=256), calibration=CalibrationConfig(enabled=False))
 
 
@@ -305,22 +310,31 @@ def test_a_three_shard_kb_chained_one_shard_per_actor_gives_the_in_process_chain
     assert completed == summary["completed"] > 0
 
 
+STALL_S = 8.0  # the planted stall of each embedding actor's first batch: past the time the job's reads take here
+
+
 @pytest.mark.timeout(600)
-def test_rows_in_flight_stay_within_the_configured_blocks_and_output_lands_per_block(kb, tmp_path):
+def test_rows_in_flight_stay_within_the_configured_blocks_and_output_lands_per_block(kb, tmp_path, monkeypatch):
+    """A limit of 12 blocks of 8 rows on 180 rows. Planted: each embedding actor's first batch stalls ``STALL_S``
+    (a ``hang`` fault counted per process), so no completion is committed while the reads come in and the two
+    directions' rows (about 144) pass the limit: reads must wait for room, whatever the machine's speed."""
+    from rag4dmc.actors import faults
+
     data = tmp_path / "data"
-    write_split(_incomplete(120, seed=8), data, 2)
+    write_split(_incomplete(180, seed=8), data, 3)
+    monkeypatch.setenv(faults.ENV, json.dumps([{"stage": "embed", "kind": "hang", "batch": 1, "seconds": STALL_S}]))
     small = StageResources(batch_size=8)
     cfg = JOB.model_copy(update={"block_rows": 8, "max_blocks_in_flight": 12,
                                  "resources": {"embed": small, "retrieve": small, "generate": small}})
     summary = run_job(JobSpec(data=str(data), kb=kb, out=str(tmp_path / "out"), cfg=cfg))
-    assert summary["rows_out"] == summary["unique_row_keys"] == 120
+    assert summary["rows_out"] == summary["unique_row_keys"] == 180 and summary["failed"] == 0
     flow = summary["in_flight"]
     assert flow["limit_rows"] == 96 and flow["floor_rows"] == 6 * 8 + 3 * 8  # a batch per pool, a block per branch
-    assert flow["reads_held_back"] > 0 and flow["in_flight_rows"] == 0  # the limit held reads back
+    assert flow["reads_held_back"] > 0 and flow["in_flight_rows"] == 0, flow  # the limit held reads back
     assert 0 < flow["peak_rows_in_flight"] <= max(96, 72 + flow["largest_read_rows"]) == flow["bound_rows"]
-    assert flow["bound_rows"] < 120
+    assert flow["bound_rows"] < 180
     files = list((tmp_path / "out" / "data").glob("*/*.parquet"))
-    assert len(files) >= 120 // 8  # committed as blocks finish, not at the end
+    assert len(files) >= 180 // 8  # committed as blocks finish, not at the end
     # Ray Data may bundle two small blocks into one actor call, so a file can hold more than one block, but
     # never more rows than were in flight
     assert max(pq.read_metadata(f).num_rows for f in files) <= flow["bound_rows"]
@@ -333,7 +347,7 @@ def test_pools_slower_than_task_seconds_a_block_share_each_block_and_output_is_c
     small = StageResources(batch_size=8)
     # declared costs: encoder 0.023 s/row, retrieval 0.008, image generator 0.05: a 32-row block is over 0.1 s,
     # so their tasks are one batch of 8; the text generator (0.0004 s/row) takes whole blocks
-    cfg = JOB.model_copy(update={"block_rows": 32, "task_seconds": 0.1,
+    cfg = JOB.model_copy(update={"block_rows": 32, "task_seconds": 0.1, "selection": FLOW_SELECTION,
                                  "resources": {"embed": small, "retrieve": small, "generate": small}})
     summary = run_job(JobSpec(data=str(data), kb=kb, out=str(tmp_path / "out"), cfg=cfg))
     assert summary["rows_out"] == summary["unique_row_keys"] == 96 and summary["failed"] == 0

@@ -27,8 +27,11 @@ from rag4dmc.pipeline.job.runner import read_output
 from tests.test_job import REPO, _incomplete
 
 N, SHARDS = 48, 3
-# small blocks and batches: every stage sees several batches, so "batch 2" lands mid-job
-CONFIG = {"block_rows": 8, "resources": {s: {"batch_size": 8} for s in ("embed", "retrieve", "generate")}}
+# small blocks and batches: every stage sees several batches, so "batch 2" lands mid-job. No NIQE term: these jobs
+# test where rows go when something fails, not how candidates are scored (NIQE loads pyiqa and torchvision in the
+# image generator and scores every candidate: the slowest stage here; tests/test_job.py's jobs keep it)
+CONFIG = {"block_rows": 8, "resources": {s: {"batch_size": 8} for s in ("embed", "retrieve", "generate")},
+          "selection": {"image_quality": "none"}}
 
 
 def _data(tmp_path: Path) -> Path:
@@ -97,7 +100,7 @@ def _poison_row() -> str:
     return f"part-00001.parquet:{row - first}"
 
 
-TIMEOUT_S = 30  # the job's batch_timeout_s here: past any real batch of 8 rows on 2 busy CPUs, short of the hang
+TIMEOUT_S = 15  # the job's batch_timeout_s here: past any real batch of 8 rows on 2 busy CPUs, short of the hang
 
 
 @pytest.mark.timeout(900)
