@@ -551,3 +551,64 @@ def test_a_tasks_anonymous_peak_counts_the_memory_it_held_and_not_the_files_it_m
         time.sleep(0.2)  # held a while (the sampler runs when this thread lets go of the GIL)
         del block
     assert held.peak - start >= 200 * mib
+
+
+def _small_fit(rng: np.random.Generator) -> build_fit.Fitted:
+    from rag4dmc.pipeline.core.cluster_filter import FilterModel
+    from rag4dmc.pipeline.core.mapping import CrossModalMapper
+
+    filters = {m: FilterModel(rng.normal(size=(4, 6)).astype(np.float32), rng.normal(size=(5, 6)).astype(np.float32),
+                              rng.uniform(size=5).astype(np.float32), rng.integers(0, 4, 5), 40, 50)
+               for m in ("image", "text")}
+    w = np.linalg.qr(rng.normal(size=(6, 6)))[0].astype(np.float32)
+    cfg = KBConfig(filter=KBConfig().filter.model_copy(update={"tau_cent": 0.7}))  # as a calibration chose it
+    return build_fit.Fitted(CrossModalMapper(8, 6, hidden_dim=16), filters, {"image": w, "text": None}, cfg,
+                            {"fit_seconds": np.float64(1.5), "mapping": {"epochs": 3}}, {"chosen": {"alpha": 0.25}},
+                            1234)
+
+
+def test_an_interrupted_builds_fit_is_saved_as_arrays_and_json_and_read_back_whole(tmp_path):
+    fitted = _small_fit(np.random.default_rng(0))
+    build_fit.save_fit(str(tmp_path), "key-1", fitted, None)
+    parts = tmp_path / kb_store.PARTS_DIR
+    assert sorted(p.name for p in parts.iterdir()) == sorted([build_fit.FIT_ARRAYS, build_fit.FIT_META])
+    again = build_fit.resumed_fit(str(tmp_path), "key-1", None)
+    assert again.cfg == fitted.cfg and again.calibration == fitted.calibration and again.peak_rss == 1234
+    assert again.report == {"fit_seconds": 1.5, "mapping": {"epochs": 3}}
+    for name, value in fitted.mapping.arrays().items():
+        np.testing.assert_array_equal(again.mapping.arrays()[name], value)
+    for m in ("image", "text"):
+        for field in build_fit.FILTER_ARRAYS:
+            np.testing.assert_array_equal(getattr(again.filters[m], field), getattr(fitted.filters[m], field))
+        assert again.filters[m].sample_external == 50
+    np.testing.assert_array_equal(again.rotations["image"], fitted.rotations["image"])
+    assert again.rotations["text"] is None
+    z = np.random.default_rng(1).normal(size=(3, 8)).astype(np.float32)
+    np.testing.assert_array_equal(again.mapping.image_to_text(z), fitted.mapping.image_to_text(z))
+    assert build_fit.resumed_fit(str(tmp_path), "other-inputs", None) is None and not parts.exists()
+
+
+def test_a_pickled_fit_in_a_kb_folder_is_refused_and_never_unpickled(tmp_path):
+    """An older rag4dmc saved the fit with pickle; a KB folder on a shared bucket could hold one made to run code.
+    The planted pickle would create a marker file when loaded: the build refuses it, saying what to do, and no
+    marker appears."""
+    import pickle
+
+    class Payload:
+        def __init__(self, marker: Path):
+            self.marker = marker
+
+        def __reduce__(self):
+            return (Path.touch, (self.marker,))
+
+    pickle.loads(pickle.dumps(Payload(tmp_path / "live")))
+    assert (tmp_path / "live").exists()  # the payload works: loading the planted file would leave its marker
+    marker = tmp_path / "unpickled"
+    parts = tmp_path / "kb" / kb_store.PARTS_DIR
+    parts.mkdir(parents=True)
+    (parts / build_fit.PICKLED_FIT).write_bytes(pickle.dumps(Payload(marker)))
+    (parts / build_fit.FIT_META).write_text(json.dumps({"fingerprint": "key-1"}))
+    with pytest.raises(build_fit.UnsafeFitFile, match=r"fitted\.pkl .*not loaded.*Remove .*parts and run kb build"):
+        build_fit.resumed_fit(str(tmp_path / "kb"), "key-1", None)
+    assert not marker.exists()
+    assert (parts / build_fit.PICKLED_FIT).exists()  # nothing removed behind the user's back

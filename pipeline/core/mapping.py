@@ -78,22 +78,28 @@ class CrossModalMapper(nn.Module):
         return {"image_dim": self.image_dim, "text_dim": self.text_dim,
                 "hidden_dim": self.hidden_dim, "num_layers": self.num_layers}
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The weights as numpy arrays, by state-dict name."""
+        return {k: v.detach().cpu().numpy() for k, v in self.state_dict().items()}
+
+    @classmethod
+    def from_arrays(cls, arch: dict, arrays: dict[str, np.ndarray]) -> CrossModalMapper:
+        """The mapping of :meth:`arch` and :meth:`arrays` (data only: nothing is unpickled)."""
+        model = cls(**arch)
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})  # a writable copy
+        return model.eval()
+
     def save(self, path: str | Path) -> None:
         """Write weights and architecture to one safetensors file, which ``MappingArrays`` reads without torch."""
-        save_weights(path, self.arch(), {k: v.detach().cpu().numpy() for k, v in self.state_dict().items()})
+        save_weights(path, self.arch(), self.arrays())
 
     @classmethod
     def load(cls, path: str | Path) -> CrossModalMapper:
         """Read a mapping written by save(), or the torch file of a format-3 knowledge base (``mapping.pt``)."""
         if Path(path).suffix == ".pt":
             blob = torch.load(path, map_location="cpu", weights_only=True)
-            arch, state = blob["arch"], blob["state_dict"]
-        else:
-            arch, arrays = load_weights(path)
-            state = {k: torch.from_numpy(v) for k, v in arrays.items()}
-        model = cls(**arch)
-        model.load_state_dict(state)
-        return model.eval()
+            return cls.from_arrays(blob["arch"], {k: v.numpy() for k, v in blob["state_dict"].items()})
+        return cls.from_arrays(*load_weights(path))
 
 
 @dataclass

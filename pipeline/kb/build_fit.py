@@ -8,14 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from rag4dmc.pipeline.config import ColumnsConfig, KBConfig
+from rag4dmc.pipeline.config import ColumnsConfig, ConfigError, KBConfig
 from rag4dmc.pipeline.core.alignment import align_candidate_ids, align_with_report, first_kept
 from rag4dmc.pipeline.core.cluster_filter import (
     external_sample_ids,
@@ -161,13 +160,29 @@ def fingerprint(internal: Side, external: Side | None, cfg: KBConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+FIT_ARRAYS, FIT_META = "fitted.safetensors", "fit.json"  # the saved fit: its arrays, and everything else as JSON
+PICKLED_FIT = "fitted.pkl"  # the pickle an older rag4dmc saved the fit as: refused, never loaded
+FILTER_ARRAYS = ("internal_centroids", "external_centroids", "centroid_similarity", "matched")
+
+
+class UnsafeFitFile(ConfigError):
+    """A KB folder holds a pickled fit: loading it could run any code whoever wrote the folder put in it."""
+
+
 def resumed_fit(out: str, key: str, storage_options: dict | None) -> Fitted | None:
-    """The fit of an interrupted build of the same inputs and config; otherwise its leftover parts are cleared."""
+    """The fit of an interrupted build of the same inputs and config; otherwise its leftover parts are cleared.
+    A pickled fit (an older rag4dmc's) is refused, never unpickled: the KB's folder is often a shared bucket."""
     fs, path = url_to_fs(f"{out}/{PARTS_DIR}", storage_options)
+    if fs.exists(f"{path}/{PICKLED_FIT}"):
+        raise UnsafeFitFile(
+            f"{out}/{PARTS_DIR}/{PICKLED_FIT} is an interrupted build's fit saved as a pickle by an older rag4dmc; "
+            f"it is not loaded (unpickling runs whatever code the file holds). Remove {out}/{PARTS_DIR} and run "
+            "kb build again: the fit is recomputed from the inputs")
     try:
-        if json.loads(fs.cat_file(f"{path}/fit.json"))["fingerprint"] == key:
-            return pickle.loads(fs.cat_file(f"{path}/fitted.pkl"))
-    except (FileNotFoundError, KeyError, ValueError, pickle.UnpicklingError):
+        meta = json.loads(fs.cat_file(f"{path}/{FIT_META}"))
+        if meta["fingerprint"] == key:
+            return fit_from_arrays(meta, safetensors_load(fs.cat_file(f"{path}/{FIT_ARRAYS}")))
+    except (FileNotFoundError, KeyError, ValueError, TypeError):
         pass
     if fs.exists(path):
         log.info("removing the parts of an interrupted build of other inputs or settings at %s", path)
@@ -176,8 +191,62 @@ def resumed_fit(out: str, key: str, storage_options: dict | None) -> Fitted | No
 
 
 def save_fit(out: str, key: str, fitted: Fitted, storage_options: dict | None) -> None:
-    """Keep the fit beside the parts, so a resumed build purifies its remaining shards with the same W."""
+    """Keep the fit beside the parts, so a resumed build purifies its remaining shards with the same W: its arrays
+    as safetensors and the rest as JSON (data only, nothing a loader would run)."""
+    from safetensors.numpy import save as safetensors_save
+
+    meta, arrays = fit_to_arrays(fitted)
     fs, path = url_to_fs(f"{out}/{PARTS_DIR}", storage_options)
     fs.makedirs(path, exist_ok=True)
-    fs.pipe_file(f"{path}/fitted.pkl", pickle.dumps(fitted))
-    fs.pipe_file(f"{path}/fit.json", json.dumps({"fingerprint": key}).encode())  # last: marks the fit saved
+    fs.pipe_file(f"{path}/{FIT_ARRAYS}", safetensors_save(arrays))
+    fs.pipe_file(f"{path}/{FIT_META}", json.dumps({"fingerprint": key, **meta}, default=_plain).encode())  # last
+
+
+def fit_to_arrays(fitted: Fitted) -> tuple[dict, dict[str, np.ndarray]]:
+    """A fit as JSON-able settings and named arrays."""
+    arrays = {f"mapping/{k}": v for k, v in fitted.mapping.arrays().items()}
+    filters = {}
+    for m, f in (fitted.filters or {}).items():
+        arrays.update({f"filter/{m}/{name}": getattr(f, name) for name in FILTER_ARRAYS})
+        filters[m] = {"sample_internal": f.sample_internal, "sample_external": f.sample_external}
+    rotations = {}
+    for m, w in (fitted.rotations or {}).items():
+        rotations[m] = w is not None
+        if w is not None:
+            arrays[f"rotation/{m}"] = w
+    meta = {"mapping_arch": fitted.mapping.arch(), "filters": filters if fitted.filters is not None else None,
+            "rotations": rotations if fitted.rotations is not None else None,
+            "cfg": fitted.cfg.model_dump(mode="json"), "report": fitted.report, "calibration": fitted.calibration,
+            "peak_rss": fitted.peak_rss}
+    return meta, {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+
+
+def fit_from_arrays(meta: dict, arrays: dict[str, np.ndarray]) -> Fitted:
+    """The fit :func:`fit_to_arrays` wrote."""
+    from rag4dmc.pipeline.core.cluster_filter import FilterModel
+    from rag4dmc.pipeline.core.mapping import CrossModalMapper
+
+    mapping = CrossModalMapper.from_arrays(meta["mapping_arch"], {k.split("/", 1)[1]: v for k, v in arrays.items()
+                                                                  if k.startswith("mapping/")})
+    filters = None if meta["filters"] is None else {
+        m: FilterModel(**{name: arrays[f"filter/{m}/{name}"] for name in FILTER_ARRAYS}, **sizes)
+        for m, sizes in meta["filters"].items()}
+    rotations = None if meta["rotations"] is None else {
+        m: arrays[f"rotation/{m}"] if present else None for m, present in meta["rotations"].items()}
+    return Fitted(mapping, filters, rotations, KBConfig.model_validate(meta["cfg"]), meta["report"],
+                  meta["calibration"], meta["peak_rss"])
+
+
+def safetensors_load(data: bytes) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load
+
+    return load(data)
+
+
+def _plain(value):
+    """JSON for the numpy scalars and arrays a report may hold."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
