@@ -203,6 +203,18 @@ def cmd_complete(args) -> int:
     return 0 if summary["rows_out"] == summary["unique_row_keys"] else 1
 
 
+def cmd_verify(args) -> int:
+    from rag4dmc.pipeline.io.storage import Storage
+    from rag4dmc.pipeline.job.verify import verify
+
+    cfg = build_config(args, JobConfig, [STORAGE_FLAGS, COLUMN_FLAGS])
+    report = verify(args.data, args.out, Storage(cfg.storage), args.format, cfg.columns)
+    print(json.dumps(report.to_dict(), indent=2))
+    for problem in report.problems:
+        print(f"rag4dmc verify: {problem}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
 def _parse_sweeps(specs: list[str]) -> dict[str, list[str]]:
     """``["alpha=0,0.5", "k=10"]`` as ``{"alpha": ["0", "0.5"], "k": ["10"]}`` (values are validated later)."""
     sweeps: dict[str, list[str]] = {}
@@ -298,6 +310,18 @@ def parser() -> argparse.ArgumentParser:
     for table in (JOB_FLAGS, OUTPUT_FLAGS, COLUMN_FLAGS, STORAGE_FLAGS):
         _add_flags(comp, JobConfig, table)
     comp.set_defaults(func=cmd_complete)
+
+    ver = sub.add_parser("verify", help="check that every input row is in the output exactly once (run it after "
+                         "any crash)", description="Reads the input's row counts and the output's keys, statuses and "
+                         "run identity (no image); exits 1 on a lost or duplicated row, a row from another run or an "
+                         "unfinished --retry-failed.")
+    ver.add_argument("--data", required=True, help="the input the output was made from (folder/file or s3://)")
+    ver.add_argument("--out", required=True, help="the output folder of `rag4dmc complete` (or s3:// prefix)")
+    ver.add_argument("--config", help="YAML file with job keys (storage, columns)")
+    ver.add_argument("--format", default="auto", choices=["auto", "parquet", "jsonl", "webdataset"])
+    for table in (COLUMN_FLAGS, STORAGE_FLAGS):
+        _add_flags(ver, JobConfig, table)
+    ver.set_defaults(func=cmd_verify)
 
     ev = sub.add_parser("evaluate", help="the table of variants on your own complete data, with an HTML report",
                         description="Hold out a test split, mask the rest at each missing rate, complete it with "

@@ -1,5 +1,7 @@
 """The knowledge base: purification on planted data, sharded retrieval, persistence."""
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -15,6 +17,7 @@ from rag4dmc.pipeline.config import (
     RetrievalConfig,
 )
 from rag4dmc.pipeline.core.retrieval import retrieve, searched_modality, shard_candidates
+from rag4dmc.pipeline.io.storage import Storage
 from rag4dmc.pipeline.kb import store as kb_store
 from rag4dmc.pipeline.kb.in_memory import build_knowledge_base
 from rag4dmc.pipeline.kb.knowledge_base import KnowledgeBase
@@ -207,3 +210,58 @@ def test_an_actor_downloads_only_its_part_of_a_remote_kb(s3_server, s3_bucket, t
     entries = kb_store.load_entries(uri, opts)
     assert (cache / kb_store.ENTRIES_FILE).is_file() and not (cache / "shard-00000").exists()
     assert entries.equals(built.entries)
+
+
+def _damage(fs, root: str, other_root: str, kind: str) -> str:
+    """One damaged file in the KB at ``root`` (``other_root``: a KB of another build); returns its name."""
+    if kind == "missing":
+        fs.rm(f"{root}/shard-00000/text/vectors.npy")
+        return "shard-00000/text/vectors.npy"
+    if kind == "truncated":
+        data = fs.cat_file(f"{root}/{kb_store.ENTRIES_FILE}")
+        fs.pipe_file(f"{root}/{kb_store.ENTRIES_FILE}", data[: len(data) // 2])
+        return kb_store.ENTRIES_FILE
+    # foreign: the same file of another build (same name; the same size, so only its checksum tells)
+    name = kb_store.MAPPING_FILE
+    mine, theirs = f"{root}/{name}", f"{other_root}/{name}"
+    assert fs.info(mine)["size"] == fs.info(theirs)["size"] and fs.cat_file(mine) != fs.cat_file(theirs)
+    fs.pipe_file(mine, fs.cat_file(theirs))
+    return name
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated"])
+def test_a_missing_or_cut_short_kb_file_is_refused_naming_it(built_at, tmp_path, kind):
+    """Locally every load checks each file it reads against the manifest's sizes."""
+    import shutil
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    copy = tmp_path / "kb"
+    shutil.copytree(built_at, copy)
+    assert kb_store.load(str(copy)) is not None
+    name = _damage(LocalFileSystem(), str(copy), "", kind)
+    with pytest.raises(kb_store.KBFileError, match=f"{name} .*(missing|bytes, its manifest says).*copy the knowledge"):
+        kb_store.load(str(copy))
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "foreign"])
+def test_a_damaged_kb_on_object_storage_is_refused_when_a_node_copies_it(s3_server, s3_bucket, tmp_path, monkeypatch,
+                                                                         kind):
+    """A KB on object storage: each file a node copies is checked against the manifest's size and the object's
+    checksum; a file of another build with the same name and size is caught by its checksum."""
+    it, iemb, et, eemb = _world(n_int=120, n_ext=80, n_off=10)
+    opts = s3_server.storage_options
+    uri, other = f"{s3_bucket}/kb", f"{s3_bucket}/other"
+    build_knowledge_base(it, iemb, et, eemb, FAST, out=uri, storage_options=opts)
+    reseeded = FAST.model_copy(update={"mapping": FAST.mapping.model_copy(update={"seed": 7})})
+    build_knowledge_base(it, iemb, et, eemb, reseeded, out=other, storage_options=opts)  # another build's mapping
+    manifest = json.loads(Storage(s3_server.storage_config).read_bytes(f"{uri}/manifest.json"))
+    assert set(manifest["files"]) == set(kb_store.loaded_files(manifest))
+    assert all(f["size"] > 0 and ("etag" in f or "sha256" in f) for f in manifest["files"].values())
+    monkeypatch.setattr(kb_store.tempfile, "gettempdir", lambda: str(tmp_path))  # a fresh node cache
+    fs = Storage(s3_server.storage_config).fs(uri)
+    name = _damage(fs, uri.split("://")[1], other.split("://")[1], kind)
+    with pytest.raises(kb_store.KBFileError, match=f"{name} .*(missing|bytes|checksum).*copy the knowledge base"):
+        kb_store.load(uri, opts)
+    cached = tmp_path / "rag4dmc-kb-cache" / manifest["version"] / name
+    assert not cached.exists()  # nothing damaged is left in the node's cache

@@ -15,7 +15,6 @@ import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from rag4dmc.actors import faults
@@ -24,19 +23,14 @@ from rag4dmc.pipeline.config import ConfigError, JobConfig
 from rag4dmc.pipeline.io import datasets
 from rag4dmc.pipeline.io.shared_paths import check_local_paths
 from rag4dmc.pipeline.io.storage import Storage
+from rag4dmc.pipeline.job import retry_swap
 from rag4dmc.pipeline.job.census import Census, take_census
 from rag4dmc.pipeline.job.mapper import DIRECTIONS, build_plan, write
 from rag4dmc.pipeline.job.reader import shard_name
 from rag4dmc.pipeline.job.scaling import Capacity, read_capacity
 from rag4dmc.pipeline.job.writer import (
     count_output_rows,
-    file_row_keys,
-    output_files,
-    read_file,
     read_output,
-    shard_dir,
-    shard_files,
-    write_file,
 )
 from rag4dmc.pipeline.kb import store as kb_store
 from rag4dmc.pipeline.schema import RETRIES, STAGES, TASK_I2T, TASK_T2I
@@ -45,7 +39,6 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
-RETRY_DIR = "_retry"
 
 
 class RunMismatch(RuntimeError):
@@ -141,6 +134,9 @@ def run_job(spec: JobSpec) -> dict:
     if not finished:
         check_output(storage, spec.out)
     _check_run(storage, spec, kb.version)
+    recovered = retry_swap.recover(storage, spec.out)  # a killed --retry-failed: finished, or undone
+    if recovered:
+        log.warning("%s: an interrupted --retry-failed was %s", spec.out, recovered)
     if finished:
         log.info("%s already holds a finished run; nothing to do (use --retry-failed to redo failed rows)", spec.out)
         return json.loads(storage.read_bytes(summary_path))
@@ -266,21 +262,7 @@ def _retry_failed(spec: JobSpec, storage: Storage, manifest: dict, capacity: Cap
     root = spec.data.rstrip("/")
     listed = datasets.list_shards(spec.data, storage.options, spec.data_format)
     shards = [s for s in listed if shard_name(s, root) in shard_names]
-    staging = f"{spec.out}/{RETRY_DIR}"
-    storage.remove(staging)
+    staging = retry_swap.staging_dir(spec.out)
     write(_plan(spec, manifest, storage, staging, capacity, shards=shards, keys=set(failed)), staging, spec.cfg.storage,
           spec.cfg.output_format)  # its usage figures are the retry's alone: the summary keeps the first run's
-    new_files = output_files(storage, staging)
-    new_keys: set[str] = set()
-    for f in new_files:
-        new_keys.update(file_row_keys(storage, f))
-    for name in shard_names:  # drop the retried rows from their shard's old files, then add the new files
-        for f in shard_files(storage, spec.out, name):
-            old = read_file(storage, f)
-            mask = pa.array([k not in new_keys for k in old.column("row_key").to_pylist()])
-            if not all(mask.to_pylist()):
-                write_file(storage, old.filter(mask), f)
-        for f in shard_files(storage, staging, name):
-            storage.move(f, f"{shard_dir(spec.out, name)}/retry-{f.rsplit('/', 1)[-1]}")
-    storage.remove(staging)
-    return len(new_keys)
+    return retry_swap.swap_in(storage, spec.out, shard_names)

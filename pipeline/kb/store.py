@@ -37,6 +37,7 @@ MAPPING_FILES = {3: "mapping.pt", 4: "mapping.safetensors"}  # the formats this 
 MAPPING_FILE = MAPPING_FILES[FORMAT_VERSION]
 ENTRIES_FILE = "entries.arrow"
 ENTRIES_BATCH_ROWS = 4096  # rows per IPC record batch of entries.arrow
+CHECKSUM_CHUNK_BYTES = 8 * 2**20
 PARTS_DIR = "parts"  # build intermediates (rag4dmc.pipeline.kb.build), removed when the build is done
 ENTRY_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("text", pa.string()),
                           ("image_uri", pa.string()), ("image_shard", pa.string()), ("image_row", pa.int64())])
@@ -80,7 +81,79 @@ def write_small(uri: str, mapping, report: dict, manifest: dict,
         mapping.save(Path(tmp) / MAPPING_FILE)
         fs.put_file(str(Path(tmp) / MAPPING_FILE), f"{path}/{MAPPING_FILE}")
     fs.pipe_file(f"{path}/report.json", json.dumps(report, indent=2, default=_json_default).encode())
+    manifest["files"] = describe_files(fs, path, loaded_files(manifest))
     fs.pipe_file(f"{path}/manifest.json", json.dumps(manifest, indent=2).encode())
+
+
+class KBFileError(RuntimeError):
+    """A knowledge base's file is missing, cut short or not the one its manifest describes."""
+
+
+def loaded_files(manifest: dict) -> list[str]:
+    """The files of a KB that :func:`load` reads, relative to its root."""
+    files = [MAPPING_FILES[manifest["format"]], "report.json", ENTRIES_FILE]
+    for shard in manifest["shards"]:
+        files += [f"{shard['path']}/{m}/{f}" for m in MODALITIES for f in VectorIndex.files(with_index=True)]
+    return files
+
+
+def describe_files(fs, root: str, files: list[str]) -> dict[str, dict]:
+    """Size and checksum of each file: the object store's own (its ETag) where it keeps one, else sha256 of the
+    content (read once)."""
+    out = {}
+    for rel in files:
+        info = fs.info(f"{root}/{rel}")
+        entry = {"size": int(info["size"])}
+        etag = info.get("ETag") or info.get("etag")
+        if etag:
+            entry["etag"] = str(etag).strip('"')
+        else:
+            with fs.open(f"{root}/{rel}", "rb") as fh:
+                entry["sha256"] = _sha256(fh)
+        out[rel] = entry
+    return out
+
+
+def _sha256(fh) -> str:
+    digest = hashlib.sha256()
+    while chunk := fh.read(CHECKSUM_CHUNK_BYTES):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _rebuild_hint(uri: str) -> str:
+    return (f"copy the knowledge base to {uri} again from where it was built (whole), or rebuild it with "
+            "`rag4dmc kb build`")
+
+
+def check_size(uri: str, rel: str, local: Path, expected: dict | None) -> None:
+    """A loaded file against its manifest entry: there, and of the recorded size."""
+    if expected is None or rel not in expected:
+        return
+    if not local.is_file():
+        raise KBFileError(f"knowledge base {uri}: {rel} is missing; {_rebuild_hint(uri)}")
+    size = local.stat().st_size
+    if size != expected[rel]["size"]:
+        raise KBFileError(f"knowledge base {uri}: {rel} is {size} bytes, its manifest says {expected[rel]['size']} "
+                          f"(a partial copy, or a file of another build); {_rebuild_hint(uri)}")
+
+
+def check_copy(uri: str, rel: str, local: Path, remote_info: dict, expected: dict | None) -> None:
+    """A file just copied to this node against its manifest entry: its size, and its checksum (the object's ETag as
+    the store reports it, or the copy's sha256)."""
+    if expected is None or rel not in expected:
+        return
+    check_size(uri, rel, local, expected)
+    want = expected[rel]
+    if "etag" in want:
+        got = str(remote_info.get("ETag") or remote_info.get("etag") or "").strip('"')
+        ok = got == want["etag"]
+    else:
+        with open(local, "rb") as fh:
+            ok = _sha256(fh) == want["sha256"]
+    if not ok:
+        raise KBFileError(f"knowledge base {uri}: {rel} does not match the checksum in its manifest (a file of another "
+                          f"build, or damaged); {_rebuild_hint(uri)}")
 
 
 def _json_default(v):
@@ -119,6 +192,7 @@ def local_copy(uri: str, storage_options: dict | None = None, cache_dir: str | N
     cache.mkdir(parents=True, exist_ok=True)
     if parts is None:
         parts = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    expected = json.loads(manifest).get("files")  # size and checksum per file (KBs built before: none)
     for part in dict.fromkeys([p for p in parts if p != "manifest.json"]):
         dest = cache / part
         if dest.exists():
@@ -128,7 +202,14 @@ def local_copy(uri: str, storage_options: dict | None = None, cache_dir: str | N
         if fs.isdir(f"{path}/{part}"):
             fs.get(f"{path}/{part}/", str(tmp), recursive=True)
         else:
+            if expected is not None and part in expected and not fs.exists(f"{path}/{part}"):
+                raise KBFileError(f"knowledge base {uri}: {part} is missing; {_rebuild_hint(uri)}")
             fs.get_file(f"{path}/{part}", str(tmp))
+            try:
+                check_copy(uri, part, tmp, fs.info(f"{path}/{part}"), expected)
+            except KBFileError:
+                tmp.unlink(missing_ok=True)
+                raise
         try:
             tmp.rename(dest)
         except OSError:  # another process on this node moved its copy into place first
@@ -208,6 +289,8 @@ def load(uri: str, storage_options: dict | None = None, shards: list[int] | None
         for m in MODALITIES:
             parts += [f"{manifest['shards'][i]['path']}/{m}/{f}" for f in VectorIndex.files(with_index=searched in (None, m))]
     root = local_copy(uri, storage_options, parts=parts)
+    for rel in parts:
+        check_size(uri, rel, root / rel, manifest.get("files"))
     loaded = []
     for i in wanted:
         s = manifest["shards"][i]
