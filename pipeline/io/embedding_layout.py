@@ -137,6 +137,29 @@ def _listing(fs: fsspec.AbstractFileSystem, folder: str, pattern: re.Pattern) ->
     return found
 
 
+_NPY_FIELDS = {"descr": re.compile(r"'descr'\s*:\s*'([^']*)'"),
+               "fortran_order": re.compile(r"'fortran_order'\s*:\s*(True|False)"),
+               "shape": re.compile(r"'shape'\s*:\s*\(([\d\s,]*)\)")}
+
+
+def npy_header_fields(text: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of a .npy header's dict literal, read without Python's ``ast``.
+
+    numpy's own reader (``ast.literal_eval``) builds an AST, and building ASTs in two threads at once can raise
+    ``SystemError: AST constructor recursion depth mismatch`` on Python 3.11 before 3.11.8 (CPython gh-106905):
+    the layout reads its shards' headers on a thread pool. This reads the three keys numpy.save writes; any other
+    header (structured dtypes, other keys) is refused."""
+    body = text.strip()
+    if not (body.startswith("{") and body.endswith("}")) or body.count(":") != 3:
+        raise ValueError(f"not a .npy header of the three keys numpy.save writes: {body[:120]!r}")
+    found = {key: pattern.search(body) for key, pattern in _NPY_FIELDS.items()}
+    missing = [key for key, match in found.items() if match is None]
+    if missing:
+        raise ValueError(f"the .npy header has no plain {', '.join(missing)}: {body[:120]!r}")
+    shape = tuple(int(x) for x in found["shape"].group(1).split(",") if x.strip())
+    return shape, found["fortran_order"].group(1) == "True", np.dtype(found["descr"].group(1))
+
+
 def _parse_npy_header(head: bytes, uri: str) -> tuple[_NpyHeader, int]:
     """(header, bytes it needs) from the first bytes of a .npy; needed > len(head) means read more."""
     buf = io.BytesIO(head)
@@ -153,11 +176,12 @@ def _parse_npy_header(head: bytes, uri: str) -> tuple[_NpyHeader, int]:
     needed = prefix + struct.unpack(length_format, head[prefix - struct.calcsize(length_format):prefix])[0]
     if len(head) < needed:
         return _NpyHeader(0, 0, np.dtype("float32"), 0), needed
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     try:
-        shape, fortran_order, dtype = read(buf)
-    except ValueError as exc:
+        shape, fortran_order, dtype = npy_header_fields(head[prefix:needed].decode(
+            "utf8" if version == (3, 0) else "latin1"))
+    except (ValueError, TypeError) as exc:
         raise LayoutError(f"{uri} has an unreadable .npy header ({exc}): rewrite it with numpy.save") from None
+    buf.seek(needed)
     if len(shape) != 2:
         raise LayoutError(f"{uri} holds an array of shape {shape}; embeddings must be 2-d [rows, dim]: "
                           f"reshape before saving")
