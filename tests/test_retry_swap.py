@@ -82,6 +82,17 @@ def test_a_swap_stopped_at_any_step_is_rolled_forward_by_the_next_command(tmp_pa
     assert retry_swap.recover(storage, out) is None  # nothing left to do
 
 
+def test_a_swap_into_a_relative_out_folder_keeps_the_rows_it_moved_in(tmp_path, monkeypatch):
+    """``--out out`` (relative): the file system lists the output by absolute paths; the swap must still know the
+    files it moved in from the old ones, or it would drop the recomputed rows with their failed copies."""
+    monkeypatch.chdir(tmp_path)
+    storage = Storage()
+    data = _plant(tmp_path, storage, "out")
+    assert retry_swap.swap_in(storage, "out", list(SHARDS)) == len(FAILED)
+    _exactly_once(storage, "out")
+    assert verify(data, "out", storage).ok
+
+
 def test_a_retry_stopped_before_its_swap_is_rolled_back(tmp_path):
     storage, out = Storage(), f"{tmp_path}/out"
     data = _plant(tmp_path, storage, out)  # staged rows, no record: the swap never began

@@ -66,11 +66,11 @@ def _roll_forward(storage: Storage, out: str, record: dict) -> None:
         if storage.exists(src):
             storage.move(src, dst)
             _step(f"moved {dst}")
-        moved.add(dst)
+        moved.add(storage.locate(dst)[1])  # as the file system names it (a relative --out is made absolute)
     keys = set(record["keys"])
     for name in record["shards"]:
         for f in shard_files(storage, out, name):
-            if f in moved:
+            if storage.locate(f)[1] in moved:
                 continue
             old = read_file(storage, f)
             mask = pa.array([k not in keys for k in old.column("row_key").to_pylist()])
