@@ -19,9 +19,9 @@ from rag4dmc.pipeline.io import datasets
 from rag4dmc.pipeline.io.storage import Storage, url_to_fs
 from rag4dmc.pipeline.job.reader import row_key, shard_name
 from rag4dmc.pipeline.job.retry_swap import swap_state
+from rag4dmc.pipeline.job.runner import RUN_FILE
 from rag4dmc.pipeline.job.writer import read_output
 
-RUN_FILE = "run.json"
 SAMPLE = 10  # keys listed per problem in the report (the counts are whole)
 
 

@@ -27,7 +27,7 @@ from rag4dmc.pipeline.io.kb_images import ExampleImages
 from rag4dmc.pipeline.io.storage import url_to_fs
 from rag4dmc.pipeline.kb.build_memory import peak_rss
 from rag4dmc.pipeline.kb.build_sides import LOCATION_SCHEMA, Side
-from rag4dmc.pipeline.kb.store import PARTS_DIR
+from rag4dmc.pipeline.kb.store import PARTS_DIR, json_default
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,8 @@ def resumed_fit(out: str, key: str, storage_options: dict | None) -> Fitted | No
     try:
         meta = json.loads(fs.cat_file(f"{path}/{FIT_META}"))
         if meta["fingerprint"] == key:
+            from safetensors.numpy import load as safetensors_load
+
             return fit_from_arrays(meta, safetensors_load(fs.cat_file(f"{path}/{FIT_ARRAYS}")))
     except (FileNotFoundError, KeyError, ValueError, TypeError):
         pass
@@ -199,7 +201,7 @@ def save_fit(out: str, key: str, fitted: Fitted, storage_options: dict | None) -
     fs, path = url_to_fs(f"{out}/{PARTS_DIR}", storage_options)
     fs.makedirs(path, exist_ok=True)
     fs.pipe_file(f"{path}/{FIT_ARRAYS}", safetensors_save(arrays))
-    fs.pipe_file(f"{path}/{FIT_META}", json.dumps({"fingerprint": key, **meta}, default=_plain).encode())  # last
+    fs.pipe_file(f"{path}/{FIT_META}", json.dumps({"fingerprint": key, **meta}, default=json_default).encode())  # last
 
 
 def fit_to_arrays(fitted: Fitted) -> tuple[dict, dict[str, np.ndarray]]:
@@ -237,16 +239,3 @@ def fit_from_arrays(meta: dict, arrays: dict[str, np.ndarray]) -> Fitted:
                   meta["calibration"], meta["peak_rss"])
 
 
-def safetensors_load(data: bytes) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load
-
-    return load(data)
-
-
-def _plain(value):
-    """JSON for the numpy scalars and arrays a report may hold."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

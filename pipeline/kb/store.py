@@ -80,7 +80,7 @@ def write_small(uri: str, mapping, report: dict, manifest: dict,
     with tempfile.TemporaryDirectory(prefix="rag4dmc-kb-") as tmp:
         mapping.save(Path(tmp) / MAPPING_FILE)
         fs.put_file(str(Path(tmp) / MAPPING_FILE), f"{path}/{MAPPING_FILE}")
-    fs.pipe_file(f"{path}/report.json", json.dumps(report, indent=2, default=_json_default).encode())
+    fs.pipe_file(f"{path}/report.json", json.dumps(report, indent=2, default=json_default).encode())
     manifest["files"] = describe_files(fs, path, loaded_files(manifest))
     fs.pipe_file(f"{path}/manifest.json", json.dumps(manifest, indent=2).encode())
 
@@ -156,7 +156,8 @@ def check_copy(uri: str, rel: str, local: Path, remote_info: dict, expected: dic
                           f"build, or damaged); {_rebuild_hint(uri)}")
 
 
-def _json_default(v):
+def json_default(v):
+    """JSON for the numpy arrays and scalars a report holds (anything else as its str)."""
     if isinstance(v, np.ndarray):
         return v.tolist()
     if isinstance(v, np.generic):
