@@ -10,8 +10,10 @@ given key, and what happens then:
 * ``exit``: kill the worker process (``os._exit``), as a preempted node or an OOM kill would;
 * ``hang``: sleep ``seconds`` (past ``job.batch_timeout_s``);
 * ``kill_job``: SIGKILL the job's process group (the driver's, :func:`register_job`): a job started in a
-  session of its own, its driver and its local Ray cluster, dies at once, as on a power cut. The output sink's stage is ``commit``: its
-  batch N is the Nth block committed, so a job can be killed after exactly N committed blocks.
+  session of its own dies at once, as on a power cut: its driver, and its local Ray cluster if it started one
+  (on a running cluster, Ray then ends the dead driver's actors and tasks, as for a preempted driver). The
+  output sink's stage is ``commit``: its batch N is the Nth block committed, so a job can be killed after
+  exactly N committed blocks.
 
 ``RAG4DMC_FAULTS`` holds JSON: a list of faults, or ``{"dir": DIR, "faults": [...]}``. With ``dir`` (a folder
 every worker of the node can write), batches are numbered across all processes (a locked counter file per
@@ -153,12 +155,16 @@ def remote_args() -> dict:
     set), so that a cluster started before the plan was set, such as a test session's, runs the job's tasks and
     actors in workers that see it."""
     text = os.environ.get(ENV)
-    return {"runtime_env": {"env_vars": {ENV: text}}} if text else {}
+    if not text:
+        return {}
+    group = os.environ.get(JOB_GROUP_ENV)
+    return {"runtime_env": {"env_vars": {ENV: text, **({JOB_GROUP_ENV: group} if group else {})}}}
 
 
 def register_job() -> None:
-    """On the driver, before it starts Ray: name its process group for ``kill_job`` (the workers of a local
-    cluster inherit the variable; Ray may put them in process groups of their own)."""
+    """On the driver, before it starts or joins Ray: name its process group for ``kill_job`` (the workers of a
+    local cluster inherit the variable, those of a running cluster get it with the plan, :func:`remote_args`;
+    Ray may put them in process groups of their own)."""
     if ENV in os.environ:
         os.environ[JOB_GROUP_ENV] = str(os.getpgid(0))
 

@@ -3,8 +3,8 @@ every input row comes out exactly once, completed or failed with the reason.
 
 A fault inside the job (an actor's process exits, a transient error, a poison row, a hung batch) runs the job
 on the session's Ray cluster: the job hands the fault plan to its workers in their runtime environment. A kill
-of the whole job runs ``rag4dmc complete`` in a process (and a session) of its own, so the kill takes nothing
-else with it. Timeouts only guard against hangs.
+of the whole job runs ``rag4dmc complete`` in a process (and a session) of its own, a driver joining the
+session's cluster, so the kill takes nothing else with it. Timeouts only guard against hangs.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,25 +54,31 @@ def _run(kb: str, tmp_path: Path, plan: list[dict], monkeypatch, config: dict | 
     return run_job(JobSpec(data=str(_data(tmp_path)), kb=kb, out=str(out), cfg=cfg)), out, state
 
 
-def _job(kb: str, tmp_path: Path, plan: list[dict], config: dict | None = None,
-         name: str = "out") -> tuple[subprocess.CompletedProcess, Path, Path]:
-    """``rag4dmc complete`` in a process and session of its own (its own Ray cluster), with the fault ``plan``."""
-    data = _data(tmp_path)
-    out, state = tmp_path / name, tmp_path / "faults"
+def _start(kb: str, tmp_path: Path, plan: list[dict], state: Path, *flags: str) -> subprocess.Popen:
+    """``rag4dmc complete`` in a process and session of its own, with the fault ``plan``, as a driver joining the
+    session's Ray cluster (``RAY_ADDRESS``), as a job's driver joins a running cluster: a kill of its process
+    group kills that driver alone, and Ray ends its actors and tasks."""
+    import ray
+
     cfg = tmp_path / "job.yaml"
-    cfg.write_text(yaml.safe_dump({**CONFIG, **(config or {})}))
+    cfg.write_text(yaml.safe_dump(CONFIG))
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+           "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
            faults.ENV: json.dumps({"dir": str(state), "faults": plan})}
-    cmd = [sys.executable, "-m", "rag4dmc.pipeline.cli", "complete", "--data", str(data), "--kb", kb, "--out", str(out),
-           "--config", str(cfg)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    cmd = [sys.executable, "-m", "rag4dmc.pipeline.cli", "complete", "--data", str(_data(tmp_path)), "--kb", kb,
+           "--out", str(tmp_path / "out"), "--config", str(cfg), *flags]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+
+
+def _wait(proc: subprocess.Popen, timeout: float = 540) -> str:
+    """The process's output once it has ended; its process group killed if it is still running after ``timeout``."""
     try:
-        log, _ = proc.communicate(timeout=540)
+        log, _ = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    return subprocess.CompletedProcess(cmd, proc.returncode, log, None), out, state
+    return log
 
 
 def _rows(out: Path) -> dict[str, dict]:
@@ -138,10 +145,12 @@ def test_faults_inside_a_job_each_cost_only_their_own_rows_and_every_row_comes_o
 
 @pytest.mark.timeout(900)
 def test_a_job_killed_after_two_committed_blocks_resumes_without_recomputing_them(kb, tmp_path, monkeypatch):
-    """``rag4dmc complete`` killed (SIGKILL, its own process and Ray) after two committed blocks; the same job run
-    again (on the session's cluster: the rerun needs no process of its own) completes the rest only."""
-    killed, out, _ = _job(kb, tmp_path, [{"stage": "commit", "kind": "kill_job", "batch": 2}])
-    assert killed.returncode == -signal.SIGKILL
+    """``rag4dmc complete`` killed (SIGKILL to its driver's process group) after two committed blocks; the same
+    job run again (in this process: the rerun needs no process of its own) completes the rest only."""
+    killed = _start(kb, tmp_path, [{"stage": "commit", "kind": "kill_job", "batch": 2}], tmp_path / "faults")
+    log = _wait(killed)
+    assert killed.returncode == -signal.SIGKILL, log[-3000:]
+    out = tmp_path / "out"
     committed = set(_rows(out))
     assert 2 <= len(committed) < N  # the two blocks committed before the kill (and any committed beside them)
     summary, _, _ = _run(kb, tmp_path, [], monkeypatch)
@@ -149,6 +158,50 @@ def test_a_job_killed_after_two_committed_blocks_resumes_without_recomputing_the
     assert set(rows) == _all_keys()
     assert summary["rows_this_run"] == N - len(committed)  # the committed rows were not computed again
     assert json.loads((out / "summary.json").read_text())["rows_this_run"] == summary["rows_this_run"]
+
+
+@pytest.mark.timeout(900)
+def test_a_retry_killed_mid_swap_from_outside_is_rolled_forward_by_the_next_run(kb, tmp_path, monkeypatch):
+    """A job whose first generation batch fails; ``rag4dmc complete --retry-failed`` (a process joining the
+    cluster) recomputes those rows, and is SIGKILLed from outside, with its process group, in the middle of its
+    swap: after the intent record and the first move (a ``hang`` planted at the swap's 2nd step holds it there
+    until the kill). ``verify`` then reports the half-done swap; the next run rolls it forward, and every row
+    comes out exactly once, the retried ones completed."""
+    from rag4dmc.pipeline.job.verify import verify
+
+    summary, out, _ = _run(kb, tmp_path, [{"stage": "generate", "kind": "permanent", "batch": 1}], monkeypatch)
+    failed = {k for k, r in _rows(out).items() if r["status"] == "failed"}
+    assert 0 < len(failed) <= 8 and summary["failed"] == len(failed)
+
+    state = tmp_path / "swap-faults"
+    retry = _start(kb, tmp_path, [{"stage": "swap", "kind": "hang", "batch": 2, "seconds": 3600}], state,
+                   "--retry-failed")
+    try:
+        for _ in range(5400):  # the hang's marker: the retry is inside its swap, holding still
+            if _fired_fault(state, 0) or retry.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert _fired_fault(state, 0) == 1, "the retry never reached its swap"
+        os.killpg(retry.pid, signal.SIGKILL)
+    finally:
+        log = _wait(retry, timeout=60)
+    assert retry.returncode == -signal.SIGKILL, log[-3000:]
+
+    half_done = verify(str(_data(tmp_path)), str(out), Storage())
+    assert not half_done.ok and "records a swap not finished" in half_done.unfinished_swap
+    assert "run the same" in half_done.problems[0]
+
+    monkeypatch.delenv(faults.ENV)
+    from rag4dmc.pipeline.config import JobConfig
+    from rag4dmc.pipeline.job.runner import JobSpec, run_job
+
+    again = run_job(JobSpec(data=str(_data(tmp_path)), kb=kb, out=str(out), cfg=JobConfig.model_validate(CONFIG),
+                            retry_failed=True))
+    rows = _rows(out)
+    assert set(rows) == _all_keys() and again["failed"] == 0
+    assert all(rows[k]["status"] == "completed" for k in failed)
+    report = verify(str(_data(tmp_path)), str(out), Storage())
+    assert report.ok and "failed" not in report.statuses and sum(report.statuses.values()) == N, report.problems
 
 
 def test_an_output_bucket_that_does_not_exist_fails_before_any_actor_starts(kb, s3_server, monkeypatch):
