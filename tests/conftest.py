@@ -35,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Fixtures that start Ray (the session's, or a cluster of a test's own): a test that uses one is marked ``slow`` (a test
 # that starts Ray in a process of its own is marked by hand), so that ``make test-quick`` (pytest -m "not slow") is
 # the inner loop of everything else. CI runs every test.
-RAY_FIXTURES = ("ray_local", "kb", "ray_head")
+RAY_FIXTURES = ("ray_local", "kb", "ray_head", "emoji_kb")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -124,6 +124,57 @@ def emoji_corpus():
     from bench.emoji import emoji_pairs
 
     return emoji_pairs(groups=EMOJI_TEST_GROUPS)
+
+
+FLAT_KB_IMAGES = 12  # blank stickers and white cards planted among the emoji KB's images: NIQE is undefined on them
+
+
+def _flat(kind: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    img = Image.new("RGBA", (128, 128), (0, 0, 0, 0)) if kind % 2 else Image.new("RGB", (200, 160), "white")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def emoji_split(emoji_corpus, tmp_path_factory):
+    """The emoji corpus split as a user's corpus is (``bench.emoji.split_corpus``): internal pairs (two groups,
+    with ``FLAT_KB_IMAGES`` flat images planted), external pairs (the third group) and incomplete rows, each
+    written as one parquet file; ``(tables, paths, root folder)``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bench.emoji import split_corpus
+
+    parts = split_corpus(emoji_corpus, EMOJI_TEST_GROUPS[:2], EMOJI_TEST_GROUPS[2:], internal_fraction=0.45,
+                         incomplete_fraction=0.2, seed=1)
+    flat = pa.table({"id": [f"flat{i}" for i in range(FLAT_KB_IMAGES)],
+                     "image": [_flat(i) for i in range(FLAT_KB_IMAGES)],
+                     "text": ["blank sticker" if i % 2 else "white card" for i in range(FLAT_KB_IMAGES)],
+                     "label": ["none"] * FLAT_KB_IMAGES})
+    parts["internal"] = pa.concat_tables([parts["internal"], flat])
+    root = tmp_path_factory.mktemp("emoji")
+    paths = {}
+    for name, table in parts.items():
+        paths[name] = str(root / f"{name}.parquet")
+        pq.write_table(table, paths[name])
+    return parts, paths, root
+
+
+@pytest.fixture(scope="session")
+def emoji_kb(ray_local, emoji_split) -> tuple[str, dict]:
+    """``rag4dmc kb build`` with the defaults (calibration and NIQE on) on the emoji split, built once for the
+    session: ``(its URI, what the build returned)``. tests/test_real_data.py checks the build; the Serve tests
+    serve it (a calibrated KB: the served settings are the KB's)."""
+    from rag4dmc.pipeline.job.kb_runner import KBBuildSpec, run_kb_build
+
+    _, paths, root = emoji_split
+    built = run_kb_build(KBBuildSpec(internal=paths["internal"], external=paths["external"], out=str(root / "kb")))
+    return str(root / "kb"), built
 
 
 @pytest.fixture

@@ -291,7 +291,8 @@ def test_a_three_shard_kb_chained_one_shard_per_actor_gives_the_in_process_chain
     run_kb_build(KBBuildSpec(internal=f"{root}/internal", out=kb3, cfg=cfg3))
     data = tmp_path / "data"
     write_split(_incomplete(40, seed=7), data, 2)
-    job = JOB.model_copy(update={"shards_per_actor": 1})
+    # no NIQE term: the rows compared are the retrieved ids and the chosen completion, the same either way
+    job = JOB.model_copy(update={"shards_per_actor": 1, "selection": FLOW_SELECTION})
     summary = run_job(JobSpec(data=str(data), kb=kb3, out=str(tmp_path / "out"), cfg=job))
     assert summary["rows_out"] == summary["unique_row_keys"] == 40 and summary["failed"] == 0
     out = read_output(Storage(), str(tmp_path / "out")).to_pandas().set_index("row_key")
@@ -324,7 +325,7 @@ def test_rows_in_flight_stay_within_the_configured_blocks_and_output_lands_per_b
     write_split(_incomplete(180, seed=8), data, 3)
     monkeypatch.setenv(faults.ENV, json.dumps([{"stage": "embed", "kind": "hang", "batch": 1, "seconds": STALL_S}]))
     small = StageResources(batch_size=8)
-    cfg = JOB.model_copy(update={"block_rows": 8, "max_blocks_in_flight": 12,
+    cfg = JOB.model_copy(update={"block_rows": 8, "max_blocks_in_flight": 12, "selection": FLOW_SELECTION,
                                  "resources": {"embed": small, "retrieve": small, "generate": small}})
     summary = run_job(JobSpec(data=str(data), kb=kb, out=str(tmp_path / "out"), cfg=cfg))
     assert summary["rows_out"] == summary["unique_row_keys"] == 180 and summary["failed"] == 0

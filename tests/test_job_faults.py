@@ -42,13 +42,14 @@ def _data(tmp_path: Path) -> Path:
     return data
 
 
-def _run(kb: str, tmp_path: Path, plan: list[dict], monkeypatch, config: dict | None = None) -> tuple[dict, Path, Path]:
-    """The job in this process, on the session's cluster, with the fault ``plan`` set; its summary, output and
-    the faults' state folder."""
+def _run(kb: str, tmp_path: Path, plan: list[dict], monkeypatch, config: dict | None = None,
+         state: str = "faults") -> tuple[dict, Path, Path]:
+    """The job in this process, on the session's cluster, with the fault ``plan`` set (its state in the folder
+    ``state``: a plan of its own needs a folder of its own); its summary, output and the faults' state folder."""
     from rag4dmc.pipeline.config import JobConfig
     from rag4dmc.pipeline.job.runner import JobSpec, run_job
 
-    out, state = tmp_path / "out", tmp_path / "faults"
+    out, state = tmp_path / "out", tmp_path / state
     monkeypatch.setenv(faults.ENV, json.dumps({"dir": str(state), "faults": plan}))
     cfg = JobConfig.model_validate({**CONFIG, **(config or {})})
     return run_job(JobSpec(data=str(_data(tmp_path)), kb=kb, out=str(out), cfg=cfg)), out, state
@@ -144,34 +145,35 @@ def test_faults_inside_a_job_each_cost_only_their_own_rows_and_every_row_comes_o
 
 
 @pytest.mark.timeout(900)
-def test_a_job_killed_after_two_committed_blocks_resumes_without_recomputing_them(kb, tmp_path, monkeypatch):
-    """``rag4dmc complete`` killed (SIGKILL to its driver's process group) after two committed blocks; the same
-    job run again (in this process: the rerun needs no process of its own) completes the rest only."""
+def test_a_killed_job_resumes_and_a_retry_killed_mid_swap_is_rolled_forward(kb, tmp_path, monkeypatch):
+    """Two kills of ``rag4dmc complete``, each a process of its own joining the session's cluster, as a job's
+    driver joins a running cluster, each SIGKILLed with its process group:
+
+    1. a job killed after two committed blocks (a ``kill_job`` fault at the commit); run again (in this process,
+       with the first generation batch failing), it computes only the rows not yet committed;
+    2. ``--retry-failed`` killed from outside in the middle of its swap, after the intent record and the first
+       move (a ``hang`` planted at the swap's 2nd step holds it there until the kill). ``verify`` reports the
+       half-done swap; the next run rolls it forward, and every row comes out exactly once, the retried ones
+       completed.
+    """
+    from rag4dmc.pipeline.config import JobConfig
+    from rag4dmc.pipeline.job.runner import JobSpec, run_job
+    from rag4dmc.pipeline.job.verify import verify
+
     killed = _start(kb, tmp_path, [{"stage": "commit", "kind": "kill_job", "batch": 2}], tmp_path / "faults")
     log = _wait(killed)
     assert killed.returncode == -signal.SIGKILL, log[-3000:]
     out = tmp_path / "out"
     committed = set(_rows(out))
     assert 2 <= len(committed) < N  # the two blocks committed before the kill (and any committed beside them)
-    summary, _, _ = _run(kb, tmp_path, [], monkeypatch)
+    summary, _, _ = _run(kb, tmp_path, [{"stage": "generate", "kind": "permanent", "batch": 1}], monkeypatch,
+                         state="rerun-faults")
     rows = _rows(out)
     assert set(rows) == _all_keys()
     assert summary["rows_this_run"] == N - len(committed)  # the committed rows were not computed again
     assert json.loads((out / "summary.json").read_text())["rows_this_run"] == summary["rows_this_run"]
-
-
-@pytest.mark.timeout(900)
-def test_a_retry_killed_mid_swap_from_outside_is_rolled_forward_by_the_next_run(kb, tmp_path, monkeypatch):
-    """A job whose first generation batch fails; ``rag4dmc complete --retry-failed`` (a process joining the
-    cluster) recomputes those rows, and is SIGKILLed from outside, with its process group, in the middle of its
-    swap: after the intent record and the first move (a ``hang`` planted at the swap's 2nd step holds it there
-    until the kill). ``verify`` then reports the half-done swap; the next run rolls it forward, and every row
-    comes out exactly once, the retried ones completed."""
-    from rag4dmc.pipeline.job.verify import verify
-
-    summary, out, _ = _run(kb, tmp_path, [{"stage": "generate", "kind": "permanent", "batch": 1}], monkeypatch)
-    failed = {k for k, r in _rows(out).items() if r["status"] == "failed"}
-    assert 0 < len(failed) <= 8 and summary["failed"] == len(failed)
+    failed = {k for k, r in rows.items() if r["status"] == "failed"}
+    assert 0 < len(failed) <= 8 and summary["failed"] == len(failed) and not failed & committed
 
     state = tmp_path / "swap-faults"
     retry = _start(kb, tmp_path, [{"stage": "swap", "kind": "hang", "batch": 2, "seconds": 3600}], state,
@@ -187,20 +189,17 @@ def test_a_retry_killed_mid_swap_from_outside_is_rolled_forward_by_the_next_run(
         log = _wait(retry, timeout=60)
     assert retry.returncode == -signal.SIGKILL, log[-3000:]
 
-    half_done = verify(str(_data(tmp_path)), str(out), Storage())
+    data = str(_data(tmp_path))
+    half_done = verify(data, str(out), Storage())
     assert not half_done.ok and "records a swap not finished" in half_done.unfinished_swap
     assert "run the same" in half_done.problems[0]
 
     monkeypatch.delenv(faults.ENV)
-    from rag4dmc.pipeline.config import JobConfig
-    from rag4dmc.pipeline.job.runner import JobSpec, run_job
-
-    again = run_job(JobSpec(data=str(_data(tmp_path)), kb=kb, out=str(out), cfg=JobConfig.model_validate(CONFIG),
-                            retry_failed=True))
+    again = run_job(JobSpec(data=data, kb=kb, out=str(out), cfg=JobConfig.model_validate(CONFIG), retry_failed=True))
     rows = _rows(out)
     assert set(rows) == _all_keys() and again["failed"] == 0
     assert all(rows[k]["status"] == "completed" for k in failed)
-    report = verify(str(_data(tmp_path)), str(out), Storage())
+    report = verify(data, str(out), Storage())
     assert report.ok and "failed" not in report.statuses and sum(report.statuses.values()) == N, report.problems
 
 

@@ -1,6 +1,9 @@
 """The knowledge base: purification on planted data, sharded retrieval, persistence."""
 
 import json
+import shutil
+import uuid
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -177,9 +180,6 @@ def test_a_retrieval_actor_loads_only_the_index_it_searches(built, built_at):
 
 
 def test_a_kb_of_another_format_asks_for_a_rebuild(built_at, tmp_path):
-    import json
-    import shutil
-
     shutil.copytree(built_at, tmp_path / "kb")
     manifest = json.loads((tmp_path / "kb" / "manifest.json").read_text())
     (tmp_path / "kb" / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
@@ -232,8 +232,6 @@ def _damage(fs, root: str, other_root: str, kind: str) -> str:
 @pytest.mark.parametrize("kind", ["missing", "truncated"])
 def test_a_missing_or_cut_short_kb_file_is_refused_naming_it(built_at, tmp_path, kind):
     """Locally every load checks each file it reads against the manifest's sizes."""
-    import shutil
-
     from fsspec.implementations.local import LocalFileSystem
 
     copy = tmp_path / "kb"
@@ -244,22 +242,42 @@ def test_a_missing_or_cut_short_kb_file_is_refused_naming_it(built_at, tmp_path,
         kb_store.load(str(copy))
 
 
-@pytest.mark.parametrize("kind", ["missing", "truncated", "foreign"])
-def test_a_damaged_kb_on_object_storage_is_refused_when_a_node_copies_it(s3_server, s3_bucket, tmp_path, monkeypatch,
-                                                                         kind):
-    """A KB on object storage: each file a node copies is checked against the manifest's size and the object's
-    checksum; a file of another build with the same name and size is caught by its checksum."""
+@pytest.fixture(scope="module")
+def built_on_s3(s3_server) -> Iterator[str]:
+    """Two KBs built once, straight to object storage (a bucket of the module's): ``PREFIX/kb``, and
+    ``PREFIX/other``, the same data with another mapping seed (another build's files, of the same sizes)."""
+    import boto3
+
+    cfg = s3_server.storage_config
+    bucket = f"test-kb-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region, aws_access_key_id=cfg.key,
+                 aws_secret_access_key=cfg.secret).create_bucket(Bucket=bucket)
     it, iemb, et, eemb = _world(n_int=120, n_ext=80, n_off=10)
     opts = s3_server.storage_options
-    uri, other = f"{s3_bucket}/kb", f"{s3_bucket}/other"
-    build_knowledge_base(it, iemb, et, eemb, FAST, out=uri, storage_options=opts)
+    build_knowledge_base(it, iemb, et, eemb, FAST, out=f"s3://{bucket}/kb", storage_options=opts)
     reseeded = FAST.model_copy(update={"mapping": FAST.mapping.model_copy(update={"seed": 7})})
-    build_knowledge_base(it, iemb, et, eemb, reseeded, out=other, storage_options=opts)  # another build's mapping
+    build_knowledge_base(it, iemb, et, eemb, reseeded, out=f"s3://{bucket}/other", storage_options=opts)
+    yield bucket
+    Storage(cfg).fs(f"s3://{bucket}").rm(bucket, recursive=True)
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "foreign"])
+def test_a_damaged_kb_on_object_storage_is_refused_when_a_node_copies_it(s3_server, s3_bucket, built_on_s3, tmp_path,
+                                                                         monkeypatch, kind):
+    """A KB on object storage: each file a node copies is checked against the manifest's size and the object's
+    checksum; a file of another build with the same name and size is caught by its checksum. (Each case damages
+    its own copy of the module's two builds, copied object by object, as a user's sync would.)"""
+    uri, other = f"{s3_bucket}/kb", f"{s3_bucket}/other"
+    fs = Storage(s3_server.storage_config).fs(uri)
+    for name in ("kb", "other"):
+        fs.copy(f"{built_on_s3}/{name}", f"{s3_bucket.split('://')[1]}/{name}", recursive=True)
+    opts = s3_server.storage_options
     manifest = json.loads(Storage(s3_server.storage_config).read_bytes(f"{uri}/manifest.json"))
     assert set(manifest["files"]) == set(kb_store.loaded_files(manifest))
     assert all(f["size"] > 0 and ("etag" in f or "sha256" in f) for f in manifest["files"].values())
     monkeypatch.setattr(kb_store.tempfile, "gettempdir", lambda: str(tmp_path))  # a fresh node cache
-    fs = Storage(s3_server.storage_config).fs(uri)
+    assert kb_store.load(uri, opts) is not None  # the copy, whole, loads
+    shutil.rmtree(tmp_path / "rag4dmc-kb-cache")  # and a fresh node cache again
     name = _damage(fs, uri.split("://")[1], other.split("://")[1], kind)
     with pytest.raises(kb_store.KBFileError, match=f"{name} .*(missing|bytes|checksum).*copy the knowledge base"):
         kb_store.load(uri, opts)

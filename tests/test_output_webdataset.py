@@ -33,7 +33,7 @@ from rag4dmc.pipeline.job.writer import (
     write_file,
 )
 from rag4dmc.pipeline.schema import OUTPUT_SCHEMA, STAGES
-from tests.test_job import JOB, _incomplete
+from tests.test_job import FLOW_SELECTION, JOB, _incomplete
 
 KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -200,7 +200,8 @@ def test_job_writes_webdataset_tars_resumes_from_them_and_refuses_parquet(kb, tm
                     "text": pa.array([None], pa.string())})
     write_parquet(bad, f"{data}/bad.parquet")
     n_in = good.num_rows + 1
-    cfg = JOB.model_copy(update={"output_format": "webdataset"})
+    # no NIQE term: this tests the output's format, not how candidates are scored
+    cfg = JOB.model_copy(update={"output_format": "webdataset", "selection": FLOW_SELECTION})
     spec = JobSpec(data=str(data), kb=kb, out=str(out), cfg=cfg)
     first = run_job(spec)
     storage = Storage()
@@ -251,5 +252,5 @@ def test_job_writes_webdataset_tars_resumes_from_them_and_refuses_parquet(kb, tm
     assert all(f.endswith(".tar") for f in after) and any(Path(f).name.startswith("retry-") for f in after)
 
     with pytest.raises(RunMismatch, match="holds webdataset output"):
-        run_job(JobSpec(data=str(data), kb=kb, out=str(out), cfg=JOB))
+        run_job(JobSpec(data=str(data), kb=kb, out=str(out), cfg=cfg.model_copy(update={"output_format": "parquet"})))
     assert count_output_rows(storage, str(out)) == n_in and not _parquet_files(out)

@@ -11,19 +11,14 @@ import io
 import json
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from bench.emoji import EMOJI_TEST, parse_emoji_test, split_corpus
+from bench.emoji import EMOJI_TEST, parse_emoji_test
 from rag4dmc.pipeline.config import EvalConfig, JobConfig
 from rag4dmc.pipeline.io.storage import Storage
-from rag4dmc.pipeline.job.kb_runner import KBBuildSpec, run_kb_build
 from rag4dmc.pipeline.job.runner import JobSpec, read_output, run_job
 from tests.conftest import EMOJI_TEST_GROUPS
-
-FLAT_KB_IMAGES = 12  # blank stickers and white cards planted among the KB's images: NIQE is undefined on them
 
 
 def test_the_emoji_list_is_unicodes_own():
@@ -44,40 +39,15 @@ def test_emoji_render_as_transparent_clip_art(emoji_corpus):
     assert (alpha == 0).mean() > 0.1 and (alpha == 255).mean() > 0.2  # a drawing on a transparent ground
 
 
-def _flat(kind: int) -> bytes:
-    img = Image.new("RGBA", (128, 128), (0, 0, 0, 0)) if kind % 2 else Image.new("RGB", (200, 160), "white")
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def emoji_split(emoji_corpus, tmp_path_factory):
-    parts = split_corpus(emoji_corpus, EMOJI_TEST_GROUPS[:2], EMOJI_TEST_GROUPS[2:], internal_fraction=0.45,
-                         incomplete_fraction=0.2, seed=1)
-    internal = parts["internal"]
-    flat = pa.table({"id": [f"flat{i}" for i in range(FLAT_KB_IMAGES)],
-                     "image": [_flat(i) for i in range(FLAT_KB_IMAGES)],
-                     "text": ["blank sticker" if i % 2 else "white card" for i in range(FLAT_KB_IMAGES)],
-                     "label": ["none"] * FLAT_KB_IMAGES})
-    parts["internal"] = pa.concat_tables([internal, flat])
-    root = tmp_path_factory.mktemp("emoji")
-    paths = {}
-    for name, table in parts.items():
-        paths[name] = str(root / f"{name}.parquet")
-        pq.write_table(table, paths[name])
-    return parts, paths, root
-
-
-def test_default_kb_build_and_completion_on_clip_art(ray_local, emoji_split):
+def test_default_kb_build_and_completion_on_clip_art(emoji_split, emoji_kb):
     parts, paths, root = emoji_split
-    built = run_kb_build(KBBuildSpec(internal=paths["internal"], external=paths["external"], out=str(root / "kb")))
+    kb, built = emoji_kb  # `kb build` with the defaults
     cal = built["report"]["calibration"]
     assert cal["niqe"] and cal["holdout_pairs"] >= 30  # image candidates were scored with NIQE
     for task in ("i2t", "t2i"):
         d = cal["directions"][task]
         assert d["fidelity"] >= d["default"]["fidelity"]
-    summary = run_job(JobSpec(data=paths["incomplete"], kb=str(root / "kb"), out=str(root / "out"), cfg=JobConfig()))
+    summary = run_job(JobSpec(data=paths["incomplete"], kb=kb, out=str(root / "out"), cfg=JobConfig()))
     n = parts["incomplete"].num_rows
     assert summary["rows_out"] == summary["unique_row_keys"] == n
     assert summary["failed"] == 0 and summary["completed"] == n

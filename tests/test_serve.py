@@ -3,8 +3,10 @@ application on the session's local Ray (2 CPUs), over real HTTP on loopback: goo
 the batch job's provenance, bad ones refused with a status and a JSON message, and a concurrent burst of
 distinct requests that is batched and still answers each request with its own result.
 
-The knowledge base is built from the generated demo corpus with the real lite encoders; generation is the
-offline nearest-neighbour generator, so every answer is deterministic and checkable.
+The service serves the session's emoji KB (``tests/conftest.py``: real clip art, ``kb build`` with the defaults,
+so calibrated: the served settings are the KB's), queried with generated scenes; the fault and signal tests
+serve the jobs' KB. Generation is the offline nearest-neighbour generator, so every answer is deterministic and
+checkable.
 """
 
 from __future__ import annotations
@@ -45,13 +47,12 @@ from rag4dmc.deploy.protocol import (
     prepare_query,
     read_body,
 )
-from rag4dmc.pipeline.config import ConfigError, JobConfig, KBConfig, MappingConfig, ServeConfig, validate
+from rag4dmc.pipeline.config import ConfigError, JobConfig, ServeConfig, validate
 from tests.conftest import LOOPBACK
 from tests.processes import until
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = REPO / "deploy" / "serve_config.yaml"
-FAST_KB = KBConfig(mapping=MappingConfig(max_epochs=30, hidden_dim=256))
 API_KEY = "test-key-123"
 MAX_TEXT = 200
 MAX_UPLOAD = 64 * 1024  # small, so an oversized body is cheap to send (and fits the socket buffers)
@@ -280,28 +281,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def kb(ray_local, tmp_path_factory) -> str:
-    """The service's KB: calibrated (so the served settings are the KB's), its entries pointing at the images by
-    reference as every stored KB's do. (A KB from precomputed embeddings is the same KB: tests/test_kb_build.py.)"""
-    from rag4dmc.pipeline.demo.corpus import make_external, make_internal
-    from rag4dmc.pipeline.io.datasets import write_parquet
-    from rag4dmc.pipeline.job.kb_runner import KBBuildSpec, run_kb_build
-
-    root = tmp_path_factory.mktemp("serve-kb")
-    write_parquet(make_internal(120, seed=0).select(["id", "image", "text"]), f"{root}/internal/part-0.parquet")
-    write_parquet(make_external(80, seed=0).select(["id", "image", "text"]), f"{root}/external/part-0.parquet")
-    run_kb_build(KBBuildSpec(internal=f"{root}/internal", external=f"{root}/external", out=f"{root}/kb", cfg=FAST_KB))
-    return f"{root}/kb"
-
-
-@pytest.fixture(scope="module")
-def service(ray_local, kb) -> Iterator[Service]:
+def service(emoji_kb, kb) -> Iterator[Service]:
     """The application on loopback, built as `serve run deploy/serve_config.yaml` builds it (``build_app``
     on the args), with an API key, small limits and a batch wait that lets a burst batch. ``serve.run``
     returns once every replica is up (bounded by the test's timeout); Serve is shut down afterwards so the
-    other modules sharing the Ray session are unaffected."""
+    other modules sharing the Ray session are unaffected. (``kb``, the jobs' KB that the fault and signal tests
+    serve, is built first: a KB build on the session's 2 CPUs would wait for the replicas' CPUs.)"""
     from ray import serve
 
+    kb, _ = emoji_kb
     args = {"kb": kb, "api_key": API_KEY, "max_upload_bytes": MAX_UPLOAD, "max_text_chars": MAX_TEXT,
             "batch_wait_timeout_s": 0.25, "request_timeout_s": HTTP_TIMEOUT_S,
             "selection": {"image_quality": "none"}}
