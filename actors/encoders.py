@@ -271,18 +271,20 @@ class LiteEncoder(_BatchedEncoder):
         tokens = self.tokenizer.encode_batch(texts)
         feeds = {name: np.array([getattr(t, field) for t in tokens], np.int64)
                  for name, field in MINILM_GRAPH_INPUTS.items()}
-        hidden = self.text_onnx.run(feeds)
-        mask = feeds["attention_mask"][..., None].astype(hidden.dtype)
-        # sentence-transformers' mean pooling: average of the real (unpadded) tokens
-        return unit_rows((hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9))
+        return unit_rows(mean_pool(self.text_onnx.run(feeds), feeds["attention_mask"]))
 
     @inference
     def _embed_texts_torch(self, texts: list[str]) -> np.ndarray:
         tok = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens,
                              return_tensors="pt").to(self.device)
         hidden = self.text_model(**tok).last_hidden_state
-        mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return _unit_rows((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9))
+        return unit_rows(mean_pool(hidden.float().cpu().numpy(), tok["attention_mask"].cpu().numpy()))
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """sentence-transformers' mean pooling: the average of each text's real (unpadded) tokens' hidden states."""
+    m = mask[..., None].astype(hidden.dtype)
+    return (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
 
 
 def _torch_instead(tower: str, exc: Exception) -> None:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ONNX_CACHE = WEIGHTS_CACHE / "onnx"  # exported graphs, named by :func:`cache_key` or :func:`file_key`
+ONNX_CACHE = WEIGHTS_CACHE / "onnx"  # exported graphs, named by :func:`file_key`
 ONNX_OPSET = 18
 EXPORT_LIBRARIES = ("torch", "onnxscript", "onnxruntime")  # their versions are part of every key
 DIGEST_CHUNK_BYTES = 8 * 2**20
@@ -40,16 +40,6 @@ DIGEST_CHUNK_BYTES = 8 * 2**20
 
 def _library_versions() -> list[str]:
     return [version(p) for p in EXPORT_LIBRARIES]  # package metadata: nothing is imported
-
-
-def cache_key(module: torch.nn.Module, input_shape: tuple[int, ...]) -> str:
-    """A digest of the module's weights (by content), its input shape and the exporter's and runtime's versions."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    digest.update(repr((type(module).__name__, tuple(input_shape[1:]), _library_versions(), ONNX_OPSET)).encode())
-    return digest.hexdigest()[:20]
 
 
 def file_key(files: Sequence[str | Path], spec: str) -> str:
@@ -99,16 +89,21 @@ def default_threads() -> int:
 
 
 class OnnxModule:
-    """``module``'s forward on float32 numpy arrays through ONNX Runtime on ``threads`` CPU threads (default:
-    :func:`default_threads`)."""
+    """An exported graph's forward on numpy arrays through ONNX Runtime on ``threads`` CPU threads (default:
+    :func:`default_threads`). Made by :meth:`cached`, which exports the graph when this machine has none."""
 
-    def __init__(self, module: torch.nn.Module, example: torch.Tensor, threads: int | None = None,
-                 cache_dir: str | Path | None = None):
-        path = Path(cache_dir or ONNX_CACHE) / f"{cache_key(module, tuple(example.shape))}.onnx"
-        if not path.is_file():
-            log.info("exporting %s to ONNX (once per machine): %s", type(module).__name__, path)
-            export_onnx(module, example, path)
-        self._open(path, threads)
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = path
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or default_threads()
+        opts.inter_op_num_threads = 1
+        # Idle threads sleep instead of spinning: actors share cores with Ray's reads and other pools.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
 
     @classmethod
     def cached(cls, files: Sequence[str | Path], spec: str,
@@ -121,22 +116,7 @@ class OnnxModule:
             module, examples, names, dynamic = build()
             log.info("exporting %s to ONNX (once per machine): %s", type(module).__name__, path)
             export_onnx(module, examples, path, names, dynamic)
-        self = cls.__new__(cls)
-        self._open(path, threads)
-        return self
-
-    def _open(self, path: Path, threads: int | None) -> None:
-        import onnxruntime as ort
-
-        self.path = path
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or default_threads()
-        opts.inter_op_num_threads = 1
-        # Idle threads sleep instead of spinning: actors share cores with Ray's reads and other pools.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.inputs = [i.name for i in self.session.get_inputs()]
+        return cls(path, threads)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.inputs[0]: np.ascontiguousarray(x, dtype=np.float32)})[0]
