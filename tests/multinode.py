@@ -20,6 +20,8 @@ HEAD = {"num_cpus": 2, "num_gpus": 0}
 WORKER = {"num_cpus": 6, "num_gpus": 2}  # a CPU per GPU actor, and some for the CPU pools and tasks
 WORKERS = 2
 OBJECT_STORE_BYTES = 200 * 1024**2  # per node; the rows are small
+CPU_ROWS, CPU_SHARDS = 120, 4  # the default job's input: shards enough for a read per branch and node
+GPU_ROWS = 16  # the model job's: rows of both directions, so both generators run
 
 
 def start_cluster():
@@ -46,7 +48,7 @@ def main(work: Path, result_file: Path, kb: str) -> None:
     lap("cluster")
     try:
         data = work / "data"
-        write_split(_incomplete(240, seed=3), data, 4)
+        write_split(_incomplete(CPU_ROWS, seed=3), data, CPU_SHARDS)
         result["dry_run"] = run_job(JobSpec(data=str(data), kb=kb, out=str(work / "dry"), dry_run=True))
         result["dry_run_wrote"] = sorted(p.name for p in (work / "dry").glob("*")) if (work / "dry").exists() else []
         lap("dry_run")
@@ -54,7 +56,7 @@ def main(work: Path, result_file: Path, kb: str) -> None:
         lap("cpu_job")
 
         gpu_data = work / "gpu-data"
-        write_split(_incomplete(24, seed=4), gpu_data, 2)
+        write_split(_incomplete(GPU_ROWS, seed=4), gpu_data, 2)
         cfg = tiny_model_job(JOB, work / "weights", accelerators="gpu")
         result["gpu"] = run_job(JobSpec(data=str(gpu_data), kb=kb, out=str(work / "out-gpu"), cfg=cfg))
         lap("gpu_job")

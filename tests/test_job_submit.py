@@ -47,6 +47,7 @@ AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}
 AUTH_HEADER = {"Authorization": f"Bearer {AUTH['RAY_AUTH_TOKEN']}"}
 HEAD_START_TIMEOUT_S = 300  # the dashboard's job API answered in 6 s on an idle machine, 75 s on a loaded one
 JOB_TIMEOUT_S = 600
+SUBMITTED_ROWS = 32  # the submitted complete's input, in 2 shards: what is tested is the submission, not the scale
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ def test_kb_build_and_complete_submitted_to_a_running_cluster(ray_head, tmp_path
                       "--config", str(kb_config)])
 
     data, out = tmp_path / "data", tmp_path / "out"
-    rows = _incomplete(80, seed=6)
+    rows = _incomplete(SUBMITTED_ROWS, seed=6)
     write_split(rows, data, 2)
     submit(ray_head, ["rag4dmc", "complete", "--data", str(data), "--kb", kb, "--out", str(out)])
 

@@ -14,7 +14,7 @@ import pytest
 from rag4dmc.pipeline.io.storage import Storage
 from rag4dmc.pipeline.job.runner import read_output
 from tests.conftest import REPO_ROOT
-from tests.multinode import WORKER, WORKERS
+from tests.multinode import CPU_ROWS, CPU_SHARDS, GPU_ROWS, WORKER, WORKERS
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_the_default_job_on_three_nodes_completes_every_row_once_with_its_pools_
     work, result = run
     assert len(result["nodes"]) == 1 + WORKERS
     summary = result["cpu"]
-    _exactly_once(work / "out-cpu", 240, summary)
+    _exactly_once(work / "out-cpu", CPU_ROWS, summary)
     nodes = {node for pool in summary["pools"].values() for node in pool["actors_per_node"]}
     assert len(nodes) >= 2, summary["pools"]
     # sized from the cluster's CPUs, not one actor a pool: the costliest pool by its declaration may grow past one
@@ -52,7 +52,7 @@ def test_the_default_job_on_three_nodes_completes_every_row_once_with_its_pools_
 def test_gpu_pools_land_on_the_gpu_nodes_sized_from_their_gpus_and_run_the_models_on_cpu_there(run):
     work, result = run
     summary = result["gpu"]
-    _exactly_once(work / "out-gpu", 24, summary)
+    _exactly_once(work / "out-gpu", GPU_ROWS, summary)
     gpu_nodes = {node for node, res in result["nodes"].items() if res.get("GPU")}
     assert len(gpu_nodes) == WORKERS
     gpus = WORKERS * WORKER["num_gpus"]
@@ -71,8 +71,8 @@ def test_the_dry_run_prints_the_plan_and_starts_nothing(run):
     work, result = run
     plan = result["dry_run"]
     assert result["dry_run_wrote"] == []  # no run.json, no output
-    assert plan["rows"]["i2t"] + plan["rows"]["t2i"] + plan["rows"]["observed"] == 240
-    assert plan["rows_estimated_from_shards"] == [4, 4]
+    assert plan["rows"]["i2t"] + plan["rows"]["t2i"] + plan["rows"]["observed"] == CPU_ROWS
+    assert plan["rows_estimated_from_shards"] == [CPU_SHARDS, CPU_SHARDS]
     assert set(plan["pools"]) == set(result["cpu"]["pools"])
     assert plan["gpu_hours"] == 0 and plan["cpu_core_hours"] > 0 and plan["wall_seconds"] > 0
     # the slowest pool by its declared cost sets the wall time: its direction's rows x seconds per row / actors
