@@ -43,7 +43,7 @@ from rag4dmc.pipeline.config import (
 from rag4dmc.pipeline.io.storage import Storage
 from rag4dmc.pipeline.job.scaling import Capacity, Pool, read_capacity, size_pools
 from rag4dmc.pipeline.kb import store as kb_store
-from rag4dmc.pipeline.kb.calibrate import effective_settings
+from rag4dmc.pipeline.kb.settings import effective_settings
 from rag4dmc.pipeline.schema import TASK_I2T, TASK_T2I
 
 log = logging.getLogger(__name__)

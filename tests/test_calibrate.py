@@ -13,8 +13,9 @@ from rag4dmc.pipeline.config import (
 )
 from rag4dmc.pipeline.core.significance import HOLDS, NOISE, REVERSED, mean_ci, paired, verdict
 from rag4dmc.pipeline.kb import store as kb_store
-from rag4dmc.pipeline.kb.calibrate import cross_fit, effective_settings, holdout_rows
+from rag4dmc.pipeline.kb.calibrate import cross_fit, holdout_rows
 from rag4dmc.pipeline.kb.in_memory import build_knowledge_base
+from rag4dmc.pipeline.kb.settings import effective_settings
 from tests.planted import unit
 
 D_IMG, D_TXT, N_LABELS = 32, 16, 12

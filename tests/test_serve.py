@@ -336,7 +336,7 @@ def test_health_and_completions_carry_the_jobs_provenance(service):
     from rag4dmc.pipeline.config import EncoderConfig
     from rag4dmc.pipeline.io.kb_images import ExampleImages
     from rag4dmc.pipeline.kb import store as kb_store
-    from rag4dmc.pipeline.kb.calibrate import effective_settings
+    from rag4dmc.pipeline.kb.settings import effective_settings
 
     health = requests.get(f"{service.url}{HEALTH_PATH}", timeout=HTTP_TIMEOUT_S)  # no key needed
     kb = kb_store.load(service.kb, shards=None, with_entries=True)

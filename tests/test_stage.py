@@ -246,3 +246,18 @@ def test_retrieval_and_nearest_neighbour_generation_never_import_torch(three_sha
     result = json.loads(ran.stdout.strip().splitlines()[-1])
     assert result["statuses"] == ["completed"] * int((batch["task"] == TASK_I2T).sum())
     assert result["torch"] is False
+
+
+def test_a_jobs_driver_and_the_services_app_import_no_torch():
+    """The plan of ``rag4dmc complete`` and the Serve application only read a KB's calibration
+    (``rag4dmc.pipeline.kb.settings``): their processes do not pay the calibration's torch (about 2 s of CPU and
+    300 MiB at every start of a job's driver)."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys\nimport rag4dmc.pipeline.job.runner, rag4dmc.pipeline.job.mapper, rag4dmc.deploy.app\n"
+            "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'diffusers', 'pyiqa') if m in sys.modules)))")
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert json.loads(ran.stdout.strip().splitlines()[-1]) == []

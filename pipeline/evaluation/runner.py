@@ -69,9 +69,9 @@ from rag4dmc.pipeline.evaluation.variants import (
     VARIANTS,
 )
 from rag4dmc.pipeline.io.datasets import LABEL_COLUMN
-from rag4dmc.pipeline.kb.calibrate import effective_settings
 from rag4dmc.pipeline.kb.in_memory import build_knowledge_base
 from rag4dmc.pipeline.kb.knowledge_base import KnowledgeBase
+from rag4dmc.pipeline.kb.settings import effective_settings
 from rag4dmc.pipeline.schema import TASK_FAILED, TASK_I2T, TASK_T2I
 
 log = logging.getLogger(__name__)

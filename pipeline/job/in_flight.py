@@ -79,10 +79,3 @@ class InFlight:
         return {"limit_rows": self.limit, "floor_rows": self.floor, "in_flight_rows": self.rows,
                 "peak_rows_in_flight": self.peak, "largest_read_rows": self.largest_read, "reads_held_back": self.held,
                 "bound_rows": max(self.limit, self.floor + self.largest_read)}
-
-
-def start(limit_rows: int, floor_rows: int):
-    """An :class:`InFlight` actor for one run."""
-    import ray
-
-    return ray.remote(num_cpus=0, max_concurrency=1000)(InFlight).remote(limit_rows, floor_rows)

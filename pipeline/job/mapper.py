@@ -29,12 +29,13 @@ from rag4dmc.actors.retrieve import RetrieveNeighbours, role_of
 from rag4dmc.actors.stage import Stage, StagePolicy, check_chain, run_stage
 from rag4dmc.pipeline.config import EncoderConfig, JobConfig, StageResources, StorageConfig
 from rag4dmc.pipeline.job import in_flight as flow
-from rag4dmc.pipeline.job.pool_usage import bounding_pool, pool_usage, start_log
+from rag4dmc.pipeline.job import run_state
+from rag4dmc.pipeline.job.pool_usage import bounding_pool, pool_usage
 from rag4dmc.pipeline.job.reader import ShardDatasource
 from rag4dmc.pipeline.job.scaling import Capacity, Pool, size_pools, task_rows
 from rag4dmc.pipeline.job.stage_actor import actor_class
 from rag4dmc.pipeline.job.writer import OutputSink, committed_keys, finalize
-from rag4dmc.pipeline.kb.calibrate import effective_settings
+from rag4dmc.pipeline.kb.settings import effective_settings
 from rag4dmc.pipeline.schema import (
     INPUT_SCHEMA,
     TASK_FAILED,
@@ -182,7 +183,8 @@ def _committed(storage_cfg: StorageConfig, out: str, shard: str) -> set[str]:
 @dataclass
 class Plan:
     """The job's dataset, the actor counting its rows in flight (``rag4dmc.pipeline.job.in_flight``) and that limit in rows, the
-    actor pools' resources and the run's usage log (``rag4dmc.pipeline.job.pool_usage``)."""
+    actor pools' resources and the run's usage log (``rag4dmc.pipeline.job.pool_usage``); the counter and the log are
+    one actor (``rag4dmc.pipeline.job.run_state``)."""
 
     dataset: object
     flow: object
@@ -248,7 +250,8 @@ def build_plan(cfg: JobConfig, data: str, kb_uri: str, kb_manifest: dict, out: s
         log.info("pool %s", line)
     reads = read_concurrency(cfg, capacity.cpus_now)
     limit = flow_limit(cfg, chains, pools)
-    counter = flow.start(limit, flow_floor(cfg, pools, len(chains)))
+    # one actor for the run's rows-in-flight counter and its pools' usage log
+    counter = usage = run_state.start(limit, flow_floor(cfg, pools, len(chains)))
     log.info("at most %d rows in flight (read, not yet committed)", limit)
 
     # Ray Data's per-operator reservations split the CPUs over the plan's ~20 operators; on a small cluster every
@@ -257,7 +260,6 @@ def build_plan(cfg: JobConfig, data: str, kb_uri: str, kb_manifest: dict, out: s
     # Set before the datasets are made: each one keeps the DataContext it was created under.
     ray.data.DataContext.get_current().op_resource_reservation_enabled = False
     committed = functools.partial(_committed, cfg.storage, out) if keys is None else None
-    usage = start_log()
     # CPU tasks take whole blocks (no batch to wait for): a block is decoded and finalized as soon as it arrives.
     cpu = {"num_cpus": CPU_TASK.num_cpus, "batch_size": None, "batch_format": "numpy", **faults.remote_args()}
     fin = {"fn_kwargs": {"kb_version": kb_manifest["version"], "config_hash": cfg.config_hash()}, **cpu}
@@ -308,7 +310,7 @@ def write(plan: Plan, out: str, storage_cfg: StorageConfig, output_format: str =
         return ray.get(plan.flow.stats.remote()), cluster_usage(plan, started)
     finally:
         ray.kill(plan.flow)
-        if plan.usage is not None:
+        if plan.usage is not None and plan.usage is not plan.flow:
             ray.kill(plan.usage)
 
 

@@ -48,13 +48,6 @@ class UsageLog:
         return list(self.reports.values())
 
 
-def start_log():
-    """A :class:`UsageLog` actor for one run."""
-    import ray
-
-    return ray.remote(num_cpus=0, max_concurrency=1000)(UsageLog).remote()
-
-
 class Meter:
     """Times one actor's batches and reports them to the run's :class:`UsageLog` (nothing without one)."""
 

@@ -45,12 +45,11 @@ from rag4dmc.pipeline.core.retrieval import (
 from rag4dmc.pipeline.core.selection import consensus_bleu, image_score, sentence_bleu, text_score
 from rag4dmc.pipeline.core.significance import mean_ci, paired
 from rag4dmc.pipeline.kb import purification
+from rag4dmc.pipeline.kb.settings import CALIBRATED_RETRIEVAL, CALIBRATED_SELECTION
 
 log = logging.getLogger(__name__)
 
 TASKS = {"i2t": ("image", "text"), "t2i": ("text", "image")}  # task -> (observed, generated)
-CALIBRATED_RETRIEVAL = ("alpha", "top_k", "n_results")
-CALIBRATED_SELECTION = ("lambda_quality", "lambda_retrieval")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -440,35 +439,6 @@ def _calibrate_purification(part, external, held, cfg: KBConfig, retrieval, sele
 # ------------------------------------------------------------------------------------------------
 # Using a calibration
 # ------------------------------------------------------------------------------------------------
-
-
-def effective_settings(retrieval: RetrievalConfig, selection: SelectionConfig, calibration: dict | None,
-                       task: str) -> tuple[RetrievalConfig, SelectionConfig, dict]:
-    """The retrieval and selection settings one direction runs with, and their provenance.
-
-    A key the user set (in a config file or a flag: pydantic's ``model_fields_set``) wins; every other
-    calibrated key takes the KB's calibrated value; the rest keep their defaults. The calibration was made
-    for fusion retrieval, so another ``retrieval.mode`` leaves it unused."""
-    chosen = ((calibration or {}).get("directions") or {}).get(task)
-    calibrated: list[str] = []
-    user = sorted([f"retrieval.{k}" for k in retrieval.model_fields_set & {*CALIBRATED_RETRIEVAL, "mode"}]
-                  + [f"selection.{k}" for k in selection.model_fields_set & set(CALIBRATED_SELECTION)])
-    if chosen is not None and retrieval.mode == "fusion":
-        r_upd = {k: v for k, v in chosen["retrieval"].items() if k not in retrieval.model_fields_set}
-        s_upd = {k: v for k, v in chosen["selection"].items() if k not in selection.model_fields_set}
-        merged = retrieval.model_dump() | r_upd
-        if merged["n_results"] > merged["top_k"]:  # the user's n_results with a calibrated top_k, or the reverse
-            if "top_k" in r_upd:
-                merged["top_k"] = merged["n_results"]
-            else:
-                merged["n_results"] = merged["top_k"]
-        retrieval = RetrievalConfig.model_validate(merged)
-        selection = selection.model_copy(update=s_upd)
-        calibrated = sorted([f"retrieval.{k}" for k in r_upd] + [f"selection.{k}" for k in s_upd])
-    provenance = {"task": task, "mode": retrieval.mode, **{k: getattr(retrieval, k) for k in CALIBRATED_RETRIEVAL},
-                  "lambda_cos": selection.lambda_cos, **{k: getattr(selection, k) for k in CALIBRATED_SELECTION},
-                  "calibrated": calibrated, "user": user}
-    return retrieval, selection, provenance
 
 
 def calibration_summary(calibration: dict | None) -> dict | None:
