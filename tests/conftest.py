@@ -178,6 +178,39 @@ def emoji_kb(ray_local, emoji_split) -> tuple[str, dict]:
 
 
 @pytest.fixture
+def ast_builds(monkeypatch) -> list:
+    """Every Python AST built in this process during the test (``compile`` to or from an AST: ``ast.parse``,
+    ``ast.literal_eval`` on a string), as (thread name, filename): the rule that no rag4dmc thread builds one
+    (CPython gh-106905, tests/test_threads.py) is checked against it. A probe in another thread shows it records."""
+    import ast
+    import builtins
+    import threading
+
+    built: list[tuple[str, str]] = []
+    real_compile = builtins.compile
+
+    def compile(source, filename, mode, flags=0, *args, **kwargs):
+        if flags & ast.PyCF_ONLY_AST or isinstance(source, ast.AST):
+            built.append((threading.current_thread().name, str(filename)))
+        return real_compile(source, filename, mode, flags, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "compile", compile)
+    probe = threading.Thread(target=ast.literal_eval, args=("{'planted': 1}",), name="ast-probe")
+    probe.start()
+    probe.join()
+    assert built == [("ast-probe", "<unknown>")]  # the recorder sees an AST built in another thread
+    built.clear()
+    return built
+
+
+def off_main_thread(built: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The ASTs of ``ast_builds`` built outside the main thread."""
+    import threading
+
+    return [b for b in built if b[0] != threading.main_thread().name]
+
+
+@pytest.fixture
 def network_attempts(monkeypatch) -> list:
     """Every outgoing connection a test's code attempts (``socket.connect``), each refused and recorded: a test
     that must not touch the network asserts the list stays empty (a behaviour, where a timer would flake)."""

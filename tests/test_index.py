@@ -21,6 +21,7 @@ from rag4dmc.pipeline.core.index import (
 )
 from rag4dmc.pipeline.core.knn import EmbeddingError, knn
 from rag4dmc.pipeline.core.retrieval import Neighbours, merge_candidates
+from tests.conftest import off_main_thread
 from tests.planted import clustered
 
 D = 32
@@ -196,8 +197,9 @@ def test_wrong_dimension_queries_are_refused(world):
         VectorIndex.build(base[:100]).search(np.ones((1, D + 1), np.float32), 1)
 
 
-def test_the_exact_rerank_split_over_threads_returns_what_one_thread_returns(world):
-    """IVF-PQ's rerank runs on as many threads as FAISS has; the pieces are reassembled in query order."""
+def test_the_exact_rerank_split_over_threads_returns_what_one_thread_returns(world, ast_builds):
+    """IVF-PQ's rerank runs on as many threads as FAISS has; the pieces are reassembled in query order. Its
+    threads build no Python AST (CPython gh-106905: tests/test_threads.py)."""
     base, queries = world
     vi = VectorIndex.build(base.astype(np.float16), IndexConfig(nlist=64, nprobe=16, pq_m=8), kind="ivfpq")
     before = faiss.omp_get_max_threads()
@@ -208,6 +210,7 @@ def test_the_exact_rerank_split_over_threads_returns_what_one_thread_returns(wor
             answers.append(vi.search(queries[:7], 10, block_size=5))  # blocks of 5 and 2 queries, split in 3 / 2
     finally:
         faiss.omp_set_num_threads(before)
+    assert off_main_thread(ast_builds) == []
     for one, many in zip(*answers):
         np.testing.assert_array_equal(one, many)
     exact = knn(queries[:7], base, 10)[1]

@@ -6,7 +6,7 @@ On Python 3.11 before 3.11.8, two threads of one process that build ASTs at once
 (``requires-python`` in pyproject.toml): its threads build no ASTs. Its threads are a stage's batch thread (each
 ``process`` call under ``batch_timeout_s``, ``rag4dmc.actors.stage``), the embedding layout's reader pool
 (``rag4dmc.pipeline.io.embedding_layout``: tests/test_layout.py reads a layout with ``ast`` made to fail) and the
-rerank pool of the index.
+rerank pool of the index (tests/test_index.py runs it under the same recorder).
 
 Here the job's stages with the defaults (lite encoders, NIQE on) complete real rows in this process, each batch
 in its batch thread, while every AST built anywhere in the process is recorded with its thread.
@@ -14,31 +14,15 @@ in its batch thread, while every AST built anywhere in the process is recorded w
 
 from __future__ import annotations
 
-import ast
-import builtins
 import threading
 
 from rag4dmc.pipeline.demo.corpus import write_split
+from tests.conftest import off_main_thread
 from tests.test_job import JOB, _incomplete
 
 
-def test_the_jobs_stages_build_no_ast_outside_the_main_thread(kb, tmp_path, monkeypatch):
+def test_the_jobs_stages_build_no_ast_outside_the_main_thread(kb, tmp_path, monkeypatch, ast_builds):
     from rag4dmc.pipeline.job.local_chain import LocalChain
-
-    built: list[tuple[str, str]] = []  # (thread, what) of every AST built or compiled from
-    real_compile = builtins.compile
-
-    def compile(source, filename, mode, flags=0, *args, **kwargs):
-        if flags & ast.PyCF_ONLY_AST or isinstance(source, ast.AST):
-            built.append((threading.current_thread().name, str(filename)))
-        return real_compile(source, filename, mode, flags, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "compile", compile)
-    probe = threading.Thread(target=ast.literal_eval, args=("{'planted': 1}",), name="probe")
-    probe.start()
-    probe.join()
-    assert built == [("probe", "<unknown>")]  # the recorder sees an AST built in another thread
-    built.clear()
 
     assert JOB.batch_timeout_s is not None  # so each stage's call runs in its batch thread
     data = tmp_path / "data"
@@ -56,5 +40,4 @@ def test_the_jobs_stages_build_no_ast_outside_the_main_thread(kb, tmp_path, monk
     out = chain.shard(str(shard), str(data), batch_rows=8)
     assert set(out.column("status").to_pylist()) == {"observed", "completed"}
     assert {"embed-batch", "retrieve-batch", "generate-batch"} <= ran_in  # the calls ran in batch threads
-    off_main = [b for b in built if b[0] != threading.main_thread().name]
-    assert off_main == [], off_main
+    assert off_main_thread(ast_builds) == []
