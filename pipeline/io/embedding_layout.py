@@ -181,7 +181,6 @@ def _parse_npy_header(head: bytes, uri: str) -> tuple[_NpyHeader, int]:
             "utf8" if version == (3, 0) else "latin1"))
     except (ValueError, TypeError) as exc:
         raise LayoutError(f"{uri} has an unreadable .npy header ({exc}): rewrite it with numpy.save") from None
-    buf.seek(needed)
     if len(shape) != 2:
         raise LayoutError(f"{uri} holds an array of shape {shape}; embeddings must be 2-d [rows, dim]: "
                           f"reshape before saving")
@@ -191,7 +190,7 @@ def _parse_npy_header(head: bytes, uri: str) -> tuple[_NpyHeader, int]:
     if fortran_order and min(shape) > 1:
         raise LayoutError(f"{uri} is stored in Fortran (column) order, so its rows are not contiguous: "
                           f"save numpy.ascontiguousarray(array) instead")
-    return _NpyHeader(int(shape[0]), int(shape[1]), dtype, buf.tell()), needed
+    return _NpyHeader(int(shape[0]), int(shape[1]), dtype, needed), needed  # the data follows the header
 
 
 def _npy_header(fs: fsspec.AbstractFileSystem, path: str, uri: str, size: int | None = None) -> _NpyHeader:

@@ -134,9 +134,7 @@ def run_job(spec: JobSpec) -> dict:
     if not finished:
         check_output(storage, spec.out)
     _check_run(storage, spec, kb.version)
-    recovered = retry_swap.recover(storage, spec.out)  # a killed --retry-failed: finished, or undone
-    if recovered:
-        log.warning("%s: an interrupted --retry-failed was %s", spec.out, recovered)
+    retry_swap.recover(storage, spec.out)  # a killed --retry-failed: finished, or undone (it logs which)
     if finished:
         log.info("%s already holds a finished run; nothing to do (use --retry-failed to redo failed rows)", spec.out)
         return json.loads(storage.read_bytes(summary_path))
