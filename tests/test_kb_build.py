@@ -34,7 +34,7 @@ from rag4dmc.pipeline.kb import build_fit, build_index, build_memory, build_puri
 from rag4dmc.pipeline.kb import store as kb_store
 from rag4dmc.pipeline.kb.purification import align_external, filter_external
 from tests.planted import clustered
-from tests.processes import sigkill_when
+from tests.processes import processes_with_env, sigkill_when, until
 
 D = 32
 
@@ -500,7 +500,9 @@ def test_a_killed_kb_build_resumes_without_redoing_the_parts_it_had_written(worl
     its own Ray) once its first purified parts are written: the same build run again (on the session's cluster: the
     rerun needs no process of its own) reuses the fit, skips every part whose counts file was written (their files
     untouched) and finishes the KB."""
+    import contextlib
     import os
+    import signal
     import sys
 
     import yaml
@@ -517,10 +519,17 @@ def test_a_killed_kb_build_resumes_without_redoing_the_parts_it_had_written(worl
     cmd = [sys.executable, "-m", "rag4dmc.pipeline.cli", "kb", "build", "--internal-embeddings", f"{tmp_path}/int",
            "--external-embeddings", f"{tmp_path}/ext", "--out", str(kb), "--config", str(tmp_path / "kb.yaml")]
     repo = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": repo, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    marker = ("RAG4DMC_TEST_KILLED_BUILD", str(tmp_path))  # in every process the killed build starts
+    env = {**os.environ, "PYTHONPATH": repo, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", marker[0]: marker[1]}
     counts = kb / kb_store.PARTS_DIR
     sigkill_when(cmd, lambda: any(counts.glob("external/counts/*.json")), "a purified part was written", cwd=repo,
                  env=env, timeout_s=600, interval_s=0.05)
+    # Ray's workers run in process groups of their own: one still finishing a part when its driver was killed may
+    # write that part's counts file after the kill. What the killed build left is read once all of it has stopped.
+    for pid in processes_with_env(*marker):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    until(lambda: not processes_with_env(*marker), 60, "the killed build's processes to end")
     assert not (kb / "manifest.json").exists()  # killed: not a KB yet
     done = {(p.parent.parent.name, p.stem.rsplit("_", 1)[1]) for p in counts.glob("*/counts/*.json")}
     assert any(side == "external" for side, _ in done)
