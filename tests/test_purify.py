@@ -8,6 +8,7 @@ from rag4dmc.pipeline.core.alignment import (
     align,
     align_with_report,
     csls_mutual_pairs,
+    polar,
     procrustes,
     proximal_procrustes,
 )
@@ -202,6 +203,22 @@ def test_proximal_step_keeps_unconstrained_directions_and_shares_procrustes_fixe
     assert np.linalg.norm(proximal_procrustes(x, y, np.eye(D), 0.3) - np.eye(D)) < 0.3 * plain
     R = rotation(D, seed=4)
     np.testing.assert_allclose(proximal_procrustes(x, x @ R, R, 0.3), R, atol=1e-4)  # a fixed point stays
+
+
+def test_a_proximal_step_on_fewer_pairs_than_half_the_dimensions_is_the_full_svds_polar_factor():
+    """Few pairs (the usual held-out calibration sample against a 1280-d image tower) take the low-rank route
+    (polar_near); the polar factor of a nonsingular matrix is unique, so it must be what the full SVD gives."""
+    rng = np.random.default_rng(5)
+    d = 256
+    w = rotation(d, seed=6)
+    for n in (3, 40, 127):  # all under d / 2
+        x = unit(rng.normal(size=(n, d)))
+        y = unit(x @ w + 0.5 * rng.normal(size=(n, d)))
+        full = polar(x.astype(np.float64).T @ y + 0.3 * (n / d) * w)
+        fast = proximal_procrustes(x, y, w, 0.3)
+        np.testing.assert_allclose(fast, full, atol=1e-5)
+        np.testing.assert_allclose(fast.T @ fast, np.eye(d), atol=1e-5)
+    assert np.linalg.norm(full - w) > 0.1  # the pairs did turn it: the check is not of W against itself
 
 
 def _muse_refinement(internal, external, k=10, rounds=5):

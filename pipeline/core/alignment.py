@@ -30,10 +30,26 @@ CSLS_FETCH_FACTOR = 10  # raw neighbours fetched per query: k * this; lets most 
 CSLS_LOW_R_QUANTILES = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)  # splits tried by _csls_argmax's certificate
 
 
+def _polar64(m: np.ndarray) -> np.ndarray:
+    u, _, vt = np.linalg.svd(m.astype(np.float64))
+    return u @ vt
+
+
 def polar(m: np.ndarray) -> np.ndarray:
     """The orthogonal factor U V^T of M = U S V^T (the nearest orthogonal matrix to M)."""
-    u, _, vt = np.linalg.svd(m.astype(np.float64))
-    return (u @ vt).astype(np.float32)
+    return _polar64(m).astype(np.float32)
+
+
+def polar_near(w: np.ndarray, p: np.ndarray, q: np.ndarray, c: float) -> np.ndarray:
+    """polar(c W + W p q^T) for an orthogonal W [d, d], p and q [d, n] and c > 0, at the cost of an SVD of size 2n.
+
+    W^T M = c I + p q^T is c I outside the span of [p q]: with B an orthonormal basis of that span and
+    K = c I + (B^T p)(q^T B), polar(M) = W (I + B (polar(K) - I) B^T). The polar factor of a nonsingular M is
+    unique, so this is the full SVD's answer, for n pairs much fewer than d dimensions in a fraction of its time."""
+    basis, _ = np.linalg.qr(np.hstack([p, q]))
+    small = c * np.eye(basis.shape[1]) + (basis.T @ p) @ (q.T @ basis)
+    turn = _polar64(small) - np.eye(basis.shape[1])
+    return w + (w @ basis) @ turn @ basis.T
 
 
 def procrustes(source: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -52,7 +68,10 @@ def proximal_procrustes(source: np.ndarray, target: np.ndarray, w_prev: np.ndarr
     subspaces, where source^T target is ~0) keep their previous rotation instead of turning at random.
     """
     n, d = source.shape
-    return polar(source.astype(np.float64).T @ target.astype(np.float64) + weight * (n / d) * w_prev)
+    src, tgt, w = source.astype(np.float64), target.astype(np.float64), w_prev.astype(np.float64)
+    if weight > 0 and 2 * n < d:  # few pairs: M = c W + S^T T is c W but for a rank-n term (polar_near)
+        return polar_near(w, w.T @ src.T, tgt.T, weight * (n / d)).astype(np.float32)
+    return polar(src.T @ tgt + weight * (n / d) * w)
 
 
 @dataclass(frozen=True)
