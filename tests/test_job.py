@@ -257,27 +257,6 @@ def test_a_cluster_with_no_cpu_left_for_the_pools_is_a_clear_error():
 
 
 @pytest.mark.timeout(900)
-def test_model_generators_complete_every_row_through_the_same_plan(kb, tmp_path):
-    """The BLIP2 and SDXL classes (tiny random checkpoints) in the job: n candidates scored in the actor."""
-    from tests.tiny_models import TINY_IMAGE, tiny_model_job
-
-    data = tmp_path / "data"
-    write_split(_incomplete(12, seed=6), data, 1)
-    cfg = tiny_model_job(JOB, tmp_path / "weights", accelerators="cpu", device="cpu")
-    summary = run_job(JobSpec(data=str(data), kb=kb, out=str(tmp_path / "out"), cfg=cfg))
-    out = read_output(Storage(), str(tmp_path / "out")).to_pandas()
-    assert len(out) == summary["rows_out"] == 12 and out.row_key.is_unique
-    done = out[out.status == "completed"]
-    assert set(done.generated) == {"text", "image"} and summary["failed"] == 0
-    assert set(done.generator) == {f"blip2:{cfg.generator.blip2_model}", f"sdxl:{cfg.generator.sdxl_model}"}
-    for _, row in done.iterrows():
-        assert len(row.candidate_scores) == 2 and 0 <= row.chosen < 2
-    for img in done[done.generated == "image"].image:
-        assert Image.open(io.BytesIO(img)).size == (TINY_IMAGE, TINY_IMAGE)
-    assert done[done.generated == "text"].text.str.len().min() > 0
-
-
-@pytest.mark.timeout(900)
 def test_a_three_shard_kb_chained_one_shard_per_actor_gives_the_in_process_chain_s_rows(ray_local, tmp_path):
     """Three retrieval pools per direction (first / middle / last shard group) on Ray: each row's neighbours and
     completion are the ones the same stages give in one process (``rag4dmc.pipeline.job.local_chain``)."""

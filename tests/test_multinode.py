@@ -1,20 +1,24 @@
 """The default job on a simulated multi-node, multi-GPU cluster (``tests/multinode.py``, in a process of its own):
 every row comes out once, the pools spread over the nodes, GPU pools land on the GPU nodes and are sized from the
-cluster, the dry run starts nothing, and a local path a node does not see is refused naming it."""
+cluster, the BLIP2 and SDXL classes complete rows through the same plan (n candidates scored in the actor), the dry
+run starts nothing, and a local path a node does not see is refused naming it."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from rag4dmc.pipeline.io.storage import Storage
 from rag4dmc.pipeline.job.runner import read_output
 from tests.conftest import REPO_ROOT
 from tests.multinode import CPU_ROWS, CPU_SHARDS, GPU_ROWS, WORKER, WORKERS
+from tests.tiny_models import TINY_IMAGE
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +68,15 @@ def test_gpu_pools_land_on_the_gpu_nodes_sized_from_their_gpus_and_run_the_model
     assert generators["generate:t2i"]["max_actors"] > generators["generate:i2t"]["max_actors"]
     done = read_output(Storage(), str(work / "out-gpu")).to_pandas()
     done = done[done.status == "completed"]
-    assert set(done.generator.str.split(":").str[0]) == {"blip2", "sdxl"}  # the models ran (on CPU: no CUDA)
+    # The models ran (on CPU: no CUDA), through the same plan as the stand-ins: n candidates scored in the actor
+    assert set(done.generated) == {"text", "image"}
+    assert {g.split(":", 1)[0]: g.split(":", 1)[1] for g in done.generator} == {
+        "blip2": str(work / "weights" / "blip2"), "sdxl": str(work / "weights" / "sdxl")}
+    for _, row in done.iterrows():
+        assert len(row.candidate_scores) == 2 and 0 <= row.chosen < 2  # tiny_model_job's two candidates
+    for img in done[done.generated == "image"].image:
+        assert Image.open(io.BytesIO(img)).size == (TINY_IMAGE, TINY_IMAGE)
+    assert done[done.generated == "text"].text.str.len().min() > 0
 
 
 def test_the_dry_run_prints_the_plan_and_starts_nothing(run):
