@@ -318,6 +318,12 @@ class CalibrationConfig(_Strict):
     align_proximal: list[float] = Field([0.0, 0.3], min_length=1)
     align_pick: list[Literal["best", "last"]] = Field(["best", "last"], min_length=1)
     bleu_weight: float = Field(1.0, ge=0, description="weight of BLEU against the true text in text fidelity")
+    faithful_share: float = Field(
+        0.95, gt=0, lt=1, description="a held-out completion is faithful when it is closer to the hidden truth "
+        "than this share of the KB's entries is (README: Confidence); what `confidence` is the probability of")
+    confidence_folds: int = Field(
+        5, ge=2, description="folds of the confidence model's cross-fit: the reliability and ECE in the report are "
+        "measured on held-out pairs the fold's model did not see")
     seed: int = 0
 
     @field_validator("alpha", "tau_cent", "tau_inst")
@@ -382,6 +388,9 @@ class JobConfig(_Strict):
         "auto", description="auto: request GPUs if the cluster has any now; gpu: always (autoscaling GPU "
         "workers that start at zero); cpu: never"
     )
+    min_confidence: float = Field(
+        0.0, ge=0, le=1, description="a completed row whose confidence (the KB's calibrated probability that the "
+        "completion is faithful) is below this gets status 'abstained' and no completion; 0: complete every row")
     shards_per_actor: int = Field(1, ge=1, description="knowledge-base shards each retrieval actor holds")
     census_shards: int = Field(
         4, ge=1, description="input shards read before the job starts to count the rows per direction, which "
@@ -484,7 +493,8 @@ class ServeConfig(_Strict):
                          selection=self.selection, accelerators=self.accelerators)
 
 
-VariantName = Literal["drop", "direct", "vanilla", "combined", "kfa", "rag4dmc", "rag4dmc_default", "complete"]
+VariantName = Literal["drop", "direct", "vanilla", "combined", "kfa", "rag4dmc", "rag4dmc_default",
+                      "rag4dmc_confident", "complete"]
 VARIANT_NAMES: tuple[str, ...] = get_args(VariantName)
 SweepName = Literal["alpha", "k", "n", "lambda"]
 # What each sweep name varies. n: the neighbours handed to generation, which the nearest-neighbour
@@ -511,6 +521,9 @@ class EvaluationConfig(_Strict):
     examples: int = Field(4, ge=0, description="example completions per variant shown in the report")
     thumbnail_px: int = Field(128, ge=16, description="longest side of the report's example images")
     niqe_sample: int = Field(64, ge=1, description="completed images per variant scored with NIQE")
+    confident_precision: float = Field(
+        0.9, gt=0, le=1, description="RAG4DMC (confident) keeps completions at the lowest confidence threshold whose "
+        "completions are faithful at this rate on the KB's held-out calibration pairs (never on the test split)")
     repeats: int = Field(5, ge=1, description="independent train/test splits and masks; means get 95% intervals "
                          "and variants paired differences (2 or more)")
     seed: int = Field(0, description="seed of the test split and the masking")

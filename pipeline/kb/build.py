@@ -266,7 +266,28 @@ def build(inputs: BuildInputs, cfg: KBConfig = KBConfig(), runner: RayTasks | In
     kb_store.remove_parts(inputs.out, opts)
     log.info("knowledge base %s: %d rows in %d shards (%s), recall@10 %s", manifest["version"], rows, n_shards,
              kind, {m: report["recall"][m] for m in MODALITIES})
+    for line in confidence_lines(fitted.calibration):
+        log.info("%s", line)
     return {"version": manifest["version"], "rows": rows, "report": report, "out": inputs.out}
+
+
+def confidence_lines(calibration: dict | None) -> list[str]:
+    """What a user reads before choosing ``min_confidence``: per direction, the confidence model's calibration on
+    held-out pairs and, per threshold, the share of rows kept and how many of them are faithful."""
+    lines = []
+    for task, chosen in ((calibration or {}).get("directions") or {}).items():
+        conf = chosen.get("confidence")
+        if conf is None:
+            lines.append(f"confidence {task}: no model (too few held-out pairs)")
+            continue
+        lines.append(f"confidence {task}: {conf['pairs']} held-out pairs, {conf['faithful_rate']:.0%} faithful "
+                     f"(closer to the truth than {conf['faithful_share']:.0%} of the KB); cross-fitted ECE "
+                     f"{conf['ece']:.3f}, AUROC {conf['auroc']:.2f}")
+        lines.append("  min_confidence: " + "; ".join(
+            f"at {row['threshold']:.1f}: {row['coverage']:.0%} kept, "
+            + ("none" if row["precision"] is None else f"{row['precision']:.2f} faithful")
+            for row in conf["coverage_precision"]))
+    return lines
 
 
 def _with_assigned_cpus(fn):

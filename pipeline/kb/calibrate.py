@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rag4dmc.pipeline.config import CalibrationConfig, KBConfig, RetrievalConfig, SelectionConfig, Stream
+from rag4dmc.pipeline.core import confidence
+from rag4dmc.pipeline.core.confidence import FEATURES, completion_features, faithful
 from rag4dmc.pipeline.core.knn import normalize_rows
 from rag4dmc.pipeline.core.mapping import MIN_TRAIN_PAIRS, CrossModalMapper, train_mapping
 from rag4dmc.pipeline.core.retrieval import (
@@ -244,6 +246,59 @@ def kb_fidelity(cands: Candidates, held: HeldOut, cal: CalibrationConfig, retrie
     return out, np.concatenate(per_query)
 
 
+def completions_at(task: str, cands: Candidates, held: HeldOut, retrieval: RetrievalConfig,
+                   selection: SelectionConfig, niqe=None) -> tuple[Neighbours, np.ndarray]:
+    """The held-out queries of one direction completed at one setting, as the job completes a row: the n reranked
+    neighbours of each and their selection scores ([queries, n]; padding ids are -1)."""
+    observed, generated = TASKS[task]
+    query = held.image if observed == "image" else held.text
+    top_k = min(retrieval.top_k, len(cands.texts))
+    pool = stage1_pool(cands.shards, cands.mapping, query, observed, top_k)
+    ranked = rerank_pool(pool, retrieval.alpha, top_k, min(retrieval.n_results, top_k))
+    if generated == "text":
+        quality = _SetCache(cands.texts).bleu(ranked.ids) if ranked.ids.shape[1] > 1 else \
+            np.zeros(ranked.ids.shape, np.float32)
+        return ranked, text_score(ranked.cross, quality, selection, ranked.fused)
+    return ranked, image_score(ranked.cross, cands.niqe(ranked.ids, niqe), selection, ranked.fused)
+
+
+def confidence_data(task: str, cands: Candidates, held: HeldOut, retrieval: RetrievalConfig,
+                    selection: SelectionConfig, share: float, niqe=None) -> tuple[np.ndarray, np.ndarray]:
+    """The confidence features of each held-out query completed at the chosen setting, and whether its
+    completion is faithful (closer to the hidden truth than ``share`` of the calibration's KB): [queries, features]
+    and [queries]. Queries that retrieved nothing are left out (the job fails such rows)."""
+    generated = TASKS[task][1]
+    truth = held.text if generated == "text" else held.image
+    ranked, score = completions_at(task, cands, held, retrieval, selection, niqe)
+    rows, chosen = [], []
+    for q in range(len(held)):
+        valid = ranked.ids[q] >= 0
+        if not valid.any():
+            continue
+        best = int(np.argmax(np.where(valid, score[q], -np.inf)))
+        rows.append((q, completion_features(ranked.fused[q][valid], ranked.cross[q][valid], score[q][valid],
+                                            int(valid[:best].sum()))))
+        chosen.append(int(ranked.ids[q, best]))
+    if not rows:
+        return np.zeros((0, len(FEATURES))), np.zeros(0, bool)
+    queries = np.array([q for q, _ in rows])
+    entries = cands.raw[generated]
+    y = faithful(entries[np.array(chosen)], truth[queries], entries, share)
+    return np.stack([x for _, x in rows]), y
+
+
+def confidence_record(x: np.ndarray, y: np.ndarray, cal: CalibrationConfig) -> dict | None:
+    """The confidence model of one direction (fitted on every held-out pair) and how well it is calibrated on pairs
+    it did not see (cross-fitted): ECE, AUROC, the reliability diagram and the coverage x precision table."""
+    if len(y) < 2 * cal.confidence_folds:
+        return None
+    p = confidence.cross_fitted(x, y, cal.confidence_folds, cal.seed)
+    return {"model": confidence.fit(x, y).to_dict(), "faithful_share": cal.faithful_share, "pairs": int(len(y)),
+            "faithful_rate": float(y.mean()), "ece": confidence.ece(p, y), "auroc": confidence.auroc(p, y),
+            "reliability": confidence.reliability(p, y),
+            "coverage_precision": confidence.coverage_precision(p, y, confidence.THRESHOLDS)}
+
+
 def beats(candidate: np.ndarray, default: np.ndarray) -> tuple[bool, float, float]:
     """Whether a setting's per-query fidelity is higher than the default's beyond noise (the paired 95%
     interval excludes zero), with the paired difference and its half-width. Calibration leaves a default
@@ -384,6 +439,10 @@ def calibrate(internal_texts: list[str], internal_images: ImageOf | None, intern
         points, fid = score_grid(task, cands, held, cal, selection, retrieval, niqe)
         record["directions"][task] = choose_direction(task, points, fid, retrieval, selection, cal.seed)
         record["grid"][task] = points
+        chosen = record["directions"][task]
+        x, y = confidence_data(task, cands, held, retrieval.model_copy(update=chosen["retrieval"]),
+                               selection.model_copy(update=chosen["selection"]), cal.faithful_share, niqe)
+        chosen["confidence"] = confidence_record(x, y, cal)
         log.info("calibration %s: %s (fidelity %.4f +- %.4f; the default %s)", task,
                  record["directions"][task]["retrieval"] | record["directions"][task]["selection"],
                  record["directions"][task]["fidelity"], record["directions"][task]["ci"],
@@ -447,7 +506,7 @@ def calibration_summary(calibration: dict | None) -> dict | None:
     if calibration is None:
         return None
     keep = ("retrieval", "selection", "fidelity", "ci", "cross_fitted_fidelity", "gain_over_default",
-            "gain_over_default_ci")
+            "gain_over_default_ci", "confidence")
     out = {"holdout_pairs": calibration["holdout_pairs"],
            "directions": {t: {k: d.get(k) for k in keep} | {"default_fidelity": (d["default"] or {}).get("fidelity"),
                                                              "top1_fidelity": (d["top1"] or {}).get("fidelity")}

@@ -40,3 +40,10 @@ def effective_settings(retrieval: RetrievalConfig, selection: SelectionConfig, c
                   "lambda_cos": selection.lambda_cos, **{k: getattr(selection, k) for k in CALIBRATED_SELECTION},
                   "calibrated": calibrated, "user": user}
     return retrieval, selection, provenance
+
+
+def confidence_model(calibration: dict | None, task: str) -> dict | None:
+    """The KB's confidence model of one direction (``rag4dmc.pipeline.core.confidence``), None where the KB has none
+    (built without calibration, or with too few held-out pairs to fit one)."""
+    chosen = ((calibration or {}).get("directions") or {}).get(task) or {}
+    return (chosen.get("confidence") or {}).get("model")
