@@ -22,6 +22,7 @@ from rag4dmc.actors.niqe import NiqeScorer
 from rag4dmc.actors.resources import Resources
 from rag4dmc.actors.stage import Column, Produced, Stage, object_column
 from rag4dmc.pipeline.config import ColumnsConfig, EncoderConfig, GeneratorConfig, SelectionConfig
+from rag4dmc.pipeline.core.confidence import ConfidenceModel, completion_features, predict
 from rag4dmc.pipeline.core.selection import (
     candidate_cosines,
     select_image,
@@ -30,7 +31,7 @@ from rag4dmc.pipeline.core.selection import (
 )
 from rag4dmc.pipeline.io.kb_images import DEFAULT_CACHE_MB, ExampleImages
 from rag4dmc.pipeline.kb import store as kb_store
-from rag4dmc.pipeline.schema import STATUS_COMPLETED, TASK_I2T, TASK_T2I
+from rag4dmc.pipeline.schema import STATUS_ABSTAINED, STATUS_COMPLETED, TASK_I2T, TASK_T2I
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ def batch_seed(base: int, row_keys) -> int:
 
 OUTPUT_COLUMNS = (Column("generated"), Column("status"), Column("generator"), Column("retrieved_ids"),
                   Column("fusion_scores"), Column("candidates"), Column("candidate_ids"), Column("candidate_scores"),
-                  Column("chosen", -1, np.int32), Column("settings"), Column("skipped_examples"))
+                  Column("chosen", -1, np.int32), Column("confidence", np.nan, np.float32), Column("settings"),
+                  Column("skipped_examples"))
 
 
 class _Complete(Stage):
@@ -66,8 +68,17 @@ class _Complete(Stage):
 
     def __init__(self, generator: GeneratorConfig, selection: SelectionConfig, encoder: EncoderConfig,
                  entries: pa.Table | str, nn: bool, storage_options: dict | None = None, settings: dict | None = None,
-                 example_cache_mb: int = DEFAULT_CACHE_MB):
+                 example_cache_mb: int = DEFAULT_CACHE_MB, confidence: dict | None = None,
+                 min_confidence: float = 0.0):
         self.gcfg, self.scfg, self.ecfg, self.nn = generator, selection, encoder, nn
+        # The KB's confidence model of this direction (None: the KB has none; rows get NaN) and the threshold
+        # below which a completed row abstains (``JobConfig.min_confidence``).
+        self.confidence = None if confidence is None else ConfidenceModel.from_dict(confidence)
+        self.min_confidence = min_confidence
+        if min_confidence > 0 and self.confidence is None:
+            raise ValueError(f"min_confidence is {min_confidence:g} but the knowledge base has no confidence model "
+                             f"for {self.tasks[0]}: rebuild it with calibration on (at least "
+                             "calibration.min_holdout internal pairs), or leave min_confidence at 0")
         self.entries_source, self.storage_options = entries, storage_options
         self.example_cache_mb = example_cache_mb
         # The retrieval and selection settings this direction runs with, and where they came from (calibrated
@@ -126,11 +137,25 @@ class _Complete(Stage):
         work = [j for j in range(m) if errors[j] is None]
         if work:
             self.complete(rows, work, found, cols, errors)
+            self.rate([j for j in work if errors[j] is None], found, cols)
         for j, ex in enumerate(found):  # examples whose image could not be had, and why
             skipped = [f"{e.id}: {e.problem}" for e in ex if e.problem]
             cols["skipped_examples"][j] = skipped or None
         cols["chosen"] = np.asarray(cols["chosen"], np.int32)
         return Produced(cols, errors)
+
+    def rate(self, done: list[int], found: list[list[Example]], cols: dict) -> None:
+        """Each completed row's confidence (the KB's model on its retrieval and selection scores); a row below
+        ``min_confidence`` abstains: status "abstained", its completion left to the provenance (``candidates`` /
+        ``candidate_ids`` with ``chosen``), not in the completed column."""
+        if self.confidence is None or not done:
+            return
+        x = np.stack([completion_features([e.score for e in found[j]], [e.cross for e in found[j]],
+                                          cols["candidate_scores"][j], cols["chosen"][j]) for j in done])
+        for j, p in zip(done, predict(self.confidence, x)):
+            cols["confidence"][j] = float(p)
+            if p < self.min_confidence:
+                cols["status"][j], cols[self.generated][j] = STATUS_ABSTAINED, None
 
     def n_candidates(self, found: list[list[Example]]) -> int:
         """Candidates per row: a generator's n samples, or for the nearest-neighbour generator every retrieved
@@ -149,9 +174,11 @@ class CompleteTexts(_Complete):
 
     def __init__(self, generator: GeneratorConfig, selection: SelectionConfig, encoder: EncoderConfig,
                  entries: pa.Table | str, storage_options: dict | None = None, settings: dict | None = None,
-                 example_cache_mb: int = DEFAULT_CACHE_MB):
+                 example_cache_mb: int = DEFAULT_CACHE_MB, confidence: dict | None = None,
+                 min_confidence: float = 0.0):
         super().__init__(generator, selection, encoder, entries, nn=generator.text_backend == "nn",
-                         storage_options=storage_options, settings=settings, example_cache_mb=example_cache_mb)
+                         storage_options=storage_options, settings=settings, example_cache_mb=example_cache_mb,
+                         confidence=confidence, min_confidence=min_confidence)
         from rag4dmc.actors.factory import text_generator_class
 
         self.RESOURCES = text_generator_class(generator).RESOURCES
@@ -213,9 +240,11 @@ class CompleteImages(_Complete):
 
     def __init__(self, generator: GeneratorConfig, selection: SelectionConfig, encoder: EncoderConfig,
                  entries: pa.Table | str, storage_options: dict | None = None, settings: dict | None = None,
-                 niqe=None, example_cache_mb: int = DEFAULT_CACHE_MB):
+                 niqe=None, example_cache_mb: int = DEFAULT_CACHE_MB, confidence: dict | None = None,
+                 min_confidence: float = 0.0):
         super().__init__(generator, selection, encoder, entries, nn=generator.image_backend == "nn",
-                         storage_options=storage_options, settings=settings, example_cache_mb=example_cache_mb)
+                         storage_options=storage_options, settings=settings, example_cache_mb=example_cache_mb,
+                         confidence=confidence, min_confidence=min_confidence)
         self.niqe_scorer = niqe  # a NIQE scorer to use (the evaluation's cached one); None: built in setup
         from rag4dmc.actors.factory import image_generator_class
 

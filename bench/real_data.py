@@ -68,6 +68,8 @@ def completion_quality(paths: dict[str, str], out: str) -> dict:
     from rag4dmc.actors.factory import create_encoder
     from rag4dmc.actors.images import load_image
     from rag4dmc.pipeline.config import EncoderConfig
+    from rag4dmc.pipeline.core.confidence import auroc
+    from rag4dmc.pipeline.evaluation.confidence_checks import COVERAGES
     from rag4dmc.pipeline.io.storage import Storage
     from rag4dmc.pipeline.job.runner import read_output
 
@@ -96,9 +98,15 @@ def completion_quality(paths: dict[str, str], out: str) -> dict:
         top1 = [r["retrieved_ids"][0] if r["retrieved_ids"] else None for r in done]
         label = [by_id[r["id"]]["label"] for r in done]
         task = "i2t" if generated == "text" else "t2i"
+        agree = np.array([kb_labels.get(c) == lab for c, lab in zip(chosen, label)])
+        conf = np.array([r["confidence"] for r in done], np.float64)
+        order = np.argsort(-conf, kind="stable")
         out_stats[task] = {
             "rows": len(done), "fidelity_cos": float(cos.mean()),
-            "label_agreement": float(np.mean([kb_labels.get(c) == lab for c, lab in zip(chosen, label)])),
+            "label_agreement": float(agree.mean()),
+            "confidence_auroc_for_label_agreement": auroc(conf, agree),
+            "label_agreement_by_coverage": {share: float(agree[order[: max(1, round(share * len(order)))]].mean())
+                                            for share in COVERAGES},
             "top1_label_agreement": float(np.mean([kb_labels.get(c) == lab for c, lab in zip(top1, label)])),
             "settings": json.loads(done[0]["settings"]),
         }
@@ -164,7 +172,7 @@ def main() -> None:
                 for task, q in quality.items() if task in ("i2t", "t2i")]
     paired_rows = []
     for e in metrics["variants"]:
-        if e["name"] not in ("rag4dmc", "rag4dmc_default", "kfa", "vanilla"):
+        if e["name"] not in ("rag4dmc", "rag4dmc_confident", "rag4dmc_default", "kfa", "vanilla"):
             continue
         for ref, diffs in e["paired"].items():
             for m in ("i2t_r1", "t2i_r1", "bleu4", "image_cosine", "i2t_label", "t2i_label"):
@@ -175,8 +183,26 @@ def main() -> None:
     purification = cal.get("purification") or {}
     pur_rows = [{"step": t["step"], **{k: t[k] for k in ("proximal", "pick", "tau_cent", "tau_inst", "kept") if k in t},
                  "i2t": t["i2t"], "t2i": t["t2i"], "mean": t["mean"]} for t in purification.get("tried", [])]
+    conf_rows, coverage_rows, agreement_rows = [], [], []
+    for task, d in cal["directions"].items():
+        c = d.get("confidence")
+        if c is None:
+            continue
+        conf_rows.append({"direction": task, "held-out pairs": c["pairs"], "faithful": c["faithful_rate"],
+                          "ECE (cross-fitted)": c["ece"], "AUROC faithful (cross-fitted)": c["auroc"],
+                          "AUROC label agreement (job)": quality[task]["confidence_auroc_for_label_agreement"]})
+        for row in c["coverage_precision"]:
+            coverage_rows.append({"direction": task, "min_confidence": row["threshold"], "kept": row["coverage"],
+                                  "faithful among kept": row["precision"]})
+        for share, value in quality[task]["label_agreement_by_coverage"].items():
+            agreement_rows.append({"direction": task, "most confident kept": share, "label agreement": value})
     targets = []
     for task, d in cal["directions"].items():
+        c = d.get("confidence") or {}
+        targets.append(Target(f"{task}: ECE of confidence on cross-fitted held-out pairs", c.get("ece", float("inf")),
+                              0.05, at_least=False))
+        targets.append(Target(f"{task}: AUROC of confidence for label agreement (job rows)",
+                              quality[task]["confidence_auroc_for_label_agreement"], 0.8))
         best = max(p["fidelity"] for p in cal["grid"][task])
         best_ci = max(cal["grid"][task], key=lambda p: p["fidelity"])["ci"]
         targets.append(Target(f"{task}: calibrated fidelity >= best grid point - its CI", d["fidelity"], best - best_ci))
@@ -192,6 +218,13 @@ def main() -> None:
         "Purification candidates (mean held-out fidelity)": (pur_rows, ["step", "proximal", "pick", "tau_cent",
                                                                          "tau_inst", "kept", "i2t", "t2i", "mean"]),
         "Completion job with the defaults (truth hidden from it)": (job_rows, list(job_rows[0]) if job_rows else []),
+        "Confidence: the KB's model on held-out pairs, and on the job's rows against the labels": (
+            conf_rows, ["direction", "held-out pairs", "faithful", "ECE (cross-fitted)", "AUROC faithful (cross-fitted)",
+                        "AUROC label agreement (job)"]),
+        "Confidence: coverage x precision on held-out pairs (what kb build prints)": (
+            coverage_rows, ["direction", "min_confidence", "kept", "faithful among kept"]),
+        "Confidence: label agreement of the job's most confident completions": (
+            agreement_rows, ["direction", "most confident kept", "label agreement"]),
         "Evaluation: paired differences (mean over repeats, 95% CI)": (paired_rows, ["missing rate", "variant",
                                                                                       "minus", "metric", "diff", "ci",
                                                                                       "verdict"]),

@@ -24,6 +24,7 @@ from rag4dmc.deploy.protocol import (
     CompletionRequest,
     Query,
     RequestError,
+    abstain_below,
     answer,
     check_api_key,
     check_declared_length,
@@ -43,6 +44,7 @@ from rag4dmc.pipeline.config import (
 from rag4dmc.pipeline.core.retrieval import search
 from rag4dmc.pipeline.job.writer import finalize
 from rag4dmc.pipeline.kb import store as kb_store
+from rag4dmc.pipeline.kb.settings import confidence_model
 from rag4dmc.pipeline.schema import TASK_I2T, TASK_T2I
 
 log = logging.getLogger(__name__)
@@ -191,7 +193,8 @@ class Generator(Pingable):
                  wait_timeout_s: float, settings: dict | None = None):
         loaded = kb_store.load(kb, storage_options, shards=[], with_entries=False)
         stage = CompleteTexts if task == TASK_I2T else CompleteImages
-        self.complete = stage(generator, selection, encoder, kb, storage_options, settings=settings)
+        self.complete = stage(generator, selection, encoder, kb, storage_options, settings=settings,
+                              confidence=confidence_model(loaded.manifest.get("calibration"), task))
         self.task, self.kb_version, self.config_hash = task, loaded.version, config_hash
         configure_batching(self.generate, max_batch_size, wait_timeout_s)
 
@@ -272,8 +275,8 @@ class Completion:
             failure = internal_error(exc)
             replica_log.exception("request %s failed: error id %s", sample.id, failure.error_id)
             raise failure from None
-        status, answer_body = answer(done.row, image_format=self.cfg.generator.image_format,
-                                     batch_sizes=batch_sizes)
+        status, answer_body = answer(abstain_below(done.row, sample.min_confidence),
+                                     image_format=self.cfg.generator.image_format, batch_sizes=batch_sizes)
         return JSONResponse(answer_body, status_code=status)
 
     async def _run(self, sample: CompletionRequest, query: Query) -> tuple[Completed, dict[str, int]]:

@@ -28,18 +28,18 @@ import numpy as np
 from pydantic import SecretStr
 
 from rag4dmc.actors.images import InputError, load_image, resize_for_model, validate_text
-from rag4dmc.pipeline.schema import STAGES, STATUS_COMPLETED, TASK_I2T, TASK_T2I
+from rag4dmc.pipeline.schema import STAGES, STATUS_ABSTAINED, STATUS_COMPLETED, TASK_I2T, TASK_T2I
 
 API_KEY_HEADER = "x-api-key"
 JSON_TYPE = "application/json"
 MULTIPART_TYPE = "multipart/form-data"
-FIELDS = ("id", "image", "text")
+FIELDS = ("id", "image", "text", "min_confidence")
 MAX_ID_CHARS = 256  # a client id is echoed back and seeds sampling generators; it is not a payload
 DATA_URL_PREFIX = re.compile(r"^data:[\w.+-]+/[\w.+-]+;base64,", re.IGNORECASE)
 DEFAULT_CHARSET = "utf-8"
 HTTP_OK, HTTP_UNPROCESSABLE = 200, 422
 USAGE = ('send JSON {"text": "..."} or {"image": "<base64>"}, or multipart/form-data with an "image" file '
-         'part or a "text" field (optionally an "id")')
+         'part or a "text" field (optionally an "id", and a "min_confidence" in [0, 1])')
 
 
 class RequestError(Exception):
@@ -88,6 +88,7 @@ class CompletionRequest:
     id: str
     image: bytes | None = None
     text: str | None = None
+    min_confidence: float = 0.0  # below it the answer abstains (JobConfig.min_confidence, per request)
 
     @property
     def task(self) -> str:
@@ -259,7 +260,22 @@ def _request(fields: dict[str, Any], max_text_chars: int) -> CompletionRequest:
             raise RequestError(400, f"text has {len(text)} characters, over the limit of {max_text_chars}",
                                "send a shorter text, or raise max_text_chars in the service's config")
     return CompletionRequest(id=_request_id(fields.get("id")), image=bytes(image) if has_image else None,
-                             text=text if has_text else None)
+                             text=text if has_text else None,
+                             min_confidence=_min_confidence(fields.get("min_confidence")))
+
+
+def _min_confidence(value: Any) -> float:
+    """A request's min_confidence: a number in [0, 1] (a JSON number, or a multipart field's text)."""
+    if value is None:
+        return 0.0
+    try:
+        number = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not 0.0 <= number <= 1.0:
+        raise RequestError(400, f"min_confidence must be a number in [0, 1], got {value!r}",
+                           "send the least probability that the completion is faithful you accept, e.g. 0.8")
+    return number
 
 
 def _request_id(value: Any) -> str:
@@ -286,6 +302,19 @@ def prepare_query(request: CompletionRequest, *, image_size: int, max_pixels: in
 # -------------------------------------------------------------------------------------------------- answers
 
 
+def abstain_below(row: dict[str, Any], min_confidence: float) -> dict[str, Any]:
+    """The row as the job writes it with ``min_confidence``: a completion whose confidence is below it abstains
+    (status "abstained", the generated modality removed; its candidates stay in the provenance)."""
+    if min_confidence <= 0 or row["status"] != STATUS_COMPLETED:
+        return row
+    if row.get("confidence") is None:
+        raise RequestError(400, f"min_confidence is {min_confidence:g} but this service's knowledge base has no "
+                           "confidence model", "leave min_confidence out, or serve a KB built with calibration")
+    if row["confidence"] >= min_confidence:
+        return row
+    return {**row, "status": STATUS_ABSTAINED, row["generated"]: None, "generated": None}
+
+
 def answer(row: dict[str, Any], *, image_format: str, batch_sizes: dict[str, int]) -> tuple[int, dict[str, Any]]:
     """HTTP status and JSON body for one output row of the job's schema (``rag4dmc.pipeline.job.writer.finalize``).
 
@@ -303,11 +332,16 @@ def answer(row: dict[str, Any], *, image_format: str, batch_sizes: dict[str, int
         "image_format": image_format if generated_image else None,
         **{k: row[k] for k in ("generator", "retrieved_ids", "fusion_scores", "candidates", "candidate_ids",
                                "candidate_scores", "chosen", "kb_version", "config_hash")},
+        "confidence": row.get("confidence"),
         "settings": json.loads(row["settings"]) if row["settings"] else None,
         "seconds": {s: row[f"seconds_{s}"] for s in STAGES},
         "batch_sizes": batch_sizes,
     }
     if row["status"] == STATUS_COMPLETED:
+        return HTTP_OK, body
+    if row["status"] == STATUS_ABSTAINED:
+        body["hint"] = ("the completion's confidence is below the request's min_confidence: it is left out (the "
+                        "candidates and chosen stay); lower min_confidence to get it")
         return HTTP_OK, body
     body["hint"] = ("the knowledge base gave nothing usable for this input (see error and retrieved_ids); "
                     "send another input, or serve a larger knowledge base")

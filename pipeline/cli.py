@@ -54,7 +54,8 @@ JOB_FLAGS = {
     "--lambda-quality": "selection.lambda_quality", "--lambda-retrieval": "selection.lambda_retrieval",
     "--accelerators": "accelerators",
 }
-OUTPUT_FLAGS = {"--output-format": "output_format"}  # `rag4dmc complete` only (the service writes no files)
+# `rag4dmc complete` only (the service writes no files, and takes min_confidence per request)
+OUTPUT_FLAGS = {"--output-format": "output_format", "--min-confidence": "min_confidence"}
 # `rag4dmc evaluate`: its own keys, and the job's retrieval and selection flags, which every retrieval variant shares
 EVAL_FLAGS = {
     "--missing-rate": "evaluation.missing_rates", "--variants": "evaluation.variants",

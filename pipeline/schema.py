@@ -11,6 +11,7 @@ TASK_T2I = "t2i"  # text only: generate the image
 TASK_FAILED = "failed"
 
 STATUS_OBSERVED, STATUS_COMPLETED, STATUS_FAILED = "observed", "completed", "failed"
+STATUS_ABSTAINED = "abstained"  # completed below JobConfig.min_confidence: the completion stays in the provenance
 
 INPUT_SCHEMA = pa.schema([
     ("row_key", pa.string()),
@@ -33,7 +34,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("image_uri", pa.string()),
     ("text", pa.string()),
     ("generated", pa.string()),  # "text", "image" or null
-    ("status", pa.string()),  # observed / completed / failed
+    ("status", pa.string()),  # observed / completed / abstained / failed
     ("error", pa.string()),
     ("generator", pa.string()),
     ("retrieved_ids", pa.list_(pa.string())),
@@ -42,6 +43,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("candidate_ids", pa.list_(pa.string())),  # the KB entry behind each candidate (nearest-neighbour generators)
     ("candidate_scores", pa.list_(pa.float32())),
     ("chosen", pa.int32()),
+    ("confidence", pa.float32()),  # P(the completion is faithful), the KB's calibrated model; null: no model
     ("settings", pa.string()),  # JSON: the retrieval and selection settings used, and their source
     ("skipped_examples", pa.list_(pa.string())),  # "<entry id>: <why>" of examples whose image could not be had
     ("kb_version", pa.string()),

@@ -60,6 +60,29 @@ def test_default_kb_build_and_completion_on_clip_art(emoji_split, emoji_kb):
         assert {k: settings[k] for k in ("alpha", "top_k", "n_results")} == direction["retrieval"]
         assert len(row["candidate_ids"]) == len(row["candidate_scores"]) <= settings["n_results"]
         assert row["candidate_ids"][0] in row["retrieved_ids"]
+        assert 0 < row["confidence"] < 1  # the KB's calibrated model, on every completed row
+    assert summary["abstained"] == 0  # min_confidence 0 by default: every row is completed, as the paper does
+
+    # min_confidence: the rows below it abstain (their completion stays in the provenance), the summary counts
+    # them, and --retry-failed leaves them alone (an abstention is an answer, not a failure)
+    confidence = {row["row_key"]: row["confidence"] for row in out}
+    threshold = float(np.median(list(confidence.values())))
+    cfg = JobConfig(min_confidence=threshold)
+    strict = run_job(JobSpec(data=paths["incomplete"], kb=kb, out=str(root / "out-strict"), cfg=cfg))
+    below = {k for k, v in confidence.items() if v < threshold}
+    assert strict["abstained"] == len(below) > 0 and strict["completed"] == n - len(below)
+    first = {row["row_key"]: row for row in read_output(Storage(), str(root / "out-strict")).to_pylist()}
+    for key, row in first.items():
+        assert row["confidence"] == pytest.approx(confidence[key], abs=1e-6)
+        if key in below:
+            assert row["status"] == "abstained" and row["generated"] is None
+            missing = "text" if row["settings"] and json.loads(row["settings"])["task"] == "i2t" else "image"
+            assert row[missing] is None and row["candidate_ids"][row["chosen"]] in row["retrieved_ids"]
+        else:
+            assert row["status"] == "completed"
+    again = run_job(JobSpec(data=paths["incomplete"], kb=kb, out=str(root / "out-strict"), cfg=cfg, retry_failed=True))
+    assert again["abstained"] == strict["abstained"] and again["failed"] == 0
+    assert read_output(Storage(), str(root / "out-strict")).to_pylist() == list(first.values())
 
 
 @pytest.mark.slow  # the evaluation of three variants, twice, on the real corpus
@@ -69,8 +92,8 @@ def test_evaluation_with_labels_and_repeats_on_clip_art(emoji_split, tmp_path):
     parts, paths, _ = emoji_split
     cfg = EvalConfig.model_validate({
         "encoder": {"device": "cpu"}, "columns": {"label": "label"}, "mapping": {"hidden_dim": 256},
-        "evaluation": {"missing_rates": [0.4], "repeats": 2, "variants": ["drop", "vanilla", "rag4dmc"],
-                       "examples": 2}})
+        "evaluation": {"missing_rates": [0.4], "repeats": 2, "variants": ["drop", "vanilla", "rag4dmc",
+                                                                          "rag4dmc_confident"], "examples": 2}})
     payload, files = evaluate_datasets(paths["internal"], paths["external"], str(tmp_path / "report"), cfg)
     fused = next(e for e in payload["variants"] if e["name"] == "rag4dmc")
     for metric in ("i2t_label", "t2i_label"):
@@ -79,3 +102,23 @@ def test_evaluation_with_labels_and_repeats_on_clip_art(emoji_split, tmp_path):
         assert metric in fused["paired"]["vanilla"]
     assert "drop" in fused["paired"] and payload["findings"]
     assert "i2t_label" in (tmp_path / "report" / "metrics.md").read_text()
+
+    # RAG4DMC (confident): the observed rows and only the confident completions; its threshold from calibration
+    confident = next(e for e in payload["variants"] if e["name"] == "rag4dmc_confident")
+    drop = next(e for e in payload["variants"] if e["name"] == "drop")
+    for rep in range(2):
+        pairs = [e["values"]["train_pairs"][rep] for e in (drop, confident, fused)]
+        assert pairs == sorted(pairs)  # no more than RAG4DMC completes, no fewer than the complete pairs
+    assert any("RAG4DMC (confident)" in line for line in payload["findings"])
+    # the confidence section: the KB's check on held-out pairs, and label agreement by coverage, whose full
+    # coverage is the variant's own label agreement in that repeat
+    (section,) = payload["confidence"]
+    for rep, run in enumerate(section["repeats"]):
+        for task, metric in (("i2t", "i2t_label"), ("t2i", "t2i_label")):
+            check = run["calibration"][task]
+            assert check["pairs"] >= 10 and sum(b["rows"] for b in check["reliability"]) == check["pairs"]
+            rows = run["label_agreement"][task]["rows"]
+            assert [r["coverage"] for r in rows] == [0.25, 0.5, 0.75, 1.0]
+            assert rows[-1]["agreement"] == pytest.approx(fused["values"][metric][rep])
+            assert [r["min_confidence"] for r in rows] == sorted((r["min_confidence"] for r in rows), reverse=True)
+    assert "Confidence of the completions" in (tmp_path / "report" / "metrics.md").read_text()

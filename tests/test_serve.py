@@ -116,6 +116,8 @@ def test_json_and_multipart_requests_parse_to_one_modality():
     ("application/json", b"{not json", 400, "not valid JSON"),
     ("application/json", json.dumps({"text": "x" * (MAX_TEXT + 1)}).encode(), 400, "over the limit"),
     ("application/json", json.dumps({"text": "x", "id": "i" * (MAX_ID_CHARS + 1)}).encode(), 400, "id must be"),
+    ("application/json", json.dumps({"text": "x", "min_confidence": 1.5}).encode(), 400, "min_confidence must"),
+    ("application/json", json.dumps({"text": "x", "min_confidence": "high"}).encode(), 400, "min_confidence must"),
     ("text/plain", b"two red circles", 415, "text/plain"),
     (None, b'{"text": "a"}', 415, "no Content-Type"),
     ("multipart/form-data", b"--x\r\n\r\nhello", 400, "multipart"),
@@ -372,6 +374,14 @@ def test_health_and_completions_carry_the_jobs_provenance(service):
     assert (got["id"], got["generated"], got["text"], got["image_format"]) == ("txt-1", "image", text, "png")
     chosen_id = got["candidate_ids"][got["chosen"]]
     assert chosen_id in got["retrieved_ids"]
+    assert 0 < got["confidence"] < 1  # the KB's calibrated model (the served KB is calibrated)
+    # a request's min_confidence: above the row's confidence, the answer abstains and keeps the provenance
+    unsure = _post(service, json_body={"text": text, "id": "txt-1", "min_confidence": 1.0})
+    assert unsure.status_code == 200, unsure.text
+    held = unsure.json()
+    assert (held["status"], held["generated"], held["image"]) == ("abstained", None, None)
+    assert (held["confidence"], held["candidate_ids"], held["chosen"]) == (
+        got["confidence"], got["candidate_ids"], got["chosen"]) and "min_confidence" in held["hint"]
     served = Image.open(io.BytesIO(base64.b64decode(got["image"])))
     assert served.format == "PNG"
     entry = _kb_rows(service.kb)[chosen_id]  # the KB says where the image is; the service fetched it from there

@@ -53,7 +53,34 @@ def markdown_report(payload: dict) -> str:
         table = paired_table(payload["variants"], ref)
         if table:
             parts += ["", f"## Paired differences against {VARIANTS[ref]['label']} (same split, same mask)", "", table]
+    confidence = confidence_markdown(payload.get("confidence") or [])
+    if confidence:
+        parts += ["", "## Confidence of the completions", "", confidence]
     if payload.get("findings"):
         parts += ["", "## Which of the paper's orderings hold on this data", "",
                   *[f"- {line}" for line in payload["findings"]]]
     return "\n".join(parts) + "\n"
+
+
+def confidence_markdown(per_rate: list[dict]) -> str:
+    """Per missing rate and direction: the KB's confidence model checked on its held-out calibration pairs (ECE,
+    AUROC, the reliability diagram), and the label agreement of the most confident completions by coverage."""
+    lines = []
+    for entry in per_rate:
+        for rep, run in enumerate(entry["repeats"]):
+            for task, check in (run.get("calibration") or {}).items():
+                head = f"- missing rate {entry['missing_rate']:g}, repeat {rep + 1}, {task}: "
+                if check is None:
+                    lines.append(head + "no confidence model (too few held-out calibration pairs)")
+                    continue
+                bins = ", ".join(f"[{b['lo']:.1f}, {b['hi']:.1f}): {b['confidence']:.2f} vs {b['faithful']:.2f} "
+                                 f"({b['rows']})" for b in check["reliability"] if b["rows"])
+                lines.append(head + f"{check['pairs']} held-out pairs, {format_value(check['faithful_rate'])} "
+                             f"faithful; cross-fitted ECE {format_value(check['ece'])}, AUROC "
+                             f"{format_value(check['auroc'])}; reliability (confidence vs faithful): {bins}")
+                agreement = (run.get("label_agreement") or {}).get(task)
+                if agreement:
+                    lines.append("  - label agreement of the most confident completions: " + ", ".join(
+                        f"{r['coverage']:.0%} kept: {r['agreement']:.3f}" for r in agreement["rows"])
+                        + f" (AUROC of confidence for label agreement {format_value(agreement['auroc'])})")
+    return "\n".join(lines)

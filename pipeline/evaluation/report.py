@@ -385,6 +385,33 @@ def significance_section(payload: dict) -> str:
     return "".join(parts)
 
 
+DIRECTION_COLOURS = {"i2t": "#1f77b4", "t2i": "#d62728"}
+
+
+def confidence_section(payload: dict) -> str:
+    """The confidence of the completions at the first missing rate, first repeat: the KB's reliability diagram on
+    held-out calibration pairs (cross-fitted) and, with labels, label agreement by coverage."""
+    per_rate = payload.get("confidence") or []
+    if not per_rate or not per_rate[0]["repeats"]:
+        return "<p class='note'>No confidence figures (no confidence model in this run).</p>"
+    run = per_rate[0]["repeats"][0]
+    checks = {t: c for t, c in (run.get("calibration") or {}).items() if c}
+    if not checks:
+        return "<p class='note'>The knowledge base has no confidence model (calibration off, or too few pairs).</p>"
+    series = [("perfectly calibrated", "#999", [(0.0, 0.0), (1.0, 1.0)])]
+    series += [(f"{t} (ECE {_num(c['ece'])}, AUROC {_num(c['auroc'])})", DIRECTION_COLOURS.get(t, "#333"),
+                [(b["confidence"], b["faithful"]) for b in c["reliability"] if b["rows"]]) for t, c in checks.items()]
+    parts = [line_chart("reliability: faithful rate against confidence (held-out pairs)", series,
+                        "mean confidence of the bin", x_ticks=[0.0, 0.25, 0.5, 0.75, 1.0])]
+    agreement = run.get("label_agreement") or {}
+    if agreement:
+        parts.append(line_chart("label agreement of the most confident completions", [
+            (f"{t} (AUROC {_num(a['auroc'])})", DIRECTION_COLOURS.get(t, "#333"),
+             [(r["coverage"], r["agreement"]) for r in a["rows"]]) for t, a in agreement.items()],
+            "share of completions kept, most confident first"))
+    return "".join(parts)
+
+
 def render_html(payload: dict) -> str:
     """The report page for an evaluation payload (see ``rag4dmc.pipeline.evaluation.runner.evaluate``)."""
     entries = payload.get("variants", [])
@@ -407,6 +434,8 @@ def render_html(payload: dict) -> str:
 <h2>Which differences are real</h2>{significance_section(payload)}
 <h2>Plots</h2>{variant_charts(entries, primary) if primary is not None else ''}{rate_charts(entries, list(rates))}
 {sweep_charts(payload.get('sweeps', []))}
+<h2>Confidence of the completions (missing rate {f'{primary:g}' if primary is not None else '-'})</h2>
+{confidence_section(payload)}
 <h2>Knowledge-base purification</h2>{purification_section(runs)}
 <h2>Examples (missing rate {f'{primary:g}' if primary is not None else '-'})</h2>
 {examples_section(payload.get('examples', []))}

@@ -12,6 +12,8 @@ configurations of the same knowledge-base, retrieval and selection code the job 
     kfa         KFA-RAG: internal + purified external (filter + align), intra-modal retrieval
     rag4dmc     RAG4DMC: purified KB + two-stage fusion retrieval, settings calibrated at KB build
     rag4dmc_default  RAG4DMC with the paper's default settings (no calibration): what calibration adds
+    rag4dmc_confident  RAG4DMC keeping only completions whose confidence reaches a threshold chosen on the KB's
+                calibration pairs (``evaluation.confident_precision``); the other masked rows stay incomplete
     complete    Complete: the true training data (upper bound)
 
 Completions are scored against the truth (BLEU-4, CIDEr, embedding cosine; NIQE for images) and by
@@ -52,6 +54,7 @@ from rag4dmc.pipeline.config import (
     StorageConfig,
 )
 from rag4dmc.pipeline.core.metrics import bleu4, cider, mean_cosine
+from rag4dmc.pipeline.evaluation.confidence_checks import calibration_checks, label_agreement_by_coverage
 from rag4dmc.pipeline.evaluation.data import (
     LEFT_OUT_SHOWN,
     EvalData,
@@ -71,8 +74,8 @@ from rag4dmc.pipeline.evaluation.variants import (
 from rag4dmc.pipeline.io.datasets import LABEL_COLUMN
 from rag4dmc.pipeline.kb.in_memory import build_knowledge_base
 from rag4dmc.pipeline.kb.knowledge_base import KnowledgeBase
-from rag4dmc.pipeline.kb.settings import effective_settings
-from rag4dmc.pipeline.schema import TASK_FAILED, TASK_I2T, TASK_T2I
+from rag4dmc.pipeline.kb.settings import confidence_model, effective_settings
+from rag4dmc.pipeline.schema import STATUS_ABSTAINED, TASK_FAILED, TASK_I2T, TASK_T2I
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +122,19 @@ def build_variant_kbs(data: EvalData, cfg: EvalConfig, needed: set[str] | None =
                 [labels.get(i) for i in kb.entries.column("id").to_pylist()], dtype=object)
             out[name] = VariantKB(kb, _raw_vectors(kb, emb, data), entry_labels)
     return out
+
+
+def confident_threshold(calibration: dict | None, task: str, precision: float) -> float | None:
+    """The min_confidence of RAG4DMC (confident) for ``task``: the lowest threshold at which the KB's held-out
+    calibration pairs (cross-fitted) are faithful at ``precision`` or more, else the most precise one. Chosen on
+    the calibration split alone, never on the evaluation's test split. None: the KB has no confidence model
+    (calibration off, or too few held-out pairs)."""
+    conf = (((calibration or {}).get("directions") or {}).get(task) or {}).get("confidence")
+    if conf is None:
+        return None
+    rows = [r for r in conf["coverage_precision"] if r["precision"] is not None]
+    hit = [r["threshold"] for r in rows if r["precision"] >= precision]
+    return min(hit) if hit else max(rows, key=lambda r: (r["precision"], -r["threshold"]))["threshold"]
 
 
 def _raw_vectors(kb: KnowledgeBase, internal: dict[str, np.ndarray], data: EvalData
@@ -204,22 +220,33 @@ def complete_variant(vkb: VariantKB, data: EvalData, name: str, cfg: EvalConfig,
         if rows.size == 0:
             continue
         rcfg, scfg, settings = variant_configs(name, vkb, cfg, task)
+        model = confidence_model(kb.manifest.get("calibration"), task) if VARIANTS[name].get("calibrated") else None
+        threshold = confident_threshold(kb.manifest.get("calibration"), task, cfg.evaluation.confident_precision) \
+            if VARIANTS[name].get("confident") else 0.0
+        if threshold is None:  # said in the variant's settings: it then keeps every completion, as RAG4DMC does
+            log.warning("RAG4DMC (confident), %s: the KB has no confidence model; every completion is kept", task)
+            settings = {**settings, "min_confidence": "none: the KB has no confidence model"}
+            threshold = 0.0
         query = (data.train_img if observed == "image" else data.train_txt)[rows]
         pseudo = kb.pseudo(query, observed)
         neigh = kb.retrieve(query, observed, rcfg)
         if task == TASK_I2T:
-            stage = CompleteTexts(generator, scfg, cfg.encoder, entries)
+            stage = CompleteTexts(generator, scfg, cfg.encoder, entries, confidence=model, min_confidence=threshold)
         else:
             if niqe is None:  # no NIQE at hand: ranked by cosine alone
                 scfg = scfg.model_copy(update={"image_quality": "none"})
             stage = CompleteImages(generator, scfg, cfg.encoder, entries,
-                                   niqe=_CachedNiqe(vkb.niqe, niqe) if wants_niqe(scfg) else None)
+                                   niqe=_CachedNiqe(vkb.niqe, niqe) if wants_niqe(scfg) else None,
+                                   confidence=model, min_confidence=threshold)
         stage.ensure_setup()
         done = apply(stage, completion_batch(task, rows, data, neigh, pseudo))
-        kept, chosen, cands_all = [], [], []
+        if threshold:
+            settings = {**settings, "min_confidence": threshold}
+        kept, chosen, cands_all, confidence = [], [], [], []
         for r in range(len(rows)):
-            if done["task"][r] == TASK_FAILED:
+            if done["task"][r] == TASK_FAILED or done["status"][r] == STATUS_ABSTAINED:
                 continue
+            confidence.append(float(done["confidence"][r]))
             entry_rows = [int(e) for e in done["candidate_ids"][r]]
             best = int(done["chosen"][r])
             kept.append(r)
@@ -234,7 +261,9 @@ def complete_variant(vkb: VariantKB, data: EvalData, name: str, cfg: EvalConfig,
         else:
             emb = encoder.encode_images([load_image(b) for b in values])
         out[generated] = {"rows": rows[kept], "generated": values, "emb": emb, "cands": cands_all,
-                          "entries": np.asarray(chosen, np.int64), "settings": settings}
+                          "entries": np.asarray(chosen, np.int64), "settings": settings,
+                          "confidence": np.asarray(confidence, np.float64), "abstained": int(
+                              sum(s == STATUS_ABSTAINED for s in done["status"]))}
     return out
 
 
@@ -320,6 +349,12 @@ def run_evaluation(data: EvalData, cfg: EvalConfig, encoder, heads: HeadConfig =
     uses = {VARIANTS[n]["kb"] for n in names + ([ev.sweep_variant] if with_sweeps and ev.sweeps else [])}
     kbs = build_variant_kbs(data, cfg, {k for k in uses if k} | {"purified"})
     results = [run_variant(name, data, kbs, cfg, encoder, heads, niqe) for name in names]
+    fused = next((r for r in results if r.name == "rag4dmc"), None)
+    truth_labels = (np.asarray(data.train.column(LABEL_COLUMN).to_pylist(), dtype=object)
+                    if LABEL_COLUMN in data.train.column_names else None)
+    confidence = {"calibration": calibration_checks(kbs["purified"].kb.manifest.get("calibration")),
+                  "label_agreement": label_agreement_by_coverage(fused and fused.completion, kbs["purified"].labels,
+                                                                 truth_labels)}
     sweeps = []
     if with_sweeps:
         for sweep_name, values in ev.sweeps.items():
@@ -333,6 +368,7 @@ def run_evaluation(data: EvalData, cfg: EvalConfig, encoder, heads: HeadConfig =
                            "points": points})
     return {"missing_rate": data.missing_rate, "data": data, "variants": results, "kbs": kbs, "sweeps": sweeps,
             "purification": kbs["purified"].kb.report, "kb_rows": {k: len(v.kb) for k, v in kbs.items()},
+            "confidence": confidence,
             "masked": {"image": int(data.lose_image.sum()), "text": int(data.lose_text.sum()),
                        "complete": int((~(data.lose_image | data.lose_text)).sum())},
             "seconds": time.perf_counter() - t0}
@@ -381,6 +417,8 @@ def evaluate(splits: list[EvalData], cfg: EvalConfig, encoder, niqe=None, heads:
         "runs": [{"missing_rate": run["missing_rate"], "kb_rows": run["kb_rows"], "masked": run["masked"],
                   "purification": finite(run["purification"]), "seconds": round(run["seconds"], 3)}
                  for run in runs[0]],
+        "confidence": [{"missing_rate": rate, "repeats": [finite(per_rate[i]["confidence"]) for per_rate in runs]}
+                       for i, rate in enumerate(ev.missing_rates)],
         "sweeps": [s | {"points": [p | {"metrics": finite(p["metrics"])} for p in s["points"]]}
                    for s in primary["sweeps"]],
         "examples": examples(primary["data"], primary, ev.examples, ev.thumbnail_px),

@@ -15,6 +15,9 @@ VARIANTS: dict[str, dict] = {
     "kfa": {"label": "KFA-RAG", "kb": "purified", "mode": "intra"},
     "rag4dmc": {"label": "RAG4DMC", "kb": "purified", "mode": "fusion", "calibrated": True},
     "rag4dmc_default": {"label": "RAG4DMC (paper defaults)", "kb": "purified_default", "mode": "fusion"},
+    # RAG4DMC that abstains below a confidence threshold chosen on the KB's calibration pairs alone
+    "rag4dmc_confident": {"label": "RAG4DMC (confident)", "kb": "purified", "mode": "fusion", "calibrated": True,
+                          "confident": True},
     "complete": {"label": "Complete (upper bound)", "kb": None, "training_data": "the true training data"},
 }
 assert tuple(VARIANTS) == VARIANT_NAMES, "evaluate.VARIANTS and config.VariantName must list the same variants"
@@ -31,6 +34,8 @@ ORDERINGS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("rag4dmc", "kfa", QUALITY + DOWNSTREAM + LABELS, "fusion retrieval beats intra-modal retrieval"),
     ("kfa", "combined", QUALITY + DOWNSTREAM + LABELS, "purifying the external corpus beats using it raw"),
     ("rag4dmc", "rag4dmc_default", QUALITY + DOWNSTREAM + LABELS, "calibrated settings beat the paper's defaults"),
+    ("rag4dmc_confident", "drop", DOWNSTREAM, "completing only the confident rows beats dropping incomplete rows"),
+    ("rag4dmc_confident", "rag4dmc", LABELS, "the confident completions are right more often than all completions"),
 )
 REFERENCES = ("drop", "vanilla")  # every variant's paired difference against these is reported
 

@@ -35,7 +35,7 @@ from rag4dmc.pipeline.job.reader import ShardDatasource
 from rag4dmc.pipeline.job.scaling import Capacity, Pool, size_pools, task_rows
 from rag4dmc.pipeline.job.stage_actor import actor_class
 from rag4dmc.pipeline.job.writer import OutputSink, committed_keys, finalize
-from rag4dmc.pipeline.kb.settings import effective_settings
+from rag4dmc.pipeline.kb.settings import confidence_model, effective_settings
 from rag4dmc.pipeline.schema import (
     INPUT_SCHEMA,
     TASK_FAILED,
@@ -89,7 +89,9 @@ def direction_stages(direction: str, cfg: JobConfig, kb_uri: str, kb_manifest: d
                                   kb_manifest["image_dim"], kb_manifest["text_dim"]) for g, group in enumerate(groups)]
     complete = CompleteTexts if direction == TASK_I2T else CompleteImages
     stages.append(complete(cfg.generator, selection, encoder, entries if entries is not None else kb_uri,
-                           storage_options, settings=settings, example_cache_mb=cfg.storage.example_cache_mb))
+                           storage_options, settings=settings, example_cache_mb=cfg.storage.example_cache_mb,
+                           confidence=confidence_model(kb_manifest.get("calibration"), direction),
+                           min_confidence=cfg.min_confidence))
     policy = StagePolicy(cfg.batch_timeout_s, cfg.transient_retries, cfg.retry_backoff_s)
     for stage in stages:
         stage.policy = policy

@@ -229,6 +229,7 @@ def summarize(storage: Storage, out: str, elapsed: float, rows_this_run: int | N
         "unique_row_keys": len(set(table.column("row_key").to_pylist())) if table.num_rows else 0,
         "observed": int((status == "observed").sum()),
         "completed": completed,
+        "abstained": int((status == "abstained").sum()),
         "failed": int((status == "failed").sum()),
         "completed_text": int(sum(g == "text" for g in table.column("generated").to_pylist())) if completed else 0,
         "completed_image": int(sum(g == "image" for g in table.column("generated").to_pylist())) if completed else 0,

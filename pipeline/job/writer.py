@@ -82,6 +82,7 @@ def finalize(batch: dict[str, np.ndarray], *, kb_version: str, config_hash: str)
         "candidate_ids": [None if v is None else [str(x) for x in v] for v in _column(batch, "candidate_ids", n)],
         "candidate_scores": [_floats(v) for v in _column(batch, "candidate_scores", n)],
         "chosen": [None if c is None or c < 0 else int(c) for c in _column(batch, "chosen", n, -1)],
+        "confidence": [None if c is None else float(c) for c in _column(batch, "confidence", n)],
         "settings": _column(batch, "settings", n),
         "skipped_examples": [None if v is None else [str(x) for x in v] for v in _column(batch, "skipped_examples", n)],
         "kb_version": [kb_version] * n,
