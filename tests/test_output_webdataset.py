@@ -62,6 +62,9 @@ def _rows() -> pa.Table:
              image_uri="s3://b/in.png"),
         _row("part-0.parquet:3", "failed", image=b"this is not an image", text="a caption kept in the json",
              error="image could not be decoded"),
+        _row("part-0.parquet:4", "abstained", image=_image("PNG", (9, 9, 9)), generator="nn-consensus-retrieval",
+             candidates=["an unsure caption"], candidate_ids=["e3"], candidate_scores=[0.5], chosen=0,
+             confidence=0.25),
     ], schema=OUTPUT_SCHEMA)
 
 
@@ -74,12 +77,16 @@ def test_tar_members_follow_img2dataset_layout_per_status():
     table = _rows()
     members = _members(output_tar(table))
     keys = [tar_key(k) for k in table.column("row_key").to_pylist()]
-    assert len(set(keys)) == 4 and all(KEY.match(k) for k in keys)
-    observed, text_done, image_done, failed = keys
+    assert len(set(keys)) == 5 and all(KEY.match(k) for k in keys)
+    observed, text_done, image_done, failed, abstained = keys
     assert set(members) == {f"{observed}.png", f"{observed}.txt", f"{observed}.json",
                             f"{text_done}.jpg", f"{text_done}.txt", f"{text_done}.json",
                             f"{image_done}.png", f"{image_done}.txt", f"{image_done}.json",
-                            f"{failed}.json"}  # a failed row: only its json, never its undecodable bytes as .jpg
+                            f"{failed}.json",  # a failed row: only its json, never its undecodable bytes as .jpg
+                            f"{abstained}.json"}  # an abstained row: no half pair for a loader to meet
+    abstained_meta = json.loads(members[f"{abstained}.json"])
+    assert (abstained_meta["status"], abstained_meta["confidence"]) == ("abstained", 0.25)
+    assert abstained_meta["candidates"][abstained_meta["chosen"]] == "an unsure caption"
     assert members[f"{observed}.png"] == table.column("image")[0].as_py()
     assert members[f"{text_done}.txt"].decode() == "a generated caption"
     meta = json.loads(members[f"{text_done}.json"])
@@ -102,10 +109,11 @@ def test_tar_reads_back_into_the_output_rows():
     assert back.schema == OUTPUT_SCHEMA
     want = table.to_pylist()
     want[3]["image"] = None  # a failed row's input image is not kept (retry reads the input again)
+    want[4]["image"] = None  # nor an abstained row's
     want[1]["candidate_scores"], want[1]["seconds_generate"] = [0.25, None], None
     assert back.to_pylist() == want
     slim = read_tar(io.BytesIO(output_tar(table)), ["row_key", "status"])
-    assert slim.column_names == ["row_key", "status"] and slim.num_rows == 4
+    assert slim.column_names == ["row_key", "status"] and slim.num_rows == 5
     assert read_tar(io.BytesIO(output_tar(OUTPUT_SCHEMA.empty_table()))).num_rows == 0
 
 
@@ -128,7 +136,7 @@ def test_the_projects_webdataset_reader_reads_the_output_tars(tmp_path):
     path = tmp_path / "out.tar"
     path.write_bytes(output_tar(_rows()))
     got = read_shard(str(path), format="webdataset").table
-    assert got.column("id").to_pylist() == ["0", "1", "2", "3"]
+    assert got.column("id").to_pylist() == ["0", "1", "2", "3", "4"]
     assert got.column("text").to_pylist()[:3] == ["a red square", "a generated caption", "words"]
     assert got.column("image").to_pylist()[:3] == _rows().column("image").to_pylist()[:3]
 
@@ -146,9 +154,9 @@ def test_committed_tars_answer_resume_count_and_read_like_parquet(tmp_path):
     assert output_files(storage, out) == [path]
     assert committed_keys(storage, out, "part-0.parquet") == set(keys)
     assert committed_keys(storage, out, "part-1.parquet") == set()
-    assert count_output_rows(storage, out) == 4
+    assert count_output_rows(storage, out) == 5
     assert read_output(storage, out, ["row_key", "status"]).column("status").to_pylist() == [
-        "observed", "completed", "completed", "failed"]
+        "observed", "completed", "completed", "failed", "abstained"]
 
 
 def test_the_config_flag_and_the_formats_agree():

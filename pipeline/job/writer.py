@@ -29,6 +29,7 @@ from rag4dmc.pipeline.schema import (
     OUTPUT_SCHEMA,
     RETRIES,
     STAGES,
+    STATUS_ABSTAINED,
     STATUS_COMPLETED,
     STATUS_FAILED,
     STATUS_OBSERVED,
@@ -137,14 +138,15 @@ def _jsonable(v):
 def output_tar(table: pa.Table) -> bytes:
     """Output rows as one tar in img2dataset's layout (``rag4dmc.pipeline.io.webdataset``): per row
     ``<key>.jpg|png|webp`` (the image bytes' type), ``<key>.txt`` (the text) and ``<key>.json`` (every other column,
-    and ``key``). A row lacks the member of a modality it has none of; a failed row has only its json (its text, if
-    any, is in the json: a loader never meets a failed row's undecodable or unprocessed image as a sample)."""
+    and ``key``). A row lacks the member of a modality it has none of; a failed or abstained row has only its json
+    (its text, if any, is in the json: a loader never meets a failed row's undecodable or unprocessed image, or
+    an abstained row's half pair, as a sample)."""
     samples = []
     for row in table.to_pylist():
         key = tar_key(row["row_key"])
         image, text = row.pop("image", None), row.pop("text", None)
         members: list[tuple[str, bytes]] = []
-        if row.get("status") == STATUS_FAILED:
+        if row.get("status") in (STATUS_FAILED, STATUS_ABSTAINED):
             if text is not None:
                 row["text"] = text
         else:
