@@ -161,6 +161,7 @@ def _storage_only(args) -> dict:
 def cmd_kb_build(args) -> int:
     from rag4dmc.pipeline.config import ColumnsConfig, StorageConfig
     from rag4dmc.pipeline.job.kb_runner import KBBuildSpec, run_kb_build
+    from rag4dmc.pipeline.kb.build import confidence_lines
 
     cfg = build_config(args, KBConfig, [KB_FLAGS])
     spec = KBBuildSpec(
@@ -186,6 +187,8 @@ def cmd_kb_build(args) -> int:
             print(f"  calibrated {task} on {cal['holdout_pairs']} held-out pairs: {d['retrieval'] | d['selection']}, "
                   f"fidelity {d['fidelity']:.3f} ± {d['ci']:.3f} (paper defaults: "
                   f"{'-' if default is None else f'{default:.3f}'}; {d['chosen_because']})")
+        for line in confidence_lines(cal):  # what min_confidence would keep, before the spend
+            print(f"  {line}")
     else:
         print(f"  calibration: {cal}")
     return 0

@@ -266,8 +266,6 @@ def build(inputs: BuildInputs, cfg: KBConfig = KBConfig(), runner: RayTasks | In
     kb_store.remove_parts(inputs.out, opts)
     log.info("knowledge base %s: %d rows in %d shards (%s), recall@10 %s", manifest["version"], rows, n_shards,
              kind, {m: report["recall"][m] for m in MODALITIES})
-    for line in confidence_lines(fitted.calibration):
-        log.info("%s", line)
     return {"version": manifest["version"], "rows": rows, "report": report, "out": inputs.out}
 
 
