@@ -35,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Fixtures that start Ray (the session's, or a cluster of a test's own): a test that uses one is marked ``slow`` (a test
 # that starts Ray in a process of its own is marked by hand), so that ``make test-quick`` (pytest -m "not slow") is
 # the inner loop of everything else. CI runs every test.
-RAY_FIXTURES = ("ray_local", "kb", "ray_head", "emoji_kb", "multinode_run")
+RAY_FIXTURES = ("ray_local", "kb", "ray_head", "emoji_kb")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -225,53 +225,3 @@ def network_attempts(monkeypatch) -> list:
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket.socket, "connect_ex", lambda self, address: connect(self, address))
     return attempts
-
-
-@dataclass
-class BackgroundRun:
-    """A test module's own process (a cluster of its own), started before the test that reads what it wrote."""
-
-    proc: object  # subprocess.Popen
-    work: Path
-    result: Path
-    log: Path
-    timeout_s: float
-
-    def wait(self) -> dict:
-        """Its RESULT.json once it exited 0; fails with the end of its output otherwise."""
-        import json
-        import subprocess
-
-        try:
-            self.proc.wait(timeout=self.timeout_s)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{self.proc.args} still running after {self.timeout_s:g} s:\n{self.log.read_text()[-6000:]}")
-        assert self.proc.returncode == 0, self.log.read_text()[-6000:]
-        return json.loads(self.result.read_text())
-
-
-MULTINODE_TIMEOUT_S = 1500
-
-
-@pytest.fixture(scope="session")
-def multinode_run(kb, tmp_path_factory) -> Iterator[BackgroundRun]:
-    """``python -m tests.multinode`` (a simulated three-node cluster and the default commands on it) in a process
-    and session of its own, started once, by the first test that asks for it; tests/test_multinode.py reads its
-    result. tests/test_job_submit.py asks for it too, so that it runs beside that test, which mostly waits on a
-    Ray head and the jobs submitted to it: the two clusters share no process, port or folder."""
-    import signal
-    import subprocess
-    import sys
-
-    work = tmp_path_factory.mktemp("multinode")
-    log = work / "multinode.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tests.multinode", str(work), str(work / "result.json"), kb],
-                                cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield BackgroundRun(proc, work, work / "result.json", log, MULTINODE_TIMEOUT_S)
-    finally:
-        if proc.poll() is None:  # a test failed or timed out first: its cluster goes with it
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)

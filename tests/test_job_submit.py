@@ -160,9 +160,7 @@ def submit(head: Head, entrypoint: list[str]) -> None:
 
 
 @pytest.mark.timeout(2 * JOB_TIMEOUT_S + HEAD_START_TIMEOUT_S)
-def test_kb_build_and_complete_submitted_to_a_running_cluster(ray_head, multinode_run, tmp_path):
-    """(``multinode_run``, tests/test_multinode.py's cluster, starts here, once this head is up: it runs beside
-    this test, which mostly waits on processes, and shares nothing with it.)"""
+def test_kb_build_and_complete_submitted_to_a_running_cluster(ray_head, tmp_path):
     internal, external = write_kb_sources(tmp_path)
     kb_config = tmp_path / "kb.yaml"  # the module's fast KB settings (no calibration) as a --config file
     kb_config.write_text(yaml.safe_dump(FAST_KB.model_dump(mode="json", exclude_defaults=True)))

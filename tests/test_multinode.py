@@ -6,20 +6,30 @@ run starts nothing, and a local path a node does not see is refused naming it.""
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 from PIL import Image
 
 from rag4dmc.pipeline.io.storage import Storage
 from rag4dmc.pipeline.job.runner import read_output
+from tests.conftest import REPO_ROOT
 from tests.multinode import CPU_ROWS, CPU_SHARDS, GPU_ROWS, WORKER, WORKERS
 from tests.tiny_models import TINY_IMAGE
 
 
 @pytest.fixture(scope="module")
-def run(multinode_run):
-    """What tests/multinode.py returned (started by the session's ``multinode_run``, perhaps long before)."""
-    return multinode_run.work, multinode_run.wait()
+def run(kb, tmp_path_factory):
+    work = tmp_path_factory.mktemp("multinode")
+    result = work / "result.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-m", "tests.multinode", str(work), str(result), kb], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return work, json.loads(result.read_text())
 
 
 def _exactly_once(out, n: int, summary: dict) -> None:
