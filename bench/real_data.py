@@ -68,7 +68,7 @@ def completion_quality(paths: dict[str, str], out: str) -> dict:
     from rag4dmc.actors.factory import create_encoder
     from rag4dmc.actors.images import load_image
     from rag4dmc.pipeline.config import EncoderConfig
-    from rag4dmc.pipeline.core.confidence import auroc
+    from rag4dmc.pipeline.core.confidence import auroc, by_coverage
     from rag4dmc.pipeline.evaluation.confidence_checks import COVERAGES
     from rag4dmc.pipeline.io.storage import Storage
     from rag4dmc.pipeline.job.runner import read_output
@@ -100,13 +100,11 @@ def completion_quality(paths: dict[str, str], out: str) -> dict:
         task = "i2t" if generated == "text" else "t2i"
         agree = np.array([kb_labels.get(c) == lab for c, lab in zip(chosen, label)])
         conf = np.array([r["confidence"] for r in done], np.float64)
-        order = np.argsort(-conf, kind="stable")
         out_stats[task] = {
             "rows": len(done), "fidelity_cos": float(cos.mean()),
             "label_agreement": float(agree.mean()),
             "confidence_auroc_for_label_agreement": auroc(conf, agree),
-            "label_agreement_by_coverage": {share: float(agree[order[: max(1, round(share * len(order)))]].mean())
-                                            for share in COVERAGES},
+            "label_agreement_by_coverage": by_coverage(conf, agree, COVERAGES),
             "top1_label_agreement": float(np.mean([kb_labels.get(c) == lab for c, lab in zip(top1, label)])),
             "settings": json.loads(done[0]["settings"]),
         }
@@ -194,8 +192,9 @@ def main() -> None:
         for row in c["coverage_precision"]:
             coverage_rows.append({"direction": task, "min_confidence": row["threshold"], "kept": row["coverage"],
                                   "faithful among kept": row["precision"]})
-        for share, value in quality[task]["label_agreement_by_coverage"].items():
-            agreement_rows.append({"direction": task, "most confident kept": share, "label agreement": value})
+        for row in quality[task]["label_agreement_by_coverage"]:
+            agreement_rows.append({"direction": task, "most confident kept": row["coverage"],
+                                   "label agreement": row["agreement"]})
     targets = []
     for task, d in cal["directions"].items():
         c = d.get("confidence") or {}

@@ -76,7 +76,10 @@ def test_reliability_ece_auroc_and_coverage_on_worked_examples():
     table = c.coverage_precision(p, y, [0.5, 0.95])
     assert table[0] == {"threshold": 0.5, "coverage": 0.5, "precision": 0.5}
     assert table[1]["coverage"] == 0 and table[1]["precision"] is None
-    assert c.threshold_for(p, y, 0.45, [0.1, 0.5]) == 0.5 and c.threshold_for(p, y, 0.6, [0.1, 0.5]) is None
+    two = c.coverage_precision(p, y, [0.1, 0.5])
+    assert c.threshold_for(two, 0.45) == 0.5 and c.threshold_for(two, 0.6) is None
+    rows = c.by_coverage(p, y, [0.5, 1.0])  # the most confident half is the 0.9 rows, half of them faithful
+    assert [(r["rows"], r["agreement"], r["min_confidence"]) for r in rows] == [(10, 0.5, 0.9), (20, 0.35, 0.2)]
 
 
 # ----------------------------------------------------------------------------- the KB's model, at calibration

@@ -155,9 +155,22 @@ def coverage_precision(p: np.ndarray, y: np.ndarray, thresholds: Sequence[float]
     return out
 
 
-def threshold_for(p: np.ndarray, y: np.ndarray, precision: float, thresholds: Sequence[float]) -> float | None:
-    """The lowest threshold whose kept rows are faithful at ``precision`` or more (None: none is)."""
-    for row in coverage_precision(p, y, sorted(thresholds)):
-        if row["precision"] is not None and row["precision"] >= precision:
-            return row["threshold"]
-    return None
+def by_coverage(p: np.ndarray, agree: np.ndarray, coverages: Sequence[float]) -> list[dict]:
+    """Per share c of :func:`coverage_precision`'s rows taken the other way round: the most confident share c of
+    the rows (at least one; ties in row order), how many, the rate of ``agree`` among them and their lowest
+    confidence."""
+    p, agree = np.asarray(p, np.float64), np.asarray(agree, bool)
+    order = np.argsort(-p, kind="stable")
+    out = []
+    for share in coverages:
+        kept = order[: max(1, int(round(share * len(order))))]
+        out.append({"coverage": float(share), "rows": int(len(kept)), "agreement": float(agree[kept].mean()),
+                    "min_confidence": float(p[kept].min())})
+    return out
+
+
+def threshold_for(table: list[dict], precision: float) -> float | None:
+    """The lowest threshold of a :func:`coverage_precision` table whose kept rows are faithful at ``precision`` or
+    more (None: none is)."""
+    hit = [row["threshold"] for row in table if row["precision"] is not None and row["precision"] >= precision]
+    return min(hit) if hit else None

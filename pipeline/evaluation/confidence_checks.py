@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rag4dmc.pipeline.core.confidence import auroc
+from rag4dmc.pipeline.core.confidence import auroc, by_coverage
 from rag4dmc.pipeline.schema import TASK_I2T, TASK_T2I
 
 COVERAGES = (0.25, 0.5, 0.75, 1.0)  # shares of the completions kept, most confident first
@@ -35,11 +35,5 @@ def label_agreement_by_coverage(completion: dict | None, entry_labels: np.ndarra
         if c is None or not len(c["rows"]) or not np.isfinite(c["confidence"]).all():
             continue
         agree = entry_labels[c["entries"]] == truth_labels[c["rows"]]
-        order = np.argsort(-c["confidence"], kind="stable")
-        rows = []
-        for share in COVERAGES:
-            kept = order[: max(1, int(round(share * len(order))))]
-            rows.append({"coverage": share, "rows": int(len(kept)), "agreement": float(agree[kept].mean()),
-                         "min_confidence": float(c["confidence"][kept].min())})
-        out[task] = {"auroc": auroc(c["confidence"], agree), "rows": rows}
+        out[task] = {"auroc": auroc(c["confidence"], agree), "rows": by_coverage(c["confidence"], agree, COVERAGES)}
     return out

@@ -53,6 +53,7 @@ from rag4dmc.pipeline.config import (
     SelectionConfig,
     StorageConfig,
 )
+from rag4dmc.pipeline.core.confidence import threshold_for
 from rag4dmc.pipeline.core.metrics import bleu4, cider, mean_cosine
 from rag4dmc.pipeline.evaluation.confidence_checks import calibration_checks, label_agreement_by_coverage
 from rag4dmc.pipeline.evaluation.data import (
@@ -74,7 +75,7 @@ from rag4dmc.pipeline.evaluation.variants import (
 from rag4dmc.pipeline.io.datasets import LABEL_COLUMN
 from rag4dmc.pipeline.kb.in_memory import build_knowledge_base
 from rag4dmc.pipeline.kb.knowledge_base import KnowledgeBase
-from rag4dmc.pipeline.kb.settings import confidence_model, effective_settings
+from rag4dmc.pipeline.kb.settings import confidence_model, confidence_of, effective_settings
 from rag4dmc.pipeline.schema import STATUS_ABSTAINED, TASK_FAILED, TASK_I2T, TASK_T2I
 
 log = logging.getLogger(__name__)
@@ -129,12 +130,15 @@ def confident_threshold(calibration: dict | None, task: str, precision: float) -
     calibration pairs (cross-fitted) are faithful at ``precision`` or more, else the most precise one. Chosen on
     the calibration split alone, never on the evaluation's test split. None: the KB has no confidence model
     (calibration off, or too few held-out pairs)."""
-    conf = (((calibration or {}).get("directions") or {}).get(task) or {}).get("confidence")
+    conf = confidence_of(calibration, task)
     if conf is None:
         return None
-    rows = [r for r in conf["coverage_precision"] if r["precision"] is not None]
-    hit = [r["threshold"] for r in rows if r["precision"] >= precision]
-    return min(hit) if hit else max(rows, key=lambda r: (r["precision"], -r["threshold"]))["threshold"]
+    table = conf["coverage_precision"]
+    found = threshold_for(table, precision)
+    if found is not None:
+        return found
+    return max((r for r in table if r["precision"] is not None),
+               key=lambda r: (r["precision"], -r["threshold"]))["threshold"]
 
 
 def _raw_vectors(kb: KnowledgeBase, internal: dict[str, np.ndarray], data: EvalData

@@ -183,6 +183,20 @@ class _SetCache:
         return out
 
 
+def _quality(generated: str, ranked: Neighbours, cands: Candidates, sets: _SetCache, niqe) -> np.ndarray:
+    """The selection's quality term of each reranked candidate: consensus BLEU of a query's candidate texts (none
+    for a single candidate), or the NIQE of its candidate images."""
+    if generated == "text":
+        return sets.bleu(ranked.ids) if ranked.ids.shape[1] > 1 else np.zeros(ranked.ids.shape, np.float32)
+    return cands.niqe(ranked.ids, niqe)
+
+
+def _selection_scores(generated: str, ranked: Neighbours, quality: np.ndarray, sel: SelectionConfig) -> np.ndarray:
+    """s_T or s_I (eq. 8-9) of each reranked candidate, as the job's completion stage scores it."""
+    score = text_score if generated == "text" else image_score
+    return score(ranked.cross, quality, sel, ranked.fused)
+
+
 def _choose(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """The entry with the highest selection score per query (padding never wins)."""
     scores = np.where(ids >= 0, scores, -np.inf)
@@ -212,16 +226,10 @@ def score_grid(task: str, cands: Candidates, held: HeldOut, cal: CalibrationConf
         if n > top_k:
             continue
         ranked = rerank_pool(pool, alpha, top_k, n)
-        if generated == "text":
-            quality = sets.bleu(ranked.ids) if n > 1 else np.zeros(ranked.ids.shape, np.float32)
-        else:
-            quality = cands.niqe(ranked.ids, niqe)
+        quality = _quality(generated, ranked, cands, sets, niqe)
         for lq, lr in itertools.product(lqs, lrs):
             sel = base.model_copy(update={"lambda_quality": lq, "lambda_retrieval": lr})
-            if generated == "text":
-                score = text_score(ranked.cross, quality, sel, ranked.fused)
-            else:
-                score = image_score(ranked.cross, quality, sel, ranked.fused)
+            score = _selection_scores(generated, ranked, quality, sel)
             fid = cands.fidelity(task, held, _choose(score, ranked.ids), cal.bleu_weight)
             mean, ci = mean_ci(fid)
             points.append({"alpha": alpha, "top_k": top_k, "n_results": n, "lambda_quality": lq,
@@ -255,11 +263,8 @@ def completions_at(task: str, cands: Candidates, held: HeldOut, retrieval: Retri
     top_k = min(retrieval.top_k, len(cands.texts))
     pool = stage1_pool(cands.shards, cands.mapping, query, observed, top_k)
     ranked = rerank_pool(pool, retrieval.alpha, top_k, min(retrieval.n_results, top_k))
-    if generated == "text":
-        quality = _SetCache(cands.texts).bleu(ranked.ids) if ranked.ids.shape[1] > 1 else \
-            np.zeros(ranked.ids.shape, np.float32)
-        return ranked, text_score(ranked.cross, quality, selection, ranked.fused)
-    return ranked, image_score(ranked.cross, cands.niqe(ranked.ids, niqe), selection, ranked.fused)
+    quality = _quality(generated, ranked, cands, _SetCache(cands.texts), niqe)
+    return ranked, _selection_scores(generated, ranked, quality, selection)
 
 
 def confidence_data(task: str, cands: Candidates, held: HeldOut, retrieval: RetrievalConfig,

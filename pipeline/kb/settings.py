@@ -42,8 +42,13 @@ def effective_settings(retrieval: RetrievalConfig, selection: SelectionConfig, c
     return retrieval, selection, provenance
 
 
+def confidence_of(calibration: dict | None, task: str) -> dict | None:
+    """The KB's confidence record of one direction (its model and the model's held-out checks,
+    ``rag4dmc.pipeline.kb.calibrate.confidence_record``), None where the KB has none (built without calibration,
+    or with too few held-out pairs to fit one)."""
+    return (((calibration or {}).get("directions") or {}).get(task) or {}).get("confidence")
+
+
 def confidence_model(calibration: dict | None, task: str) -> dict | None:
-    """The KB's confidence model of one direction (``rag4dmc.pipeline.core.confidence``), None where the KB has none
-    (built without calibration, or with too few held-out pairs to fit one)."""
-    chosen = ((calibration or {}).get("directions") or {}).get(task) or {}
-    return (chosen.get("confidence") or {}).get("model")
+    """The KB's confidence model of one direction (``rag4dmc.pipeline.core.confidence``), None where it has none."""
+    return (confidence_of(calibration, task) or {}).get("model")
